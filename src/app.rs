@@ -1,0 +1,109 @@
+//! Wiring for `serve`: open the store, hydrate the key maps, start the
+//! background threads, bind, serve, and shut down in order.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::keys::refresh::Refresher;
+use crate::keys::Registry;
+use crate::proxy::Proxy;
+use crate::server::{self, Listener};
+use crate::store::{self, snapshot, writer::StoreWriter};
+use crate::tls;
+use crate::upstream::Upstream;
+
+/// The addresses actually bound (a configured port 0 becomes a real one).
+pub struct Bound {
+    pub plain: Option<SocketAddr>,
+    pub tls: Option<SocketAddr>,
+}
+
+/// Runs the proxy until `shutdown` resolves. `on_ready` is called once
+/// every listener is bound.
+pub async fn serve(
+    config: Config,
+    fal_key: &str,
+    on_ready: impl FnOnce(&Bound),
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let mut conn = store::open(&config.store.path)?;
+    let snapshot = snapshot::load(&mut conn)?;
+    let registry = Arc::new(Registry::from_snapshot(&snapshot));
+    tracing::info!(
+        accounts = snapshot.accounts.len(),
+        keys = snapshot.keys.len(),
+        "hydrated"
+    );
+    let upstream = Upstream::new(&config.upstream, fal_key)?;
+
+    let mut listeners = Vec::new();
+    let mut bound = Bound {
+        plain: None,
+        tls: None,
+    };
+    if let Some(addr) = config.server.plain_listen {
+        let tcp = TcpListener::bind(addr).await?;
+        bound.plain = Some(tcp.local_addr()?);
+        listeners.push(Listener { tcp, tls: None });
+    }
+    if let Some(addr) = config.server.listen {
+        let tls = tls::server_config(
+            config.server.tls_cert.as_deref(),
+            config.server.tls_key.as_deref(),
+        )?;
+        let tcp = TcpListener::bind(addr).await?;
+        bound.tls = Some(tcp.local_addr()?);
+        listeners.push(Listener {
+            tcp,
+            tls: Some(TlsAcceptor::from(tls)),
+        });
+    }
+
+    let refresher = Refresher::spawn(
+        config.store.path.clone(),
+        Arc::clone(&registry),
+        snapshot.seq,
+        Duration::from_millis(config.store.refresh_interval_ms),
+    )?;
+    let (writer, writer_thread) = StoreWriter::spawn(conn);
+    let proxy = Arc::new(Proxy::new(
+        registry,
+        upstream,
+        writer.clone(),
+        config.limits.clone(),
+    )?);
+
+    on_ready(&bound);
+    server::run(listeners, proxy, (&config.server).into(), shutdown).await;
+
+    // Connections that outlived the grace period are cut when the runtime
+    // ends; whatever they queue after this point is not waited for.
+    writer.close().await;
+    let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+    refresher.stop();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,155 @@
+//! The two kinds of failure: `Error` stops a command or the server's start;
+//! `ApiError` answers one request, and is turned into a response only here.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::proxy::body::Body;
+
+/// Start-up, CLI and infrastructure failures, reported to the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("config: {0}")]
+    Config(String),
+    #[error("database: {0}")]
+    Store(#[from] rusqlite::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("tls: {0}")]
+    Tls(String),
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// Everything a single request can fail with. Each variant knows its status
+/// and its stable `error_type`; the JSON body is shaped like fal's own
+/// (`detail`, `error_type`) so that fal's SDKs surface it unchanged.
+#[derive(Debug)]
+pub enum ApiError {
+    MissingKey,
+    MalformedKey,
+    UnknownKey,
+    KeyDisabled,
+    AccountSuspended,
+    MalformedJson(String),
+    BodyTooLarge {
+        limit: usize,
+    },
+    /// The client's request body broke off before it was read.
+    ClientBody,
+    InvalidPath,
+    UpstreamUnreachable,
+    UpstreamTimeout,
+    /// fal answered 5xx.
+    UpstreamFailed(StatusCode),
+    /// fal refused the operator's key: an operator problem, never shown as the client's.
+    UpstreamAuth,
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        use ApiError::*;
+        match self {
+            MissingKey | MalformedKey | UnknownKey => StatusCode::UNAUTHORIZED,
+            KeyDisabled | AccountSuspended => StatusCode::FORBIDDEN,
+            MalformedJson(_) | ClientBody | InvalidPath => StatusCode::BAD_REQUEST,
+            BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            UpstreamUnreachable | UpstreamFailed(_) | UpstreamAuth => StatusCode::BAD_GATEWAY,
+            UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    pub fn error_type(&self) -> &'static str {
+        use ApiError::*;
+        match self {
+            MissingKey => "missing_api_key",
+            MalformedKey => "malformed_api_key",
+            UnknownKey => "invalid_api_key",
+            KeyDisabled => "key_disabled",
+            AccountSuspended => "account_suspended",
+            MalformedJson(_) => "malformed_json",
+            BodyTooLarge { .. } => "body_too_large",
+            ClientBody => "request_body_incomplete",
+            InvalidPath => "invalid_path",
+            UpstreamUnreachable => "upstream_unreachable",
+            UpstreamTimeout => "upstream_timeout",
+            UpstreamFailed(_) => "upstream_error",
+            UpstreamAuth => "upstream_auth_failed",
+        }
+    }
+
+    pub fn detail(&self) -> String {
+        use ApiError::*;
+        match self {
+            MissingKey => "Missing API key: send it as `x-api-key: sk-fal-…` or `authorization: Key sk-fal-…`.".into(),
+            MalformedKey => "Malformed API key: keys look like `sk-fal-` followed by 32 letters and digits.".into(),
+            UnknownKey => "Invalid API key.".into(),
+            KeyDisabled => "This API key is disabled.".into(),
+            AccountSuspended => "This account is suspended.".into(),
+            MalformedJson(why) => format!("Malformed JSON body: {why}."),
+            BodyTooLarge { limit } => format!("JSON body larger than the {limit}-byte limit."),
+            ClientBody => "The request body ended before it was complete.".into(),
+            InvalidPath => "Invalid path: `.` and `..` segments are not allowed.".into(),
+            UpstreamUnreachable => "fal could not be reached.".into(),
+            UpstreamTimeout => "fal did not answer in time.".into(),
+            UpstreamFailed(s) => format!("fal answered with an error ({}).", s.as_u16()),
+            UpstreamAuth => "The gateway's fal credentials were refused; the operator has been alerted.".into(),
+        }
+    }
+
+    /// The one place a request error becomes a response.
+    pub fn into_response(self) -> Response<Body> {
+        let body = json_error(&self.detail(), self.error_type());
+        let mut resp = Response::new(Body::full(body));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(
+            "x-fal-error-type",
+            HeaderValue::from_static(self.error_type()),
+        );
+        resp
+    }
+}
+
+fn json_error(detail: &str, error_type: &str) -> Bytes {
+    let mut out = String::with_capacity(detail.len() + error_type.len() + 32);
+    out.push_str("{\"detail\":");
+    push_json_string(&mut out, detail);
+    out.push_str(",\"error_type\":");
+    push_json_string(&mut out, error_type);
+    out.push('}');
+    Bytes::from(out)
+}
+
+/// Appends `s` as a JSON string literal.
+pub fn push_json_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_bodies_are_valid_json() {
+        let body = json_error("a \"quoted\" \\ line\n", "x");
+        let mut copy = body.to_vec();
+        let v = simd_json::to_owned_value(&mut copy).unwrap();
+        use simd_json::prelude::*;
+        assert_eq!(v.get_str("detail"), Some("a \"quoted\" \\ line\n"));
+        assert_eq!(v.get_str("error_type"), Some("x"));
+    }
+}

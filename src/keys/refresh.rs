@@ -1,0 +1,53 @@
+//! Carries CLI edits into a running server: a thread polls the change feed
+//! and applies what it finds to the registry.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::Registry;
+use crate::error::Error;
+use crate::store::{self, snapshot};
+
+pub struct Refresher {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<()>,
+}
+
+impl Refresher {
+    /// Starts polling after change `seq` (the snapshot's) every `interval`.
+    pub fn spawn(
+        db: PathBuf,
+        registry: Arc<Registry>,
+        seq: i64,
+        interval: Duration,
+    ) -> Result<Self, Error> {
+        let mut conn = store::open(&db)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        let handle = std::thread::Builder::new()
+            .name("key-refresh".into())
+            .spawn(move || {
+                let mut seq = seq;
+                while !stopping.load(Ordering::Acquire) {
+                    match snapshot::changes_since(&mut conn, seq) {
+                        Ok((next, changes)) => {
+                            registry.apply(&changes);
+                            seq = next;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "reading the change feed failed"),
+                    }
+                    std::thread::park_timeout(interval);
+                }
+            })?;
+        Ok(Self { stop, handle })
+    }
+
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::Release);
+        self.handle.thread().unpark();
+        let _ = self.handle.join();
+    }
+}

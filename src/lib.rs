@@ -1,0 +1,18 @@
+//! AbhiAPI: a transparent billing proxy for fal.ai.
+//!
+//! A request goes accept ([`server`]) → authenticate ([`keys`]) → forward
+//! ([`proxy`], [`upstream`]) → respond, with state in memory and durably in
+//! SQLite ([`store`]).
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod keys;
+pub mod mock_fal;
+pub mod proxy;
+pub mod server;
+pub mod store;
+pub mod tls;
+pub mod upstream;

@@ -1,0 +1,95 @@
+use std::process::ExitCode;
+
+use abhiapi::app::{self, Bound};
+use abhiapi::cli::{Cli, Command};
+use abhiapi::config::Config;
+use abhiapi::demo::{self, Demo};
+use abhiapi::error::Error;
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "abhiapi=info".into()),
+        )
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("abhiapi: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Error> {
+    let config = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Serve { demo } => serve(config, demo),
+        admin => {
+            println!("{}", abhiapi::cli::run_admin(&config, admin)?);
+            Ok(())
+        }
+    }
+}
+
+fn serve(mut config: Config, demo: bool) -> Result<(), Error> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let demo = match demo {
+            true => Some(demo::prepare(&mut config).await?),
+            false => None,
+        };
+        let fal_key = match &demo {
+            Some(_) => demo::FAL_KEY.to_owned(),
+            None => fal_key(&config)?,
+        };
+        let result = app::serve(
+            config,
+            &fal_key,
+            |bound| announce(bound, demo.as_ref()),
+            app::shutdown_signal(),
+        )
+        .await;
+        if let Some(d) = demo {
+            let _ = std::fs::remove_dir_all(&d.dir);
+        }
+        result
+    })
+}
+
+fn fal_key(config: &Config) -> Result<String, Error> {
+    let var = &config.upstream.fal_key_env;
+    match std::env::var(var) {
+        Ok(k) if !k.trim().is_empty() => Ok(k.trim().to_owned()),
+        _ => Err(Error::Config(format!(
+            "the operator's fal key is missing: set {var} (or run `abhiapi serve --demo`)"
+        ))),
+    }
+}
+
+/// The listening lines are a contract: tests and scripts read the addresses from them.
+fn announce(bound: &Bound, demo: Option<&Demo>) {
+    if let Some(addr) = bound.plain {
+        println!("listening plain http://{addr}");
+    }
+    if let Some(addr) = bound.tls {
+        println!("listening tls https://{addr}");
+    }
+    if let Some(d) = demo {
+        let base = match (bound.plain, bound.tls) {
+            (Some(p), _) => format!("http://{p}"),
+            (None, Some(t)) => format!("https://localhost:{} --cacert certs/dev-ca.pem", t.port()),
+            (None, None) => unreachable!("config requires a listener"),
+        };
+        println!("demo: mock fal at {}", d.mock.url(false));
+        println!("demo key: {}", d.key);
+        println!(
+            "try: curl -s {base}/fal-ai/flux/dev -H 'x-api-key: {}' -H 'content-type: application/json' -d '{{\"prompt\":\"a red fox\",\"image_size\":\"square_hd\"}}'",
+            d.key
+        );
+    }
+}

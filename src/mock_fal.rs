@@ -1,0 +1,284 @@
+//! A stand-in for fal on loopback: `serve --demo` runs against it, and so do
+//! the integration tests and benches. Model paths answer the way fal's models
+//! do; paths under `/mock/` give the tests the upstream failures they need.
+//! Every request it receives is recorded, so a test can see exactly what
+//! reached "fal".
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use parking_lot::Mutex;
+use simd_json::prelude::*;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, Notify};
+use tokio_rustls::TlsAcceptor;
+
+type MockBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// A request as the mock received it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: Method,
+    /// Path and query, exactly as they arrived.
+    pub target: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+#[derive(Default)]
+struct State {
+    seen: Mutex<Vec<Seen>>,
+    /// Holds `/mock/gated` after its first chunk until a test opens it.
+    gate: Notify,
+}
+
+/// A running mock; it stops when the runtime that started it does.
+#[derive(Clone)]
+pub struct MockFal {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+}
+
+impl MockFal {
+    /// Starts on 127.0.0.1 port 0, over TLS when `tls` is given.
+    pub async fn start(tls: Option<TlsAcceptor>) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let mock = Self {
+            addr: listener.local_addr()?,
+            state: Arc::default(),
+        };
+        let state = Arc::clone(&mock.state);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let state = Arc::clone(&state);
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let state = Arc::clone(&state);
+                        async move { Ok::<_, Infallible>(answer(state, req).await) }
+                    });
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let _ = match tls {
+                        None => builder.serve_connection(TokioIo::new(stream), svc).await,
+                        Some(acceptor) => match acceptor.accept(stream).await {
+                            Ok(s) => builder.serve_connection(TokioIo::new(s), svc).await,
+                            Err(_) => return,
+                        },
+                    };
+                });
+            }
+        });
+        Ok(mock)
+    }
+
+    /// `http://127.0.0.1:PORT`, or `https://localhost:PORT` for a TLS mock
+    /// (the name its certificate is for).
+    pub fn url(&self, tls: bool) -> String {
+        if tls {
+            format!("https://localhost:{}", self.addr.port())
+        } else {
+            format!("http://{}", self.addr)
+        }
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().clone()
+    }
+
+    pub fn open_gate(&self) {
+        self.state.gate.notify_one();
+    }
+}
+
+async fn answer(state: Arc<State>, req: Request<Incoming>) -> Response<MockBody> {
+    let (parts, body) = req.into_parts();
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let path = parts.uri.path().to_owned();
+    // A sink counts bytes without keeping them, for uploads too big to record.
+    let body = if path == "/mock/sink" {
+        let mut n = 0u64;
+        let mut body = body;
+        while let Some(Ok(frame)) = body.frame().await {
+            n += frame.data_ref().map_or(0, |d| d.len() as u64);
+        }
+        Bytes::from(format!("{{\"received\":{n}}}"))
+    } else {
+        match body.collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return status_json(StatusCode::BAD_REQUEST, "body broke off"),
+        }
+    };
+    state.seen.lock().push(Seen {
+        method: parts.method.clone(),
+        target,
+        headers: parts.headers.clone(),
+        body: body.clone(),
+    });
+
+    let mut segments = path.trim_start_matches('/').split('/');
+    if segments.next() == Some("mock") {
+        return test_route(state, segments.collect(), &parts.headers, body).await;
+    }
+    model_output(&path, &body)
+}
+
+/// Failure modes and shapes the proxy must cope with.
+async fn test_route(
+    state: Arc<State>,
+    rest: Vec<&str>,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Response<MockBody> {
+    match rest.as_slice() {
+        ["echo"] => {
+            let ct = headers
+                .get(header::CONTENT_TYPE)
+                .cloned()
+                .unwrap_or(HeaderValue::from_static("application/octet-stream"));
+            let mut resp = Response::new(full(body));
+            resp.headers_mut().insert(header::CONTENT_TYPE, ct);
+            resp.headers_mut()
+                .insert("x-fal-mock", HeaderValue::from_static("echo"));
+            resp
+        }
+        ["sink"] => json_response(StatusCode::OK, body),
+        ["status", code] => {
+            let code = code.parse().ok().and_then(|c| StatusCode::from_u16(c).ok());
+            let code = code.unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            status_json(code, &format!("mock {}", code.as_u16()))
+        }
+        ["slow", ms] => {
+            let ms = ms.parse().unwrap_or(1000);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            status_json(StatusCode::OK, &format!("slept {ms} ms"))
+        }
+        ["hang"] => std::future::pending().await,
+        ["stream", bytes] => stream_bytes(bytes.parse().unwrap_or(0)),
+        ["gated"] => {
+            let (tx, rx) = mpsc::channel(2);
+            let _ = tx.try_send(Bytes::from_static(b"first;"));
+            tokio::spawn(async move {
+                state.gate.notified().await;
+                let _ = tx.send(Bytes::from_static(b"last")).await;
+            });
+            stream_from(rx, "text/plain")
+        }
+        _ => status_json(StatusCode::NOT_FOUND, "no such mock route"),
+    }
+}
+
+/// What a fal model returns, shaped by the request as fal's would be.
+fn model_output(path: &str, request: &[u8]) -> Response<MockBody> {
+    let mut copy = request.to_vec();
+    let input = simd_json::to_owned_value(&mut copy).ok();
+    let input = input.as_ref();
+    let body = if path.contains("video") {
+        r#"{"video":{"url":"https://v3.fal.media/files/mock/output.mp4","content_type":"video/mp4","file_name":"output.mp4","file_size":1048576},"seed":42}"#.to_owned()
+    } else if path.contains("upscale") {
+        r#"{"image":{"url":"https://v3.fal.media/files/mock/upscaled.png","width":2048,"height":2048,"content_type":"image/png"},"seed":42}"#.to_owned()
+    } else {
+        let (w, h) = input
+            .and_then(|v| v.get("image_size"))
+            .and_then(|s| match s.as_str() {
+                Some(name) => preset(name),
+                None => Some((s.get_u64("width")?, s.get_u64("height")?)),
+            })
+            .unwrap_or((1024, 768));
+        let n = input.and_then(|v| v.get_u64("num_images")).unwrap_or(1);
+        let images: Vec<String> = (0..n)
+            .map(|i| format!(r#"{{"url":"https://v3.fal.media/files/mock/{i}.jpg","width":{w},"height":{h},"content_type":"image/jpeg"}}"#))
+            .collect();
+        let nsfw = vec!["false"; n as usize].join(",");
+        format!(
+            r#"{{"images":[{}],"timings":{{"inference":0.42}},"seed":42,"has_nsfw_concepts":[{nsfw}],"prompt":"mock"}}"#,
+            images.join(",")
+        )
+    };
+    json_response(StatusCode::OK, Bytes::from(body))
+}
+
+/// fal's `image_size` presets.
+pub fn preset(name: &str) -> Option<(u64, u64)> {
+    Some(match name {
+        "square_hd" => (1024, 1024),
+        "square" => (512, 512),
+        "portrait_4_3" => (768, 1024),
+        "portrait_16_9" => (576, 1024),
+        "landscape_4_3" => (1024, 768),
+        "landscape_16_9" => (1024, 576),
+        _ => return None,
+    })
+}
+
+fn full(bytes: Bytes) -> MockBody {
+    http_body_util::Full::new(bytes).boxed()
+}
+
+fn json_response(status: StatusCode, body: Bytes) -> Response<MockBody> {
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn status_json(status: StatusCode, detail: &str) -> Response<MockBody> {
+    json_response(status, Bytes::from(format!("{{\"detail\":\"{detail}\"}}")))
+}
+
+/// `n` bytes of a repeating pattern, in 64 KiB chunks, generated as they are sent.
+fn stream_bytes(n: u64) -> Response<MockBody> {
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        let chunk = Bytes::from((0..65536u32).map(|i| (i % 251) as u8).collect::<Vec<_>>());
+        let mut left = n;
+        while left > 0 {
+            let take = left.min(chunk.len() as u64) as usize;
+            if tx.send(chunk.slice(..take)).await.is_err() {
+                return;
+            }
+            left -= take as u64;
+        }
+    });
+    let mut resp = stream_from(rx, "application/octet-stream");
+    resp.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    resp
+}
+
+fn stream_from(rx: mpsc::Receiver<Bytes>, content_type: &'static str) -> Response<MockBody> {
+    let mut resp = Response::new(ChannelBody(rx).boxed());
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+/// A body fed chunk by chunk from a channel; it ends when the sender is dropped.
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+    }
+}

@@ -1,0 +1,66 @@
+//! Which headers cross the proxy. Hop-by-hop headers belong to one connection
+//! and never cross; the client's credentials never reach fal.
+
+use http::header::{self, HeaderMap, HeaderName};
+
+/// RFC 9110 §7.6.1 connection-specific fields, plus the legacy ones proxies still see.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers, including any that `Connection` names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// Prepares the client's headers for fal: no hop-by-hop, no client
+/// credentials, no client Host (the client sets fal's from the URI).
+pub fn to_upstream(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
+    headers.remove(header::HOST);
+    headers.remove(header::AUTHORIZATION);
+    headers.remove("x-api-key");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn strips_credentials_and_connection_named_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x-api-key", HeaderValue::from_static("sk-fal-x"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Key sk-fal-x"),
+        );
+        h.insert(header::HOST, HeaderValue::from_static("us"));
+        h.insert("x-fal-thing", HeaderValue::from_static("kept"));
+        to_upstream(&mut h);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["x-fal-thing"], "kept");
+    }
+}

@@ -1,0 +1,91 @@
+//! The one request body we read: JSON, bounded, validated, and then
+//! forwarded as the exact bytes the client sent.
+
+use bytes::Bytes;
+use http::{header, HeaderMap};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::Incoming;
+
+use crate::error::ApiError;
+
+/// `application/json` or any `+json` type, with or without parameters.
+pub fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            let essence = v
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            essence == "application/json" || essence.ends_with("+json")
+        })
+        .unwrap_or(false)
+}
+
+/// Reads at most `limit` bytes (413 beyond, before reading if the length is
+/// declared) and checks they parse as JSON (400 if not). An empty body is
+/// passed on as it is: there is nothing to validate and fal decides.
+pub async fn read(body: Incoming, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::BodyTooLarge { limit });
+    }
+    let bytes = Limited::new(body, limit)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<LengthLimitError>() {
+                ApiError::BodyTooLarge { limit }
+            } else {
+                ApiError::ClientBody
+            }
+        })?
+        .to_bytes();
+    if !bytes.is_empty() {
+        validate(&bytes)?;
+    }
+    Ok(bytes)
+}
+
+/// simd-json rewrites its input, so it parses a copy and the original stays pristine.
+pub fn validate(bytes: &[u8]) -> Result<(), ApiError> {
+    let mut copy = bytes.to_vec();
+    simd_json::to_borrowed_value(&mut copy)
+        .map(drop)
+        .map_err(|e| ApiError::MalformedJson(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn recognises_json_content_types() {
+        let mut h = HeaderMap::new();
+        for (ct, json) in [
+            ("application/json", true),
+            ("Application/JSON; charset=utf-8", true),
+            ("application/problem+json", true),
+            ("text/plain", false),
+            ("multipart/form-data; boundary=x", false),
+        ] {
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+            assert_eq!(is_json(&h), json, "{ct}");
+        }
+    }
+
+    #[test]
+    fn validates_without_touching_the_input() {
+        let good = br#"{"prompt": "a cat", "n": [1, 2.5, null]}"#;
+        assert!(validate(good).is_ok());
+        assert!(validate(br#"{"prompt": "a cat""#).is_err());
+        assert!(validate(b"{'single': 1}").is_err());
+    }
+}

@@ -1,0 +1,166 @@
+//! Accepting connections: TCP, then TLS where configured, then HTTP/1.1 or
+//! HTTP/2 (ALPN, or h2c prior knowledge on the plain listener), and a
+//! bounded drain on shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::ServerConfig;
+use crate::proxy::Proxy;
+
+/// A bound socket, with the TLS acceptor if it speaks TLS.
+pub struct Listener {
+    pub tcp: TcpListener,
+    pub tls: Option<TlsAcceptor>,
+}
+
+#[derive(Clone, Copy)]
+pub struct Timeouts {
+    pub header_read: Duration,
+    pub tls_handshake: Duration,
+    pub grace: Duration,
+}
+
+impl From<&ServerConfig> for Timeouts {
+    fn from(c: &ServerConfig) -> Self {
+        Self {
+            header_read: Duration::from_secs(c.header_read_timeout_secs),
+            tls_handshake: Duration::from_secs(c.tls_handshake_timeout_secs),
+            grace: Duration::from_secs(c.shutdown_grace_secs),
+        }
+    }
+}
+
+/// Serves until `shutdown` resolves, then stops accepting and gives
+/// in-flight requests up to `timeouts.grace` to finish.
+pub async fn run(
+    listeners: Vec<Listener>,
+    proxy: Arc<Proxy>,
+    timeouts: Timeouts,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeouts.header_read);
+    builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
+
+    let graceful = Arc::new(GracefulShutdown::new());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let accepting: Vec<_> = listeners
+        .into_iter()
+        .map(|l| {
+            tokio::spawn(accept_loop(
+                l,
+                Arc::clone(&proxy),
+                Arc::clone(&builder),
+                Arc::clone(&graceful),
+                timeouts,
+                stop_rx.clone(),
+            ))
+        })
+        .collect();
+
+    shutdown.await;
+    tracing::info!("shutting down: no new connections, draining in-flight requests");
+    let _ = stop_tx.send(true);
+    for task in accepting {
+        let _ = task.await;
+    }
+    // The accept loops are done, so this is the last handle.
+    let Ok(graceful) = Arc::try_unwrap(graceful) else {
+        unreachable!("accept loops hold no graceful handle after they end")
+    };
+    if tokio::time::timeout(timeouts.grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("grace period over: closing the remaining connections");
+    }
+}
+
+async fn accept_loop(
+    listener: Listener,
+    proxy: Arc<Proxy>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    graceful: Arc<GracefulShutdown>,
+    timeouts: Timeouts,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.changed() => return,
+            accepted = listener.tcp.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(connection(
+            stream,
+            listener.tls.clone(),
+            Arc::clone(&proxy),
+            Arc::clone(&builder),
+            graceful.watcher(),
+            timeouts,
+            peer,
+        ));
+    }
+}
+
+async fn connection(
+    stream: TcpStream,
+    tls: Option<TlsAcceptor>,
+    proxy: Arc<Proxy>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    watcher: Watcher,
+    timeouts: Timeouts,
+    peer: std::net::SocketAddr,
+) {
+    let service = service_fn(move |req| {
+        let proxy = Arc::clone(&proxy);
+        async move { Ok::<_, Infallible>(proxy.handle(req).await) }
+    });
+    let result = match tls {
+        None => {
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            watcher.watch(conn).await
+        }
+        Some(acceptor) => {
+            let tls_stream =
+                match tokio::time::timeout(timeouts.tls_handshake, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "tls handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "tls handshake timed out");
+                        return;
+                    }
+                };
+            let conn = builder.serve_connection(TokioIo::new(tls_stream), service);
+            watcher.watch(conn).await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}

@@ -1,0 +1,181 @@
+//! The operator's edits (the CLI's commands). Each runs in one transaction
+//! and records a `changes` row, which is how a running server learns of it.
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+
+use super::now_secs;
+use super::snapshot::AccountRow;
+use crate::error::Error;
+use crate::keys::secret;
+
+/// A key as the operator may see it: never the secret.
+pub struct KeyListing {
+    pub id: i64,
+    pub display_prefix: String,
+    pub account: String,
+    pub disabled: bool,
+    pub last_used_at: Option<i64>,
+}
+
+pub struct CreatedKey {
+    pub id: i64,
+    pub secret: String,
+    pub display_prefix: String,
+    pub account: AccountRow,
+    /// Whether this call also created the account.
+    pub new_account: bool,
+}
+
+fn write_tx(conn: &mut Connection) -> Result<Transaction<'_>, Error> {
+    Ok(conn.transaction_with_behavior(TransactionBehavior::Immediate)?)
+}
+
+fn record_change(
+    tx: &Transaction,
+    account_id: Option<i64>,
+    key_id: Option<i64>,
+    delta: i64,
+) -> Result<(), Error> {
+    tx.execute(
+        "INSERT INTO changes (account_id, key_id, balance_delta, at) VALUES (?1, ?2, ?3, ?4)",
+        params![account_id, key_id, delta, now_secs()],
+    )?;
+    Ok(())
+}
+
+fn find_account(tx: &Transaction, name: &str) -> Result<Option<AccountRow>, Error> {
+    Ok(tx
+        .query_row(
+            "SELECT id, name, plan, balance, suspended FROM accounts WHERE name = ?1",
+            [name],
+            |r| {
+                Ok(AccountRow {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    plan: r.get(2)?,
+                    balance: r.get(3)?,
+                    suspended: r.get(4)?,
+                })
+            },
+        )
+        .optional()?)
+}
+
+fn require_account(tx: &Transaction, name: &str) -> Result<AccountRow, Error> {
+    find_account(tx, name)?.ok_or_else(|| Error::Usage(format!("no account named {name:?}")))
+}
+
+/// Creates a key for `account`, creating the account first if it is new
+/// (with `credits` and `plan`). For an existing account those two are left as they are.
+pub fn create_key(
+    conn: &mut Connection,
+    account: &str,
+    credits: i64,
+    plan: &str,
+) -> Result<CreatedKey, Error> {
+    if account.trim().is_empty() {
+        return Err(Error::Usage("an account name cannot be empty".into()));
+    }
+    if credits < 0 {
+        return Err(Error::Usage("credits cannot be negative".into()));
+    }
+    let new = secret::generate().map_err(|e| Error::Usage(format!("no OS randomness: {e}")))?;
+    let tx = write_tx(conn)?;
+    let (account, new_account) = match find_account(&tx, account)? {
+        Some(a) => (a, false),
+        None => {
+            tx.execute(
+                "INSERT INTO accounts (name, plan, balance, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![account, plan, credits, now_secs()],
+            )?;
+            let id = tx.last_insert_rowid();
+            // A running server meets a new account at balance 0 and adds this
+            // delta, as for any top-up, so the opening balance counts once.
+            record_change(&tx, Some(id), None, credits)?;
+            (require_account(&tx, account)?, true)
+        }
+    };
+    tx.execute(
+        "INSERT INTO api_keys (account_id, hash, display_prefix, created_at) VALUES (?1, ?2, ?3, ?4)",
+        params![account.id, &new.hash[..], new.display_prefix, now_secs()],
+    )?;
+    let id = tx.last_insert_rowid();
+    record_change(&tx, Some(account.id), Some(id), 0)?;
+    tx.commit()?;
+    Ok(CreatedKey {
+        id,
+        secret: new.secret,
+        display_prefix: new.display_prefix,
+        account,
+        new_account,
+    })
+}
+
+pub fn list_keys(conn: &Connection, account: Option<&str>) -> Result<Vec<KeyListing>, Error> {
+    let mut stmt = conn.prepare(
+        "SELECT k.id, k.display_prefix, a.name, k.disabled, k.last_used_at
+         FROM api_keys k JOIN accounts a ON a.id = k.account_id
+         WHERE ?1 IS NULL OR a.name = ?1 ORDER BY k.id",
+    )?;
+    let rows = stmt.query_map([account], |r| {
+        Ok(KeyListing {
+            id: r.get(0)?,
+            display_prefix: r.get(1)?,
+            account: r.get(2)?,
+            disabled: r.get(3)?,
+            last_used_at: r.get(4)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub fn set_key_disabled(conn: &mut Connection, id: i64, disabled: bool) -> Result<(), Error> {
+    let tx = write_tx(conn)?;
+    let account_id: Option<i64> = tx
+        .query_row("SELECT account_id FROM api_keys WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    let account_id = account_id.ok_or_else(|| Error::Usage(format!("no key with id {id}")))?;
+    tx.execute(
+        "UPDATE api_keys SET disabled = ?1 WHERE id = ?2",
+        params![disabled, id],
+    )?;
+    record_change(&tx, Some(account_id), Some(id), 0)?;
+    Ok(tx.commit()?)
+}
+
+/// Adds `credits` to the balance; returns the account as it is afterwards.
+pub fn topup(conn: &mut Connection, name: &str, credits: i64) -> Result<AccountRow, Error> {
+    if credits <= 0 {
+        return Err(Error::Usage(
+            "a top-up must be a positive number of credits".into(),
+        ));
+    }
+    let tx = write_tx(conn)?;
+    let account = require_account(&tx, name)?;
+    tx.execute(
+        "UPDATE accounts SET balance = balance + ?1 WHERE id = ?2",
+        params![credits, account.id],
+    )?;
+    record_change(&tx, Some(account.id), None, credits)?;
+    let after = require_account(&tx, name)?;
+    tx.commit()?;
+    Ok(after)
+}
+
+pub fn set_suspended(conn: &mut Connection, name: &str, suspended: bool) -> Result<(), Error> {
+    let tx = write_tx(conn)?;
+    let account = require_account(&tx, name)?;
+    tx.execute(
+        "UPDATE accounts SET suspended = ?1 WHERE id = ?2",
+        params![suspended, account.id],
+    )?;
+    record_change(&tx, Some(account.id), None, 0)?;
+    Ok(tx.commit()?)
+}
+
+pub fn account(conn: &mut Connection, name: &str) -> Result<AccountRow, Error> {
+    let tx = conn.transaction()?;
+    require_account(&tx, name)
+}

@@ -1,0 +1,35 @@
+//! SQLite: the durable side of accounts, keys and (later) the ledger.
+//! WAL lets the server's writer, its refresher and the CLI work side by side.
+
+pub mod admin;
+mod schema;
+pub mod snapshot;
+pub mod writer;
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::Connection;
+
+use crate::error::Error;
+
+/// Opens (creating and migrating if needed) the database at `path`.
+pub fn open(path: &Path) -> Result<Connection, Error> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut conn = Connection::open(path)?;
+    // The CLI may write while the server's threads hold the database: wait, don't fail.
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    schema::migrate(&mut conn)?;
+    Ok(conn)
+}
+
+pub fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}

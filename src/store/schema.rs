@@ -1,0 +1,46 @@
+//! Schema migrations, tracked in `PRAGMA user_version`.
+
+use rusqlite::Connection;
+
+/// Each entry moves the schema one version forward; never edit a shipped one.
+const MIGRATIONS: &[&str] = &[
+    // 1: accounts, hashed keys, and the change feed that carries CLI edits to a running server.
+    "CREATE TABLE accounts (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        plan TEXT NOT NULL,
+        balance INTEGER NOT NULL,
+        suspended INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE api_keys (
+        id INTEGER PRIMARY KEY,
+        account_id INTEGER NOT NULL REFERENCES accounts(id),
+        hash BLOB NOT NULL UNIQUE,
+        display_prefix TEXT NOT NULL,
+        disabled INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL,
+        last_used_at INTEGER
+    );
+    CREATE INDEX api_keys_account ON api_keys(account_id);
+    -- One row per edit made outside the server. balance_delta carries top-ups
+    -- as deltas, so the server adds them to its in-memory balance instead of
+    -- overwriting charges it has not flushed yet.
+    CREATE TABLE changes (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        account_id INTEGER,
+        key_id INTEGER,
+        balance_delta INTEGER NOT NULL DEFAULT 0,
+        at INTEGER NOT NULL
+    );",
+];
+
+pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let version: usize = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i + 1)?;
+    }
+    tx.commit()
+}

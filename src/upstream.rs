@@ -1,0 +1,156 @@
+//! The pooled client that talks to fal, and the only place that decides
+//! which host a request goes to: always one configured in `[upstream]`.
+
+use std::error::Error as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::{header, HeaderValue, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config::UpstreamConfig;
+use crate::error::{ApiError, Error};
+use crate::proxy::body::Body;
+use crate::tls;
+
+/// A configured fal base URL, split so that a request path can only ever
+/// be appended to it, never change its scheme or host.
+#[derive(Debug, Clone)]
+pub struct Target {
+    scheme: Scheme,
+    authority: Authority,
+    /// Path prefix without a trailing slash (usually empty).
+    prefix: String,
+}
+
+impl Target {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let uri: Uri = url.parse().map_err(|e| format!("{url:?}: {e}"))?;
+        let scheme = uri.scheme().cloned().ok_or("needs http:// or https://")?;
+        if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
+            return Err(format!("{url:?}: only http and https are supported"));
+        }
+        let authority = uri.authority().cloned().ok_or("needs a host")?;
+        if uri.query().is_some() {
+            return Err(format!("{url:?}: a base URL takes no query"));
+        }
+        Ok(Self {
+            scheme,
+            authority,
+            prefix: uri.path().trim_end_matches('/').to_owned(),
+        })
+    }
+
+    /// `path_and_query` must start with `/`; it is appended, never interpreted.
+    pub fn uri(&self, path_and_query: &str) -> Result<Uri, ApiError> {
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(format!("{}{}", self.prefix, path_and_query))
+            .build()
+            .map_err(|_| ApiError::InvalidPath)
+    }
+}
+
+pub struct Upstream {
+    client: Client<HttpsConnector<HttpConnector>, Body>,
+    pub run: Target,
+    pub queue: Target,
+    /// `Key <operator's fal key>`, marked sensitive so it never reaches a log.
+    auth: HeaderValue,
+    timeout: Duration,
+}
+
+impl Upstream {
+    pub fn new(cfg: &UpstreamConfig, fal_key: &str) -> Result<Self, Error> {
+        let mut auth = HeaderValue::from_str(&format!("Key {fal_key}"))
+            .map_err(|_| Error::Config("the fal key is not a valid header value".into()))?;
+        auth.set_sensitive(true);
+
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(cfg.connect_timeout_secs)));
+        let tls = tls::client_config(cfg.ca_file.as_deref())?;
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(Arc::unwrap_or_clone(tls))
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+
+        Ok(Self {
+            client,
+            run: Target::parse(&cfg.run).map_err(Error::Config)?,
+            queue: Target::parse(&cfg.queue).map_err(Error::Config)?,
+            auth,
+            timeout: Duration::from_secs(cfg.timeout_secs),
+        })
+    }
+
+    /// Sends `req` (its URI already built from a [`Target`]) with the
+    /// operator's key, and waits at most `timeout` for fal's response headers.
+    pub async fn send(&self, mut req: Request<Body>) -> Result<Response<Incoming>, ApiError> {
+        req.headers_mut()
+            .insert(header::AUTHORIZATION, self.auth.clone());
+        // ALPN still picks h2 where fal offers it; this only stops an h2
+        // client's version from forcing h2 onto a plain-HTTP upstream.
+        *req.version_mut() = Version::HTTP_11;
+        match tokio::time::timeout(self.timeout, self.client.request(req)).await {
+            Err(_) => Err(ApiError::UpstreamTimeout),
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) if timed_out(&e) => Err(ApiError::UpstreamTimeout),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, source = ?e.source(), "upstream request failed");
+                Err(ApiError::UpstreamUnreachable)
+            }
+        }
+    }
+}
+
+fn timed_out(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return true;
+            }
+        }
+        source = s.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_appended_never_reinterpreted() {
+        let t = Target::parse("https://fal.run").unwrap();
+        for (path, host) in [
+            ("//evil.example/x", "fal.run"),
+            ("/@evil.example/x", "fal.run"),
+            ("/fal-ai/flux/dev?x=1", "fal.run"),
+        ] {
+            let uri = t.uri(path).unwrap();
+            assert_eq!(uri.host(), Some(host), "{path}");
+            assert_eq!(uri.path_and_query().unwrap().as_str(), path);
+        }
+        let prefixed = Target::parse("http://127.0.0.1:9/base/").unwrap();
+        assert_eq!(
+            prefixed.uri("/a").unwrap().to_string(),
+            "http://127.0.0.1:9/base/a"
+        );
+    }
+}
