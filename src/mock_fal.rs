@@ -28,6 +28,7 @@ type MockBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 #[derive(Clone, Debug)]
 pub struct Seen {
     pub method: Method,
+    pub version: http::Version,
     /// Path and query, exactly as they arrived.
     pub target: String,
     pub headers: HeaderMap,
@@ -123,6 +124,7 @@ async fn answer(state: Arc<State>, req: Request<Incoming>) -> Response<MockBody>
     };
     state.seen.lock().push(Seen {
         method: parts.method.clone(),
+        version: parts.version,
         target,
         headers: parts.headers.clone(),
         body: body.clone(),

@@ -1,0 +1,333 @@
+//! The test harness: the real `abhiapi` binary, started with its own config
+//! and database in a temp dir, in front of the mock fal on 127.0.0.1:0.
+#![allow(dead_code)] // each test binary uses a different part of it
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+
+pub use abhiapi::mock_fal::MockFal;
+
+pub const FAL_KEY: &str = "operator-id:operator-secret";
+pub const BIN: &str = env!("CARGO_BIN_EXE_abhiapi");
+
+pub fn repo_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// Settings a test may change; everything else is fixed by [`Options::render`].
+pub struct Options {
+    pub upstream: String,
+    pub timeout_secs: u64,
+    pub header_read_timeout_secs: u64,
+    pub tls_handshake_timeout_secs: u64,
+    pub max_json_body_bytes: usize,
+    pub ca_file: Option<PathBuf>,
+    pub fal_key: Option<&'static str>,
+}
+
+impl Options {
+    pub fn new(upstream: impl Into<String>) -> Self {
+        Self {
+            upstream: upstream.into(),
+            timeout_secs: 5,
+            header_read_timeout_secs: 5,
+            tls_handshake_timeout_secs: 5,
+            max_json_body_bytes: 64 * 1024,
+            ca_file: None,
+            fal_key: Some(FAL_KEY),
+        }
+    }
+
+    fn render(&self, dir: &Path) -> String {
+        let ca = self
+            .ca_file
+            .as_ref()
+            .map(|p| format!("ca_file = {:?}\n", p.display().to_string()))
+            .unwrap_or_default();
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+plain_listen = "127.0.0.1:0"
+header_read_timeout_secs = {hrt}
+tls_handshake_timeout_secs = {tht}
+shutdown_grace_secs = 10
+
+[upstream]
+run = "{up}"
+queue = "{up}"
+fal_key_env = "ABHIAPI_TEST_FAL_KEY"
+timeout_secs = {timeout}
+connect_timeout_secs = 2
+{ca}
+[store]
+path = "{db}"
+refresh_interval_ms = 250
+
+[limits]
+max_json_body_bytes = {max_json}
+"#,
+            hrt = self.header_read_timeout_secs,
+            tht = self.tls_handshake_timeout_secs,
+            up = self.upstream,
+            timeout = self.timeout_secs,
+            db = dir.join("abhiapi.db").display(),
+            max_json = self.max_json_body_bytes,
+        )
+    }
+}
+
+/// A running `abhiapi serve`; killed when dropped.
+pub struct Server {
+    child: Child,
+    pub plain: SocketAddr,
+    pub tls: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+}
+
+impl Server {
+    pub fn start(opts: Options) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.toml");
+        std::fs::write(&config, opts.render(dir.path())).unwrap();
+        Self::spawn(opts, dir, config)
+    }
+
+    /// Starts with one key (and its account) already in the database, so
+    /// the key works from the first request.
+    pub fn start_with_key(opts: Options, account: &str, credits: i64) -> (Self, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.toml");
+        std::fs::write(&config, opts.render(dir.path())).unwrap();
+        let key = create_key(&config, account, credits);
+        (Self::spawn(opts, dir, config), key)
+    }
+
+    fn spawn(opts: Options, dir: tempfile::TempDir, config: PathBuf) -> Self {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .env_remove("ABHIAPI_TEST_FAL_KEY")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap());
+        if let Some(k) = opts.fal_key {
+            cmd.env("ABHIAPI_TEST_FAL_KEY", k);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let (mut plain, mut tls) = (None, None);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while plain.is_none() || tls.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx.recv_timeout(left).unwrap_or_else(|_| {
+                let log = std::fs::read_to_string(dir.path().join("stderr.log")).unwrap();
+                panic!("server did not announce its listeners; stderr:\n{log}")
+            });
+            let addr = |prefix: &str| {
+                line.strip_prefix(prefix)
+                    .map(|a| a.parse::<SocketAddr>().unwrap())
+            };
+            plain = plain.or(addr("listening plain http://"));
+            tls = tls.or(addr("listening tls https://"));
+        }
+        Self {
+            child,
+            plain: plain.unwrap(),
+            tls: tls.unwrap(),
+            dir,
+            config,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.plain)
+    }
+
+    /// Runs an `abhiapi` CLI command against this server's database.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        cli(&self.config, args)
+    }
+
+    /// Creates a key while the server runs; it goes live within the refresh interval.
+    pub fn create_key(&self, account: &str, credits: i64) -> String {
+        create_key(&self.config, account, credits)
+    }
+
+    pub fn stderr_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{signal} failed");
+    }
+
+    /// Waits (up to 30 s) for the process to exit.
+    pub fn wait(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "server did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn cli(config: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Creates a key through the CLI; the key is the last line it prints.
+pub fn create_key(config: &Path, account: &str, credits: i64) -> String {
+    let out = cli(
+        config,
+        &[
+            "keys",
+            "create",
+            "--account",
+            account,
+            "--credits",
+            &credits.to_string(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    stdout.lines().last().unwrap().to_owned()
+}
+
+pub type TestClient = Client<HttpConnector, Full<Bytes>>;
+
+/// HTTP/1.1 over plain TCP.
+pub fn client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// HTTP/2 with prior knowledge (h2c).
+pub fn h2c_client() -> TestClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// Trusts only the development CA in `certs/`.
+pub fn tls_client(h2: bool) -> Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>> {
+    let tls = abhiapi::tls::client_config(Some(&repo_path("certs/dev-ca.pem"))).unwrap();
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(std::sync::Arc::unwrap_or_clone(tls))
+        .https_only();
+    let connector = if h2 {
+        builder.enable_http2().build()
+    } else {
+        builder.enable_http1().build()
+    };
+    Client::builder(TokioExecutor::new())
+        .http2_only(h2)
+        .build(connector)
+}
+
+pub fn post(
+    url: &str,
+    key: Option<&str>,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Request<Full<Bytes>> {
+    let mut b = Request::post(url).header("content-type", content_type);
+    if let Some(k) = key {
+        b = b.header("x-api-key", k);
+    }
+    b.body(Full::new(body.into())).unwrap()
+}
+
+pub fn get(url: &str, key: Option<&str>) -> Request<Full<Bytes>> {
+    let mut b = Request::get(url);
+    if let Some(k) = key {
+        b = b.header("x-api-key", k);
+    }
+    b.body(Full::default()).unwrap()
+}
+
+pub async fn body(resp: Response<Incoming>) -> Bytes {
+    resp.into_body().collect().await.unwrap().to_bytes()
+}
+
+/// Parses a JSON body (owned, so the test can keep it).
+pub fn json(bytes: &[u8]) -> simd_json::OwnedValue {
+    let mut copy = bytes.to_vec();
+    simd_json::to_owned_value(&mut copy)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(bytes)))
+}
+
+/// Asserts an error response: status, JSON content type, `detail` and `error_type`.
+pub async fn assert_error(resp: Response<Incoming>, status: u16, error_type: &str) -> String {
+    use simd_json::prelude::*;
+    assert_eq!(resp.status().as_u16(), status);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let v = json(&body(resp).await);
+    assert_eq!(v.get_str("error_type"), Some(error_type), "{v}");
+    let detail = v.get_str("detail").expect("detail").to_owned();
+    assert!(!detail.is_empty());
+    detail
+}
+
+/// Polls `check` every 50 ms until it holds or `within` passes.
+pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
