@@ -47,7 +47,7 @@ pub enum KeysCommand {
         #[arg(long)]
         account: String,
         /// Opening balance of a new account, in credits (1 credit = $0.001).
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
         credits: i64,
         /// Plan of a new account.
         #[arg(long, default_value = "free")]
@@ -79,7 +79,7 @@ pub enum AccountsCommand {
 #[derive(Args)]
 pub struct Topup {
     pub name: String,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub credits: i64,
 }
 

@@ -271,7 +271,7 @@ fn stream_from(rx: mpsc::Receiver<Bytes>, content_type: &'static str) -> Respons
 }
 
 /// A body fed chunk by chunk from a channel; it ends when the sender is dropped.
-struct ChannelBody(mpsc::Receiver<Bytes>);
+pub struct ChannelBody(pub mpsc::Receiver<Bytes>);
 
 impl http_body::Body for ChannelBody {
     type Data = Bytes;

@@ -33,7 +33,6 @@ pub struct Options {
     pub tls_handshake_timeout_secs: u64,
     pub max_json_body_bytes: usize,
     pub ca_file: Option<PathBuf>,
-    pub fal_key: Option<&'static str>,
 }
 
 impl Options {
@@ -45,7 +44,6 @@ impl Options {
             tls_handshake_timeout_secs: 5,
             max_json_body_bytes: 64 * 1024,
             ca_file: None,
-            fal_key: Some(FAL_KEY),
         }
     }
 
@@ -102,7 +100,7 @@ impl Server {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("config.toml");
         std::fs::write(&config, opts.render(dir.path())).unwrap();
-        Self::spawn(opts, dir, config)
+        Self::spawn(dir, config)
     }
 
     /// Starts with one key (and its account) already in the database, so
@@ -112,20 +110,17 @@ impl Server {
         let config = dir.path().join("config.toml");
         std::fs::write(&config, opts.render(dir.path())).unwrap();
         let key = create_key(&config, account, credits);
-        (Self::spawn(opts, dir, config), key)
+        (Self::spawn(dir, config), key)
     }
 
-    fn spawn(opts: Options, dir: tempfile::TempDir, config: PathBuf) -> Self {
+    fn spawn(dir: tempfile::TempDir, config: PathBuf) -> Self {
         let mut cmd = Command::new(BIN);
         cmd.arg("serve")
             .arg("--config")
             .arg(&config)
-            .env_remove("ABHIAPI_TEST_FAL_KEY")
+            .env("ABHIAPI_TEST_FAL_KEY", FAL_KEY)
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap());
-        if let Some(k) = opts.fal_key {
-            cmd.env("ABHIAPI_TEST_FAL_KEY", k);
-        }
         let mut child = cmd.spawn().unwrap();
         let (tx, rx) = mpsc::channel();
         let stdout = child.stdout.take().unwrap();

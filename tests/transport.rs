@@ -1,0 +1,265 @@
+//! The connection layer: TLS, HTTP/2, streaming in both directions, slow
+//! clients, and a graceful stop.
+
+mod support;
+
+use std::time::Duration;
+
+use http::{Request, Version};
+use http_body_util::{BodyExt, Full};
+use simd_json::prelude::*;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn setup() -> (MockFal, Server, String) {
+    let mock = MockFal::start(None).await.unwrap();
+    let (server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 1000);
+    (mock, server, key)
+}
+
+fn flux(url: &str, key: &str) -> Request<Full<bytes::Bytes>> {
+    post(url, Some(key), "application/json", r#"{"prompt":"a fox"}"#)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_the_dev_certificate_over_http1_and_http2() {
+    let (_mock, server, key) = setup().await;
+    for host in ["localhost", "127.0.0.1"] {
+        let url = format!("https://{host}:{}/fal-ai/flux/dev", server.tls.port());
+        for h2 in [false, true] {
+            let resp = tls_client(h2).request(flux(&url, &key)).await.unwrap();
+            assert_eq!(resp.status(), 200, "{host} h2={h2}");
+            let expected = if h2 {
+                Version::HTTP_2
+            } else {
+                Version::HTTP_11
+            };
+            assert_eq!(resp.version(), expected);
+            assert!(json(&body(resp).await).get_array("images").is_some());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_listener_speaks_h2c_with_prior_knowledge() {
+    let (mock, server, key) = setup().await;
+    let resp = h2c_client()
+        .request(flux(&server.url("/fal-ai/flux/dev"), &key))
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    body(resp).await;
+    // The upstream leg is its own connection: plain HTTP/1.1 to a plain mock.
+    assert_eq!(mock.seen()[0].version, Version::HTTP_11);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_tls_trusts_ca_file_and_uses_http2_when_offered() {
+    let acceptor =
+        tokio_rustls::TlsAcceptor::from(abhiapi::tls::server_config(None, None).unwrap());
+    let mock = MockFal::start(Some(acceptor)).await.unwrap();
+    let mut opts = Options::new(mock.url(true));
+    opts.ca_file = Some(repo_path("certs/dev-ca.pem"));
+    let (server, key) = Server::start_with_key(opts, "acme", 1000);
+    let resp = client()
+        .request(flux(&server.url("/fal-ai/flux/dev"), &key))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    body(resp).await;
+    let seen = mock.seen();
+    assert_eq!(seen[0].version, Version::HTTP_2);
+    assert_eq!(
+        seen[0].headers.get("authorization").unwrap(),
+        &format!("Key {FAL_KEY}")
+    );
+
+    // Without the CA the same upstream is not trusted: 502, never a silent plain fallback.
+    let (server, key) = Server::start_with_key(Options::new(mock.url(true)), "acme", 1000);
+    let resp = client()
+        .request(flux(&server.url("/fal-ai/flux/dev"), &key))
+        .await
+        .unwrap();
+    assert_error(resp, 502, "upstream_unreachable").await;
+    assert_eq!(mock.seen().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_stream_before_fal_has_finished() {
+    let (mock, server, key) = setup().await;
+    let resp = client()
+        .request(get(&server.url("/mock/gated"), Some(&key)))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    // The mock holds back its last chunk until the gate opens: the first
+    // one can only be here if the proxy passed it on without buffering.
+    let first = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .expect("first chunk never arrived: the proxy buffers")
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap();
+    assert_eq!(first.as_ref(), b"first;");
+    mock.open_gate();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest.as_ref(), b"last");
+}
+
+/// Peak resident memory of a process, from /proc (Linux).
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_stream_both_ways_with_flat_memory() {
+    let (mock, server, key) = setup().await;
+    const SIZE: u64 = 256 * 1024 * 1024;
+    let resp = client()
+        .request(get(
+            &server.url(&format!("/mock/stream/{SIZE}")),
+            Some(&key),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-length"], SIZE.to_string());
+    let mut body = resp.into_body();
+    let (mut n, mut sum) = (0u64, 0u64);
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            sum = data.iter().fold(sum, |s, &b| s.wrapping_add(b as u64));
+            n += data.len() as u64;
+        }
+    }
+    assert_eq!(n, SIZE);
+    let expected: u64 = (0..SIZE).map(|i| (i % 65536) % 251).sum();
+    assert_eq!(
+        sum, expected,
+        "streamed bytes differ from what the mock sent"
+    );
+
+    // Upload: a non-JSON body streams to fal without being read into memory.
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+    tokio::spawn(async move {
+        let chunk = bytes::Bytes::from(vec![7u8; 1 << 20]);
+        for _ in 0..(SIZE >> 20) {
+            if tx.send(chunk.clone()).await.is_err() {
+                return;
+            }
+        }
+    });
+    let upload = abhiapi::mock_fal::ChannelBody(rx);
+    let req = Request::post(server.url("/mock/sink"))
+        .header("x-api-key", &key)
+        .header("content-type", "application/octet-stream")
+        .body(upload)
+        .unwrap();
+    let resp = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http()
+        .request(req)
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let v = json(&body_of(resp).await);
+    assert_eq!(v.get_u64("received"), Some(SIZE));
+    assert_eq!(mock.seen().len(), 2);
+
+    // 256 MiB went each way; had either been buffered, the peak would show it.
+    let peak = peak_rss_kib(server.pid());
+    assert!(
+        peak < 96 * 1024,
+        "proxy peak RSS {peak} KiB: bodies are being buffered"
+    );
+}
+
+async fn body_of(resp: http::Response<hyper::body::Incoming>) -> bytes::Bytes {
+    resp.into_body().collect().await.unwrap().to_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_off() {
+    let mut opts = Options::new("http://127.0.0.1:9");
+    opts.header_read_timeout_secs = 1;
+    opts.tls_handshake_timeout_secs = 1;
+    let server = Server::start(opts);
+
+    // Headers that never finish: the connection is closed by the server.
+    let mut stream = TcpStream::connect(server.plain).await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf)).await;
+    assert!(
+        read.is_ok(),
+        "a client that never finished its headers was kept"
+    );
+
+    // A TLS handshake that never starts: closed too.
+    let mut stream = TcpStream::connect(server.tls).await.unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "a client that never started TLS was kept");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
+    let (mock, mut server, key) = setup().await;
+    let url = server.url("/mock/slow/1500");
+    let in_flight = tokio::spawn({
+        let key = key.clone();
+        async move {
+            client()
+                .request(post(&url, Some(&key), "application/json", "{}"))
+                .await
+        }
+    });
+    assert!(
+        eventually(Duration::from_secs(5), || async { !mock.seen().is_empty() }).await,
+        "the request never reached the mock"
+    );
+    server.signal("TERM");
+    let resp = in_flight.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        json(&body(resp).await).get_str("detail"),
+        Some("slept 1500 ms")
+    );
+    let status = tokio::task::spawn_blocking(move || {
+        let status = server.wait();
+        (status, server)
+    })
+    .await
+    .unwrap();
+    assert!(status.0.success(), "exit status {:?}", status.0);
+    assert!(
+        TcpStream::connect(status.1.plain).await.is_err(),
+        "still accepting after exit"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_fal_key_is_a_clear_startup_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, format!("[server]\nplain_listen = \"127.0.0.1:0\"\n[upstream]\nfal_key_env = \"ABHIAPI_UNSET_FAL_KEY\"\n[store]\npath = {:?}\n", dir.path().join("db").display().to_string())).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env_remove("ABHIAPI_UNSET_FAL_KEY")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ABHIAPI_UNSET_FAL_KEY"), "{stderr}");
+}
