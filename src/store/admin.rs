@@ -4,7 +4,7 @@
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
 use super::now_secs;
-use super::snapshot::AccountRow;
+use super::snapshot::{account_row, AccountRow, ACCOUNT_COLS};
 use crate::error::Error;
 use crate::keys::secret;
 
@@ -44,21 +44,8 @@ fn record_change(
 }
 
 fn find_account(tx: &Transaction, name: &str) -> Result<Option<AccountRow>, Error> {
-    Ok(tx
-        .query_row(
-            "SELECT id, name, plan, balance, suspended FROM accounts WHERE name = ?1",
-            [name],
-            |r| {
-                Ok(AccountRow {
-                    id: r.get(0)?,
-                    name: r.get(1)?,
-                    plan: r.get(2)?,
-                    balance: r.get(3)?,
-                    suspended: r.get(4)?,
-                })
-            },
-        )
-        .optional()?)
+    let sql = format!("SELECT {ACCOUNT_COLS} FROM accounts WHERE name = ?1");
+    Ok(tx.query_row(&sql, [name], account_row).optional()?)
 }
 
 fn require_account(tx: &Transaction, name: &str) -> Result<AccountRow, Error> {

@@ -33,10 +33,10 @@ pub struct Change {
     pub balance_delta: i64,
 }
 
-const ACCOUNT_COLS: &str = "id, name, plan, balance, suspended";
+pub(super) const ACCOUNT_COLS: &str = "id, name, plan, balance, suspended";
 const KEY_COLS: &str = "id, account_id, hash, disabled";
 
-fn account_row(r: &Row) -> rusqlite::Result<AccountRow> {
+pub(super) fn account_row(r: &Row) -> rusqlite::Result<AccountRow> {
     Ok(AccountRow {
         id: r.get(0)?,
         name: r.get(1)?,
