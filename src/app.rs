@@ -9,13 +9,15 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use crate::billing::journal::Journal;
+use crate::billing::ledger::Ledger;
 use crate::config::Config;
 use crate::error::Error;
 use crate::keys::refresh::Refresher;
 use crate::keys::Registry;
 use crate::proxy::Proxy;
 use crate::server::{self, Listener};
-use crate::store::{self, snapshot, writer::StoreWriter};
+use crate::store::{self, ledger, snapshot, writer::StoreWriter};
 use crate::tls;
 use crate::upstream::Upstream;
 
@@ -34,6 +36,14 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
     let mut conn = store::open(&config.store.path)?;
+    if config.store.fsync {
+        conn.pragma_update(None, "synchronous", "FULL")?;
+    }
+    recover_holds(&mut conn, &config.store.journal_dir())?;
+    let journal = Arc::new(Journal::open(
+        &config.store.journal_dir(),
+        config.store.fsync,
+    )?);
     let snapshot = snapshot::load(&mut conn)?;
     let registry = Arc::new(Registry::from_snapshot(&snapshot));
     tracing::info!(
@@ -72,23 +82,53 @@ pub async fn serve(
         snapshot.seq,
         Duration::from_millis(config.store.refresh_interval_ms),
     )?;
-    let (writer, writer_thread) = StoreWriter::spawn(conn);
+    let (writer, writer_thread) = StoreWriter::spawn(conn, Arc::clone(&journal));
+    let ledger = Arc::new(Ledger::new(writer.clone(), Arc::clone(&journal)));
     let proxy = Arc::new(Proxy::new(
+        &config,
         registry,
         upstream,
         writer.clone(),
-        config.limits.clone(),
+        Arc::clone(&ledger),
     )?);
 
     on_ready(&bound);
-    server::run(listeners, proxy, (&config.server).into(), shutdown).await;
+    let drained = server::run(listeners, proxy, (&config.server).into(), shutdown).await;
 
     // Connections that outlived the grace period are cut when the runtime
-    // ends; whatever they queue after this point is not waited for.
+    // ends; their holds stay in the journal and are recovered at next start.
     writer.close().await;
     let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+    if drained {
+        journal.remove_all()?;
+    }
     refresher.stop();
+    if ledger.shortfall_credits() > 0 {
+        tracing::warn!(
+            credits = ledger.shortfall_credits(),
+            "charges beyond balances this run"
+        );
+    }
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Settles holds that a process which did not stop cleanly left behind,
+/// before any balance is read into memory.
+fn recover_holds(
+    conn: &mut rusqlite::Connection,
+    journal_dir: &std::path::Path,
+) -> Result<(), Error> {
+    let journalled = Journal::read_all(journal_dir)?;
+    let done = ledger::recover(conn, &journalled, store::now_ms())?;
+    if done.holds > 0 {
+        tracing::warn!(
+            holds = done.holds,
+            credits = done.credits,
+            "recovered holds left by an unclean stop: each charged at most its hold"
+        );
+    }
+    Journal::clear(journal_dir)?;
     Ok(())
 }
 

@@ -27,6 +27,11 @@ pub struct Config {
     pub store: StoreConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub billing: BillingConfig,
+    /// The price table: `[[pricing]]` rules, longest match wins.
+    #[serde(default)]
+    pub pricing: Vec<PriceRuleConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -92,6 +97,18 @@ pub struct StoreConfig {
     pub path: PathBuf,
     /// How often the server looks for changes made by the CLI.
     pub refresh_interval_ms: u64,
+    /// fsync each hold and each ledger batch, to survive power loss, not
+    /// only a killed process. Costs a disk flush per request.
+    pub fsync: bool,
+}
+
+impl StoreConfig {
+    /// The hold journal's folder, beside the database.
+    pub fn journal_dir(&self) -> PathBuf {
+        let mut name = self.path.clone().into_os_string();
+        name.push(".holds");
+        PathBuf::from(name)
+    }
 }
 
 impl Default for StoreConfig {
@@ -99,6 +116,7 @@ impl Default for StoreConfig {
         Self {
             path: "abhiapi.db".into(),
             refresh_interval_ms: 250,
+            fsync: false,
         }
     }
 }
@@ -115,6 +133,56 @@ impl Default for LimitsConfig {
             max_json_body_bytes: 10 * 1024 * 1024,
         }
     }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BillingConfig {
+    /// Dollars per credit (0.001: a credit is a tenth of a cent).
+    pub usd_per_credit: f64,
+    /// Markup over fal's price (0.10 is 10%).
+    pub margin: f64,
+    /// Pixels in one billed megapixel (fal: 1024 × 1024).
+    pub megapixel_pixels: u64,
+    /// Round each image up to whole megapixels, as fal does.
+    pub round_each_image: bool,
+    /// JSON answers up to this size are buffered to splice `_billing` in;
+    /// larger ones stream through with the figures in headers only.
+    pub max_json_response_bytes: usize,
+}
+
+impl Default for BillingConfig {
+    fn default() -> Self {
+        Self {
+            usd_per_credit: 0.001,
+            margin: 0.10,
+            megapixel_pixels: 1024 * 1024,
+            round_each_image: true,
+            max_json_response_bytes: 8 * 1024 * 1024,
+        }
+    }
+}
+
+/// How a model is billed, as fal bills it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unit {
+    Megapixel,
+    Image,
+    Second,
+    Request,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceRuleConfig {
+    /// A model path (`fal-ai/flux/dev`) or a prefix ending in `*`.
+    pub model: String,
+    pub unit: Unit,
+    /// fal's price per unit, in dollars.
+    pub usd: f64,
+    /// For `second`: the duration assumed when a request gives none (default 5).
+    pub default_seconds: Option<f64>,
 }
 
 impl Config {
@@ -158,6 +226,7 @@ impl Config {
             crate::upstream::Target::parse(url)
                 .map_err(|e| Error::Config(format!("[upstream] {name}: {e}")))?;
         }
+        crate::billing::pricing::PriceTable::new(&self.billing, &self.pricing)?;
         if self.upstream.timeout_secs == 0 || self.upstream.connect_timeout_secs == 0 {
             return Err(Error::Config("[upstream] timeouts must be positive".into()));
         }

@@ -38,6 +38,14 @@ pub enum ApiError {
     /// The client's request body broke off before it was read.
     ClientBody,
     InvalidPath,
+    /// No `[[pricing]]` rule covers this model: the gateway does not offer it.
+    UnpricedModel(String),
+    InsufficientCredits {
+        needed: u64,
+        available: i64,
+    },
+    /// The hold journal cannot be written: no request may reach fal unrecorded.
+    LedgerUnavailable,
     UpstreamUnreachable,
     UpstreamTimeout,
     /// fal answered 5xx.
@@ -54,6 +62,9 @@ impl ApiError {
             KeyDisabled | AccountSuspended => StatusCode::FORBIDDEN,
             MalformedJson(_) | ClientBody | InvalidPath => StatusCode::BAD_REQUEST,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            UnpricedModel(_) => StatusCode::NOT_FOUND,
+            InsufficientCredits { .. } => StatusCode::PAYMENT_REQUIRED,
+            LedgerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamUnreachable | UpstreamFailed(_) | UpstreamAuth => StatusCode::BAD_GATEWAY,
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -71,6 +82,9 @@ impl ApiError {
             BodyTooLarge { .. } => "body_too_large",
             ClientBody => "request_body_incomplete",
             InvalidPath => "invalid_path",
+            UnpricedModel(_) => "model_not_priced",
+            InsufficientCredits { .. } => "insufficient_credits",
+            LedgerUnavailable => "ledger_unavailable",
             UpstreamUnreachable => "upstream_unreachable",
             UpstreamTimeout => "upstream_timeout",
             UpstreamFailed(_) => "upstream_error",
@@ -90,6 +104,11 @@ impl ApiError {
             BodyTooLarge { limit } => format!("JSON body larger than the {limit}-byte limit."),
             ClientBody => "The request body ended before it was complete.".into(),
             InvalidPath => "Invalid path: `.` and `..` segments are not allowed.".into(),
+            UnpricedModel(model) => format!("{model} is not offered by this gateway: no price is configured for it."),
+            InsufficientCredits { needed, available } => format!(
+                "Insufficient credits: this request needs {needed} credits and {available} are available."
+            ),
+            LedgerUnavailable => "Billing is temporarily unavailable; nothing was charged.".into(),
             UpstreamUnreachable => "fal could not be reached.".into(),
             UpstreamTimeout => "fal did not answer in time.".into(),
             UpstreamFailed(s) => format!("fal answered with an error ({}).", s.as_u16()),

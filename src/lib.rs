@@ -5,6 +5,7 @@
 //! SQLite ([`store`]).
 
 pub mod app;
+pub mod billing;
 pub mod cli;
 pub mod config;
 pub mod demo;

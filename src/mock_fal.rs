@@ -22,6 +22,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Notify};
 use tokio_rustls::TlsAcceptor;
 
+use crate::billing::facts::preset;
+
 type MockBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 /// A request as the mock received it.
@@ -210,19 +212,6 @@ fn model_output(path: &str, request: &[u8]) -> Response<MockBody> {
         )
     };
     json_response(StatusCode::OK, Bytes::from(body))
-}
-
-/// fal's `image_size` presets.
-pub fn preset(name: &str) -> Option<(u64, u64)> {
-    Some(match name {
-        "square_hd" => (1024, 1024),
-        "square" => (512, 512),
-        "portrait_4_3" => (768, 1024),
-        "portrait_16_9" => (576, 1024),
-        "landscape_4_3" => (1024, 768),
-        "landscape_16_9" => (1024, 576),
-        _ => return None,
-    })
 }
 
 fn full(bytes: Bytes) -> MockBody {

@@ -42,13 +42,14 @@ impl From<&ServerConfig> for Timeouts {
 }
 
 /// Serves until `shutdown` resolves, then stops accepting and gives
-/// in-flight requests up to `timeouts.grace` to finish.
+/// in-flight requests up to `timeouts.grace` to finish. True when every
+/// connection finished within the grace period.
 pub async fn run(
     listeners: Vec<Listener>,
     proxy: Arc<Proxy>,
     timeouts: Timeouts,
     shutdown: impl Future<Output = ()>,
-) {
+) -> bool {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -83,12 +84,13 @@ pub async fn run(
     let Ok(graceful) = Arc::try_unwrap(graceful) else {
         unreachable!("accept loops hold no graceful handle after they end")
     };
-    if tokio::time::timeout(timeouts.grace, graceful.shutdown())
+    let drained = tokio::time::timeout(timeouts.grace, graceful.shutdown())
         .await
-        .is_err()
-    {
+        .is_ok();
+    if !drained {
         tracing::warn!("grace period over: closing the remaining connections");
     }
+    drained
 }
 
 async fn accept_loop(

@@ -84,7 +84,10 @@ async fn json_bodies_are_validated_and_forwarded_as_sent() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(body(resp).await.as_ref(), sent.as_bytes());
+    // fal's answer (here: our own bytes echoed) comes back with only `_billing` added.
+    let (original, billing) = unsplice(&body(resp).await);
+    assert_eq!(original, sent.as_bytes());
+    assert_eq!(billing.get_u64("credits_used"), Some(2));
     assert_eq!(mock.seen()[0].body.as_ref(), sent.as_bytes());
 
     for bad in ["{\"prompt\": ", "{'a': 1}", "[1, 2,]", "nul"] {
@@ -198,7 +201,9 @@ async fn fal_errors_map_to_gateway_errors_and_4xx_passes_through() {
 
     let resp = send("/mock/status/422").await.unwrap();
     assert_eq!(resp.status(), 422);
-    assert_eq!(body(resp).await.as_ref(), b"{\"detail\":\"mock 422\"}");
+    let (original, billing) = unsplice(&body(resp).await);
+    assert_eq!(original, b"{\"detail\":\"mock 422\"}");
+    assert_eq!(billing.get_u64("credits_used"), Some(0));
 
     for code in ["500", "503"] {
         let detail = assert_error(

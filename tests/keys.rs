@@ -128,7 +128,7 @@ async fn becomes(server: &Server, key: &str, want: u16, passed: &AtomicUsize) ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_server_sees_cli_changes_within_a_second() {
     let mock = MockFal::start(None).await.unwrap();
-    let (server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 100);
+    let (server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 100_000);
     let passed = AtomicUsize::new(0);
     let s = &server;
     assert_eq!(status(s, &key, &passed).await, 200);

@@ -20,23 +20,67 @@ pub struct Account {
     pub plan: ArcSwap<String>,
     /// Set by `accounts suspend`: every key of the account is refused with 403.
     suspended: AtomicBool,
-    /// Credits, in memory; SQLite follows by deltas.
-    balance: AtomicI64,
+    /// Credits not held by a request in flight: a hold is one compare-exchange
+    /// here, so concurrent requests can never together overdraw the account.
+    available: AtomicI64,
+    /// Credits held by requests in flight.
+    held: AtomicI64,
 }
 
 impl Account {
+    /// `balance` as stored; nothing is held when a server starts (recovery settles every old hold).
     fn from_row(row: &AccountRow, balance: i64) -> Self {
         Self {
             id: row.id,
             name: row.name.clone(),
             plan: ArcSwap::from_pointee(row.plan.clone()),
             suspended: AtomicBool::new(row.suspended),
-            balance: AtomicI64::new(balance),
+            available: AtomicI64::new(balance),
+            held: AtomicI64::new(0),
         }
     }
 
+    /// Credits owned: available plus held.
     pub fn balance(&self) -> i64 {
-        self.balance.load(Ordering::Acquire)
+        self.available() + self.held()
+    }
+
+    pub fn available(&self) -> i64 {
+        self.available.load(Ordering::Acquire)
+    }
+
+    pub fn held(&self) -> i64 {
+        self.held.load(Ordering::Acquire)
+    }
+
+    /// Holds `credits` if they are available; else says how many are.
+    pub fn try_hold(&self, credits: i64) -> Result<(), i64> {
+        self.available
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| {
+                (a >= credits).then_some(a - credits)
+            })?;
+        self.held.fetch_add(credits, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Ends a hold of `held` credits with a charge of `cost`. A cost above
+    /// the hold takes the excess from available credits, never below zero.
+    /// Returns what was charged and what could not be (the shortfall).
+    pub fn settle(&self, held: i64, cost: i64) -> (i64, i64) {
+        self.held.fetch_sub(held, Ordering::AcqRel);
+        if cost <= held {
+            self.available.fetch_add(held - cost, Ordering::AcqRel);
+            return (cost, 0);
+        }
+        let excess = cost - held;
+        let before = self
+            .available
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| {
+                Some(a - excess.min(a.max(0)))
+            })
+            .unwrap_or_else(|a| a);
+        let taken = excess.min(before.max(0));
+        (held + taken, excess - taken)
     }
 
     pub fn is_suspended(&self) -> bool {
@@ -125,7 +169,7 @@ impl Registry {
                     account.plan.store(Arc::new(row.plan.clone()));
                 }
                 account
-                    .balance
+                    .available
                     .fetch_add(change.balance_delta, Ordering::AcqRel);
             }
             if let Some(row) = &change.key {
@@ -152,5 +196,50 @@ impl Registry {
                 last_used_minute: AtomicI64::new(0),
             }),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn account(balance: i64) -> Account {
+        let row = AccountRow {
+            id: 1,
+            name: "a".into(),
+            plan: "free".into(),
+            balance,
+            suspended: false,
+        };
+        Account::from_row(&row, balance)
+    }
+
+    #[test]
+    fn holds_never_overdraw_even_when_raced() {
+        let a = Arc::new(account(37 * 3));
+        let admitted: usize = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| (0..25).filter(|_| a.try_hold(3).is_ok()).count()))
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap()).sum()
+        });
+        assert_eq!(admitted, 37);
+        assert_eq!((a.available(), a.held(), a.balance()), (0, 111, 111));
+        assert_eq!(a.try_hold(1), Err(0));
+    }
+
+    #[test]
+    fn settling_charges_the_cost_and_caps_an_excess_at_zero() {
+        let a = account(100);
+        a.try_hold(30).unwrap();
+        assert_eq!(a.settle(30, 12), (12, 0));
+        assert_eq!((a.available(), a.held()), (88, 0));
+        a.try_hold(10).unwrap();
+        // The model returned more than was asked: 50 over the hold, 78 available.
+        assert_eq!(a.settle(10, 60), (60, 0));
+        assert_eq!(a.balance(), 28);
+        a.try_hold(8).unwrap();
+        assert_eq!(a.settle(8, 100), (28, 72));
+        assert_eq!((a.balance(), a.available()), (0, 0));
     }
 }

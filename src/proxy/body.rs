@@ -11,6 +11,8 @@ use hyper::body::Incoming;
 pub enum Body {
     Full(Option<Bytes>),
     Stream(Incoming),
+    /// Bytes already read from a stream, then the rest of it.
+    Chained(Option<Bytes>, Incoming),
 }
 
 impl Body {
@@ -34,6 +36,10 @@ impl http_body::Body for Body {
         match self.get_mut() {
             Body::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Body::Stream(incoming) => Pin::new(incoming).poll_frame(cx),
+            Body::Chained(prefix, incoming) => match prefix.take() {
+                Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+                None => Pin::new(incoming).poll_frame(cx),
+            },
         }
     }
 
@@ -41,6 +47,7 @@ impl http_body::Body for Body {
         match self {
             Body::Full(bytes) => bytes.is_none(),
             Body::Stream(incoming) => incoming.is_end_stream(),
+            Body::Chained(prefix, incoming) => prefix.is_none() && incoming.is_end_stream(),
         }
     }
 
@@ -49,6 +56,16 @@ impl http_body::Body for Body {
             Body::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Body::Full(None) => SizeHint::with_exact(0),
             Body::Stream(incoming) => incoming.size_hint(),
+            Body::Chained(prefix, incoming) => {
+                let extra = prefix.as_ref().map_or(0, |b| b.len() as u64);
+                let inner = incoming.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(inner.lower() + extra);
+                if let Some(upper) = inner.upper() {
+                    hint.set_upper(upper + extra);
+                }
+                hint
+            }
         }
     }
 }

@@ -6,6 +6,7 @@ use http::{header, HeaderMap};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
+use crate::billing::facts::RequestFacts;
 use crate::error::ApiError;
 
 /// `application/json` or any `+json` type, with or without parameters.
@@ -26,9 +27,14 @@ pub fn is_json(headers: &HeaderMap) -> bool {
 }
 
 /// Reads at most `limit` bytes (413 beyond, before reading if the length is
-/// declared) and checks they parse as JSON (400 if not). An empty body is
-/// passed on as it is: there is nothing to validate and fal decides.
-pub async fn read(body: Incoming, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+/// declared), checks they parse as JSON (400 if not), and reads what they
+/// say about cost. An empty body is passed on as it is: there is nothing to
+/// validate and fal decides.
+pub async fn read(
+    body: Incoming,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<(Bytes, RequestFacts), ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -47,17 +53,18 @@ pub async fn read(body: Incoming, headers: &HeaderMap, limit: usize) -> Result<B
             }
         })?
         .to_bytes();
-    if !bytes.is_empty() {
-        validate(&bytes)?;
+    if bytes.is_empty() {
+        return Ok((bytes, RequestFacts::default()));
     }
-    Ok(bytes)
+    let facts = parse(&bytes)?;
+    Ok((bytes, facts))
 }
 
 /// simd-json rewrites its input, so it parses a copy and the original stays pristine.
-pub fn validate(bytes: &[u8]) -> Result<(), ApiError> {
+pub fn parse(bytes: &[u8]) -> Result<RequestFacts, ApiError> {
     let mut copy = bytes.to_vec();
     simd_json::to_borrowed_value(&mut copy)
-        .map(drop)
+        .map(|v| RequestFacts::read(&v))
         .map_err(|e| ApiError::MalformedJson(e.to_string()))
 }
 
@@ -82,10 +89,10 @@ mod tests {
     }
 
     #[test]
-    fn validates_without_touching_the_input() {
-        let good = br#"{"prompt": "a cat", "n": [1, 2.5, null]}"#;
-        assert!(validate(good).is_ok());
-        assert!(validate(br#"{"prompt": "a cat""#).is_err());
-        assert!(validate(b"{'single': 1}").is_err());
+    fn validates_and_reads_facts() {
+        let good = br#"{"prompt": "a cat", "n": [1, 2.5, null], "num_images": 2}"#;
+        assert_eq!(parse(good).unwrap().num_images, Some(2));
+        assert!(parse(br#"{"prompt": "a cat""#).is_err());
+        assert!(parse(b"{'single': 1}").is_err());
     }
 }

@@ -7,6 +7,7 @@ pub mod headers;
 pub mod json_body;
 mod path;
 mod request_id;
+mod respond;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +17,11 @@ use hyper::body::Incoming;
 
 use self::body::Body;
 use self::request_id::RequestIds;
-use crate::config::LimitsConfig;
+use self::respond::Billed;
+use crate::billing::facts::RequestFacts;
+use crate::billing::ledger::Ledger;
+use crate::billing::pricing::PriceTable;
+use crate::config::Config;
 use crate::error::{ApiError, Error};
 use crate::keys::{ApiKey, Registry};
 use crate::store::{now_secs, writer::StoreWriter};
@@ -26,7 +31,10 @@ pub struct Proxy {
     registry: Arc<Registry>,
     upstream: Upstream,
     writer: StoreWriter,
-    limits: LimitsConfig,
+    ledger: Arc<Ledger>,
+    prices: PriceTable,
+    max_json_body_bytes: usize,
+    max_json_response_bytes: usize,
     ids: RequestIds,
 }
 
@@ -39,17 +47,21 @@ struct Trace {
 
 impl Proxy {
     pub fn new(
+        config: &Config,
         registry: Arc<Registry>,
         upstream: Upstream,
         writer: StoreWriter,
-        limits: LimitsConfig,
+        ledger: Arc<Ledger>,
     ) -> Result<Self, Error> {
         let ids = RequestIds::new().map_err(|e| Error::Usage(format!("no OS randomness: {e}")))?;
         Ok(Self {
             registry,
             upstream,
             writer,
-            limits,
+            ledger,
+            prices: PriceTable::new(&config.billing, &config.pricing)?,
+            max_json_body_bytes: config.limits.max_json_body_bytes,
+            max_json_response_bytes: config.billing.max_json_response_bytes,
             ids,
         })
     }
@@ -61,7 +73,7 @@ impl Proxy {
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let mut trace = Trace::default();
-        let mut resp = match self.route(req, &mut trace).await {
+        let mut resp = match self.route(req, &request_id, &mut trace).await {
             Ok(resp) => resp,
             Err(e) => e.into_response(),
         };
@@ -84,6 +96,7 @@ impl Proxy {
     async fn route(
         &self,
         req: Request<Incoming>,
+        request_id: &str,
         trace: &mut Trace,
     ) -> Result<Response<Body>, ApiError> {
         if req.uri().path() == "/healthz" && req.method() == Method::GET {
@@ -91,7 +104,7 @@ impl Proxy {
         }
         let key = self.authenticate(&req)?;
         trace.key_id = Some(key.id);
-        self.forward_sync(req, trace).await
+        self.forward_sync(req, &key, request_id, trace).await
     }
 
     fn authenticate(&self, req: &Request<Incoming>) -> Result<Arc<ApiKey>, ApiError> {
@@ -105,39 +118,74 @@ impl Proxy {
         Ok(key)
     }
 
-    /// A synchronous call: the same method, path, query and body to fal's run host.
+    /// A synchronous call: the same method, path, query and body to fal's
+    /// run host, with its estimated cost held until fal has answered.
     async fn forward_sync(
         &self,
         req: Request<Incoming>,
+        key: &ApiKey,
+        request_id: &str,
         trace: &mut Trace,
     ) -> Result<Response<Body>, ApiError> {
         let uri = self.upstream.run.uri(path::forwardable(req.uri())?)?;
+        let model = req.uri().path().trim_start_matches('/').to_owned();
+        let rule = self
+            .prices
+            .rule(&model)
+            .ok_or_else(|| ApiError::UnpricedModel(model.clone()))?;
         let (mut parts, incoming) = req.into_parts();
-        let body = if json_body::is_json(&parts.headers) {
-            let limit = self.limits.max_json_body_bytes;
-            Body::full(json_body::read(incoming, &parts.headers, limit).await?)
+        let (body, request) = if json_body::is_json(&parts.headers) {
+            let (bytes, facts) =
+                json_body::read(incoming, &parts.headers, self.max_json_body_bytes).await?;
+            (Body::full(bytes), facts)
         } else {
-            Body::Stream(incoming)
+            (Body::Stream(incoming), RequestFacts::default())
         };
-        headers::to_upstream(&mut parts.headers);
-        parts.uri = uri;
+        let estimate = self.prices.estimate(rule, &request);
+        let mut reservation = self
+            .ledger
+            .reserve(key, &model, request_id, estimate)
+            .await?;
 
+        headers::to_upstream(&mut parts.headers);
+        // `_billing` is spliced into fal's bytes: they must not arrive compressed.
+        parts.headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+        parts.uri = uri;
         let sent = Instant::now();
         let result = self.upstream.send(Request::from_parts(parts, body)).await;
         trace.upstream = Some(sent.elapsed());
-        let resp = result?;
+        let resp = match result {
+            Ok(resp) => resp,
+            Err(e) => {
+                reservation.release(None).await;
+                return Err(e);
+            }
+        };
 
         let status = resp.status();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             tracing::error!(status = status.as_u16(), "fal refused the operator's key");
+            reservation.release(Some(status.as_u16())).await;
             return Err(ApiError::UpstreamAuth);
         }
         if status.is_server_error() {
+            reservation.release(Some(status.as_u16())).await;
             return Err(ApiError::UpstreamFailed(status));
         }
-        let (mut parts, incoming) = resp.into_parts();
-        headers::strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, Body::Stream(incoming)))
+        if status.is_success() {
+            reservation.answered();
+        }
+        let billed = Billed {
+            prices: &self.prices,
+            rule,
+            model: &model,
+            request,
+            max_json_bytes: self.max_json_response_bytes,
+        };
+        billed.respond(resp, reservation).await
     }
 }
 

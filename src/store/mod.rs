@@ -2,6 +2,7 @@
 //! WAL lets the server's writer, its refresher and the CLI work side by side.
 
 pub mod admin;
+pub mod ledger;
 mod schema;
 pub mod snapshot;
 pub mod writer;
@@ -29,7 +30,11 @@ pub fn open(path: &Path) -> Result<Connection, Error> {
 }
 
 pub fn now_secs() -> i64 {
+    now_ms() / 1000
+}
+
+pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+        .map_or(0, |d| d.as_millis() as i64)
 }

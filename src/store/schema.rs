@@ -33,6 +33,32 @@ const MIGRATIONS: &[&str] = &[
         balance_delta INTEGER NOT NULL DEFAULT 0,
         at INTEGER NOT NULL
     );",
+    // 2: the ledger. Every hold ends as exactly one `charges` row with the
+    // same id (the request id): charged, released, or recovered after a crash.
+    "CREATE TABLE holds (
+        id TEXT PRIMARY KEY,
+        account_id INTEGER NOT NULL,
+        key_id INTEGER NOT NULL,
+        model TEXT NOT NULL,
+        credits INTEGER NOT NULL,
+        created_at_ms INTEGER NOT NULL
+    );
+    CREATE INDEX holds_account ON holds(account_id);
+    CREATE TABLE charges (
+        id TEXT PRIMARY KEY,
+        account_id INTEGER NOT NULL,
+        key_id INTEGER NOT NULL,
+        model TEXT NOT NULL,
+        units_milli INTEGER NOT NULL,
+        credits INTEGER NOT NULL,
+        held INTEGER NOT NULL,
+        shortfall INTEGER NOT NULL,
+        fal_status INTEGER,
+        outcome TEXT NOT NULL,
+        started_at_ms INTEGER NOT NULL,
+        settled_at_ms INTEGER NOT NULL
+    );
+    CREATE INDEX charges_account_time ON charges(account_id, settled_at_ms);",
 ];
 
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {

@@ -1,10 +1,17 @@
 //! The one thread that writes what the server learns while it runs. It owns
-//! its connection and commits whatever has queued up in one transaction.
+//! its connection and commits whatever has queued up in one transaction:
+//! holds, charges and balance deltas, and last-use times.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use rusqlite::Connection;
 use tokio::sync::mpsc;
+
+use super::ledger::{self, ChargeRecord};
+use crate::billing::journal::{HoldRecord, Journal, Sealed};
 
 /// Largest batch committed in one transaction.
 const BATCH: usize = 1024;
@@ -13,6 +20,10 @@ const QUEUE: usize = 16 * 1024;
 pub enum WriteOp {
     /// A key was used at `at` (unix seconds); feeds `keys list`.
     KeyUsed { key_id: i64, at: i64 },
+    /// A hold taken in memory and journalled in `segment`.
+    Hold { hold: HoldRecord, segment: u64 },
+    /// A hold settled: charged or released.
+    Settle(ChargeRecord),
     /// Commit what came before and stop, even if senders remain.
     Close,
 }
@@ -26,13 +37,31 @@ pub struct StoreWriter {
 impl StoreWriter {
     /// Starts the thread; it stops after [`StoreWriter::close`] (or once every
     /// `StoreWriter` is dropped), having committed everything queued before.
-    pub fn spawn(conn: Connection) -> (Self, JoinHandle<()>) {
+    pub fn spawn(conn: Connection, journal: Arc<Journal>) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE);
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || run(conn, rx))
+            .spawn(move || Writer::new(conn, journal).run(rx))
             .expect("spawn store writer");
         (Self { tx }, handle)
+    }
+
+    /// Queues money: waits for room (back-pressure), never drops it.
+    pub async fn send(&self, op: WriteOp) {
+        if self.tx.send(op).await.is_err() {
+            tracing::error!("store writer has stopped: a ledger entry was not queued (the journal still has its hold)");
+        }
+    }
+
+    /// Queues money from code that cannot wait (a `Drop`): right away if
+    /// there is room, else from a task that waits for room.
+    pub fn send_now(&self, op: WriteOp) {
+        if let Err(mpsc::error::TrySendError::Full(op)) = self.tx.try_send(op) {
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(op).await;
+            });
+        }
     }
 
     /// Last-use times are a convenience: when the queue is full they are dropped, never waited for.
@@ -46,20 +75,71 @@ impl StoreWriter {
     }
 }
 
-fn run(mut conn: Connection, mut rx: mpsc::Receiver<WriteOp>) {
-    let mut batch = Vec::with_capacity(BATCH);
-    while rx.blocking_recv_many(&mut batch, BATCH) > 0 {
-        let closing = batch.iter().position(|op| matches!(op, WriteOp::Close));
-        if let Some(at) = closing {
-            batch.truncate(at);
+struct Writer {
+    conn: Connection,
+    journal: Arc<Journal>,
+    /// Holds committed per journal segment.
+    committed: HashMap<u64, u64>,
+    /// Segments that take no more appends, waiting for their holds to be committed.
+    sealed: Vec<Sealed>,
+}
+
+impl Writer {
+    fn new(conn: Connection, journal: Arc<Journal>) -> Self {
+        Self {
+            conn,
+            journal,
+            committed: HashMap::new(),
+            sealed: Vec::new(),
         }
-        if let Err(e) = commit(&mut conn, &batch) {
-            tracing::error!(error = %e, ops = batch.len(), "store writer: batch failed");
+    }
+
+    fn run(mut self, mut rx: mpsc::Receiver<WriteOp>) {
+        let mut batch = Vec::with_capacity(BATCH);
+        while rx.blocking_recv_many(&mut batch, BATCH) > 0 {
+            let closing = batch.iter().position(|op| matches!(op, WriteOp::Close));
+            if let Some(at) = closing {
+                batch.truncate(at);
+            }
+            self.commit_until_done(&batch);
+            batch.clear();
+            self.drop_committed_segments();
+            if closing.is_some() {
+                return;
+            }
         }
-        batch.clear();
-        if closing.is_some() {
-            return;
+    }
+
+    /// A failed batch is money not yet on disk: retry it, never skip it.
+    fn commit_until_done(&mut self, batch: &[WriteOp]) {
+        let mut delay = Duration::from_millis(10);
+        while let Err(e) = commit(&mut self.conn, batch) {
+            tracing::error!(error = %e, ops = batch.len(), "ledger batch failed; retrying");
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(Duration::from_secs(1));
         }
+        for op in batch {
+            if let WriteOp::Hold { segment, .. } = op {
+                *self.committed.entry(*segment).or_default() += 1;
+            }
+        }
+    }
+
+    fn drop_committed_segments(&mut self) {
+        match self.journal.rotate_if_full() {
+            Ok(Some(sealed)) => self.sealed.push(sealed),
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "cannot start a new hold journal segment"),
+        }
+        let (journal, committed) = (&self.journal, &mut self.committed);
+        self.sealed.retain(|s| {
+            let done = committed.get(&s.number).copied().unwrap_or(0) >= s.holds;
+            if done {
+                journal.remove(s.number);
+                committed.remove(&s.number);
+            }
+            !done
+        });
     }
 }
 
@@ -73,6 +153,10 @@ fn commit(conn: &mut Connection, batch: &[WriteOp]) -> rusqlite::Result<()> {
             match op {
                 WriteOp::KeyUsed { key_id, at } => {
                     used.execute([key_id, at])?;
+                }
+                WriteOp::Hold { hold, .. } => ledger::insert_hold(&tx, hold)?,
+                WriteOp::Settle(charge) => {
+                    ledger::insert_charge(&tx, charge)?;
                 }
                 WriteOp::Close => {}
             }

@@ -33,7 +33,38 @@ pub struct Options {
     pub tls_handshake_timeout_secs: u64,
     pub max_json_body_bytes: usize,
     pub ca_file: Option<PathBuf>,
+    /// `[billing]` and `[[pricing]]`, as TOML.
+    pub pricing: String,
 }
+
+/// The tests' price table: fal-like models, and a flat catch-all for the
+/// mock's own routes (0.001 × 1.1 = 0.0011 → 2 credits a request).
+pub const TEST_PRICING: &str = r#"
+[billing]
+usd_per_credit = 0.001
+margin = 0.10
+
+[[pricing]]
+model = "fal-ai/flux/dev"
+unit = "megapixel"
+usd = 0.025
+
+[[pricing]]
+model = "fal-ai/kling-video/v2/*"
+unit = "second"
+usd = 0.07
+default_seconds = 5
+
+[[pricing]]
+model = "fal-ai/creative-upscaler"
+unit = "request"
+usd = 0.05
+
+[[pricing]]
+model = "*"
+unit = "request"
+usd = 0.001
+"#;
 
 impl Options {
     pub fn new(upstream: impl Into<String>) -> Self {
@@ -44,6 +75,7 @@ impl Options {
             tls_handshake_timeout_secs: 5,
             max_json_body_bytes: 64 * 1024,
             ca_file: None,
+            pricing: TEST_PRICING.to_owned(),
         }
     }
 
@@ -75,6 +107,7 @@ refresh_interval_ms = 250
 
 [limits]
 max_json_body_bytes = {max_json}
+{pricing}
 "#,
             hrt = self.header_read_timeout_secs,
             tht = self.tls_handshake_timeout_secs,
@@ -82,6 +115,7 @@ max_json_body_bytes = {max_json}
             timeout = self.timeout_secs,
             db = dir.join("abhiapi.db").display(),
             max_json = self.max_json_body_bytes,
+            pricing = self.pricing,
         )
     }
 }
@@ -325,4 +359,23 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Splits a spliced answer into fal's original bytes and the `_billing` object.
+pub fn unsplice(body: &[u8]) -> (Vec<u8>, simd_json::OwnedValue) {
+    let text = std::str::from_utf8(body).unwrap();
+    let start = text
+        .rfind("\"_billing\":{")
+        .unwrap_or_else(|| panic!("no _billing in {text}"));
+    let close = text.rfind('}').unwrap();
+    let field_end = text[..close].rfind('}').unwrap() + 1;
+    let billing = json(text[start + "\"_billing\":".len()..field_end].as_bytes());
+    let cut = if text[..start].ends_with(',') {
+        start - 1
+    } else {
+        start
+    };
+    let mut original = text[..cut].as_bytes().to_vec();
+    original.extend_from_slice(&text.as_bytes()[field_end..]);
+    (original, billing)
 }

@@ -1,0 +1,306 @@
+//! The price table: which rule prices a model, how many units a request or
+//! an answer counts, and what that costs in credits, all in integers.
+//!
+//! Money is nano-dollars, the margin parts per million, and units
+//! thousandths (of a megapixel, an image, a second, a request), so that
+//! `credits = ceil(price × units × (1 + margin) / usd_per_credit)` is one
+//! exact integer division, rounded up once.
+
+use std::collections::HashMap;
+
+use super::decimal::{format_scaled, to_scaled};
+use super::facts::{RequestFacts, ResponseFacts};
+use crate::config::{BillingConfig, PriceRuleConfig, Unit};
+use crate::error::Error;
+
+const NANO: u32 = 9;
+const PPM: u128 = 1_000_000;
+const MILLI: u64 = 1000;
+/// fal's default `image_size` when a request names none.
+const DEFAULT_IMAGE: (u64, u64) = (1024, 768);
+
+#[derive(Debug, Clone)]
+pub struct PriceRule {
+    /// The `model` as configured: a path, or a prefix ending in `*`.
+    pub pattern: String,
+    pub unit: Unit,
+    nano_per_unit: u64,
+    /// For `second` rules: the duration assumed when a request gives none.
+    default_seconds_milli: u64,
+}
+
+/// Units counted and what they cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quote {
+    pub units_milli: u64,
+    pub credits: u64,
+}
+
+#[derive(Debug)]
+pub struct PriceTable {
+    exact: HashMap<String, PriceRule>,
+    /// Longest prefix first, so the first match is the longest.
+    prefixes: Vec<(String, PriceRule)>,
+    margin_ppm: u64,
+    credit_nano: u64,
+    megapixel_pixels: u64,
+    round_each_image: bool,
+}
+
+impl PriceTable {
+    pub fn new(billing: &BillingConfig, rules: &[PriceRuleConfig]) -> Result<Self, Error> {
+        let bad = |what: &str, e: String| Error::Config(format!("{what}: {e}"));
+        let credit_nano = to_scaled(billing.usd_per_credit, NANO)
+            .map_err(|e| bad("[billing] usd_per_credit", e))?;
+        if credit_nano == 0 {
+            return Err(Error::Config(
+                "[billing] usd_per_credit must be positive".into(),
+            ));
+        }
+        if billing.megapixel_pixels == 0 {
+            return Err(Error::Config(
+                "[billing] megapixel_pixels must be positive".into(),
+            ));
+        }
+        let mut table = Self {
+            exact: HashMap::new(),
+            prefixes: Vec::new(),
+            margin_ppm: to_scaled(billing.margin, 6).map_err(|e| bad("[billing] margin", e))?,
+            credit_nano,
+            megapixel_pixels: billing.megapixel_pixels,
+            round_each_image: billing.round_each_image,
+        };
+        for r in rules {
+            let what = format!("[[pricing]] {:?}", r.model);
+            let rule = PriceRule {
+                pattern: r.model.clone(),
+                unit: r.unit,
+                nano_per_unit: to_scaled(r.usd, NANO).map_err(|e| bad(&what, e))?,
+                default_seconds_milli: to_scaled(r.default_seconds.unwrap_or(5.0), 3)
+                    .map_err(|e| bad(&what, e))?,
+            };
+            let duplicate = match r.model.strip_suffix('*') {
+                Some(prefix) => {
+                    let dup = table.prefixes.iter().any(|(p, _)| p == prefix);
+                    table.prefixes.push((prefix.to_owned(), rule));
+                    dup
+                }
+                None => table.exact.insert(r.model.clone(), rule).is_some(),
+            };
+            if duplicate {
+                return Err(Error::Config(format!("{what} is priced twice")));
+            }
+        }
+        table
+            .prefixes
+            .sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+        Ok(table)
+    }
+
+    /// The rule for `model`: an exact rule, else the longest matching prefix.
+    /// An exact match is never shorter than a prefix match, so it always wins.
+    pub fn rule(&self, model: &str) -> Option<&PriceRule> {
+        self.exact.get(model).or_else(|| {
+            self.prefixes
+                .iter()
+                .find(|(p, _)| model.starts_with(p.as_str()))
+                .map(|(_, r)| r)
+        })
+    }
+
+    /// The most a request can cost, from the request alone: what is held.
+    pub fn estimate(&self, rule: &PriceRule, req: &RequestFacts) -> Quote {
+        self.quote(rule, req, None)
+    }
+
+    /// What an answer costs: images as returned, the rest from the request.
+    pub fn actual(&self, rule: &PriceRule, req: &RequestFacts, resp: &ResponseFacts) -> Quote {
+        self.quote(rule, req, Some(resp))
+    }
+
+    fn quote(&self, rule: &PriceRule, req: &RequestFacts, resp: Option<&ResponseFacts>) -> Quote {
+        let requested_size = req.image_size.unwrap_or(DEFAULT_IMAGE);
+        let returned = resp.map_or(&[][..], |r| r.images.as_slice());
+        let units_milli = match rule.unit {
+            Unit::Megapixel if returned.is_empty() => {
+                self.megapixels_milli(requested_size) * req.num_images.unwrap_or(1)
+            }
+            Unit::Megapixel => returned
+                .iter()
+                .map(|size| self.megapixels_milli(size.unwrap_or(requested_size)))
+                .sum(),
+            Unit::Image if returned.is_empty() => req.num_images.unwrap_or(1) * MILLI,
+            Unit::Image => returned.len() as u64 * MILLI,
+            Unit::Second => req.duration_milli.unwrap_or(rule.default_seconds_milli),
+            Unit::Request => MILLI,
+        };
+        Quote {
+            units_milli,
+            credits: self.credits(rule, units_milli),
+        }
+    }
+
+    /// One image's megapixels in thousandths: whole megapixels, rounded up,
+    /// when fal's per-image rounding is on; else rounded up to the thousandth.
+    fn megapixels_milli(&self, (w, h): (u64, u64)) -> u64 {
+        let pixels = w.saturating_mul(h);
+        if self.round_each_image {
+            pixels.div_ceil(self.megapixel_pixels).saturating_mul(MILLI)
+        } else {
+            pixels.saturating_mul(MILLI).div_ceil(self.megapixel_pixels)
+        }
+    }
+
+    fn credits(&self, rule: &PriceRule, units_milli: u64) -> u64 {
+        let numerator =
+            rule.nano_per_unit as u128 * units_milli as u128 * (PPM + self.margin_ppm as u128);
+        let denominator = MILLI as u128 * PPM * self.credit_nano as u128;
+        u64::try_from(numerator.div_ceil(denominator)).unwrap_or(u64::MAX)
+    }
+
+    /// `credits × usd_per_credit`, as exact decimal text.
+    pub fn cost_usd(&self, credits: u64) -> String {
+        format_scaled(credits as u128 * self.credit_nano as u128, NANO)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(margin: f64, round_each_image: bool) -> PriceTable {
+        let billing = BillingConfig {
+            margin,
+            round_each_image,
+            ..BillingConfig::default()
+        };
+        let rule = |model: &str, unit, usd| PriceRuleConfig {
+            model: model.into(),
+            unit,
+            usd,
+            default_seconds: None,
+        };
+        PriceTable::new(
+            &billing,
+            &[
+                rule("fal-ai/flux/dev", Unit::Megapixel, 0.025),
+                rule("fal-ai/flux/*", Unit::Megapixel, 0.003),
+                rule("fal-ai/*", Unit::Request, 0.01),
+                rule("fal-ai/kling-video/v2/*", Unit::Second, 0.07),
+                rule("fal-ai/flat", Unit::Image, 0.04),
+            ],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_longest_match_wins() {
+        let t = table(0.1, true);
+        assert_eq!(
+            t.rule("fal-ai/flux/dev").unwrap().pattern,
+            "fal-ai/flux/dev"
+        );
+        assert_eq!(
+            t.rule("fal-ai/flux/dev/image-to-image").unwrap().pattern,
+            "fal-ai/flux/*"
+        );
+        assert_eq!(t.rule("fal-ai/other").unwrap().pattern, "fal-ai/*");
+        assert!(t.rule("someone/else").is_none());
+    }
+
+    #[test]
+    fn megapixels_follow_fals_rounding() {
+        let t = table(0.0, true);
+        let rule = t.rule("fal-ai/flux/dev").unwrap();
+        let images = |sizes: &[(u64, u64)]| ResponseFacts {
+            images: sizes.iter().copied().map(Some).collect(),
+        };
+        let req = RequestFacts::default();
+        // 1024×1024 and 1024×768 are 1 MP each; 1025×1024 is 2.
+        assert_eq!(
+            t.actual(rule, &req, &images(&[(1024, 1024)])).units_milli,
+            1000
+        );
+        assert_eq!(
+            t.actual(rule, &req, &images(&[(1024, 768)])).units_milli,
+            1000
+        );
+        assert_eq!(
+            t.actual(rule, &req, &images(&[(1025, 1024)])).units_milli,
+            2000
+        );
+        // $0.025 × 4 MP at no margin, $0.001 a credit: exactly 100 credits.
+        let q = t.actual(rule, &req, &images(&[(1024, 1024), (1025, 1024), (10, 10)]));
+        assert_eq!(
+            q,
+            Quote {
+                units_milli: 4000,
+                credits: 100
+            }
+        );
+        // Without per-image rounding, fractions count to the thousandth.
+        let t = table(0.0, false);
+        let q = t.actual(
+            t.rule("fal-ai/flux/dev").unwrap(),
+            &req,
+            &images(&[(1024, 768)]),
+        );
+        assert_eq!(q.units_milli, 750);
+    }
+
+    #[test]
+    fn estimates_come_from_the_request() {
+        let t = table(0.1, true);
+        let flux = t.rule("fal-ai/flux/dev").unwrap();
+        let req = RequestFacts {
+            image_size: Some((1025, 1024)),
+            num_images: Some(3),
+            duration_milli: None,
+        };
+        // 3 images × 2 MP × $0.025 × 1.1 = $0.165 = 165 credits.
+        assert_eq!(
+            t.estimate(flux, &req),
+            Quote {
+                units_milli: 6000,
+                credits: 165
+            }
+        );
+        // No size given: fal's default landscape_4_3, 1 MP.
+        assert_eq!(t.estimate(flux, &RequestFacts::default()).credits, 28); // 27.5 rounds up
+        let kling = t
+            .rule("fal-ai/kling-video/v2/master/text-to-video")
+            .unwrap();
+        let ten = RequestFacts {
+            duration_milli: Some(10_000),
+            ..Default::default()
+        };
+        assert_eq!(t.estimate(kling, &ten).credits, 770); // 10 s × $0.07 × 1.1
+        assert_eq!(
+            t.estimate(kling, &RequestFacts::default()).units_milli,
+            5000
+        );
+        let flat = t.rule("fal-ai/flat").unwrap();
+        let two = ResponseFacts {
+            images: vec![None, None],
+        };
+        assert_eq!(t.actual(flat, &RequestFacts::default(), &two).credits, 88);
+        assert_eq!(t.cost_usd(165), "0.165");
+    }
+
+    #[test]
+    fn refuses_bad_tables() {
+        let rule = PriceRuleConfig {
+            model: "a".into(),
+            unit: Unit::Request,
+            usd: 0.1,
+            default_seconds: None,
+        };
+        let billing = BillingConfig::default();
+        assert!(PriceTable::new(&billing, &[rule.clone(), rule.clone()]).is_err());
+        let zero = BillingConfig {
+            usd_per_credit: 0.0,
+            ..BillingConfig::default()
+        };
+        assert!(PriceTable::new(&zero, &[rule]).is_err());
+    }
+}

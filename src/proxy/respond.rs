@@ -1,0 +1,155 @@
+//! The answer to a billed request: settle the reservation, then give the
+//! client fal's answer with the figures. A JSON object is buffered (bounded)
+//! to splice `_billing` in; anything else streams with billing headers.
+
+use bytes::{Bytes, BytesMut};
+use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use simd_json::prelude::*;
+
+use super::body::Body;
+use super::headers;
+use super::json_body::is_json;
+use crate::billing::facts::{RequestFacts, ResponseFacts};
+use crate::billing::ledger::{Reservation, Settled};
+use crate::billing::pricing::{PriceRule, PriceTable};
+use crate::billing::splice::{splice, Billing};
+use crate::error::ApiError;
+
+/// Everything the settlement needs besides fal's answer.
+pub struct Billed<'a> {
+    pub prices: &'a PriceTable,
+    pub rule: &'a PriceRule,
+    pub model: &'a str,
+    pub request: RequestFacts,
+    pub max_json_bytes: usize,
+}
+
+/// A body read up to a bound.
+enum Collected {
+    Whole(Bytes),
+    /// Past the bound: what was read, and the rest still to stream.
+    Overflow(Bytes, Incoming),
+}
+
+async fn collect_bounded(mut body: Incoming, limit: usize) -> Result<Collected, hyper::Error> {
+    let mut buf = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            buf.extend_from_slice(&data);
+            if buf.len() > limit {
+                return Ok(Collected::Overflow(buf.freeze(), body));
+            }
+        }
+    }
+    Ok(Collected::Whole(buf.freeze()))
+}
+
+/// A body we can splice into: JSON, not compressed, not declared too large.
+fn spliceable(headers: &HeaderMap, limit: usize) -> bool {
+    let identity = headers
+        .get(header::CONTENT_ENCODING)
+        .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    let declared_ok = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .is_none_or(|n| n <= limit as u64);
+    is_json(headers) && identity && declared_ok
+}
+
+/// What fal's JSON answer says, if it is a JSON object.
+fn read_object(bytes: &[u8]) -> Option<ResponseFacts> {
+    let mut copy = bytes.to_vec();
+    let value = simd_json::to_borrowed_value(&mut copy).ok()?;
+    value.is_object().then(|| ResponseFacts::read(&value))
+}
+
+impl Billed<'_> {
+    /// Settles against fal's answer (a success or a 4xx passed through) and
+    /// builds the response. `reservation` must already know if fal succeeded.
+    pub async fn respond(
+        &self,
+        resp: Response<Incoming>,
+        reservation: Reservation,
+    ) -> Result<Response<Body>, ApiError> {
+        let (mut parts, incoming) = resp.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        let status = parts.status;
+
+        if !spliceable(&parts.headers, self.max_json_bytes) {
+            let settled = self.settle(reservation, status, None).await;
+            self.add_headers(&mut parts.headers, settled);
+            return Ok(Response::from_parts(parts, Body::Stream(incoming)));
+        }
+        let collected = match collect_bounded(incoming, self.max_json_bytes).await {
+            Ok(c) => c,
+            Err(e) => {
+                // fal's answer broke off: the client gets nothing usable, so nothing is charged.
+                tracing::warn!(error = %e, "fal's response body broke off");
+                reservation.release(Some(status.as_u16())).await;
+                return Err(ApiError::UpstreamUnreachable);
+            }
+        };
+        let bytes = match collected {
+            Collected::Whole(bytes) => bytes,
+            Collected::Overflow(prefix, rest) => {
+                let settled = self.settle(reservation, status, None).await;
+                self.add_headers(&mut parts.headers, settled);
+                return Ok(Response::from_parts(
+                    parts,
+                    Body::Chained(Some(prefix), rest),
+                ));
+            }
+        };
+        let answer = read_object(&bytes);
+        let settled = self.settle(reservation, status, answer.as_ref()).await;
+        self.add_headers(&mut parts.headers, settled);
+        let body = match answer {
+            Some(_) => splice(&bytes, &self.billing(settled)).unwrap_or(bytes),
+            None => bytes,
+        };
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        Ok(Response::from_parts(parts, Body::full(body)))
+    }
+
+    /// A success is charged its actual cost (from the answer where there is
+    /// one, else the estimate); anything else is released.
+    async fn settle(
+        &self,
+        reservation: Reservation,
+        status: StatusCode,
+        answer: Option<&ResponseFacts>,
+    ) -> Settled {
+        if !status.is_success() {
+            return reservation.release(Some(status.as_u16())).await;
+        }
+        let quote = match answer {
+            Some(facts) => self.prices.actual(self.rule, &self.request, facts),
+            None => self.prices.estimate(self.rule, &self.request),
+        };
+        reservation.charge(quote, status.as_u16()).await
+    }
+
+    fn billing(&self, settled: Settled) -> Billing<'_> {
+        Billing {
+            model: self.model,
+            credits_used: settled.credits_used,
+            cost_usd: self.prices.cost_usd(settled.credits_used),
+            balance_remaining: settled.balance_remaining,
+        }
+    }
+
+    fn add_headers(&self, headers: &mut HeaderMap, settled: Settled) {
+        headers.insert(
+            "x-billing-credits-used",
+            HeaderValue::from(settled.credits_used),
+        );
+        headers.insert(
+            "x-billing-balance-remaining",
+            HeaderValue::from(settled.balance_remaining),
+        );
+    }
+}

@@ -1,0 +1,223 @@
+//! The ledger in SQLite: holds and charges written in the writer's batches,
+//! recovery of holds a killed process left behind, and usage reports.
+
+use rusqlite::{params, Connection, Transaction};
+use serde::Serialize;
+
+use crate::billing::journal::HoldRecord;
+
+/// How a hold ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// fal succeeded: the actual cost was charged.
+    Charged,
+    /// fal failed, timed out, or the client left first: nothing charged.
+    Released,
+    /// Found unsettled after a crash: charged at most its hold.
+    Recovered,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Charged => "charged",
+            Outcome::Released => "released",
+            Outcome::Recovered => "recovered",
+        }
+    }
+}
+
+/// One settled request, as written to `charges`.
+#[derive(Debug, Clone)]
+pub struct ChargeRecord {
+    pub id: String,
+    pub account_id: i64,
+    pub key_id: i64,
+    pub model: String,
+    pub units_milli: u64,
+    pub credits: u64,
+    pub held: u64,
+    /// What the actual cost exceeded the hold by and the balance could not cover.
+    pub shortfall: u64,
+    pub fal_status: Option<u16>,
+    pub outcome: Outcome,
+    pub started_at_ms: i64,
+    pub settled_at_ms: i64,
+}
+
+pub fn insert_hold(tx: &Transaction, h: &HoldRecord) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT OR IGNORE INTO holds (id, account_id, key_id, model, credits, created_at_ms)
+         SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE NOT EXISTS (SELECT 1 FROM charges WHERE id = ?1)",
+    )?
+    .execute(params![
+        h.id,
+        h.account_id,
+        h.key_id,
+        h.model,
+        h.credits,
+        h.created_at_ms
+    ])?;
+    Ok(())
+}
+
+/// Records a settlement once: a replay of the same id changes nothing, so
+/// the balance moves by each charge exactly once.
+pub fn insert_charge(tx: &Transaction, c: &ChargeRecord) -> rusqlite::Result<bool> {
+    let inserted =
+        tx.prepare_cached(
+            "INSERT OR IGNORE INTO charges (id, account_id, key_id, model, units_milli, credits,
+                held, shortfall, fal_status, outcome, started_at_ms, settled_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        )?
+        .execute(params![
+            c.id,
+            c.account_id,
+            c.key_id,
+            c.model,
+            c.units_milli,
+            c.credits,
+            c.held,
+            c.shortfall,
+            c.fal_status,
+            c.outcome.as_str(),
+            c.started_at_ms,
+            c.settled_at_ms
+        ])? == 1;
+    if inserted && c.credits > 0 {
+        tx.prepare_cached("UPDATE accounts SET balance = balance - ?1 WHERE id = ?2")?
+            .execute(params![c.credits, c.account_id])?;
+    }
+    tx.prepare_cached("DELETE FROM holds WHERE id = ?1")?
+        .execute([&c.id])?;
+    Ok(inserted)
+}
+
+/// What start-up recovery did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Recovered {
+    pub holds: u64,
+    pub credits: u64,
+}
+
+/// Settles every hold left by a process that did not stop cleanly: those in
+/// `holds`, and those only in the journal. fal may have served any of them,
+/// so each is charged its hold (never more, and never below a zero balance);
+/// one already in `charges` is left alone.
+pub fn recover(
+    conn: &mut Connection,
+    journal: &[HoldRecord],
+    now_ms: i64,
+) -> rusqlite::Result<Recovered> {
+    let tx = conn.transaction()?;
+    for h in journal {
+        insert_hold(&tx, h)?;
+    }
+    let orphans: Vec<HoldRecord> = tx
+        .prepare("SELECT id, account_id, key_id, credits, created_at_ms, model FROM holds ORDER BY created_at_ms")?
+        .query_map([], |r| {
+            Ok(HoldRecord {
+                id: r.get(0)?,
+                account_id: r.get(1)?,
+                key_id: r.get(2)?,
+                credits: r.get(3)?,
+                created_at_ms: r.get(4)?,
+                model: r.get(5)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    let mut done = Recovered::default();
+    for h in orphans {
+        let balance: i64 = tx.query_row(
+            "SELECT balance FROM accounts WHERE id = ?1",
+            [h.account_id],
+            |r| r.get(0),
+        )?;
+        let credits = h.credits.min(balance.max(0) as u64);
+        let charge = ChargeRecord {
+            id: h.id,
+            account_id: h.account_id,
+            key_id: h.key_id,
+            model: h.model,
+            units_milli: 0,
+            credits,
+            held: h.credits,
+            shortfall: 0,
+            fal_status: None,
+            outcome: Outcome::Recovered,
+            started_at_ms: h.created_at_ms,
+            settled_at_ms: now_ms,
+        };
+        if insert_charge(&tx, &charge)? {
+            done.holds += 1;
+            done.credits += credits;
+        }
+    }
+    tx.commit()?;
+    Ok(done)
+}
+
+/// Credits held by requests in flight, as last written by a running server.
+pub fn held(conn: &Connection, account_id: i64) -> rusqlite::Result<i64> {
+    conn.query_row(
+        "SELECT COALESCE(SUM(credits), 0) FROM holds WHERE account_id = ?1",
+        [account_id],
+        |r| r.get(0),
+    )
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelUsage {
+    pub model: String,
+    pub requests: u64,
+    pub credits: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChargeRow {
+    pub id: String,
+    pub model: String,
+    pub credits: u64,
+    pub outcome: String,
+    pub fal_status: Option<u16>,
+    pub settled_at_ms: i64,
+}
+
+/// Charges since `since_ms`, newest first, and totals per model.
+pub fn usage(
+    conn: &Connection,
+    account_id: i64,
+    since_ms: i64,
+) -> rusqlite::Result<(Vec<ModelUsage>, Vec<ChargeRow>)> {
+    let totals = conn
+        .prepare(
+            "SELECT model, COUNT(*), SUM(credits) FROM charges
+             WHERE account_id = ?1 AND settled_at_ms >= ?2 AND outcome != 'released'
+             GROUP BY model ORDER BY SUM(credits) DESC, model",
+        )?
+        .query_map([account_id, since_ms], |r| {
+            Ok(ModelUsage {
+                model: r.get(0)?,
+                requests: r.get(1)?,
+                credits: r.get(2)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    let charges = conn
+        .prepare(
+            "SELECT id, model, credits, outcome, fal_status, settled_at_ms FROM charges
+             WHERE account_id = ?1 AND settled_at_ms >= ?2 ORDER BY settled_at_ms DESC, id",
+        )?
+        .query_map([account_id, since_ms], |r| {
+            Ok(ChargeRow {
+                id: r.get(0)?,
+                model: r.get(1)?,
+                credits: r.get(2)?,
+                outcome: r.get(3)?,
+                fal_status: r.get(4)?,
+                settled_at_ms: r.get(5)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok((totals, charges))
+}
