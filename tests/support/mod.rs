@@ -369,13 +369,13 @@ pub fn unsplice(body: &[u8]) -> (Vec<u8>, simd_json::OwnedValue) {
         .unwrap_or_else(|| panic!("no _billing in {text}"));
     let close = text.rfind('}').unwrap();
     let field_end = text[..close].rfind('}').unwrap() + 1;
-    let billing = json(text[start + "\"_billing\":".len()..field_end].as_bytes());
+    let billing = json(&text.as_bytes()[start + "\"_billing\":".len()..field_end]);
     let cut = if text[..start].ends_with(',') {
         start - 1
     } else {
         start
     };
-    let mut original = text[..cut].as_bytes().to_vec();
+    let mut original = text.as_bytes()[..cut].to_vec();
     original.extend_from_slice(&text.as_bytes()[field_end..]);
     (original, billing)
 }
