@@ -6,8 +6,13 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use serde::Serialize;
+
+use crate::billing::pricing::PriceTable;
 use crate::config::Config;
+use crate::dates;
 use crate::error::Error;
+use crate::store::ledger::{self, ChargeRow, ModelUsage};
 use crate::store::{self, admin};
 
 #[derive(Parser)]
@@ -38,6 +43,16 @@ pub enum Command {
     /// Top up, suspend, resume and show accounts.
     #[command(subcommand)]
     Accounts(AccountsCommand),
+    /// An account's charges and totals per model.
+    Usage {
+        name: String,
+        /// Only charges settled on or after this UTC date (YYYY-MM-DD).
+        #[arg(long)]
+        since: Option<String>,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -72,7 +87,7 @@ pub enum AccountsCommand {
     Suspend { name: String },
     /// Lift a suspension.
     Resume { name: String },
-    /// Show an account's balance.
+    /// Show an account's balance, holds and available credits.
     Show { name: String },
 }
 
@@ -124,7 +139,7 @@ pub fn run_admin(config: &Config, command: Command) -> Result<String, Error> {
                     format!("{}…", k.display_prefix),
                     k.account,
                     if k.disabled { "disabled" } else { "active" },
-                    k.last_used_at.map_or("never".into(), format_time)
+                    k.last_used_at.map_or("never".into(), dates::format_utc)
                 );
             }
             out
@@ -151,46 +166,107 @@ pub fn run_admin(config: &Config, command: Command) -> Result<String, Error> {
         }
         Command::Accounts(AccountsCommand::Show { name }) => {
             let a = admin::account(&mut conn, &name)?;
+            let held = ledger::held(&conn, a.id)?;
             format!(
-                "account {}\nplan    {}\nstate   {}\nbalance {} credits",
+                "account   {}\nplan      {}\nstate     {}\nbalance   {} credits\nheld      {} credits\navailable {} credits",
                 a.name,
                 a.plan,
                 if a.suspended { "suspended" } else { "active" },
-                a.balance
+                a.balance,
+                held,
+                a.balance - held
             )
         }
+        Command::Usage { name, since, json } => usage(config, &mut conn, &name, since, json)?,
     };
     Ok(out)
 }
 
-/// `YYYY-MM-DD HH:MM:SS` in UTC, without a date crate.
-fn format_time(unix: i64) -> String {
-    let days = unix.div_euclid(86_400);
-    let secs = unix.rem_euclid(86_400);
-    // Howard Hinnant's civil-from-days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
+#[derive(Serialize)]
+struct UsageReport<'a> {
+    account: &'a str,
+    since: Option<String>,
+    total_credits: u64,
+    total_usd: String,
+    models: Vec<ModelUsage>,
+    charges: Vec<ChargeRow>,
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn formats_utc_times() {
-        assert_eq!(super::format_time(0), "1970-01-01 00:00:00");
-        assert_eq!(super::format_time(1_795_999_999), "2026-11-30 00:53:19");
-        assert_eq!(super::format_time(951_782_400), "2000-02-29 00:00:00");
+fn usage(
+    config: &Config,
+    conn: &mut rusqlite::Connection,
+    name: &str,
+    since: Option<String>,
+    json: bool,
+) -> Result<String, Error> {
+    let since_ms = match &since {
+        None => 0,
+        Some(d) => {
+            dates::parse_date(d)
+                .ok_or_else(|| Error::Usage(format!("--since {d:?}: expected YYYY-MM-DD")))?
+                * 1000
+        }
+    };
+    let account = admin::account(conn, name)?;
+    let (models, charges) = ledger::usage(conn, account.id, since_ms)?;
+    let prices = PriceTable::new(&config.billing, &config.pricing)?;
+    let total_credits = models.iter().map(|m| m.credits).sum();
+    let report = UsageReport {
+        account: name,
+        since,
+        total_credits,
+        total_usd: prices.cost_usd(total_credits),
+        models,
+        charges,
+    };
+    if json {
+        return simd_json::to_string_pretty(&report).map_err(|e| Error::Usage(e.to_string()));
     }
+    let mut out = format!(
+        "account {name}{}\n{:<44} {:>9} {:>10} {:>10}",
+        report
+            .since
+            .as_deref()
+            .map(|s| format!(" since {s}"))
+            .unwrap_or_default(),
+        "MODEL",
+        "REQUESTS",
+        "CREDITS",
+        "USD"
+    );
+    for m in &report.models {
+        out += &format!(
+            "\n{:<44} {:>9} {:>10} {:>10}",
+            m.model,
+            m.requests,
+            m.credits,
+            prices.cost_usd(m.credits)
+        );
+    }
+    out += &format!(
+        "\n{:<44} {:>9} {:>10} {:>10}\n\n{:<20} {:<34} {:<40} {:>8} {}",
+        "TOTAL",
+        report.models.iter().map(|m| m.requests).sum::<u64>(),
+        report.total_credits,
+        report.total_usd,
+        "SETTLED (UTC)",
+        "REQUEST ID",
+        "MODEL",
+        "CREDITS",
+        "OUTCOME"
+    );
+    for c in &report.charges {
+        out += &format!(
+            "\n{:<20} {:<34} {:<40} {:>8} {}{}",
+            dates::format_utc(c.settled_at_ms / 1000),
+            c.id,
+            c.model,
+            c.credits,
+            c.outcome,
+            c.fal_status
+                .map(|s| format!(" (fal {s})"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(out)
 }

@@ -8,6 +8,7 @@ pub mod app;
 pub mod billing;
 pub mod cli;
 pub mod config;
+pub mod dates;
 pub mod demo;
 pub mod error;
 pub mod keys;

@@ -63,7 +63,7 @@ fn cli_creates_lists_and_shows_without_ever_storing_a_key() {
     assert!(!list.contains("other"), "{list}");
     assert_eq!(stdout(&cli(&config, &["keys", "list"])).lines().count(), 4);
 
-    assert!(stdout(&cli(&config, &["accounts", "show", "acme"])).contains("balance 500 credits"));
+    assert!(stdout(&cli(&config, &["accounts", "show", "acme"])).contains("balance   500 credits"));
     let topped = stdout(&cli(
         &config,
         &["accounts", "topup", "acme", "--credits", "250"],
@@ -71,7 +71,11 @@ fn cli_creates_lists_and_shows_without_ever_storing_a_key() {
     assert!(topped.contains("balance 750"), "{topped}");
     let shown = stdout(&cli(&config, &["accounts", "show", "acme"]));
     assert!(
-        shown.contains("balance 750 credits") && shown.contains("state   active"),
+        shown.contains("balance   750 credits") && shown.contains("state     active"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("held      0 credits") && shown.contains("available 750 credits"),
         "{shown}"
     );
     stdout(&cli(&config, &["accounts", "suspend", "acme"]));

@@ -148,43 +148,30 @@ impl Server {
     }
 
     fn spawn(dir: tempfile::TempDir, config: PathBuf) -> Self {
-        let mut cmd = Command::new(BIN);
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .env("ABHIAPI_TEST_FAL_KEY", FAL_KEY)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap());
-        let mut child = cmd.spawn().unwrap();
-        let (tx, rx) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let (mut plain, mut tls) = (None, None);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while plain.is_none() || tls.is_none() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx.recv_timeout(left).unwrap_or_else(|_| {
-                let log = std::fs::read_to_string(dir.path().join("stderr.log")).unwrap();
-                panic!("server did not announce its listeners; stderr:\n{log}")
-            });
-            let addr = |prefix: &str| {
-                line.strip_prefix(prefix)
-                    .map(|a| a.parse::<SocketAddr>().unwrap())
-            };
-            plain = plain.or(addr("listening plain http://"));
-            tls = tls.or(addr("listening tls https://"));
-        }
+        let (child, plain, tls) = launch(dir.path(), &config);
         Self {
             child,
-            plain: plain.unwrap(),
-            tls: tls.unwrap(),
+            plain,
+            tls,
             dir,
             config,
         }
+    }
+
+    /// Starts the server again on the same config and database (after it
+    /// exited or was killed); the ports are new.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let (child, plain, tls) = launch(self.dir.path(), &self.config);
+        (self.child, self.plain, self.tls) = (child, plain, tls);
+    }
+
+    /// The server's database, for reconciling the ledger.
+    pub fn db(&self) -> rusqlite::Connection {
+        let conn = rusqlite::Connection::open(self.dir.path().join("abhiapi.db")).unwrap();
+        conn.busy_timeout(Duration::from_secs(10)).unwrap();
+        conn
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -236,6 +223,47 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts `abhiapi serve` and reads the addresses it announces.
+fn launch(dir: &Path, config: &Path) -> (Child, SocketAddr, SocketAddr) {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("stderr.log"))
+        .unwrap();
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .arg("--config")
+        .arg(config)
+        .env("ABHIAPI_TEST_FAL_KEY", FAL_KEY)
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let (mut plain, mut tls) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while plain.is_none() || tls.is_none() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx.recv_timeout(left).unwrap_or_else(|_| {
+            let log = std::fs::read_to_string(dir.join("stderr.log")).unwrap();
+            panic!("server did not announce its listeners; stderr:\n{log}")
+        });
+        let addr = |prefix: &str| {
+            line.strip_prefix(prefix)
+                .map(|a| a.parse::<SocketAddr>().unwrap())
+        };
+        plain = plain.or(addr("listening plain http://"));
+        tls = tls.or(addr("listening tls https://"));
+    }
+    (child, plain.unwrap(), tls.unwrap())
 }
 
 pub fn cli(config: &Path, args: &[&str]) -> Output {

@@ -1,0 +1,513 @@
+//! Money: `_billing` figures worked out by hand, holds that never overdraw,
+//! no charge for fal's failures, and a ledger that survives SIGTERM and SIGKILL.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Request;
+use http_body_util::Full;
+use simd_json::prelude::*;
+use support::*;
+
+fn flux_body(size: &str, n: u64) -> String {
+    format!(r#"{{"prompt":"a fox","image_size":{size},"num_images":{n}}}"#)
+}
+
+async fn call(
+    server: &Server,
+    key: &str,
+    path: &str,
+    json: &str,
+) -> http::Response<hyper::body::Incoming> {
+    client()
+        .request(post(
+            &server.url(path),
+            Some(key),
+            "application/json",
+            json.to_owned(),
+        ))
+        .await
+        .unwrap()
+}
+
+/// What fal itself answers for the same request, straight from the mock.
+async fn direct(mock: &MockFal, path: &str, json: &str) -> bytes::Bytes {
+    let resp = client()
+        .request(post(
+            &format!("{}{path}", mock.url(false)),
+            None,
+            "application/json",
+            json.to_owned(),
+        ))
+        .await
+        .unwrap();
+    body(resp).await
+}
+
+/// Balance, held credits and the sum of charges for `account`, from SQLite.
+fn ledger_of(server: &Server, account: &str) -> (i64, i64, i64) {
+    let db = server.db();
+    db.query_row(
+        "SELECT a.balance,
+                (SELECT COALESCE(SUM(credits), 0) FROM holds WHERE account_id = a.id),
+                (SELECT COALESCE(SUM(credits), 0) FROM charges WHERE account_id = a.id)
+         FROM accounts a WHERE name = ?1",
+        [account],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )
+    .unwrap()
+}
+
+/// Waits until the writer has flushed: no holds left and the balance as expected.
+async fn settles_to(server: &Server, account: &str, balance: i64) -> bool {
+    eventually(Duration::from_secs(5), || async {
+        let (b, held, _) = ledger_of(server, account);
+        b == balance && held == 0
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn billing_figures_match_hand_worked_prices() {
+    let mock = MockFal::start(None).await.unwrap();
+    let (server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 10_000);
+    // (path, request, credits worked out by hand at a 10% margin, 1 credit = $0.001)
+    let cases = [
+        // Two 1025×1024 images: each rounds up to 2 MP. 4 MP × $0.025 × 1.1 = $0.11.
+        (
+            "/fal-ai/flux/dev",
+            flux_body(r#"{"width":1025,"height":1024}"#, 2),
+            110,
+            "0.11",
+        ),
+        // One 1024×1024 image: 1 MP × $0.025 × 1.1 = $0.0275, rounded up to 28 credits.
+        (
+            "/fal-ai/flux/dev",
+            flux_body(r#""square_hd""#, 1),
+            28,
+            "0.028",
+        ),
+        // 1024×768 is also 1 MP (fal's rule), three of them: 3 × 27.5 = 82.5 → 83.
+        (
+            "/fal-ai/flux/dev",
+            flux_body(r#""landscape_4_3""#, 3),
+            83,
+            "0.083",
+        ),
+        // 10 s of Kling v2 at $0.07/s × 1.1 = $0.77.
+        (
+            "/fal-ai/kling-video/v2/master/text-to-video",
+            r#"{"prompt":"waves","duration":"10"}"#.into(),
+            770,
+            "0.77",
+        ),
+        // No duration: the rule's default 5 s, $0.385.
+        (
+            "/fal-ai/kling-video/v2/master/text-to-video",
+            r#"{"prompt":"waves"}"#.into(),
+            385,
+            "0.385",
+        ),
+        // Upscale: $0.05 per request × 1.1 = $0.055.
+        (
+            "/fal-ai/creative-upscaler",
+            r#"{"image_url":"https://x/y.png"}"#.into(),
+            55,
+            "0.055",
+        ),
+    ];
+    let mut balance = 10_000i64;
+    for (path, req, credits, usd) in &cases {
+        let resp = call(&server, &key, path, req).await;
+        assert_eq!(resp.status(), 200, "{path}");
+        assert_eq!(
+            resp.headers()["x-billing-credits-used"],
+            credits.to_string()
+        );
+        let bytes = body(resp).await;
+        let (original, billing) = unsplice(&bytes);
+        // Every byte besides the splice is fal's.
+        assert_eq!(original, direct(&mock, path, req).await.as_ref(), "{path}");
+        balance -= credits;
+        assert_eq!(billing.get_str("model"), Some(&path[1..]));
+        assert_eq!(
+            billing.get_u64("credits_used"),
+            Some(*credits as u64),
+            "{path} {req}"
+        );
+        assert_eq!(billing.get_i64("balance_remaining"), Some(balance));
+        // cost_usd is a JSON number with exactly the digits of credits × $0.001.
+        let text = String::from_utf8(bytes.to_vec()).unwrap();
+        assert!(text.contains(&format!("\"cost_usd\":{usd},")), "{text}");
+    }
+    assert!(
+        settles_to(&server, "acme", balance).await,
+        "ledger never reached {balance}"
+    );
+    let (_, _, charged) = ledger_of(&server, "acme");
+    assert_eq!(charged, 10_000 - balance);
+
+    let shown = String::from_utf8(server.cli(&["accounts", "show", "acme"]).stdout).unwrap();
+    assert!(
+        shown.contains(&format!("available {balance} credits")),
+        "{shown}"
+    );
+    let usage = server.cli(&["usage", "acme", "--json"]);
+    let report = json(&usage.stdout);
+    assert_eq!(
+        report.get_u64("total_credits"),
+        Some((10_000 - balance) as u64)
+    );
+    let models = report.get_array("models").unwrap();
+    let flux = models
+        .iter()
+        .find(|m| m.get_str("model") == Some("fal-ai/flux/dev"))
+        .unwrap();
+    assert_eq!(
+        (flux.get_u64("requests"), flux.get_u64("credits")),
+        (Some(3), Some(221))
+    );
+    assert_eq!(report.get_array("charges").unwrap().len(), cases.len());
+    let text = String::from_utf8(
+        server
+            .cli(&["usage", "acme", "--since", "2000-01-01"])
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        text.contains("fal-ai/kling-video/v2/master/text-to-video") && text.contains("1155"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insufficient_credits_are_refused_before_fal_is_contacted() {
+    let mock = MockFal::start(None).await.unwrap();
+    let (server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 20);
+    let resp = call(
+        &server,
+        &key,
+        "/fal-ai/flux/dev",
+        &flux_body(r#""square_hd""#, 1),
+    )
+    .await;
+    let detail = assert_error(resp, 402, "insufficient_credits").await;
+    assert!(detail.contains("28") && detail.contains("20"), "{detail}");
+    assert!(
+        mock.seen().is_empty(),
+        "fal was called without a covering hold"
+    );
+
+    // A path no rule prices is refused too, when there is no catch-all.
+    let mut opts = Options::new(mock.url(false));
+    opts.pricing =
+        "[[pricing]]\nmodel = \"fal-ai/flux/dev\"\nunit = \"megapixel\"\nusd = 0.025\n".into();
+    let (server, key) = Server::start_with_key(opts, "acme", 1000);
+    let resp = call(&server, &key, "/fal-ai/unknown-model", "{}").await;
+    let detail = assert_error(resp, 404, "model_not_priced").await;
+    assert!(detail.contains("fal-ai/unknown-model"), "{detail}");
+    assert!(mock.seen().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requests_never_overdraw_an_account() {
+    let mock = MockFal::start(None).await.unwrap();
+    // Each request costs 385 credits (5 s of Kling at $0.077/s); the account affords exactly 37.
+    let (server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 37 * 385);
+    let client = client();
+    let url = server.url("/fal-ai/kling-video/v2/master/text-to-video");
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let (client, url, key) = (client.clone(), url.clone(), key.clone());
+            tokio::spawn(async move {
+                let resp = client
+                    .request(post(
+                        &url,
+                        Some(&key),
+                        "application/json",
+                        r#"{"prompt":"x"}"#,
+                    ))
+                    .await
+                    .unwrap();
+                resp.status().as_u16()
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    assert_eq!(statuses.iter().filter(|&&s| s == 200).count(), 37);
+    assert_eq!(statuses.iter().filter(|&&s| s == 402).count(), 163);
+    assert_eq!(mock.seen().len(), 37);
+    assert!(
+        settles_to(&server, "acme", 0).await,
+        "balance did not end at exactly 0"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fal_failures_and_departed_clients_cost_nothing() {
+    let mock = MockFal::start(None).await.unwrap();
+    let mut opts = Options::new(mock.url(false));
+    opts.timeout_secs = 1;
+    let (server, key) = Server::start_with_key(opts, "acme", 1000);
+    let resp = call(&server, &key, "/mock/status/422", "{}").await;
+    assert_eq!(resp.headers()["x-billing-credits-used"], "0");
+    let (_, billing) = unsplice(&body(resp).await);
+    assert_eq!(
+        (
+            billing.get_u64("credits_used"),
+            billing.get_i64("balance_remaining")
+        ),
+        (Some(0), Some(1000))
+    );
+    assert_eq!(
+        call(&server, &key, "/mock/status/500", "{}").await.status(),
+        502
+    );
+    assert_eq!(
+        call(&server, &key, "/mock/status/503", "{}").await.status(),
+        502
+    );
+    assert_eq!(call(&server, &key, "/mock/hang", "{}").await.status(), 504);
+
+    // A client that leaves before fal answers: the hold is released.
+    let url = server.url("/mock/slow/800");
+    let k = key.clone();
+    let leaving = tokio::spawn(async move {
+        client()
+            .request(post(&url, Some(&k), "application/json", "{}"))
+            .await
+    });
+    let seen_before = mock.seen().len();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            mock.seen().len() > seen_before
+        })
+        .await
+    );
+    leaving.abort();
+
+    assert!(
+        settles_to(&server, "acme", 1000).await,
+        "a failed request was charged"
+    );
+    let db = server.db();
+    let released: i64 = db
+        .query_row(
+            "SELECT COUNT(*) FROM charges WHERE outcome = 'released' AND credits = 0",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(released, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn top_ups_during_load_and_sigterm_lose_nothing() {
+    let mock = MockFal::start(None).await.unwrap();
+    let (mut server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 1_000);
+    let client = client();
+    let url = server.url("/fal-ai/flux/dev");
+    let body_json = flux_body(r#""square_hd""#, 1);
+    let spent = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..6)
+        .map(|_| {
+            let (client, url, key, body_json, spent, stop) = (
+                client.clone(),
+                url.clone(),
+                key.clone(),
+                body_json.clone(),
+                spent.clone(),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let resp = client
+                        .request(post(
+                            &url,
+                            Some(&key),
+                            "application/json",
+                            body_json.clone(),
+                        ))
+                        .await
+                        .unwrap();
+                    if resp.status() == 200 {
+                        let used: i64 = resp.headers()["x-billing-credits-used"]
+                            .to_str()
+                            .unwrap()
+                            .parse()
+                            .unwrap();
+                        spent.fetch_add(used, std::sync::atomic::Ordering::SeqCst);
+                    } else {
+                        assert_eq!(resp.status(), 402);
+                    }
+                    body(resp).await;
+                }
+            })
+        })
+        .collect();
+    // Top-ups land while requests are being charged: neither overwrites the other.
+    for _ in 0..5 {
+        let out = server.cli(&["accounts", "topup", "acme", "--credits", "1000"]);
+        assert!(out.status.success());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Two refresh intervals for the last top-up to reach the server and be spent.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for w in workers {
+        w.await.unwrap();
+    }
+    let spent = spent.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        spent > 1_000,
+        "load too light to overlap the top-ups ({spent})"
+    );
+
+    server.signal("TERM");
+    let status = tokio::task::spawn_blocking(move || (server.wait(), server))
+        .await
+        .unwrap();
+    assert!(status.0.success());
+    let server = status.1;
+    // Stopped: everything is on disk, nothing held, the journal is gone.
+    let (balance, held, charged) = ledger_of(&server, "acme");
+    assert_eq!(held, 0);
+    assert_eq!(charged, spent);
+    assert_eq!(balance, 1_000 + 5 * 1_000 - spent);
+    let journal = server.dir.path().join("abhiapi.db.holds");
+    assert_eq!(
+        std::fs::read_dir(journal).unwrap().count(),
+        0,
+        "journal left after a clean stop"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_under_load_never_loses_or_doubles_a_charge() {
+    const COST: i64 = 28; // 1 MP of flux/dev: the hold and the actual charge are equal
+    const WORKERS: usize = 8;
+    let mock = MockFal::start(None).await.unwrap();
+    let (mut server, key) =
+        Server::start_with_key(Options::new(mock.url(false)), "acme", 1_000_000);
+    let client = client();
+    let url = server.url("/fal-ai/flux/dev");
+    let body_json = flux_body(r#""square_hd""#, 1);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|_| {
+            let (client, url, key, body_json, stop) = (
+                client.clone(),
+                url.clone(),
+                key.clone(),
+                body_json.clone(),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                let mut answered = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let Ok(resp) = client
+                        .request(post(
+                            &url,
+                            Some(&key),
+                            "application/json",
+                            body_json.clone(),
+                        ))
+                        .await
+                    else {
+                        break; // the server died under us
+                    };
+                    let id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+                    if resp.status() == 200
+                        && http_body_util::BodyExt::collect(resp.into_body())
+                            .await
+                            .is_ok()
+                    {
+                        answered.push(id);
+                    }
+                }
+                answered
+            })
+        })
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            mock.seen().len() >= 200
+        })
+        .await
+    );
+    server.signal("KILL");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut answered = Vec::new();
+    for w in workers {
+        answered.extend(w.await.unwrap());
+    }
+    let mut server = tokio::task::spawn_blocking(move || {
+        server.wait();
+        server
+    })
+    .await
+    .unwrap();
+    let served = mock.seen().len() as i64;
+
+    // Restart: recovery settles whatever the killed process left.
+    server.restart();
+    let (balance, held, charged) = ledger_of(&server, "acme");
+    assert_eq!(held, 0, "holds left after recovery");
+    assert_eq!(balance, 1_000_000 - charged, "balance and charges disagree");
+    let db = server.db();
+    let charged_requests: i64 = db
+        .query_row(
+            "SELECT COUNT(*) FROM charges WHERE credits = ?1",
+            [COST],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let odd: i64 = db
+        .query_row(
+            "SELECT COUNT(*) FROM charges WHERE credits NOT IN (0, ?1)",
+            [COST],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(odd, 0, "a charge other than the exact cost");
+    // Every request fal served is charged (none free); at most one per worker
+    // was held but never reached fal, and is charged its hold.
+    assert!(
+        charged_requests >= served,
+        "{charged_requests} charged, {served} served by fal"
+    );
+    assert!(
+        charged_requests <= served + WORKERS as i64,
+        "{charged_requests} charged, {served} served"
+    );
+    // Every answer a client received is charged exactly once, at its price (ids are primary keys).
+    for id in &answered {
+        let credits: i64 = db
+            .query_row("SELECT credits FROM charges WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .unwrap_or_else(|e| panic!("answered request {id} was never charged: {e}"));
+        assert_eq!(credits, COST);
+    }
+    drop(db);
+    // And the restarted server carries on from the recovered balance.
+    let resp = client
+        .request(
+            Request::post(server.url("/fal-ai/flux/dev"))
+                .header("x-api-key", &key)
+                .header("content-type", "application/json")
+                .body(Full::new(body_json.clone().into()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (_, billing) = unsplice(&body(resp).await);
+    assert_eq!(billing.get_i64("balance_remaining"), Some(balance - COST));
+}
