@@ -511,3 +511,28 @@ async fn sigkill_under_load_never_loses_or_doubles_a_charge() {
     let (_, billing) = unsplice(&body(resp).await);
     assert_eq!(billing.get_i64("balance_remaining"), Some(balance - COST));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_answers_over_the_buffer_limit_stream_unchanged_with_headers() {
+    let mock = MockFal::start(None).await.unwrap();
+    let mut opts = Options::new(mock.url(false));
+    opts.pricing = TEST_PRICING.replace(
+        "margin = 0.10",
+        "margin = 0.10\nmax_json_response_bytes = 4096",
+    );
+    let (server, key) = Server::start_with_key(opts, "acme", 1000);
+    let small = r#"{"a":1}"#.to_owned();
+    let large = format!(r#"{{"data":"{}"}}"#, "x".repeat(20_000));
+    for (sent, spliced) in [(small, true), (large, false)] {
+        let resp = call(&server, &key, "/mock/echo", &sent).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-billing-credits-used"], "2");
+        let got = body(resp).await;
+        if spliced {
+            assert_eq!(unsplice(&got).0, sent.as_bytes());
+        } else {
+            assert_eq!(got.as_ref(), sent.as_bytes(), "a large answer was altered");
+        }
+    }
+    assert!(settles_to(&server, "acme", 996).await);
+}

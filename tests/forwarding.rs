@@ -31,6 +31,9 @@ async fn forwards_bytes_and_headers_unchanged_with_the_operator_key() {
     let resp = client().request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "application/x-custom");
+    // Not JSON: streamed untouched, with the figures in headers (catch-all: 2 credits).
+    assert_eq!(resp.headers()["x-billing-credits-used"], "2");
+    assert_eq!(resp.headers()["x-billing-balance-remaining"], "998");
     assert_eq!(resp.headers()["x-fal-mock"], "echo");
     assert!(resp.headers()["x-request-id"]
         .to_str()
@@ -48,6 +51,8 @@ async fn forwards_bytes_and_headers_unchanged_with_the_operator_key() {
     assert_eq!(s.headers["host"], mock.addr.to_string());
     assert_eq!(s.headers["x-fal-thing"], "kept");
     assert!(s.headers.get("x-api-key").is_none());
+    // `_billing` is spliced into fal's bytes, so they must come uncompressed.
+    assert_eq!(s.headers["accept-encoding"], "identity");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
