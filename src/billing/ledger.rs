@@ -85,20 +85,18 @@ impl Ledger {
                 return Err(ApiError::LedgerUnavailable);
             }
         };
-        self.writer
-            .send(WriteOp::Hold {
-                hold: hold.clone(),
-                segment,
-            })
-            .await;
-        Ok(Reservation {
+        // The guard exists before the first await: if the client leaves
+        // while the hold is being queued, its `Drop` still releases it.
+        let reservation = Reservation {
             ledger: Arc::clone(self),
             account,
-            hold,
+            hold: hold.clone(),
             estimate,
             answered: false,
             settled: false,
-        })
+        };
+        self.writer.send(WriteOp::Hold { hold, segment }).await;
+        Ok(reservation)
     }
 }
 

@@ -55,10 +55,17 @@ impl StoreWriter {
 
     /// Queues money from code that cannot wait (a `Drop`): right away if
     /// there is room, else from a task that waits for room.
+    /// Without a runtime (a drop during shutdown) or once the writer has
+    /// stopped, the entry is not queued; the hold journal still has the
+    /// request and the next start settles it.
     pub fn send_now(&self, op: WriteOp) {
         if let Err(mpsc::error::TrySendError::Full(op)) = self.tx.try_send(op) {
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                tracing::error!("ledger queue full at shutdown: left to recovery");
+                return;
+            };
             let tx = self.tx.clone();
-            tokio::spawn(async move {
+            runtime.spawn(async move {
                 let _ = tx.send(op).await;
             });
         }
