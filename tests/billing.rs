@@ -3,11 +3,11 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::Request;
-use http_body_util::Full;
+use http_body_util::BodyExt;
 use simd_json::prelude::*;
 use support::*;
 
@@ -306,51 +306,76 @@ async fn fal_failures_and_departed_clients_cost_nothing() {
     assert_eq!(released, 5);
 }
 
+/// One answer a load worker received whole.
+struct Answer {
+    status: u16,
+    request_id: String,
+    credits_used: i64,
+}
+
+/// `workers` tasks sending a 1 MP flux request in a loop until `stop` is set
+/// or the server goes away; each returns the answers it received.
+fn load(
+    server: &Server,
+    key: &str,
+    workers: usize,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Vec<Answer>>> {
+    let client = client();
+    let url = server.url("/fal-ai/flux/dev");
+    (0..workers)
+        .map(|_| {
+            let (client, url, key, stop) =
+                (client.clone(), url.clone(), key.to_owned(), stop.clone());
+            tokio::spawn(async move {
+                let mut answers = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    let req = post(
+                        &url,
+                        Some(&key),
+                        "application/json",
+                        flux_body(r#""square_hd""#, 1),
+                    );
+                    let Ok(resp) = client.request(req).await else {
+                        break; // the server died under us
+                    };
+                    let header = |name| {
+                        resp.headers()
+                            .get(name)
+                            .map(|v| v.to_str().unwrap().to_owned())
+                    };
+                    let request_id = header("x-request-id").unwrap();
+                    let credits_used =
+                        header("x-billing-credits-used").map_or(0, |v| v.parse().unwrap());
+                    let status = resp.status().as_u16();
+                    if resp.into_body().collect().await.is_ok() {
+                        answers.push(Answer {
+                            status,
+                            request_id,
+                            credits_used,
+                        });
+                    }
+                }
+                answers
+            })
+        })
+        .collect()
+}
+
+async fn answers(workers: Vec<tokio::task::JoinHandle<Vec<Answer>>>) -> Vec<Answer> {
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.await.unwrap());
+    }
+    all
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn top_ups_during_load_and_sigterm_lose_nothing() {
     let mock = MockFal::start(None).await.unwrap();
     let (mut server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 1_000);
-    let client = client();
-    let url = server.url("/fal-ai/flux/dev");
-    let body_json = flux_body(r#""square_hd""#, 1);
-    let spent = Arc::new(std::sync::atomic::AtomicI64::new(0));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let workers: Vec<_> = (0..6)
-        .map(|_| {
-            let (client, url, key, body_json, spent, stop) = (
-                client.clone(),
-                url.clone(),
-                key.clone(),
-                body_json.clone(),
-                spent.clone(),
-                stop.clone(),
-            );
-            tokio::spawn(async move {
-                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                    let resp = client
-                        .request(post(
-                            &url,
-                            Some(&key),
-                            "application/json",
-                            body_json.clone(),
-                        ))
-                        .await
-                        .unwrap();
-                    if resp.status() == 200 {
-                        let used: i64 = resp.headers()["x-billing-credits-used"]
-                            .to_str()
-                            .unwrap()
-                            .parse()
-                            .unwrap();
-                        spent.fetch_add(used, std::sync::atomic::Ordering::SeqCst);
-                    } else {
-                        assert_eq!(resp.status(), 402);
-                    }
-                    body(resp).await;
-                }
-            })
-        })
-        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers = load(&server, &key, 6, &stop);
     // Top-ups land while requests are being charged: neither overwrites the other.
     for _ in 0..5 {
         let out = server.cli(&["accounts", "topup", "acme", "--credits", "1000"]);
@@ -359,22 +384,21 @@ async fn top_ups_during_load_and_sigterm_lose_nothing() {
     }
     // Two refresh intervals for the last top-up to reach the server and be spent.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    for w in workers {
-        w.await.unwrap();
-    }
-    let spent = spent.load(std::sync::atomic::Ordering::SeqCst);
+    stop.store(true, Ordering::SeqCst);
+    let answers = answers(workers).await;
+    // The account runs dry between top-ups: 402s, never anything else.
+    assert!(answers.iter().all(|a| a.status == 200 || a.status == 402));
+    let spent: i64 = answers.iter().map(|a| a.credits_used).sum();
     assert!(
         spent > 1_000,
         "load too light to overlap the top-ups ({spent})"
     );
 
     server.signal("TERM");
-    let status = tokio::task::spawn_blocking(move || (server.wait(), server))
+    let (status, server) = tokio::task::spawn_blocking(move || (server.wait(), server))
         .await
         .unwrap();
-    assert!(status.0.success());
-    let server = status.1;
+    assert!(status.success());
     // Stopped: everything is on disk, nothing held, the journal is gone.
     let (balance, held, charged) = ledger_of(&server, "acme");
     assert_eq!(held, 0);
@@ -393,48 +417,9 @@ async fn sigkill_under_load_never_loses_or_doubles_a_charge() {
     const COST: i64 = 28; // 1 MP of flux/dev: the hold and the actual charge are equal
     const WORKERS: usize = 8;
     let mock = MockFal::start(None).await.unwrap();
-    let (mut server, key) =
-        Server::start_with_key(Options::new(mock.url(false)), "acme", 1_000_000);
-    let client = client();
-    let url = server.url("/fal-ai/flux/dev");
-    let body_json = flux_body(r#""square_hd""#, 1);
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let workers: Vec<_> = (0..WORKERS)
-        .map(|_| {
-            let (client, url, key, body_json, stop) = (
-                client.clone(),
-                url.clone(),
-                key.clone(),
-                body_json.clone(),
-                stop.clone(),
-            );
-            tokio::spawn(async move {
-                let mut answered = Vec::new();
-                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                    let Ok(resp) = client
-                        .request(post(
-                            &url,
-                            Some(&key),
-                            "application/json",
-                            body_json.clone(),
-                        ))
-                        .await
-                    else {
-                        break; // the server died under us
-                    };
-                    let id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
-                    if resp.status() == 200
-                        && http_body_util::BodyExt::collect(resp.into_body())
-                            .await
-                            .is_ok()
-                    {
-                        answered.push(id);
-                    }
-                }
-                answered
-            })
-        })
-        .collect();
+    let (server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 1_000_000);
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers = load(&server, &key, WORKERS, &stop);
     assert!(
         eventually(Duration::from_secs(10), || async {
             mock.seen().len() >= 200
@@ -442,12 +427,14 @@ async fn sigkill_under_load_never_loses_or_doubles_a_charge() {
         .await
     );
     server.signal("KILL");
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let mut answered = Vec::new();
-    for w in workers {
-        answered.extend(w.await.unwrap());
-    }
+    stop.store(true, Ordering::SeqCst);
+    let answered: Vec<Answer> = answers(workers)
+        .await
+        .into_iter()
+        .filter(|a| a.status == 200)
+        .collect();
     let mut server = tokio::task::spawn_blocking(move || {
+        let mut server = server;
         server.wait();
         server
     })
@@ -461,21 +448,13 @@ async fn sigkill_under_load_never_loses_or_doubles_a_charge() {
     assert_eq!(held, 0, "holds left after recovery");
     assert_eq!(balance, 1_000_000 - charged, "balance and charges disagree");
     let db = server.db();
-    let charged_requests: i64 = db
-        .query_row(
-            "SELECT COUNT(*) FROM charges WHERE credits = ?1",
-            [COST],
-            |r| r.get(0),
-        )
-        .unwrap();
-    let odd: i64 = db
-        .query_row(
-            "SELECT COUNT(*) FROM charges WHERE credits NOT IN (0, ?1)",
-            [COST],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(odd, 0, "a charge other than the exact cost");
+    let count = |sql: &str| -> i64 { db.query_row(sql, [COST], |r| r.get(0)).unwrap() };
+    let charged_requests = count("SELECT COUNT(*) FROM charges WHERE credits = ?1");
+    assert_eq!(
+        count("SELECT COUNT(*) FROM charges WHERE credits NOT IN (0, ?1)"),
+        0,
+        "a charge other than the exact cost"
+    );
     // Every request fal served is charged (none free); at most one per worker
     // was held but never reached fal, and is charged its hold.
     assert!(
@@ -487,26 +466,25 @@ async fn sigkill_under_load_never_loses_or_doubles_a_charge() {
         "{charged_requests} charged, {served} served"
     );
     // Every answer a client received is charged exactly once, at its price (ids are primary keys).
-    for id in &answered {
+    for a in &answered {
         let credits: i64 = db
-            .query_row("SELECT credits FROM charges WHERE id = ?1", [id], |r| {
-                r.get(0)
-            })
-            .unwrap_or_else(|e| panic!("answered request {id} was never charged: {e}"));
-        assert_eq!(credits, COST);
+            .query_row(
+                "SELECT credits FROM charges WHERE id = ?1",
+                [&a.request_id],
+                |r| r.get(0),
+            )
+            .unwrap_or_else(|e| panic!("answered request {} was never charged: {e}", a.request_id));
+        assert_eq!((credits, a.credits_used), (COST, COST));
     }
     drop(db);
     // And the restarted server carries on from the recovered balance.
-    let resp = client
-        .request(
-            Request::post(server.url("/fal-ai/flux/dev"))
-                .header("x-api-key", &key)
-                .header("content-type", "application/json")
-                .body(Full::new(body_json.clone().into()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let resp = call(
+        &server,
+        &key,
+        "/fal-ai/flux/dev",
+        &flux_body(r#""square_hd""#, 1),
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     let (_, billing) = unsplice(&body(resp).await);
     assert_eq!(billing.get_i64("balance_remaining"), Some(balance - COST));
