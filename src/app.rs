@@ -11,6 +11,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::billing::journal::Journal;
 use crate::billing::ledger::Ledger;
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::Error;
 use crate::keys::refresh::Refresher;
@@ -32,6 +33,7 @@ pub struct Bound {
 pub async fn serve(
     config: Config,
     fal_key: &str,
+    clock: Arc<dyn Clock>,
     on_ready: impl FnOnce(&Bound),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
@@ -90,6 +92,7 @@ pub async fn serve(
         upstream,
         writer.clone(),
         Arc::clone(&ledger),
+        clock,
     )?);
 
     on_ready(&bound);

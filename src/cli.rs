@@ -89,6 +89,8 @@ pub enum AccountsCommand {
     Resume { name: String },
     /// Show an account's balance, holds and available credits.
     Show { name: String },
+    /// Move an account to another plan (its rate limits).
+    Plan { name: String, plan: String },
 }
 
 #[derive(Args)]
@@ -108,6 +110,7 @@ pub fn run_admin(config: &Config, command: Command) -> Result<String, Error> {
             credits,
             plan,
         }) => {
+            known_plan(config, &plan)?;
             let k = admin::create_key(&mut conn, &account, credits, &plan)?;
             let mut out = String::new();
             if k.new_account {
@@ -177,9 +180,25 @@ pub fn run_admin(config: &Config, command: Command) -> Result<String, Error> {
                 a.balance - held
             )
         }
+        Command::Accounts(AccountsCommand::Plan { name, plan }) => {
+            known_plan(config, &plan)?;
+            admin::set_plan(&mut conn, &name, &plan)?;
+            format!("account {name} is now on plan {plan}")
+        }
         Command::Usage { name, since, json } => usage(config, &mut conn, &name, since, json)?,
     };
     Ok(out)
+}
+
+fn known_plan(config: &Config, plan: &str) -> Result<(), Error> {
+    if config.plans.contains_key(plan) {
+        return Ok(());
+    }
+    let known: Vec<&str> = config.plans.keys().map(String::as_str).collect();
+    Err(Error::Usage(format!(
+        "no plan named {plan:?} in the config (plans: {})",
+        known.join(", ")
+    )))
 }
 
 #[derive(Serialize)]

@@ -1,6 +1,7 @@
 //! `config.toml`: the operator's one file. Parsed and validated here; nothing
 //! else in the crate reads the file system for settings.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -32,6 +33,32 @@ pub struct Config {
     /// The price table: `[[pricing]]` rules, longest match wins.
     #[serde(default)]
     pub pricing: Vec<PriceRuleConfig>,
+    /// Rate-limit plans by name; `free` is every new account's.
+    #[serde(default = "default_plans")]
+    pub plans: BTreeMap<String, PlanConfig>,
+}
+
+/// The plan an account gets unless told otherwise, and must exist.
+pub const DEFAULT_PLAN: &str = "free";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanConfig {
+    /// Generation requests (sync runs, queue submissions) a key may send per minute.
+    pub requests_per_minute: u64,
+    /// Requests a key may send at once (default: `requests_per_minute`).
+    pub burst: Option<u64>,
+    /// A cap on all keys of one account together, so that more keys do not mean more requests.
+    pub account_requests_per_minute: Option<u64>,
+}
+
+fn default_plans() -> BTreeMap<String, PlanConfig> {
+    let plan = |rpm| PlanConfig {
+        requests_per_minute: rpm,
+        burst: None,
+        account_requests_per_minute: None,
+    };
+    BTreeMap::from([("free".into(), plan(30)), ("pro".into(), plan(600))])
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -125,12 +152,15 @@ impl Default for StoreConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     pub max_json_body_bytes: usize,
+    /// Per-key allowance for polling jobs (status, result, cancel), apart from generation.
+    pub poll_requests_per_second: u64,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_json_body_bytes: 10 * 1024 * 1024,
+            poll_requests_per_second: 10,
         }
     }
 }
@@ -227,6 +257,18 @@ impl Config {
                 .map_err(|e| Error::Config(format!("[upstream] {name}: {e}")))?;
         }
         crate::billing::pricing::PriceTable::new(&self.billing, &self.pricing)?;
+        if !self.plans.contains_key(DEFAULT_PLAN) {
+            return Err(Error::Config(format!("[plans.{DEFAULT_PLAN}] is required: it is the default plan")));
+        }
+        for (name, plan) in &self.plans {
+            let zero = |n: Option<u64>| n == Some(0);
+            if plan.requests_per_minute == 0 || zero(plan.burst) || zero(plan.account_requests_per_minute) {
+                return Err(Error::Config(format!("[plans.{name}]: limits must be positive")));
+            }
+        }
+        if self.limits.poll_requests_per_second == 0 {
+            return Err(Error::Config("[limits] poll_requests_per_second must be positive".into()));
+        }
         if self.upstream.timeout_secs == 0 || self.upstream.connect_timeout_secs == 0 {
             return Err(Error::Config("[upstream] timeouts must be positive".into()));
         }

@@ -40,6 +40,11 @@ pub enum ApiError {
     InvalidPath,
     /// No `[[pricing]]` rule covers this model: the gateway does not offer it.
     UnpricedModel(String),
+    /// Over the key's limit (or the account's cap); `retry_after` in whole seconds.
+    RateLimited {
+        retry_after: u64,
+        by_account: bool,
+    },
     InsufficientCredits {
         needed: u64,
         available: i64,
@@ -64,6 +69,7 @@ impl ApiError {
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             UnpricedModel(_) => StatusCode::NOT_FOUND,
             InsufficientCredits { .. } => StatusCode::PAYMENT_REQUIRED,
+            RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             LedgerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamUnreachable | UpstreamFailed(_) | UpstreamAuth => StatusCode::BAD_GATEWAY,
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -84,6 +90,8 @@ impl ApiError {
             InvalidPath => "invalid_path",
             UnpricedModel(_) => "model_not_priced",
             InsufficientCredits { .. } => "insufficient_credits",
+            RateLimited { by_account: false, .. } => "rate_limited",
+            RateLimited { by_account: true, .. } => "account_rate_limited",
             LedgerUnavailable => "ledger_unavailable",
             UpstreamUnreachable => "upstream_unreachable",
             UpstreamTimeout => "upstream_timeout",
@@ -109,6 +117,10 @@ impl ApiError {
                 "Insufficient credits: this request needs {needed} credits and {available} are available."
             ),
             LedgerUnavailable => "Billing is temporarily unavailable; nothing was charged.".into(),
+            RateLimited { retry_after, by_account } => format!(
+                "Rate limit exceeded for this {}; retry in {retry_after} s.",
+                if *by_account { "account" } else { "key" }
+            ),
             UpstreamUnreachable => "fal could not be reached.".into(),
             UpstreamTimeout => "fal did not answer in time.".into(),
             UpstreamFailed(s) => format!("fal answered with an error ({}).", s.as_u16()),

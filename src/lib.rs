@@ -7,6 +7,7 @@
 pub mod app;
 pub mod billing;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod dates;
 pub mod demo;
@@ -14,6 +15,7 @@ pub mod error;
 pub mod keys;
 pub mod mock_fal;
 pub mod proxy;
+pub mod ratelimit;
 pub mod server;
 pub mod store;
 pub mod tls;

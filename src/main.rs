@@ -1,7 +1,9 @@
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use abhiapi::app::{self, Bound};
 use abhiapi::cli::{Cli, Command};
+use abhiapi::clock::MonotonicClock;
 use abhiapi::config::Config;
 use abhiapi::demo::{self, Demo};
 use abhiapi::error::Error;
@@ -50,6 +52,7 @@ fn serve(mut config: Config, demo: bool) -> Result<(), Error> {
         let result = app::serve(
             config,
             &fal_key,
+            Arc::new(MonotonicClock::new()),
             |bound| announce(bound, demo.as_ref()),
             app::shutdown_signal(),
         )

@@ -2,7 +2,7 @@
 //! with the CLI arrive through [`Registry::apply`] and change the shared
 //! entries in place, so a request that already holds a key sees them too.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -25,6 +25,8 @@ pub struct Account {
     available: AtomicI64,
     /// Credits held by requests in flight.
     held: AtomicI64,
+    /// GCRA state of the plan's account-wide cap, if it has one.
+    pub rate_tat: AtomicU64,
 }
 
 impl Account {
@@ -37,6 +39,7 @@ impl Account {
             suspended: AtomicBool::new(row.suspended),
             available: AtomicI64::new(balance),
             held: AtomicI64::new(0),
+            rate_tat: AtomicU64::new(0),
         }
     }
 
@@ -96,6 +99,10 @@ pub struct ApiKey {
     disabled: AtomicBool,
     /// Unix minute of the last use recorded, so the store is told at most once a minute.
     last_used_minute: AtomicI64,
+    /// GCRA state of the generation allowance (sync runs, queue submissions).
+    pub generation_tat: AtomicU64,
+    /// GCRA state of the poll allowance (status, result, cancel).
+    pub poll_tat: AtomicU64,
 }
 
 impl ApiKey {
@@ -194,6 +201,8 @@ impl Registry {
                 account,
                 disabled: AtomicBool::new(row.disabled),
                 last_used_minute: AtomicI64::new(0),
+                generation_tat: AtomicU64::new(0),
+                poll_tat: AtomicU64::new(0),
             }),
         );
     }

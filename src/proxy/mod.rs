@@ -21,9 +21,11 @@ use self::respond::Billed;
 use crate::billing::facts::RequestFacts;
 use crate::billing::ledger::Ledger;
 use crate::billing::pricing::PriceTable;
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::{ApiError, Error};
 use crate::keys::{ApiKey, Registry};
+use crate::ratelimit::{ceil_secs, Decision, RateLimits, Verdict};
 use crate::store::{now_secs, writer::StoreWriter};
 use crate::upstream::Upstream;
 
@@ -33,16 +35,19 @@ pub struct Proxy {
     writer: StoreWriter,
     ledger: Arc<Ledger>,
     prices: PriceTable,
+    limits: RateLimits,
+    clock: Arc<dyn Clock>,
     max_json_body_bytes: usize,
     max_json_response_bytes: usize,
     ids: RequestIds,
 }
 
-/// What the request log line reports beyond method, path and status.
+/// What the request log line and the rate-limit headers report.
 #[derive(Default)]
 struct Trace {
     key_id: Option<i64>,
     upstream: Option<Duration>,
+    rate: Option<Verdict>,
 }
 
 impl Proxy {
@@ -52,6 +57,7 @@ impl Proxy {
         upstream: Upstream,
         writer: StoreWriter,
         ledger: Arc<Ledger>,
+        clock: Arc<dyn Clock>,
     ) -> Result<Self, Error> {
         let ids = RequestIds::new().map_err(|e| Error::Usage(format!("no OS randomness: {e}")))?;
         Ok(Self {
@@ -60,6 +66,8 @@ impl Proxy {
             writer,
             ledger,
             prices: PriceTable::new(&config.billing, &config.pricing)?,
+            limits: RateLimits::new(config),
+            clock,
             max_json_body_bytes: config.limits.max_json_body_bytes,
             max_json_response_bytes: config.billing.max_json_response_bytes,
             ids,
@@ -79,6 +87,9 @@ impl Proxy {
         };
         if let Ok(id) = HeaderValue::from_str(&request_id) {
             resp.headers_mut().insert("x-request-id", id);
+        }
+        if let Some(verdict) = trace.rate {
+            rate_headers(resp.headers_mut(), verdict);
         }
         tracing::info!(
             %method,
@@ -142,10 +153,22 @@ impl Proxy {
             (Body::Stream(incoming), RequestFacts::default())
         };
         let estimate = self.prices.estimate(rule, &request);
-        let mut reservation = self
-            .ledger
-            .reserve(key, &model, request_id, estimate)
-            .await?;
+        let verdict = self.limits.generation(key, self.clock.now_ns());
+        trace.rate = Some(verdict);
+        if let Decision::Deny { retry_after_ns, .. } = verdict.decision {
+            return Err(ApiError::RateLimited {
+                retry_after: ceil_secs(retry_after_ns),
+                by_account: verdict.by_account,
+            });
+        }
+        let mut reservation = match self.ledger.reserve(key, &model, request_id, estimate).await {
+            Ok(r) => r,
+            Err(e) => {
+                // Refused before fal: the request did not use its allowance.
+                self.limits.refund_generation(key);
+                return Err(e);
+            }
+        };
 
         headers::to_upstream(&mut parts.headers);
         // `_billing` is spliced into fal's bytes: they must not arrive compressed.
@@ -187,6 +210,18 @@ impl Proxy {
         };
         billed.respond(resp, reservation).await
     }
+}
+
+/// `x-ratelimit-limit`, `-remaining` (requests that would pass now) and
+/// `-reset` (seconds until the allowance is full again).
+fn rate_headers(headers: &mut http::HeaderMap, verdict: Verdict) {
+    let (remaining, reset_ns) = match verdict.decision {
+        Decision::Allow { remaining, reset_ns } => (remaining, reset_ns),
+        Decision::Deny { reset_ns, .. } => (0, reset_ns),
+    };
+    headers.insert("x-ratelimit-limit", HeaderValue::from(verdict.limit));
+    headers.insert("x-ratelimit-remaining", HeaderValue::from(remaining));
+    headers.insert("x-ratelimit-reset", HeaderValue::from(ceil_secs(reset_ns)));
 }
 
 fn json(status: StatusCode, body: &'static str) -> Response<Body> {

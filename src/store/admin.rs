@@ -162,6 +162,18 @@ pub fn set_suspended(conn: &mut Connection, name: &str, suspended: bool) -> Resu
     Ok(tx.commit()?)
 }
 
+/// Moves an account to another plan; a running server applies it within a refresh.
+pub fn set_plan(conn: &mut Connection, name: &str, plan: &str) -> Result<(), Error> {
+    let tx = write_tx(conn)?;
+    let account = require_account(&tx, name)?;
+    tx.execute(
+        "UPDATE accounts SET plan = ?1 WHERE id = ?2",
+        params![plan, account.id],
+    )?;
+    record_change(&tx, Some(account.id), None, 0)?;
+    Ok(tx.commit()?)
+}
+
 pub fn account(conn: &mut Connection, name: &str) -> Result<AccountRow, Error> {
     let tx = conn.transaction()?;
     require_account(&tx, name)

@@ -35,7 +35,12 @@ pub struct Options {
     pub ca_file: Option<PathBuf>,
     /// `[billing]` and `[[pricing]]`, as TOML.
     pub pricing: String,
+    /// `[plans.*]`, as TOML.
+    pub plans: String,
 }
+
+/// Limits no other test comes near; the rate-limit tests set real ones.
+pub const UNLIMITED_PLANS: &str = "[plans.free]\nrequests_per_minute = 100000000\n";
 
 /// The tests' price table: fal-like models, and a flat catch-all for the
 /// mock's own routes (0.001 × 1.1 = 0.0011 → 2 credits a request).
@@ -76,10 +81,11 @@ impl Options {
             max_json_body_bytes: 64 * 1024,
             ca_file: None,
             pricing: TEST_PRICING.to_owned(),
+            plans: UNLIMITED_PLANS.to_owned(),
         }
     }
 
-    fn render(&self, dir: &Path) -> String {
+    pub fn render(&self, dir: &Path) -> String {
         let ca = self
             .ca_file
             .as_ref()
@@ -108,6 +114,7 @@ refresh_interval_ms = 250
 [limits]
 max_json_body_bytes = {max_json}
 {pricing}
+{plans}
 "#,
             hrt = self.header_read_timeout_secs,
             tht = self.tls_handshake_timeout_secs,
@@ -116,6 +123,7 @@ max_json_body_bytes = {max_json}
             db = dir.join("abhiapi.db").display(),
             max_json = self.max_json_body_bytes,
             pricing = self.pricing,
+            plans = self.plans,
         )
     }
 }

@@ -1,0 +1,265 @@
+//! GCRA, the token bucket's exact twin, on one `AtomicU64` per key: the
+//! theoretical arrival time (TAT) of the next request. A limit of `rate` per
+//! period with a `burst` admits a request at `now` when
+//! `TAT − now ≤ (burst − 1) × interval`, and then moves TAT to
+//! `max(TAT, now) + interval`. Allowing is one compare-exchange; denying
+//! writes nothing; nothing allocates. (governor's design, `src/gcra.rs`.)
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::config::{Config, DEFAULT_PLAN};
+use crate::keys::ApiKey;
+
+/// One limit: `burst` requests at once, then one every `interval_ns`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gcra {
+    interval_ns: u64,
+    burst: u64,
+}
+
+/// The answer, with what the response headers report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Allow {
+        /// Requests that would pass right now, after this one.
+        remaining: u64,
+        /// Nanoseconds until the whole burst is available again.
+        reset_ns: u64,
+    },
+    Deny {
+        /// Nanoseconds until the next request would pass.
+        retry_after_ns: u64,
+        reset_ns: u64,
+    },
+}
+
+const NANOS_PER_MINUTE: u64 = 60_000_000_000;
+
+impl Gcra {
+    /// `per_minute` requests a minute, up to `burst` at once.
+    pub fn per_minute(per_minute: u64, burst: u64) -> Self {
+        Self::new(NANOS_PER_MINUTE / per_minute.max(1), burst)
+    }
+
+    pub fn per_second(per_second: u64, burst: u64) -> Self {
+        Self::new(1_000_000_000 / per_second.max(1), burst)
+    }
+
+    fn new(interval_ns: u64, burst: u64) -> Self {
+        Self {
+            interval_ns: interval_ns.max(1),
+            burst: burst.max(1),
+        }
+    }
+
+    /// Largest lead TAT may have over `now` for a request to pass.
+    fn tolerance(&self) -> u64 {
+        (self.burst - 1) * self.interval_ns
+    }
+
+    /// Decides one request at `now` against the state in `tat`.
+    pub fn check(&self, tat: &AtomicU64, now: u64) -> Decision {
+        let mut current = tat.load(Ordering::Acquire);
+        loop {
+            let start = current.max(now);
+            let lead = start - now;
+            if lead > self.tolerance() {
+                return Decision::Deny {
+                    retry_after_ns: lead - self.tolerance(),
+                    reset_ns: lead,
+                };
+            }
+            let next = start + self.interval_ns;
+            match tat.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    let lead = next - now;
+                    return Decision::Allow {
+                        remaining: (self.burst * self.interval_ns).saturating_sub(lead) / self.interval_ns,
+                        reset_ns: lead,
+                    };
+                }
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// Gives back one allowed request (one that another limit then refused).
+    pub fn refund(&self, tat: &AtomicU64) {
+        let _ = tat.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+            Some(t.saturating_sub(self.interval_ns))
+        });
+    }
+}
+
+/// A plan's limits, ready to decide with.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    requests_per_minute: u64,
+    key: Gcra,
+    account: Option<Gcra>,
+}
+
+/// What was decided for one request, for its headers and its error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    /// The limit the headers report (requests per minute, or per second for polls).
+    pub limit: u64,
+    pub decision: Decision,
+    /// The account-wide cap refused, not the key's own limit.
+    pub by_account: bool,
+}
+
+impl Verdict {
+    pub fn allowed(&self) -> bool {
+        matches!(self.decision, Decision::Allow { .. })
+    }
+}
+
+/// Every plan's limits, and the poll limit.
+pub struct RateLimits {
+    plans: HashMap<String, Plan>,
+    poll: Gcra,
+    poll_per_second: u64,
+}
+
+impl RateLimits {
+    pub fn new(config: &Config) -> Self {
+        let plans = config
+            .plans
+            .iter()
+            .map(|(name, p)| {
+                let plan = Plan {
+                    requests_per_minute: p.requests_per_minute,
+                    key: Gcra::per_minute(p.requests_per_minute, p.burst.unwrap_or(p.requests_per_minute)),
+                    account: p.account_requests_per_minute.map(|n| Gcra::per_minute(n, n)),
+                };
+                (name.clone(), plan)
+            })
+            .collect();
+        let per_second = config.limits.poll_requests_per_second;
+        Self {
+            plans,
+            poll: Gcra::per_second(per_second, per_second),
+            poll_per_second: per_second,
+        }
+    }
+
+    /// An account whose plan the config no longer has gets the default plan.
+    fn plan(&self, key: &ApiKey) -> &Plan {
+        let name = key.account.plan.load();
+        self.plans
+            .get(name.as_str())
+            .or_else(|| self.plans.get(DEFAULT_PLAN))
+            .expect("config validation guarantees the default plan")
+    }
+
+    /// A request that starts work at fal: the key's limit, then the account's cap.
+    pub fn generation(&self, key: &ApiKey, now: u64) -> Verdict {
+        let plan = self.plan(key);
+        let decision = plan.key.check(&key.generation_tat, now);
+        let mut verdict = Verdict {
+            limit: plan.requests_per_minute,
+            decision,
+            by_account: false,
+        };
+        if let (Decision::Allow { .. }, Some(cap)) = (decision, plan.account) {
+            if let denied @ Decision::Deny { .. } = cap.check(&key.account.rate_tat, now) {
+                plan.key.refund(&key.generation_tat);
+                verdict.decision = denied;
+                verdict.by_account = true;
+            }
+        }
+        verdict
+    }
+
+    /// Gives back an allowed generation request that did not reach fal after all.
+    pub fn refund_generation(&self, key: &ApiKey) {
+        let plan = self.plan(key);
+        plan.key.refund(&key.generation_tat);
+        if let Some(cap) = plan.account {
+            cap.refund(&key.account.rate_tat);
+        }
+    }
+
+    /// A poll of a job: its own, larger allowance.
+    pub fn poll(&self, key: &ApiKey, now: u64) -> Verdict {
+        Verdict {
+            limit: self.poll_per_second,
+            decision: self.poll.check(&key.poll_tat, now),
+            by_account: false,
+        }
+    }
+}
+
+/// Whole seconds, rounded up, as `retry-after` and `x-ratelimit-reset` want them.
+pub fn ceil_secs(ns: u64) -> u64 {
+    ns.div_ceil(1_000_000_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEC: u64 = 1_000_000_000;
+
+    #[test]
+    fn thirty_a_minute_admits_thirty_then_one_every_two_seconds() {
+        let limit = Gcra::per_minute(30, 30);
+        let tat = AtomicU64::new(0);
+        let now = 1_000 * SEC;
+        for i in 0..30 {
+            match limit.check(&tat, now) {
+                Decision::Allow { remaining, .. } => assert_eq!(remaining, 29 - i),
+                d => panic!("request {i} denied: {d:?}"),
+            }
+        }
+        assert_eq!(
+            limit.check(&tat, now),
+            Decision::Deny { retry_after_ns: 2 * SEC, reset_ns: 60 * SEC }
+        );
+        // Two seconds later exactly one more passes.
+        assert!(matches!(limit.check(&tat, now + 2 * SEC), Decision::Allow { remaining: 0, .. }));
+        assert!(matches!(limit.check(&tat, now + 2 * SEC), Decision::Deny { .. }));
+        // After a minute's pause the whole burst is back.
+        let later = now + 200 * SEC;
+        let passed = (0..40).filter(|_| matches!(limit.check(&tat, later), Decision::Allow { .. })).count();
+        assert_eq!(passed, 30);
+    }
+
+    #[test]
+    fn a_steady_client_gets_exactly_the_rate() {
+        let limit = Gcra::per_minute(600, 10);
+        let tat = AtomicU64::new(0);
+        let passed = (0..6000u64)
+            .filter(|i| matches!(limit.check(&tat, 1_000 * SEC + i * SEC / 100), Decision::Allow { .. }))
+            .count();
+        // 60 s of a client knocking 100 times a second: burst plus 600 a minute.
+        assert_eq!(passed, 10 + 600 - 1);
+    }
+
+    #[test]
+    fn exact_under_contention() {
+        let limit = Gcra::per_minute(60, 25);
+        let tat = AtomicU64::new(0);
+        let passed: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| (0..100).filter(|_| matches!(limit.check(&tat, SEC), Decision::Allow { .. })).count()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(passed, 25);
+    }
+
+    #[test]
+    fn refunds_give_one_request_back() {
+        let limit = Gcra::per_minute(60, 1);
+        let tat = AtomicU64::new(0);
+        assert!(matches!(limit.check(&tat, SEC), Decision::Allow { .. }));
+        assert!(matches!(limit.check(&tat, SEC), Decision::Deny { .. }));
+        limit.refund(&tat);
+        assert!(matches!(limit.check(&tat, SEC), Decision::Allow { .. }));
+        assert_eq!(ceil_secs(1), 1);
+        assert_eq!(ceil_secs(2 * SEC), 2);
+    }
+}
