@@ -258,16 +258,25 @@ impl Config {
         }
         crate::billing::pricing::PriceTable::new(&self.billing, &self.pricing)?;
         if !self.plans.contains_key(DEFAULT_PLAN) {
-            return Err(Error::Config(format!("[plans.{DEFAULT_PLAN}] is required: it is the default plan")));
+            return Err(Error::Config(format!(
+                "[plans.{DEFAULT_PLAN}] is required: it is the default plan"
+            )));
         }
         for (name, plan) in &self.plans {
             let zero = |n: Option<u64>| n == Some(0);
-            if plan.requests_per_minute == 0 || zero(plan.burst) || zero(plan.account_requests_per_minute) {
-                return Err(Error::Config(format!("[plans.{name}]: limits must be positive")));
+            if plan.requests_per_minute == 0
+                || zero(plan.burst)
+                || zero(plan.account_requests_per_minute)
+            {
+                return Err(Error::Config(format!(
+                    "[plans.{name}]: limits must be positive"
+                )));
             }
         }
         if self.limits.poll_requests_per_second == 0 {
-            return Err(Error::Config("[limits] poll_requests_per_second must be positive".into()));
+            return Err(Error::Config(
+                "[limits] poll_requests_per_second must be positive".into(),
+            ));
         }
         if self.upstream.timeout_secs == 0 || self.upstream.connect_timeout_secs == 0 {
             return Err(Error::Config("[upstream] timeouts must be positive".into()));

@@ -90,8 +90,12 @@ impl ApiError {
             InvalidPath => "invalid_path",
             UnpricedModel(_) => "model_not_priced",
             InsufficientCredits { .. } => "insufficient_credits",
-            RateLimited { by_account: false, .. } => "rate_limited",
-            RateLimited { by_account: true, .. } => "account_rate_limited",
+            RateLimited {
+                by_account: false, ..
+            } => "rate_limited",
+            RateLimited {
+                by_account: true, ..
+            } => "account_rate_limited",
             LedgerUnavailable => "ledger_unavailable",
             UpstreamUnreachable => "upstream_unreachable",
             UpstreamTimeout => "upstream_timeout",
@@ -142,6 +146,9 @@ impl ApiError {
             "x-fal-error-type",
             HeaderValue::from_static(self.error_type()),
         );
+        if let ApiError::RateLimited { retry_after, .. } = self {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+        }
         resp
     }
 }

@@ -75,7 +75,8 @@ impl Gcra {
                 Ok(_) => {
                     let lead = next - now;
                     return Decision::Allow {
-                        remaining: (self.burst * self.interval_ns).saturating_sub(lead) / self.interval_ns,
+                        remaining: (self.burst * self.interval_ns).saturating_sub(lead)
+                            / self.interval_ns,
                         reset_ns: lead,
                     };
                 }
@@ -131,8 +132,13 @@ impl RateLimits {
             .map(|(name, p)| {
                 let plan = Plan {
                     requests_per_minute: p.requests_per_minute,
-                    key: Gcra::per_minute(p.requests_per_minute, p.burst.unwrap_or(p.requests_per_minute)),
-                    account: p.account_requests_per_minute.map(|n| Gcra::per_minute(n, n)),
+                    key: Gcra::per_minute(
+                        p.requests_per_minute,
+                        p.burst.unwrap_or(p.requests_per_minute),
+                    ),
+                    account: p
+                        .account_requests_per_minute
+                        .map(|n| Gcra::per_minute(n, n)),
                 };
                 (name.clone(), plan)
             })
@@ -216,14 +222,25 @@ mod tests {
         }
         assert_eq!(
             limit.check(&tat, now),
-            Decision::Deny { retry_after_ns: 2 * SEC, reset_ns: 60 * SEC }
+            Decision::Deny {
+                retry_after_ns: 2 * SEC,
+                reset_ns: 60 * SEC
+            }
         );
         // Two seconds later exactly one more passes.
-        assert!(matches!(limit.check(&tat, now + 2 * SEC), Decision::Allow { remaining: 0, .. }));
-        assert!(matches!(limit.check(&tat, now + 2 * SEC), Decision::Deny { .. }));
+        assert!(matches!(
+            limit.check(&tat, now + 2 * SEC),
+            Decision::Allow { remaining: 0, .. }
+        ));
+        assert!(matches!(
+            limit.check(&tat, now + 2 * SEC),
+            Decision::Deny { .. }
+        ));
         // After a minute's pause the whole burst is back.
         let later = now + 200 * SEC;
-        let passed = (0..40).filter(|_| matches!(limit.check(&tat, later), Decision::Allow { .. })).count();
+        let passed = (0..40)
+            .filter(|_| matches!(limit.check(&tat, later), Decision::Allow { .. }))
+            .count();
         assert_eq!(passed, 30);
     }
 
@@ -232,7 +249,12 @@ mod tests {
         let limit = Gcra::per_minute(600, 10);
         let tat = AtomicU64::new(0);
         let passed = (0..6000u64)
-            .filter(|i| matches!(limit.check(&tat, 1_000 * SEC + i * SEC / 100), Decision::Allow { .. }))
+            .filter(|i| {
+                matches!(
+                    limit.check(&tat, 1_000 * SEC + i * SEC / 100),
+                    Decision::Allow { .. }
+                )
+            })
             .count();
         // 60 s of a client knocking 100 times a second: burst plus 600 a minute.
         assert_eq!(passed, 10 + 600 - 1);
@@ -244,7 +266,13 @@ mod tests {
         let tat = AtomicU64::new(0);
         let passed: usize = std::thread::scope(|s| {
             let handles: Vec<_> = (0..8)
-                .map(|_| s.spawn(|| (0..100).filter(|_| matches!(limit.check(&tat, SEC), Decision::Allow { .. })).count()))
+                .map(|_| {
+                    s.spawn(|| {
+                        (0..100)
+                            .filter(|_| matches!(limit.check(&tat, SEC), Decision::Allow { .. }))
+                            .count()
+                    })
+                })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).sum()
         });

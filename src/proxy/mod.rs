@@ -216,7 +216,10 @@ impl Proxy {
 /// `-reset` (seconds until the allowance is full again).
 fn rate_headers(headers: &mut http::HeaderMap, verdict: Verdict) {
     let (remaining, reset_ns) = match verdict.decision {
-        Decision::Allow { remaining, reset_ns } => (remaining, reset_ns),
+        Decision::Allow {
+            remaining,
+            reset_ns,
+        } => (remaining, reset_ns),
         Decision::Deny { reset_ns, .. } => (0, reset_ns),
     };
     headers.insert("x-ratelimit-limit", HeaderValue::from(verdict.limit));

@@ -142,7 +142,7 @@ impl Server {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("config.toml");
         std::fs::write(&config, opts.render(dir.path())).unwrap();
-        Self::spawn(dir, config)
+        Self::start_config(dir, config)
     }
 
     /// Starts with one key (and its account) already in the database, so
@@ -152,10 +152,11 @@ impl Server {
         let config = dir.path().join("config.toml");
         std::fs::write(&config, opts.render(dir.path())).unwrap();
         let key = create_key(&config, account, credits);
-        (Self::spawn(dir, config), key)
+        (Self::start_config(dir, config), key)
     }
 
-    fn spawn(dir: tempfile::TempDir, config: PathBuf) -> Self {
+    /// Starts on a config (and database) already prepared in `dir`.
+    pub fn start_config(dir: tempfile::TempDir, config: PathBuf) -> Self {
         let (child, plain, tls) = launch(dir.path(), &config);
         Self {
             child,
