@@ -14,6 +14,7 @@ use crate::billing::ledger::Ledger;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::Error;
+use crate::jobs::Jobs;
 use crate::keys::refresh::Refresher;
 use crate::keys::Registry;
 use crate::proxy::Proxy;
@@ -86,6 +87,14 @@ pub async fn serve(
     )?;
     let (writer, writer_thread) = StoreWriter::spawn(conn, Arc::clone(&journal));
     let ledger = Arc::new(Ledger::new(writer.clone(), Arc::clone(&journal)));
+    let keep_ms = config.queue.keep_ended_jobs_days as i64 * 86_400_000;
+    let jobs = Jobs::load(
+        &store::open(&config.store.path)?,
+        &registry,
+        Arc::clone(&ledger),
+        writer.clone(),
+        store::now_ms() - keep_ms,
+    )?;
     let proxy = Arc::new(Proxy::new(
         &config,
         registry,
@@ -93,10 +102,14 @@ pub async fn serve(
         writer.clone(),
         Arc::clone(&ledger),
         clock,
+        Arc::new(jobs),
     )?);
+    let (stop_reconciler, reconciler) = spawn_reconciler(Arc::clone(&proxy), &config);
 
     on_ready(&bound);
     let drained = server::run(listeners, proxy, (&config.server).into(), shutdown).await;
+    let _ = stop_reconciler.send(true);
+    let _ = reconciler.await;
 
     // Connections that outlived the grace period are cut when the runtime
     // ends; their holds stay in the journal and are recovered at next start.
@@ -114,6 +127,28 @@ pub async fn serve(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Asks fal about jobs nobody has fetched, every `reconcile_interval_secs`.
+fn spawn_reconciler(
+    proxy: Arc<Proxy>,
+    config: &Config,
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let every = Duration::from_secs(config.queue.reconcile_interval_secs.max(1));
+    let give_up_ms = config.queue.give_up_after_secs as i64 * 1000;
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stopped.changed() => return,
+                _ = tokio::time::sleep(every) => proxy.reconcile(give_up_ms).await,
+            }
+        }
+    });
+    (stop, task)
 }
 
 /// Settles holds that a process which did not stop cleanly left behind,

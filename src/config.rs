@@ -33,9 +33,32 @@ pub struct Config {
     /// The price table: `[[pricing]]` rules, longest match wins.
     #[serde(default)]
     pub pricing: Vec<PriceRuleConfig>,
+    #[serde(default)]
+    pub queue: QueueConfig,
     /// Rate-limit plans by name; `free` is every new account's.
     #[serde(default = "default_plans")]
     pub plans: BTreeMap<String, PlanConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// How often the reconciler asks fal about jobs nobody has fetched.
+    pub reconcile_interval_secs: u64,
+    /// A job fal no longer knows is released after this age.
+    pub give_up_after_secs: u64,
+    /// Ended jobs stay readable by their owners (after a restart) this long.
+    pub keep_ended_jobs_days: u64,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            reconcile_interval_secs: 60,
+            give_up_after_secs: 24 * 3600,
+            keep_ended_jobs_days: 7,
+        }
+    }
 }
 
 /// The plan an account gets unless told otherwise, and must exist.
@@ -75,6 +98,9 @@ pub struct ServerConfig {
     pub tls_handshake_timeout_secs: u64,
     /// How long in-flight requests get to finish after SIGTERM.
     pub shutdown_grace_secs: u64,
+    /// Take the client's scheme and host from `x-forwarded-proto` and
+    /// `x-forwarded-host` (only behind a load balancer that sets them).
+    pub trust_forwarded_headers: bool,
 }
 
 impl Default for ServerConfig {
@@ -87,6 +113,7 @@ impl Default for ServerConfig {
             header_read_timeout_secs: 10,
             tls_handshake_timeout_secs: 10,
             shutdown_grace_secs: 30,
+            trust_forwarded_headers: false,
         }
     }
 }

@@ -38,6 +38,10 @@ pub enum ApiError {
     /// The client's request body broke off before it was read.
     ClientBody,
     InvalidPath,
+    /// A queued job that does not exist or is not the caller's: the same answer for both.
+    JobNotFound,
+    /// A `Host` we could not put into the URLs we hand back.
+    InvalidHost,
     /// No `[[pricing]]` rule covers this model: the gateway does not offer it.
     UnpricedModel(String),
     /// Over the key's limit (or the account's cap); `retry_after` in whole seconds.
@@ -65,7 +69,8 @@ impl ApiError {
         match self {
             MissingKey | MalformedKey | UnknownKey => StatusCode::UNAUTHORIZED,
             KeyDisabled | AccountSuspended => StatusCode::FORBIDDEN,
-            MalformedJson(_) | ClientBody | InvalidPath => StatusCode::BAD_REQUEST,
+            MalformedJson(_) | ClientBody | InvalidPath | InvalidHost => StatusCode::BAD_REQUEST,
+            JobNotFound => StatusCode::NOT_FOUND,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             UnpricedModel(_) => StatusCode::NOT_FOUND,
             InsufficientCredits { .. } => StatusCode::PAYMENT_REQUIRED,
@@ -88,6 +93,8 @@ impl ApiError {
             BodyTooLarge { .. } => "body_too_large",
             ClientBody => "request_body_incomplete",
             InvalidPath => "invalid_path",
+            InvalidHost => "invalid_host",
+            JobNotFound => "job_not_found",
             UnpricedModel(_) => "model_not_priced",
             InsufficientCredits { .. } => "insufficient_credits",
             RateLimited {
@@ -115,7 +122,9 @@ impl ApiError {
             MalformedJson(why) => format!("Malformed JSON body: {why}."),
             BodyTooLarge { limit } => format!("JSON body larger than the {limit}-byte limit."),
             ClientBody => "The request body ended before it was complete.".into(),
-            InvalidPath => "Invalid path: `.` and `..` segments are not allowed.".into(),
+            InvalidPath => "Invalid path.".into(),
+            InvalidHost => "Invalid Host header.".into(),
+            JobNotFound => "Request not found.".into(),
             UnpricedModel(model) => format!("{model} is not offered by this gateway: no price is configured for it."),
             InsufficientCredits { needed, available } => format!(
                 "Insufficient credits: this request needs {needed} credits and {available} are available."

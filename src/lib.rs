@@ -12,6 +12,7 @@ pub mod config;
 pub mod dates;
 pub mod demo;
 pub mod error;
+pub mod jobs;
 pub mod keys;
 pub mod mock_fal;
 pub mod proxy;

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::ServerConfig;
-use crate::proxy::Proxy;
+use crate::proxy::{Conn, Proxy};
 
 /// A bound socket, with the TLS acceptor if it speaks TLS.
 pub struct Listener {
@@ -136,9 +136,10 @@ async fn connection(
     timeouts: Timeouts,
     peer: std::net::SocketAddr,
 ) {
+    let conn = Conn { tls: tls.is_some() };
     let service = service_fn(move |req| {
         let proxy = Arc::clone(&proxy);
-        async move { Ok::<_, Infallible>(proxy.handle(req).await) }
+        async move { Ok::<_, Infallible>(proxy.handle(req, conn).await) }
     });
     let result = match tls {
         None => {

@@ -61,6 +61,9 @@ pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, Body>,
     pub run: Target,
     pub queue: Target,
+    /// `[upstream] queue` as configured, without a trailing slash: the start
+    /// of the queue URLs fal hands out.
+    queue_base: String,
     /// `Key <operator's fal key>`, marked sensitive so it never reaches a log.
     auth: HeaderValue,
     timeout: Duration,
@@ -93,6 +96,7 @@ impl Upstream {
             client,
             run: Target::parse(&cfg.run).map_err(Error::Config)?,
             queue: Target::parse(&cfg.queue).map_err(Error::Config)?,
+            queue_base: cfg.queue.trim_end_matches('/').to_owned(),
             auth,
             timeout: Duration::from_secs(cfg.timeout_secs),
         })
@@ -115,6 +119,23 @@ impl Upstream {
                 Err(ApiError::UpstreamUnreachable)
             }
         }
+    }
+}
+
+impl Upstream {
+    pub fn queue_base(&self) -> &str {
+        &self.queue_base
+    }
+
+    /// A GET of our own (the reconciler's), not on behalf of a client request.
+    pub async fn get(&self, uri: Uri) -> Result<Response<Incoming>, ApiError> {
+        let mut req = Request::new(Body::empty());
+        *req.uri_mut() = uri;
+        req.headers_mut().insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+        self.send(req).await
     }
 }
 

@@ -62,6 +62,31 @@ fn duration_milli(v: &BorrowedValue) -> Option<u64> {
 }
 
 impl RequestFacts {
+    /// A compact text form (`width,height,num_images,duration_milli`, empty
+    /// for absent) for a queued job's row: its price is decided later.
+    pub fn encode(&self) -> String {
+        let field = |v: Option<u64>| v.map_or(String::new(), |n| n.to_string());
+        let (w, h) = self.image_size.unzip();
+        format!(
+            "{},{},{},{}",
+            field(w),
+            field(h),
+            field(self.num_images),
+            field(self.duration_milli)
+        )
+    }
+
+    pub fn decode(text: &str) -> Self {
+        let mut f = text.split(',').map(|v| v.parse::<u64>().ok());
+        let mut next = || f.next().flatten();
+        let (w, h) = (next(), next());
+        Self {
+            image_size: w.zip(h),
+            num_images: next(),
+            duration_milli: next(),
+        }
+    }
+
     pub fn read(v: &BorrowedValue) -> Self {
         Self {
             image_size: v.get("image_size").and_then(size),
@@ -118,6 +143,25 @@ mod tests {
             RequestFacts::read(&parse(r#"{"image_size":"huge"}"#)).image_size,
             None
         );
+    }
+
+    #[test]
+    fn encodes_and_decodes_for_storage() {
+        for facts in [
+            RequestFacts::default(),
+            RequestFacts {
+                image_size: Some((1025, 1024)),
+                num_images: Some(2),
+                duration_milli: None,
+            },
+            RequestFacts {
+                image_size: None,
+                num_images: None,
+                duration_milli: Some(5500),
+            },
+        ] {
+            assert_eq!(RequestFacts::decode(&facts.encode()), facts);
+        }
     }
 
     #[test]

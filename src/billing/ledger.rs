@@ -1,7 +1,9 @@
-//! Reserve, then settle. A [`Reservation`] is a hold on an account's credits
-//! for one request; it ends exactly once, charged or released, and if the
-//! request's future is dropped (the client went away) its `Drop` settles it:
-//! released before fal answered, charged its hold after.
+//! Reserve, then settle. A [`Hold`] is credits set aside on an account for
+//! one piece of work, settled exactly once: charged or released. Within one
+//! request it lives in a [`Reservation`], whose `Drop` settles it if the
+//! request's future is dropped (the client went away): released before fal
+//! answered, charged its hold after. A queued job takes the hold over
+//! ([`Reservation::detach`]) and settles it when the job ends.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -28,15 +30,18 @@ pub struct Settled {
     pub balance_remaining: i64,
 }
 
-pub struct Reservation {
-    ledger: Arc<Ledger>,
-    account: Arc<Account>,
-    hold: HoldRecord,
-    estimate: Quote,
-    /// fal has answered with success: from here on, fal did the work.
-    answered: bool,
-    settled: bool,
+/// Credits held on an account, not yet settled.
+pub struct Hold {
+    pub account: Arc<Account>,
+    pub record: HoldRecord,
+    /// What was held, and the units it stands for.
+    pub estimate: Quote,
 }
+
+const NOTHING: Quote = Quote {
+    units_milli: 0,
+    credits: 0,
+};
 
 impl Ledger {
     pub fn new(writer: StoreWriter, journal: Arc<Journal>) -> Self {
@@ -69,7 +74,7 @@ impl Ledger {
                 needed: estimate.credits,
                 available,
             })?;
-        let hold = HoldRecord {
+        let record = HoldRecord {
             id: request_id.to_owned(),
             account_id: account.id,
             key_id: key.id,
@@ -77,7 +82,7 @@ impl Ledger {
             created_at_ms: now_ms(),
             model: model.to_owned(),
         };
-        let segment = match self.journal.append(&hold) {
+        let segment = match self.journal.append(&record) {
             Ok(segment) => segment,
             Err(e) => {
                 account.settle(credits, 0);
@@ -89,22 +94,109 @@ impl Ledger {
         // while the hold is being queued, its `Drop` still releases it.
         let reservation = Reservation {
             ledger: Arc::clone(self),
-            account,
-            hold: hold.clone(),
-            estimate,
+            hold: Some(Hold {
+                account,
+                record: record.clone(),
+                estimate,
+            }),
             answered: false,
-            settled: false,
         };
-        self.writer.send(WriteOp::Hold { hold, segment }).await;
+        self.writer
+            .send(WriteOp::Hold {
+                hold: record,
+                segment,
+            })
+            .await;
         Ok(reservation)
+    }
+
+    /// A hold that outlived its process (a queued job's), taken again in memory at start-up.
+    pub fn restore(&self, account: Arc<Account>, record: HoldRecord, estimate: Quote) -> Hold {
+        account.restore_hold(record.credits as i64);
+        Hold {
+            account,
+            record,
+            estimate,
+        }
+    }
+
+    /// Charges `actual` for a hold whose work fal did.
+    pub async fn charge(&self, hold: &Hold, actual: Quote, fal_status: Option<u16>) -> Settled {
+        self.finish(hold, actual, fal_status, Outcome::Charged)
+            .await
+    }
+
+    /// Releases a hold whose work fal did not do: nothing is charged.
+    pub async fn release(&self, hold: &Hold, fal_status: Option<u16>) -> Settled {
+        self.finish(hold, NOTHING, fal_status, Outcome::Released)
+            .await
+    }
+
+    async fn finish(
+        &self,
+        hold: &Hold,
+        quote: Quote,
+        fal_status: Option<u16>,
+        outcome: Outcome,
+    ) -> Settled {
+        let (record, settled) = self.settle_in_memory(hold, quote, fal_status, outcome);
+        self.writer.send(WriteOp::Settle(record)).await;
+        settled
+    }
+
+    /// The in-memory half of a settlement; the caller queues the record.
+    fn settle_in_memory(
+        &self,
+        hold: &Hold,
+        quote: Quote,
+        fal_status: Option<u16>,
+        outcome: Outcome,
+    ) -> (ChargeRecord, Settled) {
+        let held = hold.record.credits as i64;
+        let cost = i64::try_from(quote.credits).unwrap_or(i64::MAX);
+        let (charged, shortfall) = hold.account.settle(held, cost);
+        if shortfall > 0 {
+            self.shortfall_credits
+                .fetch_add(shortfall as u64, Ordering::Relaxed);
+            tracing::warn!(
+                request_id = %hold.record.id,
+                account_id = hold.account.id,
+                shortfall,
+                "actual cost exceeded hold and balance"
+            );
+        }
+        let record = ChargeRecord {
+            id: hold.record.id.clone(),
+            account_id: hold.record.account_id,
+            key_id: hold.record.key_id,
+            model: hold.record.model.clone(),
+            units_milli: quote.units_milli,
+            credits: charged as u64,
+            held: hold.record.credits,
+            shortfall: shortfall as u64,
+            fal_status,
+            outcome,
+            started_at_ms: hold.record.created_at_ms,
+            settled_at_ms: now_ms(),
+        };
+        let settled = Settled {
+            credits_used: charged as u64,
+            balance_remaining: hold.account.balance(),
+        };
+        (record, settled)
     }
 }
 
-impl Reservation {
-    pub fn held(&self) -> u64 {
-        self.hold.credits
-    }
+/// A hold tied to one request.
+pub struct Reservation {
+    ledger: Arc<Ledger>,
+    /// `None` once settled or detached.
+    hold: Option<Hold>,
+    /// fal has answered with success: from here on, fal did the work.
+    answered: bool,
+}
 
+impl Reservation {
     /// fal answered with success; a drop from now on charges the hold.
     pub fn answered(&mut self) {
         self.answered = true;
@@ -112,80 +204,33 @@ impl Reservation {
 
     /// Charges the actual cost of a successful answer.
     pub async fn charge(mut self, actual: Quote, fal_status: u16) -> Settled {
-        let (record, settled) = self.finish(actual, Some(fal_status), Outcome::Charged);
-        self.ledger.writer.send(WriteOp::Settle(record)).await;
-        settled
+        let hold = self.hold.take().expect("a reservation settles once");
+        self.ledger.charge(&hold, actual, Some(fal_status)).await
     }
 
     /// Releases the hold: fal failed or never answered. Nothing is charged.
     pub async fn release(mut self, fal_status: Option<u16>) -> Settled {
-        let nothing = Quote {
-            units_milli: 0,
-            credits: 0,
-        };
-        let (record, settled) = self.finish(nothing, fal_status, Outcome::Released);
-        self.ledger.writer.send(WriteOp::Settle(record)).await;
-        settled
+        let hold = self.hold.take().expect("a reservation settles once");
+        self.ledger.release(&hold, fal_status).await
     }
 
-    fn finish(
-        &mut self,
-        quote: Quote,
-        fal_status: Option<u16>,
-        outcome: Outcome,
-    ) -> (ChargeRecord, Settled) {
-        self.settled = true;
-        let held = self.hold.credits as i64;
-        let cost = i64::try_from(quote.credits).unwrap_or(i64::MAX);
-        let (charged, shortfall) = self.account.settle(held, cost);
-        if shortfall > 0 {
-            self.ledger
-                .shortfall_credits
-                .fetch_add(shortfall as u64, Ordering::Relaxed);
-            tracing::warn!(
-                request_id = %self.hold.id,
-                account_id = self.account.id,
-                shortfall,
-                "actual cost exceeded hold and balance"
-            );
-        }
-        let record = ChargeRecord {
-            id: self.hold.id.clone(),
-            account_id: self.hold.account_id,
-            key_id: self.hold.key_id,
-            model: self.hold.model.clone(),
-            units_milli: quote.units_milli,
-            credits: charged as u64,
-            held: self.hold.credits,
-            shortfall: shortfall as u64,
-            fal_status,
-            outcome,
-            started_at_ms: self.hold.created_at_ms,
-            settled_at_ms: now_ms(),
-        };
-        let settled = Settled {
-            credits_used: charged as u64,
-            balance_remaining: self.account.balance(),
-        };
-        (record, settled)
+    /// Hands the hold to a queued job, which settles it when the job ends.
+    pub fn detach(mut self) -> Hold {
+        self.hold.take().expect("a reservation settles once")
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        if self.settled {
+        let Some(hold) = self.hold.take() else {
             return;
-        }
-        let (quote, outcome) = if self.answered {
-            (self.estimate, Outcome::Charged)
-        } else {
-            let nothing = Quote {
-                units_milli: 0,
-                credits: 0,
-            };
-            (nothing, Outcome::Released)
         };
-        let (record, _) = self.finish(quote, None, outcome);
+        let (quote, outcome) = if self.answered {
+            (hold.estimate, Outcome::Charged)
+        } else {
+            (NOTHING, Outcome::Released)
+        };
+        let (record, _) = self.ledger.settle_in_memory(&hold, quote, None, outcome);
         self.ledger.writer.send_now(WriteOp::Settle(record));
     }
 }

@@ -66,6 +66,12 @@ impl Account {
         Ok(())
     }
 
+    /// Takes again a hold that was already covered before a restart.
+    pub fn restore_hold(&self, credits: i64) {
+        self.available.fetch_sub(credits, Ordering::AcqRel);
+        self.held.fetch_add(credits, Ordering::AcqRel);
+    }
+
     /// Ends a hold of `held` credits with a charge of `cost`. A cost above
     /// the hold takes the excess from available credits, never below zero.
     /// Returns what was charged and what could not be (the shortfall).

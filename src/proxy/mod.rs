@@ -6,6 +6,7 @@ mod credentials;
 pub mod headers;
 pub mod json_body;
 mod path;
+mod queue;
 mod request_id;
 mod respond;
 
@@ -19,11 +20,12 @@ use self::body::Body;
 use self::request_id::RequestIds;
 use self::respond::Billed;
 use crate::billing::facts::RequestFacts;
-use crate::billing::ledger::Ledger;
-use crate::billing::pricing::PriceTable;
+use crate::billing::ledger::{Ledger, Reservation};
+use crate::billing::pricing::{PriceRule, PriceTable};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::{ApiError, Error};
+use crate::jobs::Jobs;
 use crate::keys::{ApiKey, Registry};
 use crate::ratelimit::{ceil_secs, Decision, RateLimits, Verdict};
 use crate::store::{now_secs, writer::StoreWriter};
@@ -40,6 +42,15 @@ pub struct Proxy {
     max_json_body_bytes: usize,
     max_json_response_bytes: usize,
     ids: RequestIds,
+    jobs: Arc<Jobs>,
+    /// Believe `x-forwarded-proto`/`-host` (behind a trusted load balancer).
+    trust_forwarded: bool,
+}
+
+/// What the request's connection says about how the client reached us.
+#[derive(Debug, Clone, Copy)]
+pub struct Conn {
+    pub tls: bool,
 }
 
 /// What the request log line and the rate-limit headers report.
@@ -58,6 +69,7 @@ impl Proxy {
         writer: StoreWriter,
         ledger: Arc<Ledger>,
         clock: Arc<dyn Clock>,
+        jobs: Arc<Jobs>,
     ) -> Result<Self, Error> {
         let ids = RequestIds::new().map_err(|e| Error::Usage(format!("no OS randomness: {e}")))?;
         Ok(Self {
@@ -71,17 +83,19 @@ impl Proxy {
             max_json_body_bytes: config.limits.max_json_body_bytes,
             max_json_response_bytes: config.billing.max_json_response_bytes,
             ids,
+            jobs,
+            trust_forwarded: config.server.trust_forwarded_headers,
         })
     }
 
     /// Answers one request; never fails (an `Err` would drop the connection).
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<Body> {
         let started = Instant::now();
         let request_id = self.ids.next();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let mut trace = Trace::default();
-        let mut resp = match self.route(req, &request_id, &mut trace).await {
+        let mut resp = match self.route(req, conn, &request_id, &mut trace).await {
             Ok(resp) => resp,
             Err(e) => e.into_response(),
         };
@@ -107,14 +121,19 @@ impl Proxy {
     async fn route(
         &self,
         req: Request<Incoming>,
+        conn: Conn,
         request_id: &str,
         trace: &mut Trace,
     ) -> Result<Response<Body>, ApiError> {
-        if req.uri().path() == "/healthz" && req.method() == Method::GET {
+        let path = req.uri().path().to_owned();
+        if path == "/healthz" && req.method() == Method::GET {
             return Ok(json(StatusCode::OK, r#"{"status":"ok"}"#));
         }
         let key = self.authenticate(&req)?;
         trace.key_id = Some(key.id);
+        if let Some(route) = queue::Route::parse(&path) {
+            return self.queue(req, route, conn, &key, request_id, trace).await;
+        }
         self.forward_sync(req, &key, request_id, trace).await
     }
 
@@ -140,11 +159,41 @@ impl Proxy {
     ) -> Result<Response<Body>, ApiError> {
         let uri = self.upstream.run.uri(path::forwardable(req.uri())?)?;
         let model = req.uri().path().trim_start_matches('/').to_owned();
+        let admitted = self.admit(req, &model, key, request_id, trace).await?;
+        let (resp, reservation) = self
+            .send_billed(
+                admitted.parts,
+                admitted.body,
+                uri,
+                admitted.reservation,
+                trace,
+            )
+            .await?;
+        let billed = Billed {
+            prices: &self.prices,
+            rule: admitted.rule,
+            model: &model,
+            request: admitted.request,
+            max_json_bytes: self.max_json_response_bytes,
+        };
+        billed.respond(resp, reservation).await
+    }
+
+    /// The steps before fal for work that costs: a price rule for `model`,
+    /// the JSON body read and validated, the generation allowance, the hold.
+    async fn admit(
+        &self,
+        req: Request<Incoming>,
+        model: &str,
+        key: &ApiKey,
+        request_id: &str,
+        trace: &mut Trace,
+    ) -> Result<Admitted<'_>, ApiError> {
         let rule = self
             .prices
-            .rule(&model)
-            .ok_or_else(|| ApiError::UnpricedModel(model.clone()))?;
-        let (mut parts, incoming) = req.into_parts();
+            .rule(model)
+            .ok_or_else(|| ApiError::UnpricedModel(model.to_owned()))?;
+        let (parts, incoming) = req.into_parts();
         let (body, request) = if json_body::is_json(&parts.headers) {
             let (bytes, facts) =
                 json_body::read(incoming, &parts.headers, self.max_json_body_bytes).await?;
@@ -161,7 +210,7 @@ impl Proxy {
                 by_account: verdict.by_account,
             });
         }
-        let mut reservation = match self.ledger.reserve(key, &model, request_id, estimate).await {
+        let reservation = match self.ledger.reserve(key, model, request_id, estimate).await {
             Ok(r) => r,
             Err(e) => {
                 // Refused before fal: the request did not use its allowance.
@@ -169,7 +218,48 @@ impl Proxy {
                 return Err(e);
             }
         };
+        Ok(Admitted {
+            parts,
+            body,
+            request,
+            rule,
+            reservation,
+        })
+    }
 
+    /// Sends work that holds credits. Whatever keeps fal from doing the
+    /// work releases the hold; a success marks the reservation answered.
+    async fn send_billed(
+        &self,
+        parts: http::request::Parts,
+        body: Body,
+        uri: http::Uri,
+        mut reservation: Reservation,
+        trace: &mut Trace,
+    ) -> Result<(Response<Incoming>, Reservation), ApiError> {
+        match self.send(parts, body, uri, trace).await {
+            Ok(resp) => {
+                if resp.status().is_success() {
+                    reservation.answered();
+                }
+                Ok((resp, reservation))
+            }
+            Err((e, status)) => {
+                reservation.release(status).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Forwards to fal with the operator's key. fal refusing that key, and
+    /// fal's 5xx, become our errors (with fal's status, if it answered).
+    async fn send(
+        &self,
+        mut parts: http::request::Parts,
+        body: Body,
+        uri: http::Uri,
+        trace: &mut Trace,
+    ) -> Result<Response<Incoming>, (ApiError, Option<u16>)> {
         headers::to_upstream(&mut parts.headers);
         // `_billing` is spliced into fal's bytes: they must not arrive compressed.
         parts.headers.insert(
@@ -180,36 +270,26 @@ impl Proxy {
         let sent = Instant::now();
         let result = self.upstream.send(Request::from_parts(parts, body)).await;
         trace.upstream = Some(sent.elapsed());
-        let resp = match result {
-            Ok(resp) => resp,
-            Err(e) => {
-                reservation.release(None).await;
-                return Err(e);
-            }
-        };
-
+        let resp = result.map_err(|e| (e, None))?;
         let status = resp.status();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             tracing::error!(status = status.as_u16(), "fal refused the operator's key");
-            reservation.release(Some(status.as_u16())).await;
-            return Err(ApiError::UpstreamAuth);
+            return Err((ApiError::UpstreamAuth, Some(status.as_u16())));
         }
         if status.is_server_error() {
-            reservation.release(Some(status.as_u16())).await;
-            return Err(ApiError::UpstreamFailed(status));
+            return Err((ApiError::UpstreamFailed(status), Some(status.as_u16())));
         }
-        if status.is_success() {
-            reservation.answered();
-        }
-        let billed = Billed {
-            prices: &self.prices,
-            rule,
-            model: &model,
-            request,
-            max_json_bytes: self.max_json_response_bytes,
-        };
-        billed.respond(resp, reservation).await
+        Ok(resp)
     }
+}
+
+/// A request let through to fal, holding its estimated cost.
+struct Admitted<'a> {
+    parts: http::request::Parts,
+    body: Body,
+    request: RequestFacts,
+    rule: &'a PriceRule,
+    reservation: Reservation,
 }
 
 /// `x-ratelimit-limit`, `-remaining` (requests that would pass now) and

@@ -27,13 +27,16 @@ pub struct Billed<'a> {
 }
 
 /// A body read up to a bound.
-enum Collected {
+pub(super) enum Collected {
     Whole(Bytes),
     /// Past the bound: what was read, and the rest still to stream.
     Overflow(Bytes, Incoming),
 }
 
-async fn collect_bounded(mut body: Incoming, limit: usize) -> Result<Collected, hyper::Error> {
+pub(super) async fn collect_bounded(
+    mut body: Incoming,
+    limit: usize,
+) -> Result<Collected, hyper::Error> {
     let mut buf = BytesMut::new();
     while let Some(frame) = body.frame().await {
         if let Ok(data) = frame?.into_data() {
@@ -47,7 +50,7 @@ async fn collect_bounded(mut body: Incoming, limit: usize) -> Result<Collected, 
 }
 
 /// A body we can splice into: JSON, not compressed, not declared too large.
-fn spliceable(headers: &HeaderMap, limit: usize) -> bool {
+pub(super) fn spliceable(headers: &HeaderMap, limit: usize) -> bool {
     let identity = headers
         .get(header::CONTENT_ENCODING)
         .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"identity"));
@@ -59,7 +62,7 @@ fn spliceable(headers: &HeaderMap, limit: usize) -> bool {
 }
 
 /// What fal's JSON answer says, if it is a JSON object.
-fn read_object(bytes: &[u8]) -> Option<ResponseFacts> {
+pub(super) fn read_object(bytes: &[u8]) -> Option<ResponseFacts> {
     let mut copy = bytes.to_vec();
     let value = simd_json::to_borrowed_value(&mut copy).ok()?;
     value.is_object().then(|| ResponseFacts::read(&value))

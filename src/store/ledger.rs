@@ -103,7 +103,8 @@ pub struct Recovered {
 /// Settles every hold left by a process that did not stop cleanly: those in
 /// `holds`, and those only in the journal. fal may have served any of them,
 /// so each is charged its hold (never more, and never below a zero balance);
-/// one already in `charges` is left alone.
+/// one already in `charges` is left alone, and a pending queued job keeps its
+/// hold (the job settles it).
 pub fn recover(
     conn: &mut Connection,
     journal: &[HoldRecord],
@@ -114,7 +115,11 @@ pub fn recover(
         insert_hold(&tx, h)?;
     }
     let orphans: Vec<HoldRecord> = tx
-        .prepare("SELECT id, account_id, key_id, credits, created_at_ms, model FROM holds ORDER BY created_at_ms")?
+        .prepare(
+            "SELECT id, account_id, key_id, credits, created_at_ms, model FROM holds
+             WHERE id NOT IN (SELECT hold_id FROM jobs WHERE state = 'pending')
+             ORDER BY created_at_ms",
+        )?
         .query_map([], |r| {
             Ok(HoldRecord {
                 id: r.get(0)?,

@@ -59,6 +59,25 @@ const MIGRATIONS: &[&str] = &[
         settled_at_ms INTEGER NOT NULL
     );
     CREATE INDEX charges_account_time ON charges(account_id, settled_at_ms);",
+    // 3: queued jobs. A pending job owns its hold (`hold_id`, our request id
+    // of the submission and the id of its eventual charge) across restarts.
+    "CREATE TABLE jobs (
+        request_id TEXT PRIMARY KEY,
+        hold_id TEXT NOT NULL UNIQUE,
+        account_id INTEGER NOT NULL,
+        key_id INTEGER NOT NULL,
+        app TEXT NOT NULL,
+        model TEXT NOT NULL,
+        held INTEGER NOT NULL,
+        estimate_units INTEGER NOT NULL,
+        facts TEXT NOT NULL,
+        state TEXT NOT NULL,
+        credits_used INTEGER,
+        balance_remaining INTEGER,
+        created_at_ms INTEGER NOT NULL,
+        settled_at_ms INTEGER
+    );
+    CREATE INDEX jobs_state ON jobs(state, created_at_ms);",
 ];
 
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use rusqlite::Connection;
 use tokio::sync::mpsc;
 
+use super::jobs::{self, JobEnd, JobRecord};
 use super::ledger::{self, ChargeRecord};
 use crate::billing::journal::{HoldRecord, Journal, Sealed};
 
@@ -24,6 +25,16 @@ pub enum WriteOp {
     Hold { hold: HoldRecord, segment: u64 },
     /// A hold settled: charged or released.
     Settle(ChargeRecord),
+    /// A job accepted by fal's queue, carrying its hold.
+    JobSubmitted(JobRecord),
+    /// A job ended; its charge (or release) is a `Settle` of its hold.
+    JobEnded {
+        request_id: String,
+        end: JobEnd,
+        credits_used: u64,
+        balance_remaining: i64,
+        at_ms: i64,
+    },
     /// Commit what came before and stop, even if senders remain.
     Close,
 }
@@ -165,6 +176,21 @@ fn commit(conn: &mut Connection, batch: &[WriteOp]) -> rusqlite::Result<()> {
                 WriteOp::Settle(charge) => {
                     ledger::insert_charge(&tx, charge)?;
                 }
+                WriteOp::JobSubmitted(job) => jobs::insert(&tx, job)?,
+                WriteOp::JobEnded {
+                    request_id,
+                    end,
+                    credits_used,
+                    balance_remaining,
+                    at_ms,
+                } => jobs::settle(
+                    &tx,
+                    request_id,
+                    *end,
+                    *credits_used,
+                    *balance_remaining,
+                    *at_ms,
+                )?,
                 WriteOp::Close => {}
             }
         }

@@ -1,8 +1,11 @@
 //! A stand-in for fal on loopback: `serve --demo` runs against it, and so do
 //! the integration tests and benches. Model paths answer the way fal's models
-//! do; paths under `/mock/` give the tests the upstream failures they need.
-//! Every request it receives is recorded, so a test can see exactly what
-//! reached "fal".
+//! do; paths under `/_queue/` are fal's queue host (see [`queue`]); paths
+//! under `/mock/` give the tests the upstream failures they need. Every
+//! request it receives is recorded, so a test can see exactly what reached
+//! "fal".
+
+mod queue;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -37,11 +40,13 @@ pub struct Seen {
     pub body: Bytes,
 }
 
-#[derive(Default)]
 struct State {
+    /// `http://127.0.0.1:PORT` (or `https://localhost:PORT`), for the URLs the queue hands out.
+    base: String,
     seen: Mutex<Vec<Seen>>,
-    /// Holds `/mock/gated` after its first chunk until a test opens it.
+    /// Holds `/mock/gated` (and a gated status stream) until a test opens it.
     gate: Notify,
+    queue: queue::Queue,
 }
 
 /// A running mock; it stops when the runtime that started it does.
@@ -55,9 +60,16 @@ impl MockFal {
     /// Starts on 127.0.0.1 port 0, over TLS when `tls` is given.
     pub async fn start(tls: Option<TlsAcceptor>) -> std::io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = State {
+            base: base_url(addr, tls.is_some()),
+            seen: Mutex::default(),
+            gate: Notify::new(),
+            queue: queue::Queue::default(),
+        };
         let mock = Self {
-            addr: listener.local_addr()?,
-            state: Arc::default(),
+            addr,
+            state: Arc::new(state),
         };
         let state = Arc::clone(&mock.state);
         tokio::spawn(async move {
@@ -86,11 +98,12 @@ impl MockFal {
     /// `http://127.0.0.1:PORT`, or `https://localhost:PORT` for a TLS mock
     /// (the name its certificate is for).
     pub fn url(&self, tls: bool) -> String {
-        if tls {
-            format!("https://localhost:{}", self.addr.port())
-        } else {
-            format!("http://{}", self.addr)
-        }
+        base_url(self.addr, tls)
+    }
+
+    /// The base of the mock's queue host, for `[upstream] queue`.
+    pub fn queue_url(&self, tls: bool) -> String {
+        format!("{}/{}", self.url(tls), queue::PREFIX)
     }
 
     pub fn seen(&self) -> Vec<Seen> {
@@ -99,6 +112,14 @@ impl MockFal {
 
     pub fn open_gate(&self) {
         self.state.gate.notify_one();
+    }
+}
+
+fn base_url(addr: SocketAddr, tls: bool) -> String {
+    if tls {
+        format!("https://localhost:{}", addr.port())
+    } else {
+        format!("http://{addr}")
     }
 }
 
@@ -133,10 +154,14 @@ async fn answer(state: Arc<State>, req: Request<Incoming>) -> Response<MockBody>
     });
 
     let mut segments = path.trim_start_matches('/').split('/');
-    if segments.next() == Some("mock") {
-        return test_route(state, segments.collect(), &parts.headers, body).await;
+    match segments.next() {
+        Some("mock") => test_route(state, segments.collect(), &parts.headers, body).await,
+        Some(queue::PREFIX) => {
+            let query = parts.uri.query().unwrap_or("");
+            queue::answer(&state, &parts.method, segments.collect(), query, body).await
+        }
+        _ => model_output(&path, &body),
     }
-    model_output(&path, &body)
 }
 
 /// Failure modes and shapes the proxy must cope with.
@@ -186,6 +211,10 @@ async fn test_route(
 
 /// What a fal model returns, shaped by the request as fal's would be.
 fn model_output(path: &str, request: &[u8]) -> Response<MockBody> {
+    json_response(StatusCode::OK, model_json(path, request))
+}
+
+fn model_json(path: &str, request: &[u8]) -> Bytes {
     let mut copy = request.to_vec();
     let input = simd_json::to_owned_value(&mut copy).ok();
     let input = input.as_ref();
@@ -211,7 +240,7 @@ fn model_output(path: &str, request: &[u8]) -> Response<MockBody> {
             images.join(",")
         )
     };
-    json_response(StatusCode::OK, Bytes::from(body))
+    Bytes::from(body)
 }
 
 fn full(bytes: Bytes) -> MockBody {

@@ -1,0 +1,191 @@
+//! Queued jobs in memory: who owns each one, and its hold until it ends.
+//! A job ends exactly once (charged when its result is first obtained,
+//! released when it fails or is cancelled); every later look at it sees the
+//! same figures.
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use tokio::sync::Mutex;
+
+use crate::billing::facts::RequestFacts;
+use crate::billing::ledger::{Hold, Ledger, Settled};
+use crate::billing::pricing::Quote;
+use crate::error::Error;
+use crate::keys::Registry;
+use crate::store::jobs::{self, JobEnd, JobRecord};
+use crate::store::now_ms;
+use crate::store::writer::{StoreWriter, WriteOp};
+
+enum JobState {
+    Pending(Hold),
+    Ended(Settled),
+}
+
+pub struct Job {
+    /// fal's request id.
+    pub request_id: String,
+    pub account_id: i64,
+    /// `{owner}/{alias}`, as in fal's queue URLs.
+    pub app: String,
+    /// The full model path submitted to: what prices the job.
+    pub model: String,
+    pub request: RequestFacts,
+    pub created_at_ms: i64,
+    /// Async, because ending a job queues its ledger entries while holding it.
+    state: Mutex<JobState>,
+}
+
+impl Job {
+    pub async fn is_pending(&self) -> bool {
+        matches!(*self.state.lock().await, JobState::Pending(_))
+    }
+}
+
+pub struct Jobs {
+    by_id: DashMap<String, Arc<Job>>,
+    ledger: Arc<Ledger>,
+    writer: StoreWriter,
+}
+
+impl Jobs {
+    /// Loads pending jobs (taking their holds again) and those ended since
+    /// `since_ms` (so their owners can still read them).
+    pub fn load(
+        conn: &rusqlite::Connection,
+        registry: &Registry,
+        ledger: Arc<Ledger>,
+        writer: StoreWriter,
+        since_ms: i64,
+    ) -> Result<Self, Error> {
+        let by_id = DashMap::new();
+        for stored in jobs::load(conn, since_ms)? {
+            let r = stored.record;
+            let Some(account) = registry.account(r.hold.account_id) else {
+                continue;
+            };
+            let state = match stored.ended {
+                Some((_, credits_used, balance_remaining)) => JobState::Ended(Settled {
+                    credits_used,
+                    balance_remaining,
+                }),
+                None => {
+                    let estimate = Quote {
+                        units_milli: r.estimate_units,
+                        credits: r.hold.credits,
+                    };
+                    JobState::Pending(ledger.restore(account, r.hold.clone(), estimate))
+                }
+            };
+            let job = Job {
+                request_id: r.request_id.clone(),
+                account_id: r.hold.account_id,
+                app: r.app,
+                model: r.hold.model,
+                request: r.facts,
+                created_at_ms: r.hold.created_at_ms,
+                state: Mutex::new(state),
+            };
+            by_id.insert(r.request_id, Arc::new(job));
+        }
+        Ok(Self {
+            by_id,
+            ledger,
+            writer,
+        })
+    }
+
+    /// Records a job fal accepted; from now on it owns `hold`.
+    pub async fn submitted(
+        &self,
+        request_id: &str,
+        app: &str,
+        request: RequestFacts,
+        hold: Hold,
+    ) -> Arc<Job> {
+        let record = JobRecord {
+            request_id: request_id.to_owned(),
+            app: app.to_owned(),
+            hold: hold.record.clone(),
+            estimate_units: hold.estimate.units_milli,
+            facts: request,
+        };
+        self.writer.send(WriteOp::JobSubmitted(record)).await;
+        let job = Arc::new(Job {
+            request_id: request_id.to_owned(),
+            account_id: hold.account.id,
+            app: app.to_owned(),
+            model: hold.record.model.clone(),
+            request,
+            created_at_ms: hold.record.created_at_ms,
+            state: Mutex::new(JobState::Pending(hold)),
+        });
+        self.by_id.insert(request_id.to_owned(), Arc::clone(&job));
+        job
+    }
+
+    /// The job `id` if `account_id` owns it: another account's job is as
+    /// unknown as a missing one.
+    pub fn owned(&self, id: &str, account_id: i64) -> Option<Arc<Job>> {
+        self.by_id
+            .get(id)
+            .filter(|j| j.account_id == account_id)
+            .map(|j| Arc::clone(j.value()))
+    }
+
+    pub async fn pending(&self) -> Vec<Arc<Job>> {
+        let all: Vec<Arc<Job>> = self.by_id.iter().map(|j| Arc::clone(j.value())).collect();
+        let mut pending = Vec::new();
+        for job in all {
+            if job.is_pending().await {
+                pending.push(job);
+            }
+        }
+        pending
+    }
+
+    /// Charges `actual` (the hold, when it cannot be priced) if the job is
+    /// still pending; either way returns the job's figures, so a result
+    /// fetched again shows the same `_billing`.
+    pub async fn charge(&self, job: &Job, actual: Option<Quote>, fal_status: u16) -> Settled {
+        self.end(job, JobEnd::Charged, actual, Some(fal_status))
+            .await
+    }
+
+    /// Releases the job's hold if it is still pending (it failed or was cancelled).
+    pub async fn release(&self, job: &Job, fal_status: Option<u16>) -> Settled {
+        self.end(job, JobEnd::Released, None, fal_status).await
+    }
+
+    async fn end(
+        &self,
+        job: &Job,
+        end: JobEnd,
+        quote: Option<Quote>,
+        fal_status: Option<u16>,
+    ) -> Settled {
+        let mut state = job.state.lock().await;
+        let hold = match &*state {
+            JobState::Ended(settled) => return *settled,
+            JobState::Pending(hold) => hold,
+        };
+        let settled = match end {
+            JobEnd::Charged => {
+                let quote = quote.unwrap_or(hold.estimate);
+                self.ledger.charge(hold, quote, fal_status).await
+            }
+            JobEnd::Released => self.ledger.release(hold, fal_status).await,
+        };
+        self.writer
+            .send(WriteOp::JobEnded {
+                request_id: job.request_id.clone(),
+                end,
+                credits_used: settled.credits_used,
+                balance_remaining: settled.balance_remaining,
+                at_ms: now_ms(),
+            })
+            .await;
+        *state = JobState::Ended(settled);
+        settled
+    }
+}

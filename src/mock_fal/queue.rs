@@ -1,0 +1,224 @@
+//! fal's queue host, as `shared/fal-api.md` describes it: submit, status
+//! (and its event stream), result, cancel. A job moves one step per status
+//! poll: IN_QUEUE, IN_PROGRESS, then COMPLETED, or FAILED when its input has
+//! `"mock_fail": true`. The URLs it hands out use only `{owner}/{alias}`, as fal's do.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Response, StatusCode};
+use parking_lot::Mutex;
+use simd_json::prelude::*;
+use tokio::sync::mpsc;
+
+use super::{json_response, model_json, status_json, stream_from, MockBody, State};
+
+/// The path prefix that stands for `queue.fal.run` on the mock.
+pub const PREFIX: &str = "_queue";
+
+#[derive(Clone)]
+struct Job {
+    /// `{owner}/{alias}`.
+    app: String,
+    /// The full path submitted to, which decides the output's shape.
+    model: String,
+    input: Bytes,
+    /// Status polls seen: 0 in queue, 1 in progress, 2 and on done.
+    step: u8,
+    fails: bool,
+    cancelled: bool,
+}
+
+impl Job {
+    fn done(&self) -> bool {
+        self.step >= 2
+    }
+
+    fn status(&self) -> &'static str {
+        match (self.cancelled, self.done(), self.fails, self.step) {
+            (true, _, _, _) => "CANCELLED",
+            (_, true, true, _) => "FAILED",
+            (_, true, false, _) => "COMPLETED",
+            (_, _, _, 0) => "IN_QUEUE",
+            _ => "IN_PROGRESS",
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Queue {
+    jobs: Mutex<HashMap<String, Job>>,
+    next: AtomicU64,
+}
+
+pub async fn answer(
+    state: &Arc<State>,
+    method: &Method,
+    rest: Vec<&str>,
+    query: &str,
+    body: Bytes,
+) -> Response<MockBody> {
+    match rest.iter().position(|s| *s == "requests") {
+        None if method == Method::POST => submit(state, &rest, body),
+        Some(at) if at >= 1 && rest.len() > at + 1 => {
+            let app = rest[..at].join("/");
+            let id = rest[at + 1];
+            match (method, &rest[at + 2..]) {
+                (&Method::GET, []) => result(state, &app, id),
+                (&Method::GET, ["status"]) => status(state, &app, id),
+                (&Method::GET, ["status", "stream"]) => stream(state, &app, id, query),
+                (&Method::PUT, ["cancel"]) => cancel(state, &app, id),
+                _ => status_json(StatusCode::METHOD_NOT_ALLOWED, "no such queue route"),
+            }
+        }
+        _ => status_json(StatusCode::NOT_FOUND, "no such queue route"),
+    }
+}
+
+fn urls(state: &State, app: &str, id: &str) -> String {
+    let base = format!("{}/{PREFIX}/{app}/requests/{id}", state.base);
+    format!(r#""response_url":"{base}","status_url":"{base}/status","cancel_url":"{base}/cancel""#)
+}
+
+fn submit(state: &State, path: &[&str], input: Bytes) -> Response<MockBody> {
+    if path.len() < 2 {
+        return status_json(StatusCode::NOT_FOUND, "no such app");
+    }
+    let n = state.queue.next.fetch_add(1, Ordering::Relaxed);
+    let id = format!("mock-{n:08x}-0000-4000-8000-000000000000");
+    let app = path[..2].join("/");
+    let fails = {
+        let mut copy = input.to_vec();
+        simd_json::to_owned_value(&mut copy)
+            .ok()
+            .and_then(|v| v.get_bool("mock_fail"))
+            .unwrap_or(false)
+    };
+    let body = format!(
+        r#"{{"request_id":"{id}",{},"queue_position":0}}"#,
+        urls(state, &app, &id)
+    );
+    state.queue.jobs.lock().insert(
+        id,
+        Job {
+            app,
+            model: format!("/{}", path.join("/")),
+            input,
+            step: 0,
+            fails,
+            cancelled: false,
+        },
+    );
+    json_response(StatusCode::OK, Bytes::from(body))
+}
+
+/// The job named by `app` and `id`; a job under another app is as unknown as a missing one.
+fn job(state: &State, app: &str, id: &str) -> Option<Job> {
+    state
+        .queue
+        .jobs
+        .lock()
+        .get(id)
+        .filter(|j| j.app == app)
+        .cloned()
+}
+
+fn not_found() -> Response<MockBody> {
+    status_json(StatusCode::NOT_FOUND, "Request not found")
+}
+
+fn status_body(state: &State, job: &Job, id: &str) -> String {
+    let position = if job.step == 0 {
+        r#","queue_position":0"#
+    } else {
+        ""
+    };
+    format!(
+        r#"{{"status":"{}"{position},{},"logs":[],"metrics":{{"inference_time":0.42}}}}"#,
+        job.status(),
+        urls(state, &job.app, id)
+    )
+}
+
+fn status(state: &State, app: &str, id: &str) -> Response<MockBody> {
+    let job = {
+        let mut jobs = state.queue.jobs.lock();
+        match jobs.get_mut(id).filter(|j| j.app == app) {
+            Some(j) => {
+                j.step = j.step.saturating_add(1).min(2);
+                j.clone()
+            }
+            None => return not_found(),
+        }
+    };
+    let code = if job.done() || job.cancelled {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    json_response(code, Bytes::from(status_body(state, &job, id)))
+}
+
+/// Server-sent events, one per step until the job is done. With
+/// `mock_gate=1` in the query, it waits for the test's gate after the first.
+fn stream(state: &Arc<State>, app: &str, id: &str, query: &str) -> Response<MockBody> {
+    if job(state, app, id).is_none() {
+        return not_found();
+    }
+    let gated = query.split('&').any(|p| p == "mock_gate=1");
+    let (tx, rx) = mpsc::channel(4);
+    let (state, app, id) = (Arc::clone(state), app.to_owned(), id.to_owned());
+    tokio::spawn(async move {
+        for n in 0.. {
+            let Some(job) = job(&state, &app, &id) else {
+                return;
+            };
+            let event = format!("data: {}\n\n", status_body(&state, &job, &id));
+            if tx.send(Bytes::from(event)).await.is_err() || job.done() || job.cancelled {
+                return;
+            }
+            if gated && n == 0 {
+                state.gate.notified().await;
+            } else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if let Some(j) = state.queue.jobs.lock().get_mut(&id) {
+                j.step = j.step.saturating_add(1).min(2);
+            }
+        }
+    });
+    stream_from(rx, "text/event-stream")
+}
+
+fn result(state: &State, app: &str, id: &str) -> Response<MockBody> {
+    let Some(job) = job(state, app, id) else {
+        return not_found();
+    };
+    match job.status() {
+        "COMPLETED" => json_response(StatusCode::OK, model_json(&job.model, &job.input)),
+        "FAILED" => status_json(StatusCode::UNPROCESSABLE_ENTITY, "mock job failed"),
+        "CANCELLED" => status_json(StatusCode::BAD_REQUEST, "Request was cancelled"),
+        _ => status_json(StatusCode::BAD_REQUEST, "Request is still in progress"),
+    }
+}
+
+fn cancel(state: &State, app: &str, id: &str) -> Response<MockBody> {
+    let mut jobs = state.queue.jobs.lock();
+    let Some(job) = jobs.get_mut(id).filter(|j| j.app == app) else {
+        return not_found();
+    };
+    if job.done() {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            Bytes::from_static(br#"{"status":"ALREADY_COMPLETED"}"#),
+        );
+    }
+    job.cancelled = true;
+    json_response(
+        StatusCode::ACCEPTED,
+        Bytes::from_static(br#"{"status":"CANCELLATION_REQUESTED"}"#),
+    )
+}

@@ -1,0 +1,497 @@
+//! fal's queue through the proxy. A submission holds its estimate and
+//! becomes a job owned by the submitting account; status, result and cancel
+//! are polls on that job, refused with 404 to anyone else. The job is charged
+//! when its result is first obtained (by its owner, or by the reconciler),
+//! released when it fails or is cancelled. fal's queue URLs in its answers
+//! are rewritten to point at this proxy.
+
+use bytes::{Bytes, BytesMut};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use simd_json::prelude::*;
+
+use super::body::Body;
+use super::headers;
+use super::respond::{collect_bounded, read_object, spliceable, Collected};
+use super::{path, Conn, Proxy, Trace};
+use crate::billing::splice::{splice, Billing};
+use crate::error::ApiError;
+use crate::jobs::Job;
+use crate::keys::ApiKey;
+use crate::ratelimit::{ceil_secs, Decision};
+
+/// A request on the queue's routes.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Route {
+    /// `POST /queue/{model path}`.
+    Submit { model: String },
+    /// `/queue/{app}/requests/{id}[/…]`, or the short `GET /fal-ai/queue/requests/{id}`
+    /// (`app` `None`: the proxy knows the job's app).
+    Job {
+        app: Option<String>,
+        id: String,
+        action: Action,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Action {
+    Result,
+    Status,
+    StatusStream,
+    Cancel,
+}
+
+impl Action {
+    /// The path after `requests/{id}` on fal's queue host.
+    fn suffix(self) -> &'static str {
+        match self {
+            Action::Result => "",
+            Action::Status => "/status",
+            Action::StatusStream => "/status/stream",
+            Action::Cancel => "/cancel",
+        }
+    }
+}
+
+impl Route {
+    pub(super) fn parse(path: &str) -> Option<Self> {
+        if let Some(id) = path.strip_prefix("/fal-ai/queue/requests/") {
+            let id = id.trim_end_matches('/');
+            return (!id.is_empty() && !id.contains('/')).then(|| Route::Job {
+                app: None,
+                id: id.to_owned(),
+                action: Action::Status,
+            });
+        }
+        let rest = path.strip_prefix("/queue/")?;
+        let segments: Vec<&str> = rest.split('/').collect();
+        let Some(at) = segments.iter().position(|s| *s == "requests") else {
+            return Some(Route::Submit {
+                model: rest.to_owned(),
+            });
+        };
+        let action = match &segments[at + 1..] {
+            [_id] => Action::Result,
+            [_id, "status"] => Action::Status,
+            [_id, "status", "stream"] => Action::StatusStream,
+            [_id, "cancel"] => Action::Cancel,
+            _ => return None,
+        };
+        Some(Route::Job {
+            app: Some(segments[..at].join("/")),
+            id: segments[at + 1].to_owned(),
+            action,
+        })
+    }
+}
+
+/// The statuses after which a job will never have a result to charge for.
+fn failed(status: &str) -> bool {
+    matches!(status, "FAILED" | "ERROR" | "CANCELLED")
+}
+
+impl Proxy {
+    pub(super) async fn queue(
+        &self,
+        req: Request<Incoming>,
+        route: Route,
+        conn: Conn,
+        key: &ApiKey,
+        request_id: &str,
+        trace: &mut Trace,
+    ) -> Result<Response<Body>, ApiError> {
+        let base = self.public_base(&req, conn)?;
+        match route {
+            Route::Submit { model } if req.method() == Method::POST => {
+                self.submit(req, &model, &base, key, request_id, trace)
+                    .await
+            }
+            Route::Submit { .. } => Err(ApiError::JobNotFound),
+            Route::Job { app, id, action } => {
+                // Another account's job, or one named under another app, is as unknown as none.
+                let job = self
+                    .jobs
+                    .owned(&id, key.account.id)
+                    .filter(|j| app.as_deref().is_none_or(|a| a == j.app || a == j.model))
+                    .ok_or(ApiError::JobNotFound)?;
+                let verdict = self.limits.poll(key, self.clock.now_ns());
+                trace.rate = Some(verdict);
+                if let Decision::Deny { retry_after_ns, .. } = verdict.decision {
+                    return Err(ApiError::RateLimited {
+                        retry_after: ceil_secs(retry_after_ns),
+                        by_account: false,
+                    });
+                }
+                self.poll(req, &job, action, &base, trace).await
+            }
+        }
+    }
+
+    /// Where the client reached us, for the URLs we hand back.
+    fn public_base(&self, req: &Request<Incoming>, conn: Conn) -> Result<String, ApiError> {
+        let forwarded = |name: &str| {
+            self.trust_forwarded
+                .then(|| req.headers().get(name)?.to_str().ok())
+                .flatten()
+                .map(|v| v.split(',').next().unwrap_or("").trim())
+        };
+        let scheme = match forwarded("x-forwarded-proto") {
+            Some(p) if p == "http" || p == "https" => p,
+            _ if conn.tls => "https",
+            _ => "http",
+        };
+        let host = forwarded("x-forwarded-host")
+            .or_else(|| req.uri().authority().map(|a| a.as_str()))
+            .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
+            .unwrap_or("");
+        // It goes into JSON strings and URLs: only what a host and port are made of.
+        let valid = !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b));
+        if !valid {
+            return Err(ApiError::InvalidHost);
+        }
+        Ok(format!("{scheme}://{host}"))
+    }
+
+    async fn submit(
+        &self,
+        req: Request<Incoming>,
+        model: &str,
+        base: &str,
+        key: &ApiKey,
+        request_id: &str,
+        trace: &mut Trace,
+    ) -> Result<Response<Body>, ApiError> {
+        let app: Vec<&str> = model.split('/').take(2).collect();
+        if app.len() < 2 || app.iter().any(|s| s.is_empty()) {
+            return Err(ApiError::InvalidPath);
+        }
+        let app = app.join("/");
+        let pq = path::forwardable(req.uri())?;
+        let uri = self
+            .upstream
+            .queue
+            .uri(pq.strip_prefix("/queue").unwrap_or(pq))?;
+        let admitted = self.admit(req, model, key, request_id, trace).await?;
+        let (resp, reservation) = self
+            .send_billed(
+                admitted.parts,
+                admitted.body,
+                uri,
+                admitted.reservation,
+                trace,
+            )
+            .await?;
+        let status = resp.status();
+        let (mut parts, incoming) = resp.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        if !status.is_success() {
+            reservation.release(Some(status.as_u16())).await;
+            return Ok(Response::from_parts(parts, Body::Stream(incoming)));
+        }
+        let bytes = match collect_bounded(incoming, self.max_json_response_bytes).await {
+            Ok(Collected::Whole(bytes)) => bytes,
+            Ok(Collected::Overflow(..)) | Err(_) => {
+                reservation.release(Some(status.as_u16())).await;
+                return Err(ApiError::UpstreamUnreachable);
+            }
+        };
+        let Some(fal_id) = request_id_of(&bytes) else {
+            tracing::error!("fal's queue accepted a job without a request_id");
+            reservation.release(Some(status.as_u16())).await;
+            return Err(ApiError::UpstreamFailed(StatusCode::BAD_GATEWAY));
+        };
+        self.jobs
+            .submitted(&fal_id, &app, admitted.request, reservation.detach())
+            .await;
+        Ok(self.rewritten(parts, &bytes, base))
+    }
+
+    async fn poll(
+        &self,
+        req: Request<Incoming>,
+        job: &Job,
+        action: Action,
+        base: &str,
+        trace: &mut Trace,
+    ) -> Result<Response<Body>, ApiError> {
+        let query = req
+            .uri()
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
+        let target = format!(
+            "/{}/requests/{}{}{query}",
+            job.app,
+            job.request_id,
+            action.suffix()
+        );
+        let uri = self.upstream.queue.uri(&target)?;
+        let (mut parts, incoming) = req.into_parts();
+        // The short route is a GET whatever the client's intent; fal's routes keep the method.
+        if action == Action::Status {
+            parts.method = Method::GET;
+        }
+        let resp = self
+            .send(parts, Body::Stream(incoming), uri, trace)
+            .await
+            .map_err(|(e, _)| e)?;
+        let status = resp.status();
+        let (mut parts, incoming) = resp.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        match action {
+            // Server-sent events go through as they come, never buffered.
+            Action::StatusStream => Ok(Response::from_parts(parts, Body::Stream(incoming))),
+            Action::Cancel => {
+                if status.is_success() {
+                    self.jobs.release(job, Some(status.as_u16())).await;
+                }
+                Ok(Response::from_parts(parts, Body::Stream(incoming)))
+            }
+            Action::Status => {
+                if !spliceable(&parts.headers, self.max_json_response_bytes) {
+                    return Ok(Response::from_parts(parts, Body::Stream(incoming)));
+                }
+                let bytes = whole(incoming, self.max_json_response_bytes).await?;
+                if status.is_success() && status_of(&bytes).as_deref().is_some_and(failed) {
+                    self.jobs.release(job, Some(status.as_u16())).await;
+                }
+                Ok(self.rewritten(parts, &bytes, base))
+            }
+            Action::Result if !status.is_success() => {
+                Ok(Response::from_parts(parts, Body::Stream(incoming)))
+            }
+            Action::Result => self.result(job, parts, incoming, status).await,
+        }
+    }
+
+    /// fal's result: the job is charged on the first one, and every fetch
+    /// carries the same `_billing`.
+    async fn result(
+        &self,
+        job: &Job,
+        mut parts: http::response::Parts,
+        incoming: Incoming,
+        status: StatusCode,
+    ) -> Result<Response<Body>, ApiError> {
+        if !spliceable(&parts.headers, self.max_json_response_bytes) {
+            let settled = self.charge_job(job, None, status).await;
+            add_billing_headers(
+                &mut parts.headers,
+                settled.credits_used,
+                settled.balance_remaining,
+            );
+            return Ok(Response::from_parts(parts, Body::Stream(incoming)));
+        }
+        let bytes = whole(incoming, self.max_json_response_bytes).await?;
+        let answer = read_object(&bytes);
+        let settled = self.charge_job(job, answer.as_ref(), status).await;
+        add_billing_headers(
+            &mut parts.headers,
+            settled.credits_used,
+            settled.balance_remaining,
+        );
+        let billing = Billing {
+            model: &job.model,
+            credits_used: settled.credits_used,
+            cost_usd: self.prices.cost_usd(settled.credits_used),
+            balance_remaining: settled.balance_remaining,
+        };
+        let body = match answer {
+            Some(_) => splice(&bytes, &billing).unwrap_or(bytes),
+            None => bytes,
+        };
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        Ok(Response::from_parts(parts, Body::full(body)))
+    }
+
+    /// The actual cost from the answer where there is one and a rule still
+    /// prices the model; else the hold.
+    async fn charge_job(
+        &self,
+        job: &Job,
+        answer: Option<&crate::billing::facts::ResponseFacts>,
+        status: StatusCode,
+    ) -> crate::billing::ledger::Settled {
+        let quote = match (self.prices.rule(&job.model), answer) {
+            (Some(rule), Some(facts)) => Some(self.prices.actual(rule, &job.request, facts)),
+            (Some(rule), None) => Some(self.prices.estimate(rule, &job.request)),
+            (None, _) => None,
+        };
+        self.jobs.charge(job, quote, status.as_u16()).await
+    }
+
+    /// fal's JSON with its queue URLs pointing at us instead.
+    fn rewritten(
+        &self,
+        mut parts: http::response::Parts,
+        bytes: &[u8],
+        base: &str,
+    ) -> Response<Body> {
+        let body = rewrite_urls(bytes, self.upstream.queue_base(), base);
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        Response::from_parts(parts, Body::full(body))
+    }
+
+    /// Settles the jobs nobody fetched: asks fal about each pending one,
+    /// charges those with a result, releases those that failed, and gives up
+    /// on those fal no longer knows after `give_up_after_ms`.
+    pub async fn reconcile(&self, give_up_after_ms: i64) {
+        for job in self.jobs.pending().await {
+            if let Err(e) = self.reconcile_job(&job, give_up_after_ms).await {
+                tracing::debug!(request_id = %job.request_id, error = ?e, "reconcile: will retry");
+            }
+        }
+    }
+
+    async fn reconcile_job(&self, job: &Job, give_up_after_ms: i64) -> Result<(), ApiError> {
+        let status_uri = self
+            .upstream
+            .queue
+            .uri(&format!("/{}/requests/{}/status", job.app, job.request_id))?;
+        let resp = self.upstream.get(status_uri).await?;
+        let code = resp.status();
+        let bytes = whole(resp.into_body(), self.max_json_response_bytes).await?;
+        if code == StatusCode::NOT_FOUND {
+            if crate::store::now_ms() - job.created_at_ms > give_up_after_ms {
+                tracing::warn!(request_id = %job.request_id, "fal no longer knows this job: released");
+                self.jobs.release(job, Some(404)).await;
+            }
+            return Ok(());
+        }
+        let state = status_of(&bytes).unwrap_or_default();
+        if failed(&state) {
+            self.jobs.release(job, Some(code.as_u16())).await;
+            return Ok(());
+        }
+        if state != "COMPLETED" {
+            return Ok(());
+        }
+        let result_uri = self
+            .upstream
+            .queue
+            .uri(&format!("/{}/requests/{}", job.app, job.request_id))?;
+        let resp = self.upstream.get(result_uri).await?;
+        let code = resp.status();
+        if code.is_server_error() {
+            return Err(ApiError::UpstreamFailed(code));
+        }
+        if !code.is_success() {
+            // Completed without a result: the job failed at fal.
+            self.jobs.release(job, Some(code.as_u16())).await;
+            return Ok(());
+        }
+        let bytes = whole(resp.into_body(), self.max_json_response_bytes).await?;
+        let answer = read_object(&bytes);
+        self.charge_job(job, answer.as_ref(), code).await;
+        Ok(())
+    }
+}
+
+/// A whole (bounded) JSON body from fal; a body that breaks off or is too big is fal's fault.
+async fn whole(incoming: Incoming, limit: usize) -> Result<Bytes, ApiError> {
+    match collect_bounded(incoming, limit).await {
+        Ok(Collected::Whole(bytes)) => Ok(bytes),
+        _ => Err(ApiError::UpstreamUnreachable),
+    }
+}
+
+fn request_id_of(bytes: &[u8]) -> Option<String> {
+    let mut copy = bytes.to_vec();
+    let v = simd_json::to_borrowed_value(&mut copy).ok()?;
+    v.get_str("request_id").map(str::to_owned)
+}
+
+fn status_of(bytes: &[u8]) -> Option<String> {
+    let mut copy = bytes.to_vec();
+    let v = simd_json::to_borrowed_value(&mut copy).ok()?;
+    v.get_str("status").map(str::to_owned)
+}
+
+fn add_billing_headers(headers: &mut http::HeaderMap, credits_used: u64, balance: i64) {
+    headers.insert("x-billing-credits-used", HeaderValue::from(credits_used));
+    headers.insert("x-billing-balance-remaining", HeaderValue::from(balance));
+}
+
+/// Every `"{fal_base}/…` string start becomes `"{our_base}/queue/…`: the
+/// bytes are edited in place, never re-serialized.
+fn rewrite_urls(body: &[u8], fal_base: &str, our_base: &str) -> Bytes {
+    let from = format!("\"{fal_base}/");
+    let to = format!("\"{our_base}/queue/");
+    let mut out = BytesMut::with_capacity(body.len() + 256);
+    let mut rest = body;
+    while let Some(at) = find(rest, from.as_bytes()) {
+        out.extend_from_slice(&rest[..at]);
+        out.extend_from_slice(to.as_bytes());
+        rest = &rest[at + from.len()..];
+    }
+    out.extend_from_slice(rest);
+    out.freeze()
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_queue_routes() {
+        let job = |app: Option<&str>, action| Route::Job {
+            app: app.map(str::to_owned),
+            id: "abc".into(),
+            action,
+        };
+        assert_eq!(
+            Route::parse("/queue/fal-ai/flux/dev"),
+            Some(Route::Submit {
+                model: "fal-ai/flux/dev".into()
+            })
+        );
+        assert_eq!(
+            Route::parse("/queue/fal-ai/flux/requests/abc"),
+            Some(job(Some("fal-ai/flux"), Action::Result))
+        );
+        assert_eq!(
+            Route::parse("/queue/fal-ai/flux/requests/abc/status"),
+            Some(job(Some("fal-ai/flux"), Action::Status))
+        );
+        assert_eq!(
+            Route::parse("/queue/fal-ai/flux/requests/abc/status/stream"),
+            Some(job(Some("fal-ai/flux"), Action::StatusStream))
+        );
+        assert_eq!(
+            Route::parse("/queue/fal-ai/flux/requests/abc/cancel"),
+            Some(job(Some("fal-ai/flux"), Action::Cancel))
+        );
+        assert_eq!(
+            Route::parse("/fal-ai/queue/requests/abc"),
+            Some(job(None, Action::Status))
+        );
+        assert_eq!(Route::parse("/queue/fal-ai/flux/requests/abc/other"), None);
+        assert_eq!(Route::parse("/fal-ai/flux/dev"), None);
+    }
+
+    #[test]
+    fn rewrites_only_fal_queue_urls() {
+        let fal = br#"{"request_id":"r1","response_url":"https://queue.fal.run/fal-ai/flux/requests/r1","status_url":"https://queue.fal.run/fal-ai/flux/requests/r1/status","note":"see https://queue.fal.run/x"}"#;
+        let out = rewrite_urls(fal, "https://queue.fal.run", "http://127.0.0.1:8080");
+        let text = std::str::from_utf8(&out).unwrap();
+        assert!(text
+            .contains(r#""response_url":"http://127.0.0.1:8080/queue/fal-ai/flux/requests/r1""#));
+        assert!(text.contains(
+            r#""status_url":"http://127.0.0.1:8080/queue/fal-ai/flux/requests/r1/status""#
+        ));
+        // Only string values that are such URLs change, not text that mentions one.
+        assert!(text.contains(r#""note":"see https://queue.fal.run/x""#));
+    }
+}
