@@ -1,7 +1,7 @@
 //! fal's queue host, as `shared/fal-api.md` describes it: submit, status
-//! (and its event stream), result, cancel. A job moves one step per status
-//! poll: IN_QUEUE, IN_PROGRESS, then COMPLETED, or FAILED when its input has
-//! `"mock_fail": true`. The URLs it hands out use only `{owner}/{alias}`, as fal's do.
+//! (and its event stream), result, cancel. Each status poll reports the job
+//! and moves it one step: IN_QUEUE, IN_PROGRESS, then COMPLETED, or FAILED
+//! when its input has `"mock_fail": true`. The URLs it hands out use only `{owner}/{alias}`, as fal's do.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -148,8 +148,9 @@ fn status(state: &State, app: &str, id: &str) -> Response<MockBody> {
         let mut jobs = state.queue.jobs.lock();
         match jobs.get_mut(id).filter(|j| j.app == app) {
             Some(j) => {
+                let seen = j.clone();
                 j.step = j.step.saturating_add(1).min(2);
-                j.clone()
+                seen
             }
             None => return not_found(),
         }

@@ -28,6 +28,9 @@ pub fn repo_path(rel: &str) -> PathBuf {
 /// Settings a test may change; everything else is fixed by [`Options::render`].
 pub struct Options {
     pub upstream: String,
+    /// fal's queue host: the mock's `/_queue` prefix.
+    pub queue: String,
+    pub reconcile_interval_secs: u64,
     pub timeout_secs: u64,
     pub header_read_timeout_secs: u64,
     pub tls_handshake_timeout_secs: u64,
@@ -73,8 +76,11 @@ usd = 0.001
 
 impl Options {
     pub fn new(upstream: impl Into<String>) -> Self {
+        let upstream = upstream.into();
         Self {
-            upstream: upstream.into(),
+            queue: format!("{upstream}/_queue"),
+            upstream,
+            reconcile_interval_secs: 3600,
             timeout_secs: 5,
             header_read_timeout_secs: 5,
             tls_handshake_timeout_secs: 5,
@@ -102,7 +108,7 @@ shutdown_grace_secs = 10
 
 [upstream]
 run = "{up}"
-queue = "{up}"
+queue = "{queue}"
 fal_key_env = "ABHIAPI_TEST_FAL_KEY"
 timeout_secs = {timeout}
 connect_timeout_secs = 2
@@ -110,6 +116,9 @@ connect_timeout_secs = 2
 [store]
 path = "{db}"
 refresh_interval_ms = 250
+
+[queue]
+reconcile_interval_secs = {reconcile}
 
 [limits]
 max_json_body_bytes = {max_json}
@@ -119,6 +128,8 @@ max_json_body_bytes = {max_json}
             hrt = self.header_read_timeout_secs,
             tht = self.tls_handshake_timeout_secs,
             up = self.upstream,
+            queue = self.queue,
+            reconcile = self.reconcile_interval_secs,
             timeout = self.timeout_secs,
             db = dir.join("abhiapi.db").display(),
             max_json = self.max_json_body_bytes,

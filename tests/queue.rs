@@ -1,0 +1,449 @@
+//! fal's queue through the proxy, against the mock's queue: URLs that lead
+//! back to us, jobs private to their account, charged once, released when
+//! they fail or are cancelled, settled even when nobody fetches them.
+
+mod support;
+
+use std::time::Duration;
+
+use http::{Method, Request};
+use http_body_util::{BodyExt, Full};
+use simd_json::prelude::*;
+use support::*;
+
+const FLUX: &str = r#"{"prompt":"a fox","image_size":"square_hd"}"#;
+const COST: i64 = 28; // 1 MP of flux/dev at $0.025 × 1.1
+
+async fn send(
+    method: Method,
+    url: &str,
+    key: &str,
+    body: &str,
+) -> http::Response<hyper::body::Incoming> {
+    let req = Request::builder()
+        .method(method)
+        .uri(url)
+        .header("x-api-key", key)
+        .header("content-type", "application/json")
+        .body(Full::new(bytes::Bytes::from(body.to_owned())))
+        .unwrap();
+    client().request(req).await.unwrap()
+}
+
+async fn get_json(url: &str, key: &str) -> (u16, simd_json::OwnedValue) {
+    let resp = send(Method::GET, url, key, "").await;
+    let status = resp.status().as_u16();
+    (status, json(&body(resp).await))
+}
+
+/// Submits a flux job; returns the submit answer.
+async fn submit(server: &Server, key: &str, query: &str) -> simd_json::OwnedValue {
+    let resp = send(
+        Method::POST,
+        &server.url(&format!("/queue/fal-ai/flux/dev{query}")),
+        key,
+        FLUX,
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    json(&body(resp).await)
+}
+
+fn str_of<'v>(v: &'v simd_json::OwnedValue, field: &str) -> &'v str {
+    v.get_str(field)
+        .unwrap_or_else(|| panic!("no {field} in {v}"))
+}
+
+/// Balance, held credits, and the charge (credits, outcome) of `hold_id`'s job from SQLite.
+fn job_ledger(server: &Server, request_id: &str) -> (i64, i64, Option<(i64, String)>) {
+    let db = server.db();
+    let (balance, held) = db
+        .query_row(
+            "SELECT a.balance, (SELECT COALESCE(SUM(credits), 0) FROM holds WHERE account_id = a.id)
+             FROM accounts a JOIN jobs j ON j.account_id = a.id WHERE j.request_id = ?1",
+            [request_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let charge = db
+        .query_row(
+            "SELECT c.credits, c.outcome FROM charges c JOIN jobs j ON j.hold_id = c.id WHERE j.request_id = ?1",
+            [request_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .ok();
+    (balance, held, charge)
+}
+
+async fn ledger_settles(
+    server: &Server,
+    request_id: &str,
+    want: (i64, i64, Option<(i64, &str)>),
+) -> bool {
+    eventually(Duration::from_secs(10), || async {
+        let (b, h, c) = job_ledger(server, request_id);
+        (b, h, c.as_ref().map(|(n, o)| (*n, o.as_str()))) == want
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rewritten_urls_lead_to_the_result_charged_once() {
+    let mock = MockFal::start(None).await.unwrap();
+    let (server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 1000);
+    let job = submit(&server, &key, "").await;
+    let id = str_of(&job, "request_id").to_owned();
+    let ours = server.url(&format!("/queue/fal-ai/flux/requests/{id}"));
+    assert_eq!(str_of(&job, "response_url"), ours);
+    assert_eq!(str_of(&job, "status_url"), format!("{ours}/status"));
+    assert_eq!(str_of(&job, "cancel_url"), format!("{ours}/cancel"));
+    // Held, not charged, while the job runs.
+    assert!(ledger_settles(&server, &id, (1000, COST, None)).await);
+
+    // Follow status_url as a client would, until the job is done.
+    let status_url = format!("{}?logs=1", str_of(&job, "status_url"));
+    let mut seen = Vec::new();
+    loop {
+        let (code, status) = get_json(&status_url, &key).await;
+        let state = str_of(&status, "status").to_owned();
+        assert_eq!(
+            str_of(&status, "response_url"),
+            ours,
+            "status answer not rewritten"
+        );
+        seen.push((code, state.clone()));
+        if state == "COMPLETED" {
+            break;
+        }
+        assert!(seen.len() < 10, "{seen:?}");
+    }
+    let expected = [(202, "IN_QUEUE"), (202, "IN_PROGRESS"), (200, "COMPLETED")];
+    assert_eq!(seen, expected.map(|(c, s)| (c, s.to_owned())));
+    assert!(
+        mock.seen()
+            .iter()
+            .any(|s| s.target.ends_with("/status?logs=1")),
+        "query not passed to fal"
+    );
+
+    // The result, fetched three times: charged once, the same `_billing` each time.
+    for _ in 0..3 {
+        let resp = send(Method::GET, str_of(&job, "response_url"), &key, "").await;
+        assert_eq!(resp.status(), 200);
+        let (original, billing) = unsplice(&body(resp).await);
+        assert_eq!(billing.get_i64("credits_used"), Some(COST));
+        assert_eq!(billing.get_i64("balance_remaining"), Some(1000 - COST));
+        assert_eq!(billing.get_str("model"), Some("fal-ai/flux/dev"));
+        let output = json(&original);
+        assert_eq!(
+            output.get_array("images").unwrap()[0].get_u64("width"),
+            Some(1024)
+        );
+    }
+    // The short route knows the app.
+    let (code, short) = get_json(&server.url(&format!("/fal-ai/queue/requests/{id}")), &key).await;
+    assert_eq!((code, str_of(&short, "status")), (200, "COMPLETED"));
+    assert_eq!(str_of(&short, "response_url"), ours);
+    assert!(ledger_settles(&server, &id, (1000 - COST, 0, Some((COST, "charged")))).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_accounts_key_gets_404_on_every_route() {
+    let mock = MockFal::start(None).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, Options::new(mock.url(false)).render(dir.path())).unwrap();
+    let owner = create_key(&config, "acme", 1000);
+    let colleague = create_key(&config, "acme", 0);
+    let stranger = create_key(&config, "other", 1000);
+    let server = Server::start_config(dir, config);
+    let job = submit(&server, &owner, "").await;
+    let id = str_of(&job, "request_id").to_owned();
+    let base = server.url(&format!("/queue/fal-ai/flux/requests/{id}"));
+    let routes = [
+        (Method::GET, format!("{base}/status")),
+        (Method::GET, format!("{base}/status/stream")),
+        (Method::GET, base.clone()),
+        (Method::PUT, format!("{base}/cancel")),
+        (
+            Method::GET,
+            server.url(&format!("/fal-ai/queue/requests/{id}")),
+        ),
+    ];
+    let seen_before = mock.seen().len();
+    let unknown_body = body(
+        send(
+            Method::GET,
+            &server.url("/queue/fal-ai/flux/requests/no-such-id/status"),
+            &owner,
+            "",
+        )
+        .await,
+    )
+    .await;
+    for (method, url) in &routes {
+        let resp = send(method.clone(), url, &stranger, "").await;
+        assert_eq!(resp.status(), 404, "{method} {url}");
+        // Exactly what a job that does not exist gets.
+        assert_eq!(body(resp).await, unknown_body, "{method} {url}");
+    }
+    // Under another app's path, even the owner's own job is unknown.
+    let wrong_app = server.url(&format!("/queue/fal-ai/other/requests/{id}/status"));
+    assert_eq!(
+        send(Method::GET, &wrong_app, &owner, "").await.status(),
+        404
+    );
+    assert_eq!(mock.seen().len(), seen_before, "a refused poll reached fal");
+    // A colleague on the same account may read it.
+    let (code, _) = get_json(&format!("{base}/status"), &colleague).await;
+    assert_eq!(code, 202);
+    // A disabled key cannot read its own old jobs.
+    let list =
+        String::from_utf8(server.cli(&["keys", "list", "--account", "acme"]).stdout).unwrap();
+    let owner_id = list
+        .lines()
+        .find(|l| l.contains(&owner[..11]))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    assert!(server.cli(&["keys", "disable", &owner_id]).status.success());
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            send(Method::GET, &format!("{base}/status"), &owner, "")
+                .await
+                .status()
+                == 403
+        })
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_and_failed_jobs_cost_nothing() {
+    let mock = MockFal::start(None).await.unwrap();
+    let (server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 1000);
+
+    // Cancelled while queued: accepted, released.
+    let job = submit(&server, &key, "").await;
+    let id = str_of(&job, "request_id").to_owned();
+    let resp = send(Method::PUT, str_of(&job, "cancel_url"), &key, "").await;
+    assert_eq!(resp.status(), 202);
+    assert_eq!(
+        json(&body(resp).await).get_str("status"),
+        Some("CANCELLATION_REQUESTED")
+    );
+    assert!(ledger_settles(&server, &id, (1000, 0, Some((0, "released")))).await);
+
+    // Cancel refused once the job is done: passed through, and the result is charged.
+    let job = submit(&server, &key, "").await;
+    let done = str_of(&job, "request_id").to_owned();
+    for _ in 0..3 {
+        get_json(str_of(&job, "status_url"), &key).await;
+    }
+    let resp = send(Method::PUT, str_of(&job, "cancel_url"), &key, "").await;
+    assert_eq!(resp.status(), 400);
+    assert_eq!(
+        json(&body(resp).await).get_str("status"),
+        Some("ALREADY_COMPLETED")
+    );
+    assert_eq!(
+        send(Method::GET, str_of(&job, "response_url"), &key, "")
+            .await
+            .status(),
+        200
+    );
+    assert!(ledger_settles(&server, &done, (1000 - COST, 0, Some((COST, "charged")))).await);
+
+    // A job that fails at fal: its status says so, and the hold is released.
+    let resp = send(
+        Method::POST,
+        &server.url("/queue/fal-ai/flux/dev"),
+        &key,
+        r#"{"prompt":"x","mock_fail":true}"#,
+    )
+    .await;
+    let job = json(&body(resp).await);
+    let failed = str_of(&job, "request_id").to_owned();
+    let mut last = String::new();
+    for _ in 0..3 {
+        let (_, status) = get_json(str_of(&job, "status_url"), &key).await;
+        last = str_of(&status, "status").to_owned();
+    }
+    assert_eq!(last, "FAILED");
+    let resp = send(Method::GET, str_of(&job, "response_url"), &key, "").await;
+    assert_eq!(resp.status(), 422, "fal's own error passes through");
+    assert!(ledger_settles(&server, &failed, (1000 - COST, 0, Some((0, "released")))).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconciler_settles_jobs_nobody_fetched() {
+    let mock = MockFal::start(None).await.unwrap();
+    let mut opts = Options::new(mock.url(false));
+    opts.reconcile_interval_secs = 1;
+    let (server, key) = Server::start_with_key(opts, "acme", 1000);
+    // One with a webhook (passed to fal unchanged), one that fails; neither is ever polled.
+    let hook = "fal_webhook=https%3A%2F%2Fclient.example%2Fhook";
+    let paid = str_of(
+        &submit(&server, &key, &format!("?{hook}")).await,
+        "request_id",
+    )
+    .to_owned();
+    let resp = send(
+        Method::POST,
+        &server.url("/queue/fal-ai/flux/dev"),
+        &key,
+        r#"{"mock_fail":true}"#,
+    )
+    .await;
+    let failed = str_of(&json(&body(resp).await), "request_id").to_owned();
+    assert!(mock
+        .seen()
+        .iter()
+        .any(|s| s.target == format!("/_queue/fal-ai/flux/dev?{hook}")));
+    assert!(
+        ledger_settles(&server, &paid, (1000 - COST, 0, Some((COST, "charged")))).await,
+        "{:?}",
+        job_ledger(&server, &paid)
+    );
+    assert!(ledger_settles(&server, &failed, (1000 - COST, 0, Some((0, "released")))).await);
+    // The owner fetching it later sees the reconciler's figures, not a second charge.
+    let resp = send(
+        Method::GET,
+        &server.url(&format!("/queue/fal-ai/flux/requests/{paid}")),
+        &key,
+        "",
+    )
+    .await;
+    let (_, billing) = unsplice(&body(resp).await);
+    assert_eq!(billing.get_i64("credits_used"), Some(COST));
+    assert!(ledger_settles(&server, &paid, (1000 - COST, 0, Some((COST, "charged")))).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ownership_and_pending_holds_survive_a_restart() {
+    let mock = MockFal::start(None).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, Options::new(mock.url(false)).render(dir.path())).unwrap();
+    let key = create_key(&config, "acme", 1000);
+    let stranger = create_key(&config, "other", 1000);
+    let mut server = Server::start_config(dir, config);
+    let id = str_of(&submit(&server, &key, "").await, "request_id").to_owned();
+    assert!(ledger_settles(&server, &id, (1000, COST, None)).await);
+
+    server.signal("TERM");
+    let mut server = tokio::task::spawn_blocking(move || {
+        server.wait();
+        server
+    })
+    .await
+    .unwrap();
+    server.restart();
+    // Still held after the restart, not recovered as an orphan.
+    assert_eq!(job_ledger(&server, &id), (1000, COST, None));
+    let shown = String::from_utf8(server.cli(&["accounts", "show", "acme"]).stdout).unwrap();
+    assert!(
+        shown.contains(&format!("held      {COST} credits")),
+        "{shown}"
+    );
+    // The restarted server knows the hold: only 1000 - 28 is available.
+    let resp = send(
+        Method::POST,
+        &server.url("/queue/fal-ai/flux/dev"),
+        &key,
+        r#"{"image_size":{"width":6000,"height":6000},"num_images":2}"#,
+    )
+    .await;
+    let detail = assert_error(resp, 402, "insufficient_credits").await;
+    assert!(
+        detail.contains(&format!("{} are available", 1000 - COST)),
+        "{detail}"
+    );
+
+    let url = server.url(&format!("/queue/fal-ai/flux/requests/{id}"));
+    assert_eq!(
+        send(Method::GET, &format!("{url}/status"), &stranger, "")
+            .await
+            .status(),
+        404
+    );
+    for _ in 0..3 {
+        get_json(&format!("{url}/status"), &key).await;
+    }
+    let resp = send(Method::GET, &url, &key, "").await;
+    let (_, billing) = unsplice(&body(resp).await);
+    assert_eq!(billing.get_i64("balance_remaining"), Some(1000 - COST));
+    assert!(ledger_settles(&server, &id, (1000 - COST, 0, Some((COST, "charged")))).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_stream_arrives_event_by_event() {
+    let mock = MockFal::start(None).await.unwrap();
+    let (server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 1000);
+    let job = submit(&server, &key, "").await;
+    let url = format!("{}/stream?mock_gate=1", str_of(&job, "status_url"));
+    let resp = send(Method::GET, &url, &key, "").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut stream = resp.into_body();
+    // The mock holds every later event until the gate opens: the first can
+    // only be here if the proxy passed it on by itself.
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.frame())
+        .await
+        .expect("first event never arrived: the stream is buffered")
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap();
+    let first = String::from_utf8(first.to_vec()).unwrap();
+    assert!(
+        first.starts_with("data: ") && first.contains("\"IN_QUEUE\""),
+        "{first}"
+    );
+    mock.open_gate();
+    let rest = String::from_utf8(stream.collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert!(
+        rest.contains("\"IN_PROGRESS\"") && rest.contains("\"COMPLETED\""),
+        "{rest}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submissions_spend_the_generation_allowance_and_polls_do_not() {
+    let mock = MockFal::start(None).await.unwrap();
+    let mut opts = Options::new(mock.url(false));
+    opts.plans = "[plans.free]\nrequests_per_minute = 2\n".into();
+    let (server, key) = Server::start_with_key(opts, "acme", 10_000);
+    let job = submit(&server, &key, "").await;
+    submit(&server, &key, "").await;
+    // Eight polls on a key whose generation allowance is spent: all pass.
+    for _ in 0..8 {
+        let resp = send(Method::GET, str_of(&job, "status_url"), &key, "").await;
+        assert!(
+            resp.status() == 200 || resp.status() == 202,
+            "{}",
+            resp.status()
+        );
+        assert_eq!(resp.headers()["x-ratelimit-limit"], "10");
+    }
+    let resp = send(
+        Method::POST,
+        &server.url("/queue/fal-ai/flux/dev"),
+        &key,
+        FLUX,
+    )
+    .await;
+    assert_error(resp, 429, "rate_limited").await;
+    // The poll allowance is its own, and finite: a runaway poller is stopped too.
+    let mut limited = false;
+    for _ in 0..20 {
+        let resp = send(Method::GET, str_of(&job, "status_url"), &key, "").await;
+        if resp.status() == 429 {
+            limited = true;
+            break;
+        }
+    }
+    assert!(limited, "polls were never limited");
+}
