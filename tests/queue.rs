@@ -54,17 +54,18 @@ fn str_of<'v>(v: &'v simd_json::OwnedValue, field: &str) -> &'v str {
         .unwrap_or_else(|| panic!("no {field} in {v}"))
 }
 
-/// Balance, held credits, and the charge (credits, outcome) of `hold_id`'s job from SQLite.
+/// Balance, held credits, and the charge (credits, outcome) of a job from
+/// SQLite; `(-1, -1, None)` while the job is not written yet.
 fn job_ledger(server: &Server, request_id: &str) -> (i64, i64, Option<(i64, String)>) {
     let db = server.db();
-    let (balance, held) = db
-        .query_row(
-            "SELECT a.balance, (SELECT COALESCE(SUM(credits), 0) FROM holds WHERE account_id = a.id)
+    let Ok((balance, held)) = db.query_row(
+        "SELECT a.balance, (SELECT COALESCE(SUM(credits), 0) FROM holds WHERE account_id = a.id)
              FROM accounts a JOIN jobs j ON j.account_id = a.id WHERE j.request_id = ?1",
-            [request_id],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap();
+        [request_id],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    ) else {
+        return (-1, -1, None);
+    };
     let charge = db
         .query_row(
             "SELECT c.credits, c.outcome FROM charges c JOIN jobs j ON j.hold_id = c.id WHERE j.request_id = ?1",

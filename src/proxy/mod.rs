@@ -159,36 +159,32 @@ impl Proxy {
     ) -> Result<Response<Body>, ApiError> {
         let uri = self.upstream.run.uri(path::forwardable(req.uri())?)?;
         let model = req.uri().path().trim_start_matches('/').to_owned();
-        let admitted = self.admit(req, &model, key, request_id, trace).await?;
-        let (resp, reservation) = self
-            .send_billed(
-                admitted.parts,
-                admitted.body,
-                uri,
-                admitted.reservation,
-                trace,
-            )
+        let sent = self
+            .forward_billed(req, &model, uri, key, request_id, trace)
             .await?;
         let billed = Billed {
             prices: &self.prices,
-            rule: admitted.rule,
+            rule: sent.rule,
             model: &model,
-            request: admitted.request,
+            request: sent.request,
             max_json_bytes: self.max_json_response_bytes,
         };
-        billed.respond(resp, reservation).await
+        billed.respond(sent.resp, sent.reservation).await
     }
 
-    /// The steps before fal for work that costs: a price rule for `model`,
-    /// the JSON body read and validated, the generation allowance, the hold.
-    async fn admit(
+    /// Work that costs: a price rule for `model`, the JSON body read and
+    /// validated, the generation allowance, the hold; then fal at `uri`.
+    /// Whatever keeps fal from doing the work releases the hold; a success
+    /// marks the reservation answered.
+    async fn forward_billed(
         &self,
         req: Request<Incoming>,
         model: &str,
+        uri: http::Uri,
         key: &ApiKey,
         request_id: &str,
         trace: &mut Trace,
-    ) -> Result<Admitted<'_>, ApiError> {
+    ) -> Result<Sent<'_>, ApiError> {
         let rule = self
             .prices
             .rule(model)
@@ -210,7 +206,7 @@ impl Proxy {
                 by_account: verdict.by_account,
             });
         }
-        let reservation = match self.ledger.reserve(key, model, request_id, estimate).await {
+        let mut reservation = match self.ledger.reserve(key, model, request_id, estimate).await {
             Ok(r) => r,
             Err(e) => {
                 // Refused before fal: the request did not use its allowance.
@@ -218,31 +214,17 @@ impl Proxy {
                 return Err(e);
             }
         };
-        Ok(Admitted {
-            parts,
-            body,
-            request,
-            rule,
-            reservation,
-        })
-    }
-
-    /// Sends work that holds credits. Whatever keeps fal from doing the
-    /// work releases the hold; a success marks the reservation answered.
-    async fn send_billed(
-        &self,
-        parts: http::request::Parts,
-        body: Body,
-        uri: http::Uri,
-        mut reservation: Reservation,
-        trace: &mut Trace,
-    ) -> Result<(Response<Incoming>, Reservation), ApiError> {
         match self.send(parts, body, uri, trace).await {
             Ok(resp) => {
                 if resp.status().is_success() {
                     reservation.answered();
                 }
-                Ok((resp, reservation))
+                Ok(Sent {
+                    resp,
+                    reservation,
+                    request,
+                    rule,
+                })
             }
             Err((e, status)) => {
                 reservation.release(status).await;
@@ -283,13 +265,12 @@ impl Proxy {
     }
 }
 
-/// A request let through to fal, holding its estimated cost.
-struct Admitted<'a> {
-    parts: http::request::Parts,
-    body: Body,
+/// Work fal has answered, still holding its estimated cost.
+struct Sent<'a> {
+    resp: Response<Incoming>,
+    reservation: Reservation,
     request: RequestFacts,
     rule: &'a PriceRule,
-    reservation: Reservation,
 }
 
 /// `x-ratelimit-limit`, `-remaining` (requests that would pass now) and

@@ -12,9 +12,10 @@ use simd_json::prelude::*;
 
 use super::body::Body;
 use super::headers;
-use super::respond::{collect_bounded, read_object, spliceable, Collected};
+use super::respond::{
+    billed_json, billing, billing_headers, collect_bounded, read_object, spliceable, Collected,
+};
 use super::{path, Conn, Proxy, Trace};
-use crate::billing::splice::{splice, Billing};
 use crate::error::ApiError;
 use crate::jobs::Job;
 use crate::keys::ApiKey;
@@ -175,18 +176,12 @@ impl Proxy {
             .upstream
             .queue
             .uri(pq.strip_prefix("/queue").unwrap_or(pq))?;
-        let admitted = self.admit(req, model, key, request_id, trace).await?;
-        let (resp, reservation) = self
-            .send_billed(
-                admitted.parts,
-                admitted.body,
-                uri,
-                admitted.reservation,
-                trace,
-            )
+        let sent = self
+            .forward_billed(req, model, uri, key, request_id, trace)
             .await?;
-        let status = resp.status();
-        let (mut parts, incoming) = resp.into_parts();
+        let (reservation, request) = (sent.reservation, sent.request);
+        let status = sent.resp.status();
+        let (mut parts, incoming) = sent.resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
         if !status.is_success() {
             reservation.release(Some(status.as_u16())).await;
@@ -205,7 +200,7 @@ impl Proxy {
             return Err(ApiError::UpstreamFailed(StatusCode::BAD_GATEWAY));
         };
         self.jobs
-            .submitted(&fal_id, &app, admitted.request, reservation.detach())
+            .submitted(&fal_id, &app, request, reservation.detach())
             .await;
         Ok(self.rewritten(parts, &bytes, base))
     }
@@ -279,35 +274,14 @@ impl Proxy {
     ) -> Result<Response<Body>, ApiError> {
         if !spliceable(&parts.headers, self.max_json_response_bytes) {
             let settled = self.charge_job(job, None, status).await;
-            add_billing_headers(
-                &mut parts.headers,
-                settled.credits_used,
-                settled.balance_remaining,
-            );
+            billing_headers(&mut parts.headers, settled);
             return Ok(Response::from_parts(parts, Body::Stream(incoming)));
         }
         let bytes = whole(incoming, self.max_json_response_bytes).await?;
         let answer = read_object(&bytes);
         let settled = self.charge_job(job, answer.as_ref(), status).await;
-        add_billing_headers(
-            &mut parts.headers,
-            settled.credits_used,
-            settled.balance_remaining,
-        );
-        let billing = Billing {
-            model: &job.model,
-            credits_used: settled.credits_used,
-            cost_usd: self.prices.cost_usd(settled.credits_used),
-            balance_remaining: settled.balance_remaining,
-        };
-        let body = match answer {
-            Some(_) => splice(&bytes, &billing).unwrap_or(bytes),
-            None => bytes,
-        };
-        parts
-            .headers
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-        Ok(Response::from_parts(parts, Body::full(body)))
+        let figures = billing(&self.prices, &job.model, settled);
+        Ok(billed_json(parts, bytes, answer.is_some(), &figures))
     }
 
     /// The actual cost from the answer where there is one and a rule still
@@ -413,11 +387,6 @@ fn status_of(bytes: &[u8]) -> Option<String> {
     let mut copy = bytes.to_vec();
     let v = simd_json::to_borrowed_value(&mut copy).ok()?;
     v.get_str("status").map(str::to_owned)
-}
-
-fn add_billing_headers(headers: &mut http::HeaderMap, credits_used: u64, balance: i64) {
-    headers.insert("x-billing-credits-used", HeaderValue::from(credits_used));
-    headers.insert("x-billing-balance-remaining", HeaderValue::from(balance));
 }
 
 /// Every `"{fal_base}/…` string start becomes `"{our_base}/queue/…`: the

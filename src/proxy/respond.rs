@@ -82,7 +82,7 @@ impl Billed<'_> {
 
         if !spliceable(&parts.headers, self.max_json_bytes) {
             let settled = self.settle(reservation, status, None).await;
-            self.add_headers(&mut parts.headers, settled);
+            billing_headers(&mut parts.headers, settled);
             return Ok(Response::from_parts(parts, Body::Stream(incoming)));
         }
         let collected = match collect_bounded(incoming, self.max_json_bytes).await {
@@ -98,7 +98,7 @@ impl Billed<'_> {
             Collected::Whole(bytes) => bytes,
             Collected::Overflow(prefix, rest) => {
                 let settled = self.settle(reservation, status, None).await;
-                self.add_headers(&mut parts.headers, settled);
+                billing_headers(&mut parts.headers, settled);
                 return Ok(Response::from_parts(
                     parts,
                     Body::Chained(Some(prefix), rest),
@@ -107,15 +107,12 @@ impl Billed<'_> {
         };
         let answer = read_object(&bytes);
         let settled = self.settle(reservation, status, answer.as_ref()).await;
-        self.add_headers(&mut parts.headers, settled);
-        let body = match answer {
-            Some(_) => splice(&bytes, &self.billing(settled)).unwrap_or(bytes),
-            None => bytes,
-        };
-        parts
-            .headers
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-        Ok(Response::from_parts(parts, Body::full(body)))
+        Ok(billed_json(
+            parts,
+            bytes,
+            answer.is_some(),
+            &billing(self.prices, self.model, settled),
+        ))
     }
 
     /// A success is charged its actual cost (from the answer where there is
@@ -135,24 +132,49 @@ impl Billed<'_> {
         };
         reservation.charge(quote, status.as_u16()).await
     }
+}
 
-    fn billing(&self, settled: Settled) -> Billing<'_> {
-        Billing {
-            model: self.model,
-            credits_used: settled.credits_used,
-            cost_usd: self.prices.cost_usd(settled.credits_used),
-            balance_remaining: settled.balance_remaining,
-        }
+/// The `_billing` figures for `settled` work on `model`.
+pub(super) fn billing<'a>(prices: &PriceTable, model: &'a str, settled: Settled) -> Billing<'a> {
+    Billing {
+        model,
+        credits_used: settled.credits_used,
+        cost_usd: prices.cost_usd(settled.credits_used),
+        balance_remaining: settled.balance_remaining,
     }
+}
 
-    fn add_headers(&self, headers: &mut HeaderMap, settled: Settled) {
-        headers.insert(
-            "x-billing-credits-used",
-            HeaderValue::from(settled.credits_used),
-        );
-        headers.insert(
-            "x-billing-balance-remaining",
-            HeaderValue::from(settled.balance_remaining),
-        );
-    }
+/// The figures as headers, on every billed answer.
+pub(super) fn billing_headers(headers: &mut HeaderMap, settled: Settled) {
+    headers.insert(
+        "x-billing-credits-used",
+        HeaderValue::from(settled.credits_used),
+    );
+    headers.insert(
+        "x-billing-balance-remaining",
+        HeaderValue::from(settled.balance_remaining),
+    );
+}
+
+/// fal's buffered JSON answer with the figures: spliced in when it is an
+/// object, and in headers always; `content-length` fixed.
+pub(super) fn billed_json(
+    mut parts: http::response::Parts,
+    bytes: Bytes,
+    is_object: bool,
+    billing: &Billing,
+) -> Response<Body> {
+    let settled = Settled {
+        credits_used: billing.credits_used,
+        balance_remaining: billing.balance_remaining,
+    };
+    billing_headers(&mut parts.headers, settled);
+    let body = match is_object {
+        true => splice(&bytes, billing).unwrap_or(bytes),
+        false => bytes,
+    };
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    Response::from_parts(parts, Body::full(body))
 }
