@@ -123,6 +123,8 @@ impl Default for ServerConfig {
 pub struct UpstreamConfig {
     pub run: String,
     pub queue: String,
+    /// fal's storage host (file uploads made by the SDKs), never billed.
+    pub storage: String,
     /// Name of the environment variable that holds the operator's fal key.
     pub fal_key_env: String,
     /// Longest wait for fal's response headers; the body then streams unbounded.
@@ -137,6 +139,7 @@ impl Default for UpstreamConfig {
         Self {
             run: "https://fal.run".into(),
             queue: "https://queue.fal.run".into(),
+            storage: "https://rest.fal.ai".into(),
             fal_key_env: "FAL_KEY".into(),
             timeout_secs: 300,
             connect_timeout_secs: 10,
@@ -279,7 +282,12 @@ impl Config {
                 "[server] `tls_cert` and `tls_key` go together".into(),
             ));
         }
-        for (name, url) in [("run", &self.upstream.run), ("queue", &self.upstream.queue)] {
+        let u = &self.upstream;
+        for (name, url) in [
+            ("run", &u.run),
+            ("queue", &u.queue),
+            ("storage", &u.storage),
+        ] {
             crate::upstream::Target::parse(url)
                 .map_err(|e| Error::Config(format!("[upstream] {name}: {e}")))?;
         }

@@ -25,6 +25,7 @@ pub async fn prepare(config: &mut Config) -> Result<Demo, Error> {
     let mock = MockFal::start(None).await?;
     config.upstream.run = mock.url(false);
     config.upstream.queue = mock.queue_url(false);
+    config.upstream.storage = mock.storage_url(false);
     let dir = std::env::temp_dir().join(format!("abhiapi-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     config.store.path = dir.join("demo.db");

@@ -42,6 +42,8 @@ pub enum ApiError {
     JobNotFound,
     /// A `Host` we could not put into the URLs we hand back.
     InvalidHost,
+    /// An `x-fal-target-url` that is missing or not one of fal's hosts.
+    InvalidTarget,
     /// No `[[pricing]]` rule covers this model: the gateway does not offer it.
     UnpricedModel(String),
     /// Over the key's limit (or the account's cap); `retry_after` in whole seconds.
@@ -69,7 +71,9 @@ impl ApiError {
         match self {
             MissingKey | MalformedKey | UnknownKey => StatusCode::UNAUTHORIZED,
             KeyDisabled | AccountSuspended => StatusCode::FORBIDDEN,
-            MalformedJson(_) | ClientBody | InvalidPath | InvalidHost => StatusCode::BAD_REQUEST,
+            MalformedJson(_) | ClientBody | InvalidPath | InvalidHost | InvalidTarget => {
+                StatusCode::BAD_REQUEST
+            }
             JobNotFound => StatusCode::NOT_FOUND,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             UnpricedModel(_) => StatusCode::NOT_FOUND,
@@ -94,6 +98,7 @@ impl ApiError {
             ClientBody => "request_body_incomplete",
             InvalidPath => "invalid_path",
             InvalidHost => "invalid_host",
+            InvalidTarget => "invalid_target_url",
             JobNotFound => "job_not_found",
             UnpricedModel(_) => "model_not_priced",
             InsufficientCredits { .. } => "insufficient_credits",
@@ -124,6 +129,7 @@ impl ApiError {
             ClientBody => "The request body ended before it was complete.".into(),
             InvalidPath => "Invalid path.".into(),
             InvalidHost => "Invalid Host header.".into(),
+            InvalidTarget => "x-fal-target-url must name fal.run, queue.fal.run or fal's storage upload endpoint.".into(),
             JobNotFound => "Request not found.".into(),
             UnpricedModel(model) => format!("{model} is not offered by this gateway: no price is configured for it."),
             InsufficientCredits { needed, available } => format!(

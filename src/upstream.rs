@@ -61,6 +61,7 @@ pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, Body>,
     pub run: Target,
     pub queue: Target,
+    pub storage: Target,
     /// `[upstream] queue` as configured, without a trailing slash: the start
     /// of the queue URLs fal hands out.
     queue_base: String,
@@ -97,6 +98,7 @@ impl Upstream {
             run: Target::parse(&cfg.run).map_err(Error::Config)?,
             queue: Target::parse(&cfg.queue).map_err(Error::Config)?,
             queue_base: cfg.queue.trim_end_matches('/').to_owned(),
+            storage: Target::parse(&cfg.storage).map_err(Error::Config)?,
             auth,
             timeout: Duration::from_secs(cfg.timeout_secs),
         })

@@ -1,7 +1,8 @@
 //! A stand-in for fal on loopback: `serve --demo` runs against it, and so do
 //! the integration tests and benches. Model paths answer the way fal's models
-//! do; paths under `/_queue/` are fal's queue host (see [`queue`]); paths
-//! under `/mock/` give the tests the upstream failures they need. Every
+//! do; paths under `/_queue/` are fal's queue host (see [`queue`]) and
+//! `/_rest/` its storage host; paths under `/mock/` give the tests the
+//! upstream failures they need. Every
 //! request it receives is recorded, so a test can see exactly what reached
 //! "fal".
 
@@ -101,6 +102,11 @@ impl MockFal {
         base_url(self.addr, tls)
     }
 
+    /// The base of the mock's storage host, for `[upstream] storage`.
+    pub fn storage_url(&self, tls: bool) -> String {
+        format!("{}/_rest", self.url(tls))
+    }
+
     /// The base of the mock's queue host, for `[upstream] queue`.
     pub fn queue_url(&self, tls: bool) -> String {
         format!("{}/{}", self.url(tls), queue::PREFIX)
@@ -160,6 +166,9 @@ async fn answer(state: Arc<State>, req: Request<Incoming>) -> Response<MockBody>
             let query = parts.uri.query().unwrap_or("");
             queue::answer(&state, &parts.method, segments.collect(), query, body).await
         }
+        Some("_rest") if path.starts_with("/_rest/storage/upload/initiate") => {
+            initiate_upload(&state, &body)
+        }
         _ => model_output(&path, &body),
     }
 }
@@ -184,6 +193,8 @@ async fn test_route(
             resp
         }
         ["sink"] => json_response(StatusCode::OK, body),
+        // Where `initiate_upload` sends the SDK's file bytes (recorded like any request).
+        ["upload", _name] => Response::new(full(Bytes::new())),
         ["status", code] => {
             let code = code.parse().ok().and_then(|c| StatusCode::from_u16(c).ok());
             let code = code.unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -207,6 +218,24 @@ async fn test_route(
         }
         _ => status_json(StatusCode::NOT_FOUND, "no such mock route"),
     }
+}
+
+/// fal's storage: where to PUT a file, and the URL it will have.
+fn initiate_upload(state: &State, request: &[u8]) -> Response<MockBody> {
+    let mut copy = request.to_vec();
+    let name = simd_json::to_owned_value(&mut copy)
+        .ok()
+        .and_then(|v| v.get_str("file_name").map(str::to_owned))
+        .filter(|n| {
+            n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        })
+        .unwrap_or_else(|| "upload.bin".into());
+    let body = format!(
+        r#"{{"upload_url":"{}/mock/upload/{name}","file_url":"https://v3.fal.media/files/mock/{name}"}}"#,
+        state.base
+    );
+    json_response(StatusCode::OK, Bytes::from(body))
 }
 
 /// What a fal model returns, shaped by the request as fal's would be.

@@ -3,6 +3,7 @@
 
 pub mod body;
 mod credentials;
+mod fal_proxy;
 pub mod headers;
 pub mod json_body;
 mod path;
@@ -131,6 +132,9 @@ impl Proxy {
         }
         let key = self.authenticate(&req)?;
         trace.key_id = Some(key.id);
+        if path == fal_proxy::ROUTE {
+            return self.fal_proxy(req, conn, &key, request_id, trace).await;
+        }
         if let Some(route) = queue::Route::parse(&path) {
             return self.queue(req, route, conn, &key, request_id, trace).await;
         }
@@ -230,6 +234,19 @@ impl Proxy {
                 reservation.release(status).await;
                 Err(e)
             }
+        }
+    }
+
+    /// The poll allowance: status, result, cancel, and storage calls.
+    fn check_poll(&self, key: &ApiKey, trace: &mut Trace) -> Result<(), ApiError> {
+        let verdict = self.limits.poll(key, self.clock.now_ns());
+        trace.rate = Some(verdict);
+        match verdict.decision {
+            Decision::Deny { retry_after_ns, .. } => Err(ApiError::RateLimited {
+                retry_after: ceil_secs(retry_after_ns),
+                by_account: false,
+            }),
+            Decision::Allow { .. } => Ok(()),
         }
     }
 

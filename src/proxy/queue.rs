@@ -19,7 +19,6 @@ use super::{path, Conn, Proxy, Trace};
 use crate::error::ApiError;
 use crate::jobs::Job;
 use crate::keys::ApiKey;
-use crate::ratelimit::{ceil_secs, Decision};
 
 /// A request on the queue's routes.
 #[derive(Debug, PartialEq, Eq)]
@@ -116,14 +115,7 @@ impl Proxy {
                     .owned(&id, key.account.id)
                     .filter(|j| app.as_deref().is_none_or(|a| a == j.app || a == j.model))
                     .ok_or(ApiError::JobNotFound)?;
-                let verdict = self.limits.poll(key, self.clock.now_ns());
-                trace.rate = Some(verdict);
-                if let Decision::Deny { retry_after_ns, .. } = verdict.decision {
-                    return Err(ApiError::RateLimited {
-                        retry_after: ceil_secs(retry_after_ns),
-                        by_account: false,
-                    });
-                }
+                self.check_poll(key, trace)?;
                 self.poll(req, &job, action, &base, trace).await
             }
         }

@@ -109,6 +109,7 @@ shutdown_grace_secs = 10
 [upstream]
 run = "{up}"
 queue = "{queue}"
+storage = "{up}/_rest"
 fal_key_env = "ABHIAPI_TEST_FAL_KEY"
 timeout_secs = {timeout}
 connect_timeout_secs = 2

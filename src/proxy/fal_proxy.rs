@@ -1,0 +1,153 @@
+//! fal's server-proxy protocol, at the route fal's own proxy uses
+//! (`/api/fal/proxy`): the JavaScript SDK with `proxyUrl` sends every call
+//! here, the real target in `x-fal-target-url`. Only fal's hosts are
+//! accepted, each mapped to our configured upstream and to the same handling
+//! as a direct call: `fal.run` to a billed sync run, `queue.fal.run` to the
+//! queue routes, and fal's storage upload calls to `[upstream] storage`.
+
+use http::{HeaderMap, Request, Response, Uri};
+use hyper::body::Incoming;
+
+use super::body::Body;
+use super::{headers, queue, Conn, Proxy, Trace};
+use crate::error::ApiError;
+use crate::keys::ApiKey;
+
+pub(super) const ROUTE: &str = "/api/fal/proxy";
+const TARGET_HEADER: &str = "x-fal-target-url";
+/// The storage calls the SDK makes through the proxy; everything else on
+/// fal's REST host (tokens, account data) is refused.
+const STORAGE_PATHS: [&str; 3] = [
+    "/storage/upload/initiate",
+    "/storage/upload/initiate-multipart",
+    "/storage/upload/complete-multipart",
+];
+
+/// Where a proxied call goes, as the path and query of one of our upstreams.
+#[derive(Debug, PartialEq, Eq)]
+enum Target {
+    Run(String),
+    /// Prefixed with `/queue`, as our own queue routes are.
+    Queue(String),
+    Storage(String),
+}
+
+/// Reads `x-fal-target-url`; anything but fal's hosts over https is refused
+/// here, before any connection is made.
+fn target(headers: &HeaderMap) -> Result<Target, ApiError> {
+    let raw = headers
+        .get(TARGET_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .ok_or(ApiError::InvalidTarget)?;
+    let uri: Uri = raw.parse().map_err(|_| ApiError::InvalidTarget)?;
+    let authority = uri.authority().ok_or(ApiError::InvalidTarget)?;
+    let default_port = authority.port_u16().is_none_or(|p| p == 443);
+    let plain_host = !authority.as_str().contains('@') && default_port;
+    if uri.scheme_str() != Some("https") || !plain_host {
+        return Err(ApiError::InvalidTarget);
+    }
+    let pq = uri
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_owned();
+    match authority.host() {
+        "fal.run" => Ok(Target::Run(pq)),
+        "queue.fal.run" => Ok(Target::Queue(format!("/queue{pq}"))),
+        "rest.fal.ai" if STORAGE_PATHS.contains(&uri.path()) => Ok(Target::Storage(pq)),
+        _ => Err(ApiError::InvalidTarget),
+    }
+}
+
+impl Proxy {
+    pub(super) async fn fal_proxy(
+        &self,
+        mut req: Request<Incoming>,
+        conn: Conn,
+        key: &ApiKey,
+        request_id: &str,
+        trace: &mut Trace,
+    ) -> Result<Response<Body>, ApiError> {
+        let target = target(req.headers())?;
+        req.headers_mut().remove(TARGET_HEADER);
+        let as_path = |pq: &str| pq.parse::<Uri>().map_err(|_| ApiError::InvalidTarget);
+        match target {
+            Target::Run(pq) => {
+                *req.uri_mut() = as_path(&pq)?;
+                self.forward_sync(req, key, request_id, trace).await
+            }
+            Target::Queue(pq) => {
+                *req.uri_mut() = as_path(&pq)?;
+                let route = queue::Route::parse(req.uri().path()).ok_or(ApiError::InvalidTarget)?;
+                self.queue(req, route, conn, key, request_id, trace).await
+            }
+            Target::Storage(pq) => self.forward_storage(req, &pq, key, trace).await,
+        }
+    }
+
+    /// An upload the SDK prepares before a call: forwarded with the
+    /// operator's key, not billed, counted against the poll allowance.
+    async fn forward_storage(
+        &self,
+        req: Request<Incoming>,
+        pq: &str,
+        key: &ApiKey,
+        trace: &mut Trace,
+    ) -> Result<Response<Body>, ApiError> {
+        self.check_poll(key, trace)?;
+        let uri = self.upstream.storage.uri(pq)?;
+        let (parts, incoming) = req.into_parts();
+        let resp = self
+            .send(parts, Body::Stream(incoming), uri, trace)
+            .await
+            .map_err(|(e, _)| e)?;
+        let (mut parts, incoming) = resp.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(parts, Body::Stream(incoming)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn of(url: &'static str) -> Result<Target, ()> {
+        let mut h = HeaderMap::new();
+        h.insert(TARGET_HEADER, HeaderValue::from_static(url));
+        target(&h).map_err(|_| ())
+    }
+
+    #[test]
+    fn maps_fals_hosts_and_refuses_the_rest() {
+        assert_eq!(
+            of("https://fal.run/fal-ai/flux/dev"),
+            Ok(Target::Run("/fal-ai/flux/dev".into()))
+        );
+        assert_eq!(
+            of("https://queue.fal.run/fal-ai/flux/requests/x/status?logs=0"),
+            Ok(Target::Queue(
+                "/queue/fal-ai/flux/requests/x/status?logs=0".into()
+            ))
+        );
+        assert_eq!(
+            of("https://rest.fal.ai/storage/upload/initiate?storage_type=fal-cdn-v3"),
+            Ok(Target::Storage(
+                "/storage/upload/initiate?storage_type=fal-cdn-v3".into()
+            ))
+        );
+        for bad in [
+            "https://evil.example/fal-ai/flux/dev",
+            "https://fal.run.evil.example/x",
+            "http://fal.run/fal-ai/flux/dev",
+            "https://fal.run:8443/x",
+            "https://user@fal.run/x",
+            "https://rest.fal.ai/tokens/",
+            "https://127.0.0.1/x",
+            "/fal-ai/flux/dev",
+            "not a url",
+        ] {
+            assert!(of(bad).is_err(), "{bad}");
+        }
+        assert!(target(&HeaderMap::new()).is_err());
+    }
+}
