@@ -19,7 +19,7 @@ use crate::keys::refresh::Refresher;
 use crate::keys::Registry;
 use crate::proxy::Proxy;
 use crate::server::{self, Listener};
-use crate::store::{self, ledger, snapshot, writer::StoreWriter};
+use crate::store::{self, db::Db, ledger, snapshot, writer::StoreWriter};
 use crate::tls;
 use crate::upstream::Upstream;
 
@@ -103,6 +103,7 @@ pub async fn serve(
         Arc::clone(&ledger),
         clock,
         Arc::new(jobs),
+        Db::open(&config.store.path)?,
     )?);
     let (stop_reconciler, reconciler) = spawn_reconciler(Arc::clone(&proxy), &config);
 

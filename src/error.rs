@@ -40,6 +40,10 @@ pub enum ApiError {
     InvalidPath,
     /// A queued job that does not exist or is not the caller's: the same answer for both.
     JobNotFound,
+    /// A key, or an API route, that does not exist (or is not the caller's).
+    NotFound,
+    /// Our own fault (a database error); the details go to the log, not the client.
+    Internal,
     /// A `Host` we could not put into the URLs we hand back.
     InvalidHost,
     /// An `x-fal-target-url` that is missing or not one of fal's hosts.
@@ -74,7 +78,8 @@ impl ApiError {
             MalformedJson(_) | ClientBody | InvalidPath | InvalidHost | InvalidTarget => {
                 StatusCode::BAD_REQUEST
             }
-            JobNotFound => StatusCode::NOT_FOUND,
+            JobNotFound | NotFound => StatusCode::NOT_FOUND,
+            Internal => StatusCode::INTERNAL_SERVER_ERROR,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             UnpricedModel(_) => StatusCode::NOT_FOUND,
             InsufficientCredits { .. } => StatusCode::PAYMENT_REQUIRED,
@@ -100,6 +105,8 @@ impl ApiError {
             InvalidHost => "invalid_host",
             InvalidTarget => "invalid_target_url",
             JobNotFound => "job_not_found",
+            NotFound => "not_found",
+            Internal => "internal_error",
             UnpricedModel(_) => "model_not_priced",
             InsufficientCredits { .. } => "insufficient_credits",
             RateLimited {
@@ -131,6 +138,8 @@ impl ApiError {
             InvalidHost => "Invalid Host header.".into(),
             InvalidTarget => "x-fal-target-url must name fal.run, queue.fal.run or fal's storage upload endpoint.".into(),
             JobNotFound => "Request not found.".into(),
+            NotFound => "Not found.".into(),
+            Internal => "Internal error; nothing was charged.".into(),
             UnpricedModel(model) => format!("{model} is not offered by this gateway: no price is configured for it."),
             InsufficientCredits { needed, available } => format!(
                 "Insufficient credits: this request needs {needed} credits and {available} are available."
@@ -176,6 +185,13 @@ fn json_error(detail: &str, error_type: &str) -> Bytes {
     push_json_string(&mut out, error_type);
     out.push('}');
     Bytes::from(out)
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        tracing::error!(error = %e, "request failed on our side");
+        ApiError::Internal
+    }
 }
 
 /// Appends `s` as a JSON string literal.

@@ -18,30 +18,6 @@ fn sdk_dir(lang: &str) -> PathBuf {
     repo_path(&format!("tests/sdk/{lang}"))
 }
 
-/// Runs an install command once per test process; a failure fails every SDK test.
-fn installed(
-    done: &'static OnceLock<Result<(), String>>,
-    marker: PathBuf,
-    cmd: impl FnOnce() -> Command,
-) {
-    let result = done.get_or_init(|| {
-        if marker.exists() {
-            return Ok(());
-        }
-        let out = cmd()
-            .output()
-            .map_err(|e| format!("cannot run the installer: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
-    });
-    if let Err(e) = result {
-        panic!("installing the SDK failed (needs the npm and PyPI registries):\n{e}");
-    }
-}
-
 fn js_ready() {
     static DONE: OnceLock<Result<(), String>> = OnceLock::new();
     let dir = sdk_dir("js");
@@ -68,21 +44,6 @@ fn py_ready() {
             .arg(dir.join("requirements.txt"));
         c
     });
-}
-
-/// Runs a driver script off the test's runtime and parses its one JSON line.
-async fn drive(mut cmd: Command) -> simd_json::OwnedValue {
-    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().last().unwrap_or_else(|| {
-        panic!(
-            "no output; stderr:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    json(line.as_bytes())
 }
 
 async fn js(server: &Server, key: &str, scenario: &str) -> simd_json::OwnedValue {

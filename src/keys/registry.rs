@@ -191,6 +191,12 @@ impl Registry {
         }
     }
 
+    /// A key created or switched off by this server itself: applied now,
+    /// not a refresh later (the change feed will apply it again, harmlessly).
+    pub fn key_changed(&self, row: &KeyRow) {
+        self.upsert_key(row);
+    }
+
     fn upsert_key(&self, row: &KeyRow) {
         if let Some(existing) = self.keys.get(&row.hash) {
             existing.disabled.store(row.disabled, Ordering::Release);

@@ -1,6 +1,7 @@
 //! The per-request service: authenticate, route, forward, respond. Every
 //! failure becomes a response in [`Proxy::handle`], nowhere else.
 
+mod account;
 pub mod body;
 mod credentials;
 mod fal_proxy;
@@ -29,7 +30,7 @@ use crate::error::{ApiError, Error};
 use crate::jobs::Jobs;
 use crate::keys::{ApiKey, Registry};
 use crate::ratelimit::{ceil_secs, Decision, RateLimits, Verdict};
-use crate::store::{now_secs, writer::StoreWriter};
+use crate::store::{db::Db, now_secs, writer::StoreWriter};
 use crate::upstream::Upstream;
 
 pub struct Proxy {
@@ -44,6 +45,8 @@ pub struct Proxy {
     max_json_response_bytes: usize,
     ids: RequestIds,
     jobs: Arc<Jobs>,
+    /// For the dashboard's endpoints; never on the proxying path.
+    db: Db,
     /// Believe `x-forwarded-proto`/`-host` (behind a trusted load balancer).
     trust_forwarded: bool,
 }
@@ -71,6 +74,7 @@ impl Proxy {
         ledger: Arc<Ledger>,
         clock: Arc<dyn Clock>,
         jobs: Arc<Jobs>,
+        db: Db,
     ) -> Result<Self, Error> {
         let ids = RequestIds::new().map_err(|e| Error::Usage(format!("no OS randomness: {e}")))?;
         Ok(Self {
@@ -85,6 +89,7 @@ impl Proxy {
             max_json_response_bytes: config.billing.max_json_response_bytes,
             ids,
             jobs,
+            db,
             trust_forwarded: config.server.trust_forwarded_headers,
         })
     }
@@ -130,8 +135,14 @@ impl Proxy {
         if path == "/healthz" && req.method() == Method::GET {
             return Ok(json(StatusCode::OK, r#"{"status":"ok"}"#));
         }
+        if (path == "/dashboard" || path == "/dashboard/") && req.method() == Method::GET {
+            return Ok(dashboard());
+        }
         let key = self.authenticate(&req)?;
         trace.key_id = Some(key.id);
+        if path.starts_with(account::PREFIX) {
+            return self.account_api(req, &key, trace).await;
+        }
         if path == fal_proxy::ROUTE {
             return self.fal_proxy(req, conn, &key, request_id, trace).await;
         }
@@ -303,6 +314,23 @@ fn rate_headers(headers: &mut http::HeaderMap, verdict: Verdict) {
     headers.insert("x-ratelimit-limit", HeaderValue::from(verdict.limit));
     headers.insert("x-ratelimit-remaining", HeaderValue::from(remaining));
     headers.insert("x-ratelimit-reset", HeaderValue::from(ceil_secs(reset_ns)));
+}
+
+/// The user dashboard: one page, its script and styles inline, nothing fetched from elsewhere.
+fn dashboard() -> Response<Body> {
+    let mut resp = Response::new(Body::full(include_str!("../dashboard/index.html")));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    // The page holds a key: no framing, no other origins, no caching.
+    h.insert(
+        "content-security-policy",
+        HeaderValue::from_static("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self'; frame-ancestors 'none'"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
 }
 
 fn json(status: StatusCode, body: &'static str) -> Response<Body> {

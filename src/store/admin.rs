@@ -9,6 +9,7 @@ use crate::error::Error;
 use crate::keys::secret;
 
 /// A key as the operator may see it: never the secret.
+#[derive(serde::Serialize)]
 pub struct KeyListing {
     pub id: i64,
     pub display_prefix: String,
@@ -114,6 +115,15 @@ pub fn list_keys(conn: &Connection, account: Option<&str>) -> Result<Vec<KeyList
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The account a key belongs to, if the key exists.
+pub fn key_account(conn: &Connection, id: i64) -> Result<Option<i64>, Error> {
+    Ok(conn
+        .query_row("SELECT account_id FROM api_keys WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .optional()?)
 }
 
 pub fn set_key_disabled(conn: &mut Connection, id: i64, disabled: bool) -> Result<(), Error> {

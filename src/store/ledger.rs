@@ -226,3 +226,50 @@ pub fn usage(
         .collect::<Result<_, _>>()?;
     Ok((totals, charges))
 }
+
+/// Credits charged per UTC day and model since `since_ms`, oldest day first.
+#[derive(Debug, Serialize)]
+pub struct DailyUsage {
+    pub day: String,
+    pub model: String,
+    pub credits: u64,
+}
+
+pub fn daily(
+    conn: &Connection,
+    account_id: i64,
+    since_ms: i64,
+) -> rusqlite::Result<Vec<DailyUsage>> {
+    conn.prepare_cached(
+        "SELECT date(settled_at_ms / 1000, 'unixepoch') AS day, model, SUM(credits) FROM charges
+         WHERE account_id = ?1 AND settled_at_ms >= ?2 AND credits > 0
+         GROUP BY day, model ORDER BY day, model",
+    )?
+    .query_map([account_id, since_ms], |r| {
+        Ok(DailyUsage {
+            day: r.get(0)?,
+            model: r.get(1)?,
+            credits: r.get(2)?,
+        })
+    })?
+    .collect()
+}
+
+/// The account's latest `limit` charges, newest first.
+pub fn recent(conn: &Connection, account_id: i64, limit: u32) -> rusqlite::Result<Vec<ChargeRow>> {
+    conn.prepare_cached(
+        "SELECT id, model, credits, outcome, fal_status, settled_at_ms FROM charges
+         WHERE account_id = ?1 ORDER BY settled_at_ms DESC, id LIMIT ?2",
+    )?
+    .query_map(params![account_id, limit], |r| {
+        Ok(ChargeRow {
+            id: r.get(0)?,
+            model: r.get(1)?,
+            credits: r.get(2)?,
+            outcome: r.get(3)?,
+            fal_status: r.get(4)?,
+            settled_at_ms: r.get(5)?,
+        })
+    })?
+    .collect()
+}

@@ -2,6 +2,7 @@
 //! WAL lets the server's writer, its refresher and the CLI work side by side.
 
 pub mod admin;
+pub mod db;
 pub mod jobs;
 pub mod ledger;
 mod schema;

@@ -55,6 +55,16 @@ fn key_row(r: &Row) -> rusqlite::Result<KeyRow> {
     })
 }
 
+/// One key as stored now, by its id.
+pub fn key_by_id(conn: &Connection, id: i64) -> rusqlite::Result<Option<KeyRow>> {
+    conn.query_row(
+        &format!("SELECT {KEY_COLS} FROM api_keys WHERE id = ?1"),
+        [id],
+        key_row,
+    )
+    .optional()
+}
+
 /// Reads everything in one transaction, so the rows and `seq` agree.
 pub fn load(conn: &mut Connection) -> rusqlite::Result<Snapshot> {
     let tx = conn.transaction()?;

@@ -428,3 +428,59 @@ pub fn unsplice(body: &[u8]) -> (Vec<u8>, simd_json::OwnedValue) {
     original.extend_from_slice(&text.as_bytes()[field_end..]);
     (original, billing)
 }
+
+/// Runs an install command once per test process, unless `marker` shows it
+/// already ran; a failure fails every test that needs it.
+pub fn installed(
+    done: &'static std::sync::OnceLock<Result<(), String>>,
+    marker: PathBuf,
+    cmd: impl FnOnce() -> Command,
+) {
+    let result = done.get_or_init(|| {
+        if marker.exists() {
+            return Ok(());
+        }
+        let out = cmd()
+            .output()
+            .map_err(|e| format!("cannot run the installer: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    });
+    if let Err(e) = result {
+        panic!("installing test dependencies failed (needs the npm and PyPI registries):\n{e}");
+    }
+}
+
+/// `npm ci` in `dir` (a folder under tests/ with a package-lock.json), once.
+pub fn npm_ready(
+    done: &'static std::sync::OnceLock<Result<(), String>>,
+    dir: &Path,
+    package: &str,
+) {
+    let marker = dir.join("node_modules").join(package).join("package.json");
+    let dir = dir.to_owned();
+    installed(done, marker, move || {
+        let mut c = Command::new("npm");
+        c.args(["ci", "--no-audit", "--no-fund", "--prefix"])
+            .arg(dir);
+        c
+    });
+}
+
+/// Runs a driver script and parses the one JSON line it prints last.
+pub async fn drive(mut cmd: Command) -> simd_json::OwnedValue {
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_else(|| {
+        panic!(
+            "no output; stderr:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    json(line.as_bytes())
+}

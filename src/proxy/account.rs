@@ -1,0 +1,188 @@
+//! The signed-in user's own data, for the dashboard: `/v1/account`,
+//! `/v1/account/usage`, and their keys (`POST /v1/keys`,
+//! `DELETE /v1/keys/{id}`). Everything is scoped to the caller's account;
+//! another account's key is as unknown as a missing one.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde::Serialize;
+
+use super::body::Body;
+use super::{Proxy, Trace};
+use crate::error::{ApiError, Error};
+use crate::keys::ApiKey;
+use crate::store::admin::{self, KeyListing};
+use crate::store::ledger::{self, ChargeRow, DailyUsage};
+use crate::store::{now_ms, snapshot};
+
+pub(super) const PREFIX: &str = "/v1/";
+const MAX_DAYS: i64 = 90;
+
+#[derive(Serialize)]
+struct AccountView {
+    account: String,
+    plan: String,
+    balance: i64,
+    held: i64,
+    available: i64,
+    /// The key this request was made with, so a page can tell it apart.
+    key_id: i64,
+    keys: Vec<KeyListing>,
+}
+
+#[derive(Serialize)]
+struct UsageView {
+    days: i64,
+    daily: Vec<DailyUsage>,
+    recent: Vec<ChargeRow>,
+}
+
+#[derive(Serialize)]
+struct NewKey {
+    id: i64,
+    key: String,
+    prefix: String,
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Result<Response<Body>, ApiError> {
+    let text = simd_json::to_string(value).map_err(|e| Error::Usage(e.to_string()))?;
+    let mut resp = Response::new(Body::full(Bytes::from(text)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok(resp)
+}
+
+impl Proxy {
+    pub(super) async fn account_api(
+        &self,
+        req: Request<Incoming>,
+        key: &ApiKey,
+        trace: &mut Trace,
+    ) -> Result<Response<Body>, ApiError> {
+        self.check_poll(key, trace)?;
+        let path = req.uri().path().trim_end_matches('/');
+        let route = path.strip_prefix(PREFIX).unwrap_or("");
+        match (req.method(), route) {
+            (&Method::GET, "account") => self.account_view(key).await,
+            (&Method::GET, "account/usage") => self.usage_view(&req, key).await,
+            (&Method::POST, "keys") => self.create_key(key).await,
+            (&Method::DELETE, id) if id.starts_with("keys/") => {
+                let id = id["keys/".len()..]
+                    .parse()
+                    .map_err(|_| ApiError::NotFound)?;
+                self.revoke_key(key, id).await
+            }
+            _ => Err(ApiError::NotFound),
+        }
+    }
+
+    async fn account_view(&self, key: &ApiKey) -> Result<Response<Body>, ApiError> {
+        let account = &key.account;
+        let name = account.name.clone();
+        let keys = self
+            .db
+            .run(move |conn| admin::list_keys(conn, Some(&name)))
+            .await?;
+        let view = AccountView {
+            account: account.name.clone(),
+            plan: account.plan.load().to_string(),
+            balance: account.balance(),
+            held: account.held(),
+            available: account.available(),
+            key_id: key.id,
+            keys,
+        };
+        json(StatusCode::OK, &view)
+    }
+
+    async fn usage_view(
+        &self,
+        req: &Request<Incoming>,
+        key: &ApiKey,
+    ) -> Result<Response<Body>, ApiError> {
+        let days = req
+            .uri()
+            .query()
+            .and_then(|q| q.split('&').find_map(|p| p.strip_prefix("days=")))
+            .and_then(|d| d.parse::<i64>().ok())
+            .unwrap_or(30)
+            .clamp(1, MAX_DAYS);
+        let account_id = key.account.id;
+        // Whole UTC days: today and the `days - 1` before it.
+        let today_start = now_ms() / 86_400_000 * 86_400_000;
+        let since = today_start - (days - 1) * 86_400_000;
+        let (daily, recent) = self
+            .db
+            .run(move |conn| {
+                Ok((
+                    ledger::daily(conn, account_id, since)?,
+                    ledger::recent(conn, account_id, 20)?,
+                ))
+            })
+            .await?;
+        json(
+            StatusCode::OK,
+            &UsageView {
+                days,
+                daily,
+                recent,
+            },
+        )
+    }
+
+    /// A new key on the caller's account, live at once; shown only in this answer.
+    async fn create_key(&self, key: &ApiKey) -> Result<Response<Body>, ApiError> {
+        let account = key.account.name.clone();
+        let plan = key.account.plan.load().to_string();
+        let (created, row) = self
+            .db
+            .run(move |conn| {
+                let created = admin::create_key(conn, &account, 0, &plan)?;
+                let row = snapshot::key_by_id(conn, created.id)?;
+                Ok((created, row))
+            })
+            .await?;
+        if let Some(row) = row {
+            self.registry.key_changed(&row);
+        }
+        let view = NewKey {
+            id: created.id,
+            key: created.secret,
+            prefix: created.display_prefix,
+        };
+        json(StatusCode::CREATED, &view)
+    }
+
+    /// Disables one of the caller's account's keys, at once.
+    async fn revoke_key(&self, key: &ApiKey, id: i64) -> Result<Response<Body>, ApiError> {
+        let account_id = key.account.id;
+        let row = self
+            .db
+            .run(move |conn| {
+                if admin::key_account(conn, id)? != Some(account_id) {
+                    return Ok(None);
+                }
+                admin::set_key_disabled(conn, id, true)?;
+                Ok(snapshot::key_by_id(conn, id)?)
+            })
+            .await?
+            .ok_or(ApiError::NotFound)?;
+        self.registry.key_changed(&row);
+        #[derive(Serialize)]
+        struct Revoked {
+            id: i64,
+            state: &'static str,
+        }
+        json(
+            StatusCode::OK,
+            &Revoked {
+                id,
+                state: "disabled",
+            },
+        )
+    }
+}

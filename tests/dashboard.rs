@@ -1,0 +1,181 @@
+//! The user dashboard in a real browser (Debian's headless Chromium, driven
+//! by playwright-core), and its JSON endpoints directly.
+
+mod support;
+
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use http::{Method, Request};
+use http_body_util::Full;
+use simd_json::prelude::*;
+use support::*;
+
+const FLUX: &str = r#"{"prompt":"a red fox","image_size":"square_hd"}"#;
+
+async fn call(method: Method, url: &str, key: &str) -> http::Response<hyper::body::Incoming> {
+    let req = Request::builder()
+        .method(method)
+        .uri(url)
+        .header("x-api-key", key)
+        .header("content-type", "application/json")
+        .body(Full::new(bytes::Bytes::from_static(FLUX.as_bytes())))
+        .unwrap();
+    client().request(req).await.unwrap()
+}
+
+/// Waits until the ledger has written `n` charges, as the dashboard reads them.
+async fn charges_written(server: &Server, n: i64) -> bool {
+    eventually(Duration::from_secs(5), || async {
+        server
+            .db()
+            .query_row("SELECT COUNT(*) FROM charges WHERE credits > 0", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .unwrap()
+            == n
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_signs_in_reads_the_chart_creates_and_revokes_a_key_in_a_browser() {
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(
+        std::path::Path::new(&chromium).exists(),
+        "this test needs Debian's chromium ({chromium}); .ci/run installs it (apt-get install chromium)"
+    );
+    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+    let dir = repo_path("tests/browser");
+    npm_ready(&DONE, &dir, "playwright-core");
+
+    let mock = MockFal::start(None).await.unwrap();
+    let (server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 10_000);
+    for _ in 0..2 {
+        assert_eq!(
+            call(Method::POST, &server.url("/fal-ai/flux/dev"), &key)
+                .await
+                .status(),
+            200
+        );
+    }
+    assert!(charges_written(&server, 2).await);
+
+    let shot = std::env::var("DASHBOARD_SCREENSHOT").unwrap_or_default();
+    let mut cmd = Command::new("node");
+    cmd.current_dir(&dir)
+        .arg("dashboard.mjs")
+        .arg(server.url(""))
+        .arg(&key)
+        .arg(&shot)
+        .env("CHROMIUM", &chromium);
+    let seen = drive(cmd).await;
+    assert_eq!(seen.get_bool("ok"), Some(true), "{seen}");
+    assert_eq!(seen.get_str("account"), Some("acme"));
+    assert_eq!(seen.get_i64("balance"), Some(10_000 - 56), "{seen}");
+    // The key lives in session storage only.
+    assert_eq!(
+        seen.get_array("stored")
+            .map(|a| (a[0].as_u64(), a[1].as_u64())),
+        Some((Some(1), Some(0)))
+    );
+    assert!(seen.get_u64("bars") >= Some(1), "no bar drawn: {seen}");
+    assert!(
+        seen.get_u64("painted") > Some(0),
+        "the chart's canvas is blank"
+    );
+    assert_eq!(seen.get_u64("charges"), Some(2));
+    assert!(seen.get_str("legend").unwrap().contains("fal-ai/flux/dev"));
+    assert_eq!(seen.get_bool("created_shape"), Some(true));
+    assert_eq!(
+        seen.get_u64("created_status"),
+        Some(200),
+        "the new key did not work"
+    );
+    assert_eq!(
+        seen.get_u64("revoked_status"),
+        Some(403),
+        "the revoked key still works"
+    );
+    // The new key's request was charged to the same account.
+    assert!(charges_written(&server, 3).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_account_endpoints_show_only_the_callers_account() {
+    let mock = MockFal::start(None).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, Options::new(mock.url(false)).render(dir.path())).unwrap();
+    let key = create_key(&config, "acme", 1000);
+    let other = create_key(&config, "other", 1000);
+    let server = Server::start_config(dir, config);
+    assert_eq!(
+        call(Method::POST, &server.url("/fal-ai/flux/dev"), &key)
+            .await
+            .status(),
+        200
+    );
+    assert!(charges_written(&server, 1).await);
+
+    let account = json(&body(call(Method::GET, &server.url("/v1/account"), &key).await).await);
+    assert_eq!(account.get_str("account"), Some("acme"));
+    assert_eq!(
+        (account.get_i64("balance"), account.get_i64("held")),
+        (Some(972), Some(0))
+    );
+    assert_eq!(account.get_array("keys").unwrap().len(), 1);
+    let usage = json(&body(call(Method::GET, &server.url("/v1/account/usage"), &key).await).await);
+    let daily = usage.get_array("daily").unwrap();
+    assert_eq!((daily.len(), daily[0].get_u64("credits")), (1, Some(28)));
+    assert_eq!(
+        usage.get_array("recent").unwrap()[0].get_str("model"),
+        Some("fal-ai/flux/dev")
+    );
+
+    // Another account's key cannot be revoked, and looks like no key at all.
+    let other_id = json(&body(call(Method::GET, &server.url("/v1/account"), &other).await).await)
+        .get_i64("key_id")
+        .unwrap();
+    let resp = call(
+        Method::DELETE,
+        &server.url(&format!("/v1/keys/{other_id}")),
+        &key,
+    )
+    .await;
+    assert_error(resp, 404, "not_found").await;
+    let resp = call(Method::DELETE, &server.url("/v1/keys/999999"), &key).await;
+    assert_error(resp, 404, "not_found").await;
+    assert_eq!(
+        call(Method::POST, &server.url("/fal-ai/flux/dev"), &other)
+            .await
+            .status(),
+        200
+    );
+    // Without a key there is nothing to see.
+    let resp = client()
+        .request(get(&server.url("/v1/account"), None))
+        .await
+        .unwrap();
+    assert_error(resp, 401, "missing_api_key").await;
+    // The page itself needs no key, and fetches nothing from elsewhere.
+    let resp = client()
+        .request(get(&server.url("/dashboard"), None))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let csp = resp.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("connect-src 'self'"),
+        "{csp}"
+    );
+    let page = String::from_utf8(body(resp).await.to_vec()).unwrap();
+    assert!(
+        !page.contains("http://") && !page.contains("https://"),
+        "the page references another origin"
+    );
+}
