@@ -17,7 +17,7 @@ use crate::error::Error;
 use crate::jobs::Jobs;
 use crate::keys::refresh::Refresher;
 use crate::keys::Registry;
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, Wiring};
 use crate::server::{self, Listener};
 use crate::store::{self, db::Db, ledger, snapshot, writer::StoreWriter};
 use crate::tls;
@@ -97,13 +97,15 @@ pub async fn serve(
     )?;
     let proxy = Arc::new(Proxy::new(
         &config,
-        registry,
-        upstream,
-        writer.clone(),
-        Arc::clone(&ledger),
-        clock,
-        Arc::new(jobs),
-        Db::open(&config.store.path)?,
+        Wiring {
+            registry,
+            upstream,
+            writer: writer.clone(),
+            ledger: Arc::clone(&ledger),
+            clock,
+            jobs: Arc::new(jobs),
+            db: Db::open(&config.store.path)?,
+        },
     )?);
     let (stop_reconciler, reconciler) = spawn_reconciler(Arc::clone(&proxy), &config);
 

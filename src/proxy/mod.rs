@@ -65,31 +65,33 @@ struct Trace {
     rate: Option<Verdict>,
 }
 
+/// The server's shared state that the proxy works with, built by `app`.
+pub struct Wiring {
+    pub registry: Arc<Registry>,
+    pub upstream: Upstream,
+    pub writer: StoreWriter,
+    pub ledger: Arc<Ledger>,
+    pub clock: Arc<dyn Clock>,
+    pub jobs: Arc<Jobs>,
+    pub db: Db,
+}
+
 impl Proxy {
-    pub fn new(
-        config: &Config,
-        registry: Arc<Registry>,
-        upstream: Upstream,
-        writer: StoreWriter,
-        ledger: Arc<Ledger>,
-        clock: Arc<dyn Clock>,
-        jobs: Arc<Jobs>,
-        db: Db,
-    ) -> Result<Self, Error> {
+    pub fn new(config: &Config, w: Wiring) -> Result<Self, Error> {
         let ids = RequestIds::new().map_err(|e| Error::Usage(format!("no OS randomness: {e}")))?;
         Ok(Self {
-            registry,
-            upstream,
-            writer,
-            ledger,
+            registry: w.registry,
+            upstream: w.upstream,
+            writer: w.writer,
+            ledger: w.ledger,
             prices: PriceTable::new(&config.billing, &config.pricing)?,
             limits: RateLimits::new(config),
-            clock,
+            clock: w.clock,
             max_json_body_bytes: config.limits.max_json_body_bytes,
             max_json_response_bytes: config.billing.max_json_response_bytes,
             ids,
-            jobs,
-            db,
+            jobs: w.jobs,
+            db: w.db,
             trust_forwarded: config.server.trust_forwarded_headers,
         })
     }
