@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use crate::admin::Admin;
 use crate::billing::journal::Journal;
 use crate::billing::ledger::Ledger;
 use crate::clock::Clock;
@@ -27,6 +28,7 @@ use crate::upstream::Upstream;
 pub struct Bound {
     pub plain: Option<SocketAddr>,
     pub tls: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
 }
 
 /// Runs the proxy until `shutdown` resolves. `on_ready` is called once
@@ -60,6 +62,7 @@ pub async fn serve(
     let mut bound = Bound {
         plain: None,
         tls: None,
+        admin: None,
     };
     if let Some(addr) = config.server.plain_listen {
         let tcp = TcpListener::bind(addr).await?;
@@ -95,6 +98,7 @@ pub async fn serve(
         writer.clone(),
         store::now_ms() - keep_ms,
     )?;
+    let registry_handle = Arc::clone(&registry);
     let proxy = Arc::new(Proxy::new(
         &config,
         Wiring {
@@ -109,8 +113,43 @@ pub async fn serve(
     )?);
     let (stop_reconciler, reconciler) = spawn_reconciler(Arc::clone(&proxy), &config);
 
+    let admin = match admin_listener(&config).await? {
+        Some((tcp, token)) => {
+            bound.admin = Some(tcp.local_addr()?);
+            let db = Db::open(&config.store.path)?;
+            let admin = Admin::new(
+                token,
+                db,
+                registry_handle,
+                refresher.waker(),
+                config.clone(),
+            );
+            let admin = Arc::new(admin);
+            Some((Listener { tcp, tls: None }, admin))
+        }
+        None => None,
+    };
+
     on_ready(&bound);
+    let (stopping, stop) = tokio::sync::watch::channel(false);
+    let admin_task = admin.map(|(listener, admin)| {
+        let mut stop = stop.clone();
+        let timeouts = (&config.server).into();
+        tokio::spawn(async move {
+            let stopped = async move {
+                let _ = stop.changed().await;
+            };
+            server::run(vec![listener], admin, timeouts, stopped).await
+        })
+    });
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stopping.send(true);
+    };
     let drained = server::run(listeners, proxy, (&config.server).into(), shutdown).await;
+    if let Some(task) = admin_task {
+        let _ = task.await;
+    }
     let _ = stop_reconciler.send(true);
     let _ = reconciler.await;
 
@@ -130,6 +169,24 @@ pub async fn serve(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The admin listener, if configured and given its token.
+async fn admin_listener(config: &Config) -> Result<Option<(TcpListener, String)>, Error> {
+    let Some(addr) = config.admin.listen else {
+        return Ok(None);
+    };
+    let var = &config.admin.token_env;
+    match std::env::var(var) {
+        Ok(token) if !token.trim().is_empty() => Ok(Some((
+            TcpListener::bind(addr).await?,
+            token.trim().to_owned(),
+        ))),
+        _ => {
+            tracing::warn!("admin API off: set {var} to its bearer token to turn it on");
+            Ok(None)
+        }
+    }
 }
 
 /// Asks fal about jobs nobody has fetched, every `reconcile_interval_secs`.

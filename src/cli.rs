@@ -6,14 +6,13 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use serde::Serialize;
-
 use crate::billing::pricing::PriceTable;
 use crate::config::Config;
 use crate::dates;
 use crate::error::Error;
-use crate::store::ledger::{self, ChargeRow, ModelUsage};
+use crate::store::ledger;
 use crate::store::{self, admin};
+use crate::usage;
 
 #[derive(Parser)]
 #[command(
@@ -201,16 +200,6 @@ fn known_plan(config: &Config, plan: &str) -> Result<(), Error> {
     )))
 }
 
-#[derive(Serialize)]
-struct UsageReport<'a> {
-    account: &'a str,
-    since: Option<String>,
-    total_credits: u64,
-    total_usd: String,
-    models: Vec<ModelUsage>,
-    charges: Vec<ChargeRow>,
-}
-
 fn usage(
     config: &Config,
     conn: &mut rusqlite::Connection,
@@ -218,26 +207,8 @@ fn usage(
     since: Option<String>,
     json: bool,
 ) -> Result<String, Error> {
-    let since_ms = match &since {
-        None => 0,
-        Some(d) => {
-            dates::parse_date(d)
-                .ok_or_else(|| Error::Usage(format!("--since {d:?}: expected YYYY-MM-DD")))?
-                * 1000
-        }
-    };
-    let account = admin::account(conn, name)?;
-    let (models, charges) = ledger::usage(conn, account.id, since_ms)?;
     let prices = PriceTable::new(&config.billing, &config.pricing)?;
-    let total_credits = models.iter().map(|m| m.credits).sum();
-    let report = UsageReport {
-        account: name,
-        since,
-        total_credits,
-        total_usd: prices.cost_usd(total_credits),
-        models,
-        charges,
-    };
+    let report = usage::report(conn, &prices, name, since)?;
     if json {
         return simd_json::to_string_pretty(&report).map_err(|e| Error::Usage(e.to_string()));
     }

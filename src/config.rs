@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 
@@ -35,9 +35,29 @@ pub struct Config {
     pub pricing: Vec<PriceRuleConfig>,
     #[serde(default)]
     pub queue: QueueConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// Rate-limit plans by name; `free` is every new account's.
     #[serde(default = "default_plans")]
     pub plans: BTreeMap<String, PlanConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// The operator's listener (admin API, metrics, reload); keep it private.
+    pub listen: Option<SocketAddr>,
+    /// Environment variable holding the bearer token; unset, the admin API stays off.
+    pub token_env: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            token_env: "ABHIAPI_ADMIN_TOKEN".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -195,7 +215,7 @@ impl Default for LimitsConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BillingConfig {
     /// Dollars per credit (0.001: a credit is a tenth of a cent).
@@ -224,7 +244,7 @@ impl Default for BillingConfig {
 }
 
 /// How a model is billed, as fal bills it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Unit {
     Megapixel,
@@ -233,7 +253,7 @@ pub enum Unit {
     Request,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PriceRuleConfig {
     /// A model path (`fal-ai/flux/dev`) or a prefix ending in `*`.

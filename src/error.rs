@@ -44,6 +44,12 @@ pub enum ApiError {
     NotFound,
     /// Our own fault (a database error); the details go to the log, not the client.
     Internal,
+    /// The admin API's bearer token is missing or wrong.
+    AdminUnauthorized,
+    /// A request the admin API cannot carry out as asked.
+    Invalid(String),
+    /// It exists already.
+    Conflict(String),
     /// A `Host` we could not put into the URLs we hand back.
     InvalidHost,
     /// An `x-fal-target-url` that is missing or not one of fal's hosts.
@@ -79,6 +85,9 @@ impl ApiError {
                 StatusCode::BAD_REQUEST
             }
             JobNotFound | NotFound => StatusCode::NOT_FOUND,
+            AdminUnauthorized => StatusCode::UNAUTHORIZED,
+            Invalid(_) => StatusCode::BAD_REQUEST,
+            Conflict(_) => StatusCode::CONFLICT,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             UnpricedModel(_) => StatusCode::NOT_FOUND,
@@ -106,6 +115,9 @@ impl ApiError {
             InvalidTarget => "invalid_target_url",
             JobNotFound => "job_not_found",
             NotFound => "not_found",
+            AdminUnauthorized => "admin_unauthorized",
+            Invalid(_) => "invalid_request",
+            Conflict(_) => "conflict",
             Internal => "internal_error",
             UnpricedModel(_) => "model_not_priced",
             InsufficientCredits { .. } => "insufficient_credits",
@@ -139,6 +151,8 @@ impl ApiError {
             InvalidTarget => "x-fal-target-url must name fal.run, queue.fal.run or fal's storage upload endpoint.".into(),
             JobNotFound => "Request not found.".into(),
             NotFound => "Not found.".into(),
+            AdminUnauthorized => "Missing or wrong admin token: send `authorization: Bearer <token>`.".into(),
+            Invalid(why) | Conflict(why) => format!("{why}."),
             Internal => "Internal error; nothing was charged.".into(),
             UnpricedModel(model) => format!("{model} is not offered by this gateway: no price is configured for it."),
             InsufficientCredits { needed, available } => format!(

@@ -4,6 +4,7 @@
 //! ([`proxy`], [`upstream`]) → respond, with state in memory and durably in
 //! SQLite ([`store`]).
 
+pub mod admin;
 pub mod app;
 pub mod billing;
 pub mod cli;
@@ -21,3 +22,4 @@ pub mod server;
 pub mod store;
 pub mod tls;
 pub mod upstream;
+pub mod usage;

@@ -76,6 +76,9 @@ fn fal_key(config: &Config) -> Result<String, Error> {
 
 /// The listening lines are a contract: tests and scripts read the addresses from them.
 fn announce(bound: &Bound, demo: Option<&Demo>) {
+    if let Some(addr) = bound.admin {
+        println!("listening admin http://{addr}");
+    }
     if let Some(addr) = bound.plain {
         println!("listening plain http://{addr}");
     }

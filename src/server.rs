@@ -16,7 +16,27 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::ServerConfig;
+use crate::proxy::body::Body;
 use crate::proxy::{Conn, Proxy};
+
+/// What answers requests on a listener: the proxy, or the admin API.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(
+        &self,
+        req: hyper::Request<hyper::body::Incoming>,
+        conn: Conn,
+    ) -> impl Future<Output = hyper::Response<Body>> + Send;
+}
+
+impl Handler for Proxy {
+    fn handle(
+        &self,
+        req: hyper::Request<hyper::body::Incoming>,
+        conn: Conn,
+    ) -> impl Future<Output = hyper::Response<Body>> + Send {
+        Proxy::handle(self, req, conn)
+    }
+}
 
 /// A bound socket, with the TLS acceptor if it speaks TLS.
 pub struct Listener {
@@ -44,9 +64,9 @@ impl From<&ServerConfig> for Timeouts {
 /// Serves until `shutdown` resolves, then stops accepting and gives
 /// in-flight requests up to `timeouts.grace` to finish. True when every
 /// connection finished within the grace period.
-pub async fn run(
+pub async fn run<H: Handler>(
     listeners: Vec<Listener>,
-    proxy: Arc<Proxy>,
+    handler: Arc<H>,
     timeouts: Timeouts,
     shutdown: impl Future<Output = ()>,
 ) -> bool {
@@ -65,7 +85,7 @@ pub async fn run(
         .map(|l| {
             tokio::spawn(accept_loop(
                 l,
-                Arc::clone(&proxy),
+                Arc::clone(&handler),
                 Arc::clone(&builder),
                 Arc::clone(&graceful),
                 timeouts,
@@ -93,9 +113,9 @@ pub async fn run(
     drained
 }
 
-async fn accept_loop(
+async fn accept_loop<H: Handler>(
     listener: Listener,
-    proxy: Arc<Proxy>,
+    handler: Arc<H>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     graceful: Arc<GracefulShutdown>,
     timeouts: Timeouts,
@@ -118,7 +138,7 @@ async fn accept_loop(
         tokio::spawn(connection(
             stream,
             listener.tls.clone(),
-            Arc::clone(&proxy),
+            Arc::clone(&handler),
             Arc::clone(&builder),
             graceful.watcher(),
             timeouts,
@@ -127,10 +147,10 @@ async fn accept_loop(
     }
 }
 
-async fn connection(
+async fn connection<H: Handler>(
     stream: TcpStream,
     tls: Option<TlsAcceptor>,
-    proxy: Arc<Proxy>,
+    handler: Arc<H>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     watcher: Watcher,
     timeouts: Timeouts,
@@ -138,8 +158,8 @@ async fn connection(
 ) {
     let conn = Conn { tls: tls.is_some() };
     let service = service_fn(move |req| {
-        let proxy = Arc::clone(&proxy);
-        async move { Ok::<_, Infallible>(proxy.handle(req, conn).await) }
+        let handler = Arc::clone(&handler);
+        async move { Ok::<_, Infallible>(handler.handle(req, conn).await) }
     });
     let result = match tls {
         None => {

@@ -45,9 +45,24 @@ impl Refresher {
         Ok(Self { stop, handle })
     }
 
+    /// Wakes the thread to read the change feed now, not at its next tick.
+    pub fn waker(&self) -> RefreshWaker {
+        RefreshWaker(self.handle.thread().clone())
+    }
+
     pub fn stop(self) {
         self.stop.store(true, Ordering::Release);
         self.handle.thread().unpark();
         let _ = self.handle.join();
+    }
+}
+
+/// Asks the refresher to look at the change feed at once (after an edit made by this server).
+#[derive(Clone)]
+pub struct RefreshWaker(std::thread::Thread);
+
+impl RefreshWaker {
+    pub fn wake(&self) {
+        self.0.unpark();
     }
 }

@@ -191,6 +191,22 @@ impl Registry {
         }
     }
 
+    /// An account's state or plan changed by this server itself: applied
+    /// now. Balances are left to the change feed, which carries them as deltas.
+    pub fn account_changed(&self, row: &AccountRow) {
+        self.apply(&[Change {
+            account: Some(AccountRow {
+                id: row.id,
+                name: row.name.clone(),
+                plan: row.plan.clone(),
+                balance: 0,
+                suspended: row.suspended,
+            }),
+            key: None,
+            balance_delta: 0,
+        }]);
+    }
+
     /// A key created or switched off by this server itself: applied now,
     /// not a refresh later (the change feed will apply it again, harmlessly).
     pub fn key_changed(&self, row: &KeyRow) {

@@ -53,6 +53,33 @@ fn require_account(tx: &Transaction, name: &str) -> Result<AccountRow, Error> {
     find_account(tx, name)?.ok_or_else(|| Error::Usage(format!("no account named {name:?}")))
 }
 
+/// Creates an account; an existing name is refused.
+pub fn create_account(
+    conn: &mut Connection,
+    name: &str,
+    credits: i64,
+    plan: &str,
+) -> Result<AccountRow, Error> {
+    if name.trim().is_empty() || credits < 0 {
+        return Err(Error::Usage(
+            "an account needs a name and credits >= 0".into(),
+        ));
+    }
+    let tx = write_tx(conn)?;
+    if find_account(&tx, name)?.is_some() {
+        return Err(Error::Usage(format!("account {name:?} exists")));
+    }
+    tx.execute(
+        "INSERT INTO accounts (name, plan, balance, created_at) VALUES (?1, ?2, ?3, ?4)",
+        params![name, plan, credits, now_secs()],
+    )?;
+    let id = tx.last_insert_rowid();
+    record_change(&tx, Some(id), None, credits)?;
+    let row = require_account(&tx, name)?;
+    tx.commit()?;
+    Ok(row)
+}
+
 /// Creates a key for `account`, creating the account first if it is new
 /// (with `credits` and `plan`). For an existing account those two are left as they are.
 pub fn create_key(

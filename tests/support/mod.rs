@@ -40,7 +40,11 @@ pub struct Options {
     pub pricing: String,
     /// `[plans.*]`, as TOML.
     pub plans: String,
+    /// Turn the admin listener on (token: [`ADMIN_TOKEN`]).
+    pub admin: bool,
 }
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
 /// Limits no other test comes near; the rate-limit tests set real ones.
 pub const UNLIMITED_PLANS: &str = "[plans.free]\nrequests_per_minute = 100000000\n";
@@ -88,6 +92,7 @@ impl Options {
             ca_file: None,
             pricing: TEST_PRICING.to_owned(),
             plans: UNLIMITED_PLANS.to_owned(),
+            admin: false,
         }
     }
 
@@ -118,6 +123,7 @@ connect_timeout_secs = 2
 path = "{db}"
 refresh_interval_ms = 250
 
+{admin}
 [queue]
 reconcile_interval_secs = {reconcile}
 
@@ -131,6 +137,11 @@ max_json_body_bytes = {max_json}
             up = self.upstream,
             queue = self.queue,
             reconcile = self.reconcile_interval_secs,
+            admin = if self.admin {
+                "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_env = \"ABHIAPI_TEST_ADMIN_TOKEN\"\n"
+            } else {
+                ""
+            },
             timeout = self.timeout_secs,
             db = dir.join("abhiapi.db").display(),
             max_json = self.max_json_body_bytes,
@@ -145,6 +156,8 @@ pub struct Server {
     child: Child,
     pub plain: SocketAddr,
     pub tls: SocketAddr,
+    /// The admin listener, when the options turned it on.
+    pub admin: Option<SocketAddr>,
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
 }
@@ -169,11 +182,12 @@ impl Server {
 
     /// Starts on a config (and database) already prepared in `dir`.
     pub fn start_config(dir: tempfile::TempDir, config: PathBuf) -> Self {
-        let (child, plain, tls) = launch(dir.path(), &config);
+        let (child, plain, tls, admin) = launch(dir.path(), &config);
         Self {
             child,
             plain,
             tls,
+            admin,
             dir,
             config,
         }
@@ -184,8 +198,8 @@ impl Server {
     pub fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let (child, plain, tls) = launch(self.dir.path(), &self.config);
-        (self.child, self.plain, self.tls) = (child, plain, tls);
+        let (child, plain, tls, admin) = launch(self.dir.path(), &self.config);
+        (self.child, self.plain, self.tls, self.admin) = (child, plain, tls, admin);
     }
 
     /// The server's database, for reconciling the ledger.
@@ -247,7 +261,7 @@ impl Drop for Server {
 }
 
 /// Starts `abhiapi serve` and reads the addresses it announces.
-fn launch(dir: &Path, config: &Path) -> (Child, SocketAddr, SocketAddr) {
+fn launch(dir: &Path, config: &Path) -> (Child, SocketAddr, SocketAddr, Option<SocketAddr>) {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -258,6 +272,7 @@ fn launch(dir: &Path, config: &Path) -> (Child, SocketAddr, SocketAddr) {
         .arg("--config")
         .arg(config)
         .env("ABHIAPI_TEST_FAL_KEY", FAL_KEY)
+        .env("ABHIAPI_TEST_ADMIN_TOKEN", ADMIN_TOKEN)
         .stdout(Stdio::piped())
         .stderr(log)
         .spawn()
@@ -269,7 +284,7 @@ fn launch(dir: &Path, config: &Path) -> (Child, SocketAddr, SocketAddr) {
             let _ = tx.send(line);
         }
     });
-    let (mut plain, mut tls) = (None, None);
+    let (mut plain, mut tls, mut admin) = (None, None, None);
     let deadline = Instant::now() + Duration::from_secs(20);
     while plain.is_none() || tls.is_none() {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -281,10 +296,12 @@ fn launch(dir: &Path, config: &Path) -> (Child, SocketAddr, SocketAddr) {
             line.strip_prefix(prefix)
                 .map(|a| a.parse::<SocketAddr>().unwrap())
         };
+        // The admin line, when there is one, comes first.
+        admin = admin.or(addr("listening admin http://"));
         plain = plain.or(addr("listening plain http://"));
         tls = tls.or(addr("listening tls https://"));
     }
-    (child, plain.unwrap(), tls.unwrap())
+    (child, plain.unwrap(), tls.unwrap(), admin)
 }
 
 pub fn cli(config: &Path, args: &[&str]) -> Output {

@@ -1,0 +1,371 @@
+//! The operator's API, on its own listener (`[admin] listen`), behind a
+//! bearer token: accounts, keys, usage and the price table in force, as
+//! JSON, described by `docs/openapi.json`. Edits apply to the running
+//! server at once (top-ups within a refresh: balances move only by deltas).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::billing::pricing::PriceTable;
+use crate::config::{BillingConfig, Config, PriceRuleConfig, DEFAULT_PLAN};
+use crate::error::{ApiError, Error};
+use crate::keys::refresh::RefreshWaker;
+use crate::keys::Registry;
+use crate::proxy::body::Body;
+use crate::proxy::Conn;
+use crate::server::Handler;
+use crate::store::admin::{self, KeyListing};
+use crate::store::db::Db;
+use crate::store::snapshot::{self, AccountRow};
+use crate::usage;
+
+/// The API's description, served at `/admin/openapi.json` and checked against the server by a test.
+pub const OPENAPI: &str = include_str!("../docs/openapi.json");
+const MAX_BODY: usize = 64 * 1024;
+
+pub struct Admin {
+    token: String,
+    db: Db,
+    registry: Arc<Registry>,
+    /// Edits reach memory through the change feed; this makes it read them now.
+    refresh: RefreshWaker,
+    config: Config,
+}
+
+#[derive(Serialize)]
+struct AccountView {
+    name: String,
+    plan: String,
+    suspended: bool,
+    balance: i64,
+    held: i64,
+    available: i64,
+}
+
+#[derive(Serialize)]
+struct CreatedKey {
+    id: i64,
+    account: String,
+    key: String,
+    prefix: String,
+}
+
+#[derive(Serialize)]
+struct PriceTableView<'a> {
+    billing: &'a BillingConfig,
+    pricing: &'a [PriceRuleConfig],
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewAccount {
+    name: String,
+    #[serde(default)]
+    credits: i64,
+    plan: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Credits {
+    credits: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Plan {
+    plan: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewKey {
+    account: String,
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Result<Response<Body>, ApiError> {
+    let text = simd_json::to_string(value).map_err(|e| Error::Usage(e.to_string()))?;
+    let mut resp = Response::new(Body::full(Bytes::from(text)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok(resp)
+}
+
+/// A store refusal is the caller's mistake; anything else is ours.
+fn invalid(e: Error) -> ApiError {
+    match e {
+        Error::Usage(why) => ApiError::Invalid(why),
+        other => other.into(),
+    }
+}
+
+fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
+    req.uri()
+        .query()?
+        .split('&')
+        .find_map(|p| p.strip_prefix(name)?.strip_prefix('='))
+}
+
+async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+    let bytes = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|_| ApiError::BodyTooLarge { limit: MAX_BODY })?
+        .to_bytes();
+    let mut copy = bytes.to_vec();
+    simd_json::from_slice(&mut copy).map_err(|e| ApiError::MalformedJson(e.to_string()))
+}
+
+impl Handler for Admin {
+    async fn handle(&self, req: Request<Incoming>, _conn: Conn) -> Response<Body> {
+        let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+        let resp = match self.route(req).await {
+            Ok(resp) => resp,
+            Err(e) => e.into_response(),
+        };
+        tracing::info!(%method, %path, status = resp.status().as_u16(), "admin");
+        resp
+    }
+}
+
+impl Admin {
+    pub fn new(
+        token: String,
+        db: Db,
+        registry: Arc<Registry>,
+        refresh: RefreshWaker,
+        config: Config,
+    ) -> Self {
+        Self {
+            token,
+            db,
+            registry,
+            refresh,
+            config,
+        }
+    }
+
+    /// Compares the whole token whatever the first difference, so timing tells nothing.
+    fn authorized(&self, req: &Request<Incoming>) -> bool {
+        let presented = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let (a, b) = (presented.as_bytes(), self.token.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+        if !self.authorized(&req) {
+            return Err(ApiError::AdminUnauthorized);
+        }
+        let path = req.uri().path().to_owned();
+        let segments: Vec<&str> = path
+            .strip_prefix("/admin/")
+            .ok_or(ApiError::NotFound)?
+            .trim_end_matches('/')
+            .split('/')
+            .collect();
+        match (req.method().clone(), segments.as_slice()) {
+            (Method::GET, ["openapi.json"]) => {
+                let mut resp = Response::new(Body::full(OPENAPI));
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                Ok(resp)
+            }
+            (Method::GET, ["prices"]) => json(
+                StatusCode::OK,
+                &PriceTableView {
+                    billing: &self.config.billing,
+                    pricing: &self.config.pricing,
+                },
+            ),
+            (Method::POST, ["accounts"]) => self.create_account(read_json(req).await?).await,
+            (Method::GET, ["accounts", name]) => self.account(name).await,
+            (Method::POST, ["accounts", name, "topup"]) => {
+                let Credits { credits } = read_json(req).await?;
+                let name = name.to_string();
+                self.edit_account(&name.clone(), move |conn| {
+                    admin::topup(conn, &name, credits)
+                })
+                .await
+            }
+            (Method::POST, ["accounts", name, action @ ("suspend" | "resume")]) => {
+                let (name, suspend) = (name.to_string(), *action == "suspend");
+                self.edit_account(&name.clone(), move |conn| {
+                    admin::set_suspended(conn, &name, suspend)?;
+                    admin::account(conn, &name)
+                })
+                .await
+            }
+            (Method::PUT, ["accounts", name, "plan"]) => {
+                let name = name.to_string();
+                let Plan { plan } = read_json(req).await?;
+                self.known_plan(&plan)?;
+                self.edit_account(&name.clone(), move |conn| {
+                    admin::set_plan(conn, &name, &plan)?;
+                    admin::account(conn, &name)
+                })
+                .await
+            }
+            (Method::GET, ["accounts", name, "usage"]) => {
+                let since = query_param(&req, "since").map(str::to_owned);
+                self.usage(name, since).await
+            }
+            (Method::GET, ["keys"]) => {
+                let account = query_param(&req, "account").map(str::to_owned);
+                let keys: Vec<KeyListing> = self
+                    .db
+                    .run(move |conn| admin::list_keys(conn, account.as_deref()))
+                    .await?;
+                json(StatusCode::OK, &keys)
+            }
+            (Method::POST, ["keys"]) => self.create_key(read_json(req).await?).await,
+            (Method::POST, ["keys", id, action @ ("disable" | "enable")]) => {
+                let id: i64 = id.parse().map_err(|_| ApiError::NotFound)?;
+                self.set_key(id, *action == "disable").await
+            }
+            _ => Err(ApiError::NotFound),
+        }
+    }
+
+    fn known_plan(&self, plan: &str) -> Result<(), ApiError> {
+        match self.config.plans.contains_key(plan) {
+            true => Ok(()),
+            false => Err(ApiError::Invalid(format!("no plan named {plan:?}"))),
+        }
+    }
+
+    /// An account as it is now: in memory if this server knows it, else as stored.
+    fn view(&self, row: &AccountRow) -> AccountView {
+        let live = self.registry.account(row.id);
+        let (balance, held) = live.map_or((row.balance, 0), |a| (a.balance(), a.held()));
+        AccountView {
+            name: row.name.clone(),
+            plan: row.plan.clone(),
+            suspended: row.suspended,
+            balance,
+            held,
+            available: balance - held,
+        }
+    }
+
+    async fn find(&self, name: &str) -> Result<AccountRow, ApiError> {
+        let name = name.to_owned();
+        self.db
+            .run(move |conn| admin::account(conn, &name))
+            .await
+            .map_err(|_| ApiError::NotFound)
+    }
+
+    async fn account(&self, name: &str) -> Result<Response<Body>, ApiError> {
+        let row = self.find(name).await?;
+        json(StatusCode::OK, &self.view(&row))
+    }
+
+    async fn create_account(&self, new: NewAccount) -> Result<Response<Body>, ApiError> {
+        let plan = new.plan.unwrap_or_else(|| DEFAULT_PLAN.to_owned());
+        self.known_plan(&plan)?;
+        let name = new.name.clone();
+        let exists = self.find(&name).await.is_ok();
+        if exists {
+            return Err(ApiError::Conflict(format!("account {name:?} exists")));
+        }
+        let row = self
+            .db
+            .run(move |conn| admin::create_account(conn, &new.name, new.credits, &plan))
+            .await
+            .map_err(invalid)?;
+        // The opening balance reaches memory through the change feed, like a
+        // top-up: answer once it has, so a key made next works at once.
+        self.refresh.wake();
+        for _ in 0..200 {
+            if self.registry.account(row.id).is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        json(StatusCode::CREATED, &self.view(&row))
+    }
+
+    /// Runs an edit of account `name` (404 if it does not exist), applies
+    /// the row to memory, and answers with the account.
+    async fn edit_account<F>(&self, name: &str, edit: F) -> Result<Response<Body>, ApiError>
+    where
+        F: FnOnce(&mut rusqlite::Connection) -> Result<AccountRow, Error> + Send + 'static,
+    {
+        self.find(name).await?;
+        let row = self.db.run(edit).await.map_err(invalid)?;
+        self.registry.account_changed(&row);
+        self.refresh.wake();
+        json(StatusCode::OK, &self.view(&row))
+    }
+
+    async fn usage(&self, name: &str, since: Option<String>) -> Result<Response<Body>, ApiError> {
+        self.find(name).await?;
+        let prices = PriceTable::new(&self.config.billing, &self.config.pricing)?;
+        let name = name.to_owned();
+        let report = self
+            .db
+            .run(move |conn| usage::report(conn, &prices, &name, since))
+            .await
+            .map_err(invalid)?;
+        json(StatusCode::OK, &report)
+    }
+
+    async fn create_key(&self, new: NewKey) -> Result<Response<Body>, ApiError> {
+        self.find(&new.account).await?;
+        let account = new.account.clone();
+        let (created, row) = self
+            .db
+            .run(move |conn| {
+                let created = admin::create_key(conn, &account, 0, DEFAULT_PLAN)?;
+                let row = snapshot::key_by_id(conn, created.id)?;
+                Ok((created, row))
+            })
+            .await?;
+        if let Some(row) = row {
+            self.registry.key_changed(&row);
+        }
+        let view = CreatedKey {
+            id: created.id,
+            account: new.account,
+            key: created.secret,
+            prefix: created.display_prefix,
+        };
+        json(StatusCode::CREATED, &view)
+    }
+
+    async fn set_key(&self, id: i64, disabled: bool) -> Result<Response<Body>, ApiError> {
+        let listing = self
+            .db
+            .run(move |conn| {
+                if admin::key_account(conn, id)?.is_none() {
+                    return Ok(None);
+                }
+                admin::set_key_disabled(conn, id, disabled)?;
+                let row = snapshot::key_by_id(conn, id)?;
+                let listing = admin::list_keys(conn, None)?
+                    .into_iter()
+                    .find(|k| k.id == id);
+                Ok(row.zip(listing))
+            })
+            .await?
+            .ok_or(ApiError::NotFound)?;
+        self.registry.key_changed(&listing.0);
+        json(StatusCode::OK, &listing.1)
+    }
+}

@@ -1,0 +1,49 @@
+//! An account's usage report: charges and totals per model, for the CLI's
+//! `usage` and the admin API.
+
+use rusqlite::Connection;
+use serde::Serialize;
+
+use crate::billing::pricing::PriceTable;
+use crate::dates;
+use crate::error::Error;
+use crate::store::admin;
+use crate::store::ledger::{self, ChargeRow, ModelUsage};
+
+#[derive(Serialize)]
+pub struct UsageReport {
+    pub account: String,
+    pub since: Option<String>,
+    pub total_credits: u64,
+    pub total_usd: String,
+    pub models: Vec<ModelUsage>,
+    pub charges: Vec<ChargeRow>,
+}
+
+/// `since` is a UTC date (`YYYY-MM-DD`); `None` means everything.
+pub fn report(
+    conn: &mut Connection,
+    prices: &PriceTable,
+    name: &str,
+    since: Option<String>,
+) -> Result<UsageReport, Error> {
+    let since_ms = match &since {
+        None => 0,
+        Some(d) => {
+            dates::parse_date(d)
+                .ok_or_else(|| Error::Usage(format!("since {d:?}: expected YYYY-MM-DD")))?
+                * 1000
+        }
+    };
+    let account = admin::account(conn, name)?;
+    let (models, charges) = ledger::usage(conn, account.id, since_ms)?;
+    let total_credits = models.iter().map(|m| m.credits).sum();
+    Ok(UsageReport {
+        account: name.to_owned(),
+        since,
+        total_credits,
+        total_usd: prices.cost_usd(total_credits),
+        models,
+        charges,
+    })
+}
