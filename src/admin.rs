@@ -17,12 +17,14 @@ use crate::config::{BillingConfig, Config, PriceRuleConfig, DEFAULT_PLAN};
 use crate::error::{ApiError, Error};
 use crate::keys::refresh::RefreshWaker;
 use crate::keys::Registry;
+use crate::metrics::{Gauges, Metrics};
 use crate::proxy::body::Body;
 use crate::proxy::Conn;
 use crate::server::Handler;
 use crate::store::admin::{self, KeyListing};
 use crate::store::db::Db;
 use crate::store::snapshot::{self, AccountRow};
+use crate::store::writer::StoreWriter;
 use crate::usage;
 
 /// The API's description, served at `/admin/openapi.json` and checked against the server by a test.
@@ -30,12 +32,20 @@ pub const OPENAPI: &str = include_str!("../docs/openapi.json");
 const MAX_BODY: usize = 64 * 1024;
 
 pub struct Admin {
-    token: String,
-    db: Db,
-    registry: Arc<Registry>,
-    /// Edits reach memory through the change feed; this makes it read them now.
-    refresh: RefreshWaker,
+    w: AdminWiring,
     config: Config,
+}
+
+/// The server's state the admin API reads and edits, built by `app`.
+pub struct AdminWiring {
+    pub token: String,
+    pub db: Db,
+    pub registry: Arc<Registry>,
+    /// Edits reach memory through the change feed; this makes it read them now.
+    pub refresh: RefreshWaker,
+    pub metrics: Arc<Metrics>,
+    /// For the ledger queue's depth.
+    pub writer: StoreWriter,
 }
 
 #[derive(Serialize)]
@@ -138,20 +148,8 @@ impl Handler for Admin {
 }
 
 impl Admin {
-    pub fn new(
-        token: String,
-        db: Db,
-        registry: Arc<Registry>,
-        refresh: RefreshWaker,
-        config: Config,
-    ) -> Self {
-        Self {
-            token,
-            db,
-            registry,
-            refresh,
-            config,
-        }
+    pub fn new(config: Config, w: AdminWiring) -> Self {
+        Self { w, config }
     }
 
     /// Compares the whole token whatever the first difference, so timing tells nothing.
@@ -162,7 +160,7 @@ impl Admin {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        let (a, b) = (presented.as_bytes(), self.token.as_bytes());
+        let (a, b) = (presented.as_bytes(), self.w.token.as_bytes());
         a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
     }
 
@@ -171,6 +169,9 @@ impl Admin {
             return Err(ApiError::AdminUnauthorized);
         }
         let path = req.uri().path().to_owned();
+        if path == "/metrics" && req.method() == Method::GET {
+            return Ok(self.metrics());
+        }
         let segments: Vec<&str> = path
             .strip_prefix("/admin/")
             .ok_or(ApiError::NotFound)?
@@ -228,6 +229,7 @@ impl Admin {
             (Method::GET, ["keys"]) => {
                 let account = query_param(&req, "account").map(str::to_owned);
                 let keys: Vec<KeyListing> = self
+                    .w
                     .db
                     .run(move |conn| admin::list_keys(conn, account.as_deref()))
                     .await?;
@@ -242,6 +244,19 @@ impl Admin {
         }
     }
 
+    fn metrics(&self) -> Response<Body> {
+        let gauges = Gauges {
+            credits_held: self.w.registry.credits_held(),
+            ledger_queue_depth: self.w.writer.queue_depth(),
+        };
+        let mut resp = Response::new(Body::full(self.w.metrics.render(gauges)));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        );
+        resp
+    }
+
     fn known_plan(&self, plan: &str) -> Result<(), ApiError> {
         match self.config.plans.contains_key(plan) {
             true => Ok(()),
@@ -251,7 +266,7 @@ impl Admin {
 
     /// An account as it is now: in memory if this server knows it, else as stored.
     fn view(&self, row: &AccountRow) -> AccountView {
-        let live = self.registry.account(row.id);
+        let live = self.w.registry.account(row.id);
         let (balance, held) = live.map_or((row.balance, 0), |a| (a.balance(), a.held()));
         AccountView {
             name: row.name.clone(),
@@ -265,7 +280,8 @@ impl Admin {
 
     async fn find(&self, name: &str) -> Result<AccountRow, ApiError> {
         let name = name.to_owned();
-        self.db
+        self.w
+            .db
             .run(move |conn| admin::account(conn, &name))
             .await
             .map_err(|_| ApiError::NotFound)
@@ -285,15 +301,16 @@ impl Admin {
             return Err(ApiError::Conflict(format!("account {name:?} exists")));
         }
         let row = self
+            .w
             .db
             .run(move |conn| admin::create_account(conn, &new.name, new.credits, &plan))
             .await
             .map_err(invalid)?;
         // The opening balance reaches memory through the change feed, like a
         // top-up: answer once it has, so a key made next works at once.
-        self.refresh.wake();
+        self.w.refresh.wake();
         for _ in 0..200 {
-            if self.registry.account(row.id).is_some() {
+            if self.w.registry.account(row.id).is_some() {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
@@ -308,9 +325,9 @@ impl Admin {
         F: FnOnce(&mut rusqlite::Connection) -> Result<AccountRow, Error> + Send + 'static,
     {
         self.find(name).await?;
-        let row = self.db.run(edit).await.map_err(invalid)?;
-        self.registry.account_changed(&row);
-        self.refresh.wake();
+        let row = self.w.db.run(edit).await.map_err(invalid)?;
+        self.w.registry.account_changed(&row);
+        self.w.refresh.wake();
         json(StatusCode::OK, &self.view(&row))
     }
 
@@ -319,6 +336,7 @@ impl Admin {
         let prices = PriceTable::new(&self.config.billing, &self.config.pricing)?;
         let name = name.to_owned();
         let report = self
+            .w
             .db
             .run(move |conn| usage::report(conn, &prices, &name, since))
             .await
@@ -330,6 +348,7 @@ impl Admin {
         self.find(&new.account).await?;
         let account = new.account.clone();
         let (created, row) = self
+            .w
             .db
             .run(move |conn| {
                 let created = admin::create_key(conn, &account, 0, DEFAULT_PLAN)?;
@@ -338,7 +357,7 @@ impl Admin {
             })
             .await?;
         if let Some(row) = row {
-            self.registry.key_changed(&row);
+            self.w.registry.key_changed(&row);
         }
         let view = CreatedKey {
             id: created.id,
@@ -351,6 +370,7 @@ impl Admin {
 
     async fn set_key(&self, id: i64, disabled: bool) -> Result<Response<Body>, ApiError> {
         let listing = self
+            .w
             .db
             .run(move |conn| {
                 if admin::key_account(conn, id)?.is_none() {
@@ -365,7 +385,7 @@ impl Admin {
             })
             .await?
             .ok_or(ApiError::NotFound)?;
-        self.registry.key_changed(&listing.0);
+        self.w.registry.key_changed(&listing.0);
         json(StatusCode::OK, &listing.1)
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::admin::Admin;
+use crate::admin::{Admin, AdminWiring};
 use crate::billing::journal::Journal;
 use crate::billing::ledger::Ledger;
 use crate::clock::Clock;
@@ -18,6 +18,7 @@ use crate::error::Error;
 use crate::jobs::Jobs;
 use crate::keys::refresh::Refresher;
 use crate::keys::Registry;
+use crate::metrics::Metrics;
 use crate::proxy::{Proxy, Wiring};
 use crate::server::{self, Listener};
 use crate::store::{self, db::Db, ledger, snapshot, writer::StoreWriter};
@@ -88,8 +89,14 @@ pub async fn serve(
         snapshot.seq,
         Duration::from_millis(config.store.refresh_interval_ms),
     )?;
-    let (writer, writer_thread) = StoreWriter::spawn(conn, Arc::clone(&journal));
-    let ledger = Arc::new(Ledger::new(writer.clone(), Arc::clone(&journal)));
+    let metrics = Arc::new(Metrics::default());
+    let (writer, writer_thread) =
+        StoreWriter::spawn(conn, Arc::clone(&journal), Arc::clone(&metrics));
+    let ledger = Arc::new(Ledger::new(
+        writer.clone(),
+        Arc::clone(&journal),
+        Arc::clone(&metrics),
+    ));
     let keep_ms = config.queue.keep_ended_jobs_days as i64 * 86_400_000;
     let jobs = Jobs::load(
         &store::open(&config.store.path)?,
@@ -109,6 +116,7 @@ pub async fn serve(
             clock,
             jobs: Arc::new(jobs),
             db: Db::open(&config.store.path)?,
+            metrics: Arc::clone(&metrics),
         },
     )?);
     let (stop_reconciler, reconciler) = spawn_reconciler(Arc::clone(&proxy), &config);
@@ -116,13 +124,16 @@ pub async fn serve(
     let admin = match admin_listener(&config).await? {
         Some((tcp, token)) => {
             bound.admin = Some(tcp.local_addr()?);
-            let db = Db::open(&config.store.path)?;
             let admin = Admin::new(
-                token,
-                db,
-                registry_handle,
-                refresher.waker(),
                 config.clone(),
+                AdminWiring {
+                    token,
+                    db: Db::open(&config.store.path)?,
+                    registry: registry_handle,
+                    refresh: refresher.waker(),
+                    metrics,
+                    writer: writer.clone(),
+                },
             );
             let admin = Arc::new(admin);
             Some((Listener { tcp, tls: None }, admin))

@@ -338,3 +338,91 @@ async fn admin_edits_reach_the_proxy_at_once() {
         .iter()
         .any(|r| r.get_str("model") == Some("fal-ai/flux/dev")));
 }
+
+/// The value of one metric line (`name{labels} value`) in a scrape.
+fn metric(text: &str, line: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(line)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_with_traffic() {
+    let mock = MockFal::start(None).await.unwrap();
+    let mut opts = Options::new(mock.url(false));
+    opts.admin = true;
+    opts.plans = "[plans.free]\nrequests_per_minute = 2\n".into();
+    let (server, key) = Server::start_with_key(opts, "acme", 1000);
+    let scrape = || async {
+        let req = Request::get(format!("http://{}/metrics", server.admin.unwrap()))
+            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+            .body(Full::default())
+            .unwrap();
+        let resp = client().request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        String::from_utf8(body(resp).await.to_vec()).unwrap()
+    };
+    let before = scrape().await;
+    assert_eq!(metric(&before, "abhiapi_credits_charged_total"), Some(0.0));
+
+    let flux = r#"{"prompt":"a fox","image_size":"square_hd"}"#;
+    let url = server.url("/fal-ai/flux/dev");
+    for _ in 0..3 {
+        client()
+            .request(post(&url, Some(&key), "application/json", flux))
+            .await
+            .unwrap();
+    }
+    client()
+        .request(post(&url, None, "application/json", flux))
+        .await
+        .unwrap();
+
+    let text = scrape().await;
+    let requests = |status: &str, model: &str| {
+        metric(
+            &text,
+            &format!(r#"abhiapi_requests_total{{route="sync",model="{model}",status="{status}"}}"#),
+        )
+    };
+    assert_eq!(requests("200", "fal-ai/flux/dev"), Some(2.0), "{text}");
+    assert_eq!(requests("429", "fal-ai/flux/dev"), Some(1.0));
+    assert_eq!(requests("401", ""), Some(1.0));
+    assert_eq!(
+        metric(&text, r#"abhiapi_rate_limit_denials_total{scope="key"}"#),
+        Some(1.0)
+    );
+    assert_eq!(metric(&text, "abhiapi_credits_charged_total"), Some(56.0));
+    assert_eq!(metric(&text, "abhiapi_holds_outstanding"), Some(0.0));
+    assert_eq!(metric(&text, "abhiapi_credits_held"), Some(0.0));
+    // Only the two that reached fal have an upstream latency; all four have ours.
+    assert_eq!(
+        metric(&text, "abhiapi_upstream_latency_seconds_count"),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            r#"abhiapi_upstream_latency_seconds_bucket{le="+Inf"}"#
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(&text, "abhiapi_added_latency_seconds_count"),
+        Some(4.0)
+    );
+    assert!(metric(&text, "abhiapi_ledger_queue_depth").is_some());
+    let flushed = eventually(Duration::from_secs(2), || async {
+        metric(&scrape().await, "abhiapi_ledger_flush_seconds_count") >= Some(1.0)
+    })
+    .await;
+    assert!(flushed, "no ledger flush recorded");
+    // The scrape needs the token like the rest of the admin API.
+    let resp = client()
+        .request(get(
+            &format!("http://{}/metrics", server.admin.unwrap()),
+            None,
+        ))
+        .await
+        .unwrap();
+    assert_error(resp, 401, "admin_unauthorized").await;
+}

@@ -12,6 +12,7 @@ use super::journal::{HoldRecord, Journal};
 use super::pricing::Quote;
 use crate::error::ApiError;
 use crate::keys::{Account, ApiKey};
+use crate::metrics::Metrics;
 use crate::store::ledger::{ChargeRecord, Outcome};
 use crate::store::now_ms;
 use crate::store::writer::{StoreWriter, WriteOp};
@@ -19,6 +20,7 @@ use crate::store::writer::{StoreWriter, WriteOp};
 pub struct Ledger {
     writer: StoreWriter,
     journal: Arc<Journal>,
+    metrics: Arc<Metrics>,
     /// Credits owed beyond what balances could cover (a model returned more than was asked).
     shortfall_credits: AtomicU64,
 }
@@ -44,10 +46,11 @@ const NOTHING: Quote = Quote {
 };
 
 impl Ledger {
-    pub fn new(writer: StoreWriter, journal: Arc<Journal>) -> Self {
+    pub fn new(writer: StoreWriter, journal: Arc<Journal>, metrics: Arc<Metrics>) -> Self {
         Self {
             writer,
             journal,
+            metrics,
             shortfall_credits: AtomicU64::new(0),
         }
     }
@@ -90,6 +93,7 @@ impl Ledger {
                 return Err(ApiError::LedgerUnavailable);
             }
         };
+        self.metrics.hold_opened();
         // The guard exists before the first await: if the client leaves
         // while the hold is being queued, its `Drop` still releases it.
         let reservation = Reservation {
@@ -113,6 +117,7 @@ impl Ledger {
     /// A hold that outlived its process (a queued job's), taken again in memory at start-up.
     pub fn restore(&self, account: Arc<Account>, record: HoldRecord, estimate: Quote) -> Hold {
         account.restore_hold(record.credits as i64);
+        self.metrics.hold_opened();
         Hold {
             account,
             record,
@@ -155,6 +160,8 @@ impl Ledger {
         let held = hold.record.credits as i64;
         let cost = i64::try_from(quote.credits).unwrap_or(i64::MAX);
         let (charged, shortfall) = hold.account.settle(held, cost);
+        self.metrics.hold_closed();
+        self.metrics.charged(charged as u64);
         if shortfall > 0 {
             self.shortfall_credits
                 .fetch_add(shortfall as u64, Ordering::Relaxed);

@@ -162,6 +162,11 @@ impl Registry {
         Ok(key)
     }
 
+    /// Credits held across all accounts, for metrics.
+    pub fn credits_held(&self) -> i64 {
+        self.accounts.iter().map(|a| a.held()).sum()
+    }
+
     pub fn account(&self, id: i64) -> Option<Arc<Account>> {
         self.accounts.get(&id).map(|a| Arc::clone(a.value()))
     }

@@ -29,6 +29,7 @@ use crate::config::Config;
 use crate::error::{ApiError, Error};
 use crate::jobs::Jobs;
 use crate::keys::{ApiKey, Registry};
+use crate::metrics::{Denial, Metrics};
 use crate::ratelimit::{ceil_secs, Decision, RateLimits, Verdict};
 use crate::store::{db::Db, now_secs, writer::StoreWriter};
 use crate::upstream::Upstream;
@@ -47,6 +48,7 @@ pub struct Proxy {
     jobs: Arc<Jobs>,
     /// For the dashboard's endpoints; never on the proxying path.
     db: Db,
+    metrics: Arc<Metrics>,
     /// Believe `x-forwarded-proto`/`-host` (behind a trusted load balancer).
     trust_forwarded: bool,
 }
@@ -57,9 +59,12 @@ pub struct Conn {
     pub tls: bool,
 }
 
-/// What the request log line and the rate-limit headers report.
+/// What the request log line, the metrics and the rate-limit headers report.
 #[derive(Default)]
 struct Trace {
+    route: &'static str,
+    /// The price rule that matched, for the metrics' `model` label.
+    model: Option<String>,
     key_id: Option<i64>,
     upstream: Option<Duration>,
     rate: Option<Verdict>,
@@ -74,6 +79,7 @@ pub struct Wiring {
     pub clock: Arc<dyn Clock>,
     pub jobs: Arc<Jobs>,
     pub db: Db,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Proxy {
@@ -92,6 +98,7 @@ impl Proxy {
             ids,
             jobs: w.jobs,
             db: w.db,
+            metrics: w.metrics,
             trust_forwarded: config.server.trust_forwarded_headers,
         })
     }
@@ -113,6 +120,16 @@ impl Proxy {
         if let Some(verdict) = trace.rate {
             rate_headers(resp.headers_mut(), verdict);
         }
+        let total = started.elapsed();
+        let status = resp.status().as_u16();
+        let model = trace.model.as_deref().unwrap_or("");
+        self.metrics.request(trace.route, model, status);
+        if let Some(upstream) = trace.upstream {
+            self.metrics.upstream_latency.observe(upstream);
+        }
+        self.metrics
+            .added_latency
+            .observe(total.saturating_sub(trace.upstream.unwrap_or_default()));
         tracing::info!(
             %method,
             %path,
@@ -134,24 +151,32 @@ impl Proxy {
         trace: &mut Trace,
     ) -> Result<Response<Body>, ApiError> {
         let path = req.uri().path().to_owned();
+        trace.route = "healthz";
         if path == "/healthz" && req.method() == Method::GET {
             return Ok(json(StatusCode::OK, r#"{"status":"ok"}"#));
         }
+        trace.route = "dashboard";
         if (path == "/dashboard" || path == "/dashboard/") && req.method() == Method::GET {
             return Ok(dashboard());
         }
+        let queue_route = queue::Route::parse(&path);
+        trace.route = if path.starts_with(account::PREFIX) {
+            "account"
+        } else if path == fal_proxy::ROUTE {
+            "fal_proxy"
+        } else if queue_route.is_some() {
+            "queue"
+        } else {
+            "sync"
+        };
         let key = self.authenticate(&req)?;
         trace.key_id = Some(key.id);
-        if path.starts_with(account::PREFIX) {
-            return self.account_api(req, &key, trace).await;
+        match (trace.route, queue_route) {
+            ("account", _) => self.account_api(req, &key, trace).await,
+            ("fal_proxy", _) => self.fal_proxy(req, conn, &key, request_id, trace).await,
+            (_, Some(route)) => self.queue(req, route, conn, &key, request_id, trace).await,
+            _ => self.forward_sync(req, &key, request_id, trace).await,
         }
-        if path == fal_proxy::ROUTE {
-            return self.fal_proxy(req, conn, &key, request_id, trace).await;
-        }
-        if let Some(route) = queue::Route::parse(&path) {
-            return self.queue(req, route, conn, &key, request_id, trace).await;
-        }
-        self.forward_sync(req, &key, request_id, trace).await
     }
 
     fn authenticate(&self, req: &Request<Incoming>) -> Result<Arc<ApiKey>, ApiError> {
@@ -214,10 +239,17 @@ impl Proxy {
         } else {
             (Body::Stream(incoming), RequestFacts::default())
         };
+        trace.model = Some(rule.pattern.clone());
         let estimate = self.prices.estimate(rule, &request);
         let verdict = self.limits.generation(key, self.clock.now_ns());
         trace.rate = Some(verdict);
         if let Decision::Deny { retry_after_ns, .. } = verdict.decision {
+            let by = if verdict.by_account {
+                Denial::Account
+            } else {
+                Denial::Key
+            };
+            self.metrics.denied(by);
             return Err(ApiError::RateLimited {
                 retry_after: ceil_secs(retry_after_ns),
                 by_account: verdict.by_account,
@@ -255,10 +287,13 @@ impl Proxy {
         let verdict = self.limits.poll(key, self.clock.now_ns());
         trace.rate = Some(verdict);
         match verdict.decision {
-            Decision::Deny { retry_after_ns, .. } => Err(ApiError::RateLimited {
-                retry_after: ceil_secs(retry_after_ns),
-                by_account: false,
-            }),
+            Decision::Deny { retry_after_ns, .. } => {
+                self.metrics.denied(Denial::Poll);
+                Err(ApiError::RateLimited {
+                    retry_after: ceil_secs(retry_after_ns),
+                    by_account: false,
+                })
+            }
             Decision::Allow { .. } => Ok(()),
         }
     }

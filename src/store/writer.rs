@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use super::jobs::{self, JobEnd, JobRecord};
 use super::ledger::{self, ChargeRecord};
 use crate::billing::journal::{HoldRecord, Journal, Sealed};
+use crate::metrics::Metrics;
 
 /// Largest batch committed in one transaction.
 const BATCH: usize = 1024;
@@ -48,13 +49,22 @@ pub struct StoreWriter {
 impl StoreWriter {
     /// Starts the thread; it stops after [`StoreWriter::close`] (or once every
     /// `StoreWriter` is dropped), having committed everything queued before.
-    pub fn spawn(conn: Connection, journal: Arc<Journal>) -> (Self, JoinHandle<()>) {
+    pub fn spawn(
+        conn: Connection,
+        journal: Arc<Journal>,
+        metrics: Arc<Metrics>,
+    ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE);
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || Writer::new(conn, journal).run(rx))
+            .spawn(move || Writer::new(conn, journal, metrics).run(rx))
             .expect("spawn store writer");
         (Self { tx }, handle)
+    }
+
+    /// Entries waiting for the writer.
+    pub fn queue_depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
     }
 
     /// Queues money: waits for room (back-pressure), never drops it.
@@ -96,6 +106,7 @@ impl StoreWriter {
 struct Writer {
     conn: Connection,
     journal: Arc<Journal>,
+    metrics: Arc<Metrics>,
     /// Holds committed per journal segment.
     committed: HashMap<u64, u64>,
     /// Segments that take no more appends, waiting for their holds to be committed.
@@ -103,10 +114,11 @@ struct Writer {
 }
 
 impl Writer {
-    fn new(conn: Connection, journal: Arc<Journal>) -> Self {
+    fn new(conn: Connection, journal: Arc<Journal>, metrics: Arc<Metrics>) -> Self {
         Self {
             conn,
             journal,
+            metrics,
             committed: HashMap::new(),
             sealed: Vec::new(),
         }
@@ -131,11 +143,13 @@ impl Writer {
     /// A failed batch is money not yet on disk: retry it, never skip it.
     fn commit_until_done(&mut self, batch: &[WriteOp]) {
         let mut delay = Duration::from_millis(10);
+        let started = std::time::Instant::now();
         while let Err(e) = commit(&mut self.conn, batch) {
             tracing::error!(error = %e, ops = batch.len(), "ledger batch failed; retrying");
             std::thread::sleep(delay);
             delay = (delay * 2).min(Duration::from_secs(1));
         }
+        self.metrics.ledger_flush.observe(started.elapsed());
         for op in batch {
             if let WriteOp::Hold { segment, .. } = op {
                 *self.committed.entry(*segment).or_default() += 1;

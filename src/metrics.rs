@@ -1,0 +1,225 @@
+//! Counters and histograms for `GET /metrics` (Prometheus text format), on
+//! atomics: recording is a few relaxed adds, reading happens at scrape time.
+//! The `model` label is the price rule that matched (from the config),
+//! never the raw path, so clients cannot grow the label set.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+
+/// Upper bounds, in seconds: from 100 µs (our own work) to 5 min (a long sync run).
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 10.0, 60.0, 300.0,
+];
+
+pub struct Histogram {
+    counts: [AtomicU64; LATENCY_BUCKETS.len()],
+    sum_nanos: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_nanos: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|&b| secs <= b) {
+            self.counts[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_nanos
+            .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (bound, count) in LATENCY_BUCKETS.iter().zip(&self.counts) {
+            cumulative += count.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {sum}\n{name}_count {count}"
+        );
+    }
+}
+
+/// Which limit refused a request.
+#[derive(Debug, Clone, Copy)]
+pub enum Denial {
+    Key,
+    Account,
+    Poll,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    /// (route, price rule or "", status) → answers.
+    requests: DashMap<(&'static str, String, u16), AtomicU64>,
+    pub upstream_latency: Histogram,
+    /// Our own time per request: total minus the time waiting for fal.
+    pub added_latency: Histogram,
+    pub ledger_flush: Histogram,
+    credits_charged: AtomicU64,
+    holds_open: AtomicU64,
+    denials: [AtomicU64; 3],
+}
+
+/// What a scrape reads from elsewhere in the server at that moment.
+pub struct Gauges {
+    pub credits_held: i64,
+    pub ledger_queue_depth: usize,
+}
+
+fn escape(label: &str) -> String {
+    label
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+impl Metrics {
+    pub fn request(&self, route: &'static str, model: &str, status: u16) {
+        if let Some(c) = self.requests.get(&(route, model.to_owned(), status)) {
+            c.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.requests
+            .entry((route, model.to_owned(), status))
+            .or_default()
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn charged(&self, credits: u64) {
+        self.credits_charged.fetch_add(credits, Ordering::Relaxed);
+    }
+
+    pub fn hold_opened(&self) {
+        self.holds_open.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn hold_closed(&self) {
+        self.holds_open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub fn denied(&self, by: Denial) {
+        self.denials[by as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn render(&self, gauges: Gauges) -> String {
+        let mut out = String::with_capacity(4096);
+        out.push_str("# HELP abhiapi_requests_total Requests answered, by route, price rule and status.\n# TYPE abhiapi_requests_total counter\n");
+        let mut rows: Vec<_> = self
+            .requests
+            .iter()
+            .map(|e| (e.key().clone(), e.value().load(Ordering::Relaxed)))
+            .collect();
+        rows.sort();
+        for ((route, model, status), n) in rows {
+            let model = escape(&model);
+            let _ = writeln!(
+                out,
+                "abhiapi_requests_total{{route=\"{route}\",model=\"{model}\",status=\"{status}\"}} {n}"
+            );
+        }
+        self.upstream_latency.render(
+            &mut out,
+            "abhiapi_upstream_latency_seconds",
+            "Time from sending to fal to fal's response headers.",
+        );
+        self.added_latency.render(
+            &mut out,
+            "abhiapi_added_latency_seconds",
+            "Time the proxy itself adds to a request (total minus upstream).",
+        );
+        self.ledger_flush.render(
+            &mut out,
+            "abhiapi_ledger_flush_seconds",
+            "Time to commit one ledger batch to SQLite.",
+        );
+        let counters = [
+            (
+                "abhiapi_credits_charged_total",
+                "counter",
+                "Credits charged.",
+                self.credits_charged.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "abhiapi_holds_outstanding",
+                "gauge",
+                "Holds not yet settled (requests in flight and pending queue jobs).",
+                self.holds_open.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "abhiapi_credits_held",
+                "gauge",
+                "Credits held by unsettled holds.",
+                gauges.credits_held,
+            ),
+            (
+                "abhiapi_ledger_queue_depth",
+                "gauge",
+                "Ledger entries waiting for the writer.",
+                gauges.ledger_queue_depth as i64,
+            ),
+        ];
+        for (name, kind, help, value) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
+        out.push_str("# HELP abhiapi_rate_limit_denials_total Requests refused with 429, by limit.\n# TYPE abhiapi_rate_limit_denials_total counter\n");
+        for (scope, n) in ["key", "account", "poll"].iter().zip(&self.denials) {
+            let _ = writeln!(
+                out,
+                "abhiapi_rate_limit_denials_total{{scope=\"{scope}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_cumulative_buckets() {
+        let m = Metrics::default();
+        m.request("sync", "fal-ai/\"x\"", 200);
+        m.request("sync", "fal-ai/\"x\"", 200);
+        m.added_latency.observe(Duration::from_micros(200));
+        m.added_latency.observe(Duration::from_millis(20));
+        m.denied(Denial::Poll);
+        let text = m.render(Gauges {
+            credits_held: 7,
+            ledger_queue_depth: 0,
+        });
+        assert!(
+            text.contains(
+                r#"abhiapi_requests_total{route="sync",model="fal-ai/\"x\"",status="200"} 2"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(r#"abhiapi_added_latency_seconds_bucket{le="0.00025"} 1"#));
+        assert!(text.contains(r#"abhiapi_added_latency_seconds_bucket{le="0.05"} 2"#));
+        assert!(text.contains("abhiapi_added_latency_seconds_count 2"));
+        assert!(text.contains("abhiapi_credits_held 7"));
+        assert!(text.contains(r#"abhiapi_rate_limit_denials_total{scope="poll"} 1"#));
+    }
+}
