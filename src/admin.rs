@@ -13,13 +13,14 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::billing::pricing::PriceTable;
-use crate::config::{BillingConfig, Config, PriceRuleConfig, DEFAULT_PLAN};
+use crate::config::{BillingConfig, PriceRuleConfig, DEFAULT_PLAN};
 use crate::error::{ApiError, Error};
 use crate::keys::refresh::RefreshWaker;
 use crate::keys::Registry;
 use crate::metrics::{Gauges, Metrics};
 use crate::proxy::body::Body;
 use crate::proxy::Conn;
+use crate::reload::Reloader;
 use crate::server::Handler;
 use crate::store::admin::{self, KeyListing};
 use crate::store::db::Db;
@@ -33,7 +34,8 @@ const MAX_BODY: usize = 64 * 1024;
 
 pub struct Admin {
     w: AdminWiring,
-    config: Config,
+    /// Reloads the config, and knows the one in force.
+    reloader: Arc<Reloader>,
 }
 
 /// The server's state the admin API reads and edits, built by `app`.
@@ -70,6 +72,11 @@ struct CreatedKey {
 struct PriceTableView<'a> {
     billing: &'a BillingConfig,
     pricing: &'a [PriceRuleConfig],
+}
+
+#[derive(Serialize)]
+struct Reloaded {
+    reloaded: bool,
 }
 
 #[derive(Deserialize)]
@@ -148,8 +155,8 @@ impl Handler for Admin {
 }
 
 impl Admin {
-    pub fn new(config: Config, w: AdminWiring) -> Self {
-        Self { w, config }
+    pub fn new(reloader: Arc<Reloader>, w: AdminWiring) -> Self {
+        Self { w, reloader }
     }
 
     /// Compares the whole token whatever the first difference, so timing tells nothing.
@@ -187,13 +194,20 @@ impl Admin {
                 );
                 Ok(resp)
             }
-            (Method::GET, ["prices"]) => json(
-                StatusCode::OK,
-                &PriceTableView {
-                    billing: &self.config.billing,
-                    pricing: &self.config.pricing,
-                },
-            ),
+            (Method::GET, ["prices"]) => {
+                let config = self.reloader.config();
+                let view = PriceTableView {
+                    billing: &config.billing,
+                    pricing: &config.pricing,
+                };
+                json(StatusCode::OK, &view)
+            }
+            (Method::POST, ["reload"]) => {
+                self.reloader
+                    .reload()
+                    .map_err(|e| ApiError::Invalid(e.to_string()))?;
+                json(StatusCode::OK, &Reloaded { reloaded: true })
+            }
             (Method::POST, ["accounts"]) => self.create_account(read_json(req).await?).await,
             (Method::GET, ["accounts", name]) => self.account(name).await,
             (Method::POST, ["accounts", name, "topup"]) => {
@@ -258,7 +272,7 @@ impl Admin {
     }
 
     fn known_plan(&self, plan: &str) -> Result<(), ApiError> {
-        match self.config.plans.contains_key(plan) {
+        match self.reloader.config().plans.contains_key(plan) {
             true => Ok(()),
             false => Err(ApiError::Invalid(format!("no plan named {plan:?}"))),
         }
@@ -333,7 +347,8 @@ impl Admin {
 
     async fn usage(&self, name: &str, since: Option<String>) -> Result<Response<Body>, ApiError> {
         self.find(name).await?;
-        let prices = PriceTable::new(&self.config.billing, &self.config.pricing)?;
+        let config = self.reloader.config();
+        let prices = PriceTable::new(&config.billing, &config.pricing)?;
         let name = name.to_owned();
         let report = self
             .w

@@ -3,11 +3,12 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
 use crate::admin::{Admin, AdminWiring};
 use crate::billing::journal::Journal;
@@ -20,6 +21,7 @@ use crate::keys::refresh::Refresher;
 use crate::keys::Registry;
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, Wiring};
+use crate::reload::Reloader;
 use crate::server::{self, Listener};
 use crate::store::{self, db::Db, ledger, snapshot, writer::StoreWriter};
 use crate::tls;
@@ -36,6 +38,7 @@ pub struct Bound {
 /// every listener is bound.
 pub async fn serve(
     config: Config,
+    config_path: Option<PathBuf>,
     fal_key: &str,
     clock: Arc<dyn Clock>,
     on_ready: impl FnOnce(&Bound),
@@ -70,6 +73,7 @@ pub async fn serve(
         bound.plain = Some(tcp.local_addr()?);
         listeners.push(Listener { tcp, tls: None });
     }
+    let mut tls_slot = None;
     if let Some(addr) = config.server.listen {
         let tls = tls::server_config(
             config.server.tls_cert.as_deref(),
@@ -77,9 +81,11 @@ pub async fn serve(
         )?;
         let tcp = TcpListener::bind(addr).await?;
         bound.tls = Some(tcp.local_addr()?);
+        let slot = Arc::new(ArcSwap::new(tls));
+        tls_slot = Some(Arc::clone(&slot));
         listeners.push(Listener {
             tcp,
-            tls: Some(TlsAcceptor::from(tls)),
+            tls: Some(slot),
         });
     }
 
@@ -120,12 +126,19 @@ pub async fn serve(
         },
     )?);
     let (stop_reconciler, reconciler) = spawn_reconciler(Arc::clone(&proxy), &config);
+    let reloader = Arc::new(Reloader::new(
+        config_path,
+        config.clone(),
+        Arc::clone(&proxy),
+        tls_slot,
+    ));
+    let sighup = spawn_sighup(Arc::clone(&reloader))?;
 
     let admin = match admin_listener(&config).await? {
         Some((tcp, token)) => {
             bound.admin = Some(tcp.local_addr()?);
             let admin = Admin::new(
-                config.clone(),
+                Arc::clone(&reloader),
                 AdminWiring {
                     token,
                     db: Db::open(&config.store.path)?,
@@ -163,6 +176,7 @@ pub async fn serve(
     }
     let _ = stop_reconciler.send(true);
     let _ = reconciler.await;
+    sighup.abort();
 
     // Connections that outlived the grace period are cut when the runtime
     // ends; their holds stay in the journal and are recovered at next start.
@@ -180,6 +194,17 @@ pub async fn serve(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Reloads the config on every SIGHUP.
+fn spawn_sighup(reloader: Arc<Reloader>) -> Result<tokio::task::JoinHandle<()>, Error> {
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    Ok(tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            // A refusal is logged by the reloader; the old settings stay.
+            let _ = reloader.reload();
+        }
+    }))
 }
 
 /// The admin listener, if configured and given its token.

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod mock_fal;
 pub mod proxy;
 pub mod ratelimit;
+pub mod reload;
 pub mod server;
 pub mod store;
 pub mod tls;

@@ -1,3 +1,4 @@
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -30,7 +31,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<(), Error> {
     let config = Config::load(cli.config.as_deref())?;
     match cli.command {
-        Command::Serve { demo } => serve(config, demo),
+        Command::Serve { demo } => serve(config, cli.config, demo),
         admin => {
             println!("{}", abhiapi::cli::run_admin(&config, admin)?);
             Ok(())
@@ -38,7 +39,7 @@ fn run(cli: Cli) -> Result<(), Error> {
     }
 }
 
-fn serve(mut config: Config, demo: bool) -> Result<(), Error> {
+fn serve(mut config: Config, path: Option<PathBuf>, demo: bool) -> Result<(), Error> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let demo = match demo {
@@ -51,6 +52,7 @@ fn serve(mut config: Config, demo: bool) -> Result<(), Error> {
         };
         let result = app::serve(
             config,
+            path,
             &fal_key,
             Arc::new(MonotonicClock::new()),
             |bound| announce(bound, demo.as_ref()),

@@ -7,6 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -38,10 +39,12 @@ impl Handler for Proxy {
     }
 }
 
-/// A bound socket, with the TLS acceptor if it speaks TLS.
+/// A bound socket, with its TLS settings if it speaks TLS. The settings
+/// can be replaced while it runs (a reload): each handshake takes the
+/// certificate in force, connections already open keep theirs.
 pub struct Listener {
     pub tcp: TcpListener,
-    pub tls: Option<TlsAcceptor>,
+    pub tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
 }
 
 #[derive(Clone, Copy)]
@@ -137,7 +140,7 @@ async fn accept_loop<H: Handler>(
         let _ = stream.set_nodelay(true);
         tokio::spawn(connection(
             stream,
-            listener.tls.clone(),
+            listener.tls.as_ref().map(|t| t.load_full()),
             Arc::clone(&handler),
             Arc::clone(&builder),
             graceful.watcher(),
@@ -149,7 +152,7 @@ async fn accept_loop<H: Handler>(
 
 async fn connection<H: Handler>(
     stream: TcpStream,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     handler: Arc<H>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     watcher: Watcher,
@@ -166,7 +169,8 @@ async fn connection<H: Handler>(
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             watcher.watch(conn).await
         }
-        Some(acceptor) => {
+        Some(config) => {
+            let acceptor = TlsAcceptor::from(config);
             let tls_stream =
                 match tokio::time::timeout(timeouts.tls_handshake, acceptor.accept(stream)).await {
                     Ok(Ok(s)) => s,

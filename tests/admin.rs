@@ -35,15 +35,18 @@ async fn admin(
         .unwrap();
     let resp = client().request(req).await.unwrap();
     let status = resp.status().as_u16();
+    let is_json = resp
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v == "application/json");
     let bytes = body_of(resp).await;
-    (
-        status,
-        if bytes.is_empty() {
-            OwnedValue::null()
-        } else {
-            json(&bytes)
-        },
-    )
+    match is_json {
+        true => (status, json(&bytes)),
+        false => (
+            status,
+            OwnedValue::from(String::from_utf8(bytes.to_vec()).unwrap()),
+        ),
+    }
 }
 
 async fn body_of(resp: http::Response<hyper::body::Incoming>) -> bytes::Bytes {
@@ -115,7 +118,7 @@ async fn every_documented_operation_answers_as_documented() {
         }
     }
     operations.sort_by_key(|o| o.0);
-    assert_eq!(operations.len(), 13);
+    assert_eq!(operations.len(), 15);
     for (_, method, path, op) in &operations {
         let example = op.get("x-example").unwrap();
         let target = example.get_str("path").unwrap_or(path);
@@ -140,14 +143,14 @@ async fn every_documented_operation_answers_as_documented() {
             .unwrap()
             .get(status.to_string().as_str());
         let documented = documented.unwrap_or_else(|| panic!("{at}: {status} is not documented"));
-        let body_schema = documented
-            .get("content")
-            .unwrap()
-            .get("application/json")
-            .unwrap()
-            .get("schema")
-            .unwrap();
-        conforms(&doc, body_schema, &value, &at);
+        let content = documented.get("content").unwrap();
+        match content.get("application/json") {
+            Some(media) => conforms(&doc, media.get("schema").unwrap(), &value, &at),
+            None => assert!(
+                value.as_str().is_some_and(|t| !t.is_empty()),
+                "{at}: empty text"
+            ),
+        }
     }
     // An undocumented route is not served.
     let (status, _) = admin(

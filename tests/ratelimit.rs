@@ -185,6 +185,7 @@ async fn the_allowance_refills_with_the_clock_not_with_sleep() {
         async move {
             abhiapi::app::serve(
                 config,
+                Some(config_path),
                 FAL_KEY,
                 clock,
                 |bound| {

@@ -7,6 +7,7 @@
 //! exact integer division, rounded up once.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use super::decimal::{format_scaled, to_scaled};
 use super::facts::{RequestFacts, ResponseFacts};
@@ -22,7 +23,7 @@ const DEFAULT_IMAGE: (u64, u64) = (1024, 768);
 #[derive(Debug, Clone)]
 pub struct PriceRule {
     /// The `model` as configured: a path, or a prefix ending in `*`.
-    pub pattern: String,
+    pub pattern: Arc<str>,
     pub unit: Unit,
     nano_per_unit: u64,
     /// For `second` rules: the duration assumed when a request gives none.
@@ -73,7 +74,7 @@ impl PriceTable {
         for r in rules {
             let what = format!("[[pricing]] {:?}", r.model);
             let rule = PriceRule {
-                pattern: r.model.clone(),
+                pattern: Arc::from(r.model.as_str()),
                 unit: r.unit,
                 nano_per_unit: to_scaled(r.usd, NANO).map_err(|e| bad(&what, e))?,
                 default_seconds_milli: to_scaled(r.default_seconds.unwrap_or(5.0), 3)

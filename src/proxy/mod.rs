@@ -33,17 +33,16 @@ use crate::metrics::{Denial, Metrics};
 use crate::ratelimit::{ceil_secs, Decision, RateLimits, Verdict};
 use crate::store::{db::Db, now_secs, writer::StoreWriter};
 use crate::upstream::Upstream;
+use arc_swap::ArcSwap;
 
 pub struct Proxy {
     registry: Arc<Registry>,
     upstream: Upstream,
     writer: StoreWriter,
     ledger: Arc<Ledger>,
-    prices: PriceTable,
-    limits: RateLimits,
+    /// Prices, plans and limits: replaced whole by a reload.
+    tunables: ArcSwap<Tunables>,
     clock: Arc<dyn Clock>,
-    max_json_body_bytes: usize,
-    max_json_response_bytes: usize,
     ids: RequestIds,
     jobs: Arc<Jobs>,
     /// For the dashboard's endpoints; never on the proxying path.
@@ -64,10 +63,30 @@ pub struct Conn {
 struct Trace {
     route: &'static str,
     /// The price rule that matched, for the metrics' `model` label.
-    model: Option<String>,
+    model: Option<Arc<str>>,
     key_id: Option<i64>,
     upstream: Option<Duration>,
     rate: Option<Verdict>,
+}
+
+/// The settings a reload replaces, together: a request works with one
+/// snapshot of them from start to end.
+pub struct Tunables {
+    pub prices: PriceTable,
+    pub limits: RateLimits,
+    pub max_json_body_bytes: usize,
+    pub max_json_response_bytes: usize,
+}
+
+impl Tunables {
+    pub fn new(config: &Config) -> Result<Self, Error> {
+        Ok(Self {
+            prices: PriceTable::new(&config.billing, &config.pricing)?,
+            limits: RateLimits::new(config),
+            max_json_body_bytes: config.limits.max_json_body_bytes,
+            max_json_response_bytes: config.billing.max_json_response_bytes,
+        })
+    }
 }
 
 /// The server's shared state that the proxy works with, built by `app`.
@@ -90,17 +109,19 @@ impl Proxy {
             upstream: w.upstream,
             writer: w.writer,
             ledger: w.ledger,
-            prices: PriceTable::new(&config.billing, &config.pricing)?,
-            limits: RateLimits::new(config),
+            tunables: ArcSwap::from_pointee(Tunables::new(config)?),
             clock: w.clock,
-            max_json_body_bytes: config.limits.max_json_body_bytes,
-            max_json_response_bytes: config.billing.max_json_response_bytes,
             ids,
             jobs: w.jobs,
             db: w.db,
             metrics: w.metrics,
             trust_forwarded: config.server.trust_forwarded_headers,
         })
+    }
+
+    /// Puts new prices, plans and limits in force for the requests that start from now on.
+    pub fn retune(&self, tunables: Tunables) {
+        self.tunables.store(Arc::new(tunables));
     }
 
     /// Answers one request; never fails (an `Err` would drop the connection).
@@ -205,11 +226,11 @@ impl Proxy {
             .forward_billed(req, &model, uri, key, request_id, trace)
             .await?;
         let billed = Billed {
-            prices: &self.prices,
-            rule: sent.rule,
+            prices: &sent.tunables.prices,
+            rule: &sent.rule,
             model: &model,
             request: sent.request,
-            max_json_bytes: self.max_json_response_bytes,
+            max_json_bytes: sent.tunables.max_json_response_bytes,
         };
         billed.respond(sent.resp, sent.reservation).await
     }
@@ -226,22 +247,24 @@ impl Proxy {
         key: &ApiKey,
         request_id: &str,
         trace: &mut Trace,
-    ) -> Result<Sent<'_>, ApiError> {
-        let rule = self
+    ) -> Result<Sent, ApiError> {
+        let tunables = self.tunables.load_full();
+        let rule = tunables
             .prices
             .rule(model)
+            .cloned()
             .ok_or_else(|| ApiError::UnpricedModel(model.to_owned()))?;
         let (parts, incoming) = req.into_parts();
         let (body, request) = if json_body::is_json(&parts.headers) {
             let (bytes, facts) =
-                json_body::read(incoming, &parts.headers, self.max_json_body_bytes).await?;
+                json_body::read(incoming, &parts.headers, tunables.max_json_body_bytes).await?;
             (Body::full(bytes), facts)
         } else {
             (Body::Stream(incoming), RequestFacts::default())
         };
-        trace.model = Some(rule.pattern.clone());
-        let estimate = self.prices.estimate(rule, &request);
-        let verdict = self.limits.generation(key, self.clock.now_ns());
+        trace.model = Some(Arc::clone(&rule.pattern));
+        let estimate = tunables.prices.estimate(&rule, &request);
+        let verdict = tunables.limits.generation(key, self.clock.now_ns());
         trace.rate = Some(verdict);
         if let Decision::Deny { retry_after_ns, .. } = verdict.decision {
             let by = if verdict.by_account {
@@ -259,7 +282,7 @@ impl Proxy {
             Ok(r) => r,
             Err(e) => {
                 // Refused before fal: the request did not use its allowance.
-                self.limits.refund_generation(key);
+                tunables.limits.refund_generation(key);
                 return Err(e);
             }
         };
@@ -273,6 +296,7 @@ impl Proxy {
                     reservation,
                     request,
                     rule,
+                    tunables,
                 })
             }
             Err((e, status)) => {
@@ -284,7 +308,7 @@ impl Proxy {
 
     /// The poll allowance: status, result, cancel, and storage calls.
     fn check_poll(&self, key: &ApiKey, trace: &mut Trace) -> Result<(), ApiError> {
-        let verdict = self.limits.poll(key, self.clock.now_ns());
+        let verdict = self.tunables.load().limits.poll(key, self.clock.now_ns());
         trace.rate = Some(verdict);
         match verdict.decision {
             Decision::Deny { retry_after_ns, .. } => {
@@ -331,11 +355,13 @@ impl Proxy {
 }
 
 /// Work fal has answered, still holding its estimated cost.
-struct Sent<'a> {
+struct Sent {
     resp: Response<Incoming>,
     reservation: Reservation,
     request: RequestFacts,
-    rule: &'a PriceRule,
+    rule: PriceRule,
+    /// The settings the request was admitted under; it is settled under them too.
+    tunables: Arc<Tunables>,
 }
 
 /// `x-ratelimit-limit`, `-remaining` (requests that would pass now) and

@@ -171,7 +171,11 @@ impl Proxy {
         let sent = self
             .forward_billed(req, model, uri, key, request_id, trace)
             .await?;
-        let (reservation, request) = (sent.reservation, sent.request);
+        let (reservation, request, limit) = (
+            sent.reservation,
+            sent.request,
+            sent.tunables.max_json_response_bytes,
+        );
         let status = sent.resp.status();
         let (mut parts, incoming) = sent.resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
@@ -179,7 +183,7 @@ impl Proxy {
             reservation.release(Some(status.as_u16())).await;
             return Ok(Response::from_parts(parts, Body::Stream(incoming)));
         }
-        let bytes = match collect_bounded(incoming, self.max_json_response_bytes).await {
+        let bytes = match collect_bounded(incoming, limit).await {
             Ok(Collected::Whole(bytes)) => bytes,
             Ok(Collected::Overflow(..)) | Err(_) => {
                 reservation.release(Some(status.as_u16())).await;
@@ -229,6 +233,7 @@ impl Proxy {
         let status = resp.status();
         let (mut parts, incoming) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
+        let limit = self.tunables.load().max_json_response_bytes;
         match action {
             // Server-sent events go through as they come, never buffered.
             Action::StatusStream => Ok(Response::from_parts(parts, Body::Stream(incoming))),
@@ -239,10 +244,10 @@ impl Proxy {
                 Ok(Response::from_parts(parts, Body::Stream(incoming)))
             }
             Action::Status => {
-                if !spliceable(&parts.headers, self.max_json_response_bytes) {
+                if !spliceable(&parts.headers, limit) {
                     return Ok(Response::from_parts(parts, Body::Stream(incoming)));
                 }
-                let bytes = whole(incoming, self.max_json_response_bytes).await?;
+                let bytes = whole(incoming, limit).await?;
                 if status.is_success() && status_of(&bytes).as_deref().is_some_and(failed) {
                     self.jobs.release(job, Some(status.as_u16())).await;
                 }
@@ -264,15 +269,16 @@ impl Proxy {
         incoming: Incoming,
         status: StatusCode,
     ) -> Result<Response<Body>, ApiError> {
-        if !spliceable(&parts.headers, self.max_json_response_bytes) {
+        let tunables = self.tunables.load_full();
+        if !spliceable(&parts.headers, tunables.max_json_response_bytes) {
             let settled = self.charge_job(job, None, status).await;
             billing_headers(&mut parts.headers, settled);
             return Ok(Response::from_parts(parts, Body::Stream(incoming)));
         }
-        let bytes = whole(incoming, self.max_json_response_bytes).await?;
+        let bytes = whole(incoming, tunables.max_json_response_bytes).await?;
         let answer = read_object(&bytes);
         let settled = self.charge_job(job, answer.as_ref(), status).await;
-        let figures = billing(&self.prices, &job.model, settled);
+        let figures = billing(&tunables.prices, &job.model, settled);
         Ok(billed_json(parts, bytes, answer.is_some(), &figures))
     }
 
@@ -284,9 +290,10 @@ impl Proxy {
         answer: Option<&crate::billing::facts::ResponseFacts>,
         status: StatusCode,
     ) -> crate::billing::ledger::Settled {
-        let quote = match (self.prices.rule(&job.model), answer) {
-            (Some(rule), Some(facts)) => Some(self.prices.actual(rule, &job.request, facts)),
-            (Some(rule), None) => Some(self.prices.estimate(rule, &job.request)),
+        let prices = &self.tunables.load_full().prices;
+        let quote = match (prices.rule(&job.model), answer) {
+            (Some(rule), Some(facts)) => Some(prices.actual(rule, &job.request, facts)),
+            (Some(rule), None) => Some(prices.estimate(rule, &job.request)),
             (None, _) => None,
         };
         self.jobs.charge(job, quote, status.as_u16()).await
@@ -324,7 +331,8 @@ impl Proxy {
             .uri(&format!("/{}/requests/{}/status", job.app, job.request_id))?;
         let resp = self.upstream.get(status_uri).await?;
         let code = resp.status();
-        let bytes = whole(resp.into_body(), self.max_json_response_bytes).await?;
+        let limit = self.tunables.load().max_json_response_bytes;
+        let bytes = whole(resp.into_body(), limit).await?;
         if code == StatusCode::NOT_FOUND {
             if crate::store::now_ms() - job.created_at_ms > give_up_after_ms {
                 tracing::warn!(request_id = %job.request_id, "fal no longer knows this job: released");
@@ -354,7 +362,7 @@ impl Proxy {
             self.jobs.release(job, Some(code.as_u16())).await;
             return Ok(());
         }
-        let bytes = whole(resp.into_body(), self.max_json_response_bytes).await?;
+        let bytes = whole(resp.into_body(), limit).await?;
         let answer = read_object(&bytes);
         self.charge_job(job, answer.as_ref(), code).await;
         Ok(())

@@ -1,0 +1,105 @@
+//! Reloading `config.toml` while the server runs (SIGHUP, `POST
+//! /admin/reload`): prices, plans and limits, and the TLS certificate. The
+//! new file is read and everything built from it first; only if all of it
+//! is good is anything swapped in, so a bad file changes nothing. Requests
+//! in flight finish under the settings they started with.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::proxy::{Proxy, Tunables};
+use crate::tls;
+
+pub struct Reloader {
+    /// The file to read again (`None`: ./config.toml or the embedded default, as at start).
+    path: Option<PathBuf>,
+    proxy: Arc<Proxy>,
+    /// The TLS listener's settings, if there is one.
+    tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
+    /// The config in force.
+    config: ArcSwap<Config>,
+}
+
+impl Reloader {
+    pub fn new(
+        path: Option<PathBuf>,
+        config: Config,
+        proxy: Arc<Proxy>,
+        tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
+    ) -> Self {
+        Self {
+            path,
+            proxy,
+            tls,
+            config: ArcSwap::from_pointee(config),
+        }
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    pub fn reload(&self) -> Result<(), Error> {
+        let result = self.try_reload();
+        match &result {
+            Ok(()) => tracing::info!("config reloaded"),
+            Err(e) => tracing::warn!(error = %e, "reload refused: the old settings stay in force"),
+        }
+        result
+    }
+
+    fn try_reload(&self) -> Result<(), Error> {
+        let mut new = Config::load(self.path.as_deref())?;
+        let tunables = Tunables::new(&new)?;
+        let cert = match &self.tls {
+            Some(_) => Some(tls::server_config(
+                new.server.tls_cert.as_deref(),
+                new.server.tls_key.as_deref(),
+            )?),
+            None => None,
+        };
+        let old = self.config.load();
+        self.keep_what_needs_a_restart(&old, &mut new);
+        self.proxy.retune(tunables);
+        if let (Some(slot), Some(cert)) = (&self.tls, cert) {
+            slot.store(cert);
+        }
+        self.config.store(Arc::new(new));
+        Ok(())
+    }
+
+    /// Listeners, upstreams and the store are set up once: a changed value
+    /// is reported and the running one kept.
+    fn keep_what_needs_a_restart(&self, old: &Config, new: &mut Config) {
+        let changed = [
+            (
+                "[server] listen/plain_listen",
+                old.server.listen != new.server.listen
+                    || old.server.plain_listen != new.server.plain_listen,
+            ),
+            (
+                "[upstream]",
+                format!("{:?}", old.upstream) != format!("{:?}", new.upstream),
+            ),
+            ("[store]", old.store.path != new.store.path),
+            ("[admin]", old.admin.listen != new.admin.listen),
+        ];
+        for (section, differs) in changed {
+            if differs {
+                tracing::warn!("{section} changed: it takes effect at the next restart");
+            }
+        }
+        new.server = crate::config::ServerConfig {
+            tls_cert: new.server.tls_cert.clone(),
+            tls_key: new.server.tls_key.clone(),
+            ..old.server.clone()
+        };
+        new.upstream = old.upstream.clone();
+        new.store = old.store.clone();
+        new.admin = old.admin.clone();
+    }
+}
