@@ -42,6 +42,8 @@ pub struct Options {
     pub plans: String,
     /// Turn the admin listener on (token: [`ADMIN_TOKEN`]).
     pub admin: bool,
+    /// `tls_cert` and `tls_key`; the embedded dev certificate when `None`.
+    pub tls_files: Option<(PathBuf, PathBuf)>,
 }
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
@@ -93,6 +95,7 @@ impl Options {
             pricing: TEST_PRICING.to_owned(),
             plans: UNLIMITED_PLANS.to_owned(),
             admin: false,
+            tls_files: None,
         }
     }
 
@@ -107,6 +110,7 @@ impl Options {
 [server]
 listen = "127.0.0.1:0"
 plain_listen = "127.0.0.1:0"
+{tls}
 header_read_timeout_secs = {hrt}
 tls_handshake_timeout_secs = {tht}
 shutdown_grace_secs = 10
@@ -137,6 +141,15 @@ max_json_body_bytes = {max_json}
             up = self.upstream,
             queue = self.queue,
             reconcile = self.reconcile_interval_secs,
+            tls = self
+                .tls_files
+                .as_ref()
+                .map(|(c, k)| format!(
+                    "tls_cert = {:?}\ntls_key = {:?}",
+                    c.display().to_string(),
+                    k.display().to_string()
+                ))
+                .unwrap_or_default(),
             admin = if self.admin {
                 "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_env = \"ABHIAPI_TEST_ADMIN_TOKEN\"\n"
             } else {
@@ -351,7 +364,15 @@ pub fn h2c_client() -> TestClient {
 
 /// Trusts only the development CA in `certs/`.
 pub fn tls_client(h2: bool) -> Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>> {
-    let tls = abhiapi::tls::client_config(Some(&repo_path("certs/dev-ca.pem"))).unwrap();
+    tls_client_trusting(h2, &repo_path("certs/dev-ca.pem"))
+}
+
+/// Trusts the CA certificates in the PEM file `ca` (and the public roots).
+pub fn tls_client_trusting(
+    h2: bool,
+    ca: &Path,
+) -> Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>> {
+    let tls = abhiapi::tls::client_config(Some(ca)).unwrap();
     let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(std::sync::Arc::unwrap_or_clone(tls))
         .https_only();
