@@ -1,0 +1,110 @@
+//! Hot-path steps not covered by the billing and rate-limit benches, each
+//! beside what it cannot avoid, measured in the same run:
+//! - key lookup (shape check, SHA-256, map) vs the SHA-256 alone, in a
+//!   registry of 100,000 keys;
+//! - ledger enqueue (hold, journal line, queue; then release) vs one plain
+//!   `write` of the same journal line to a file: the durability floor.
+//!
+//! `cargo bench --bench hot_path`
+
+use std::hint::black_box;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use abhiapi::billing::journal::Journal;
+use abhiapi::billing::ledger::Ledger;
+use abhiapi::billing::pricing::Quote;
+use abhiapi::keys::{secret, Registry};
+use abhiapi::metrics::Metrics;
+use abhiapi::store::{self, admin, snapshot, writer::StoreWriter};
+use criterion::{criterion_group, criterion_main, Criterion};
+
+const KEYS: usize = 100_000;
+
+/// A database with `KEYS` keys on one account, and one of the secrets.
+fn populated(dir: &std::path::Path) -> (rusqlite::Connection, String) {
+    let mut conn = store::open(&dir.join("bench.db")).unwrap();
+    let first = admin::create_key(&mut conn, "bench", 1_000_000_000, "free").unwrap();
+    let tx = conn.transaction().unwrap();
+    {
+        let mut insert = tx
+            .prepare("INSERT INTO api_keys (account_id, hash, display_prefix, created_at) VALUES (?1, ?2, 'sk-fal-x', 0)")
+            .unwrap();
+        for _ in 1..KEYS {
+            let s = secret::generate().unwrap();
+            insert
+                .execute(rusqlite::params![first.account.id, &s.hash[..]])
+                .unwrap();
+        }
+    }
+    tx.commit().unwrap();
+    (conn, first.secret)
+}
+
+fn bench(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut conn, key) = populated(dir.path());
+    let registry = Registry::from_snapshot(&snapshot::load(&mut conn).unwrap());
+
+    let mut group = c.benchmark_group("key_lookup");
+    group.bench_function("reference_sha256", |b| {
+        b.iter(|| secret::hash(black_box(&key)))
+    });
+    group.bench_function("authenticate_100k_keys", |b| {
+        b.iter(|| registry.authenticate(black_box(&key)).unwrap())
+    });
+    group.finish();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let api_key = registry.authenticate(&key).unwrap();
+    let journal = Arc::new(Journal::open(&dir.path().join("holds"), false).unwrap());
+    let metrics = Arc::new(Metrics::default());
+    let (writer, _thread) = StoreWriter::spawn(
+        store::open(&dir.path().join("bench.db")).unwrap(),
+        Arc::clone(&journal),
+        Arc::clone(&metrics),
+    );
+    let ledger = Arc::new(Ledger::new(writer, journal, metrics));
+    let quote = Quote {
+        units_milli: 1000,
+        credits: 28,
+    };
+    let line = "req_0123456789abcdef00000001\t1\t1\t28\t1700000000000\tfal-ai/flux/dev\n";
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.path().join("reference.log"))
+        .unwrap();
+
+    let mut group = c.benchmark_group("ledger");
+    group.bench_function("reference_write_syscall", |b| {
+        b.iter(|| file.write_all(black_box(line.as_bytes())).unwrap())
+    });
+    group.bench_function("reserve_and_release", |b| {
+        b.iter_custom(|iters| {
+            runtime.block_on(async {
+                let start = Instant::now();
+                for i in 0..iters {
+                    let id = format!("req_bench{i:016x}");
+                    let r = ledger
+                        .reserve(&api_key, "fal-ai/flux/dev", &id, quote)
+                        .await
+                        .unwrap();
+                    r.release(Some(500)).await;
+                }
+                start.elapsed()
+            })
+        })
+    });
+    group.finish();
+    // Let the writer drain before the temp dir goes.
+    std::thread::sleep(Duration::from_millis(200));
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
