@@ -75,6 +75,7 @@ impl MockFal {
         let state = Arc::clone(&mock.state);
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                let _ = stream.set_nodelay(true);
                 let state = Arc::clone(&state);
                 let tls = tls.clone();
                 tokio::spawn(async move {
@@ -193,6 +194,8 @@ async fn test_route(
             resp
         }
         ["sink"] => json_response(StatusCode::OK, body),
+        // A fixed flux answer, no parsing: the load benchmark's upstream.
+        ["canned"] => json_response(StatusCode::OK, Bytes::from_static(CANNED)),
         // Where `initiate_upload` sends the SDK's file bytes (recorded like any request).
         ["upload", _name] => Response::new(full(Bytes::new())),
         ["status", code] => {
@@ -219,6 +222,9 @@ async fn test_route(
         _ => status_json(StatusCode::NOT_FOUND, "no such mock route"),
     }
 }
+
+/// What `fal-ai/flux/dev` answers for one 1024×1024 image.
+const CANNED: &[u8] = br#"{"images":[{"url":"https://v3.fal.media/files/mock/0.jpg","width":1024,"height":1024,"content_type":"image/jpeg"}],"timings":{"inference":0.42},"seed":42,"has_nsfw_concepts":[false],"prompt":"a red fox"}"#;
 
 /// fal's storage: where to PUT a file, and the URL it will have.
 fn initiate_upload(state: &State, request: &[u8]) -> Response<MockBody> {

@@ -64,8 +64,19 @@ pub fn insert_hold(tx: &Transaction, h: &HoldRecord) -> rusqlite::Result<()> {
 /// Records a settlement once: a replay of the same id changes nothing, so
 /// the balance moves by each charge exactly once.
 pub fn insert_charge(tx: &Transaction, c: &ChargeRecord) -> rusqlite::Result<bool> {
-    let inserted =
-        tx.prepare_cached(
+    let inserted = record_charge(tx, c)?;
+    if inserted {
+        debit(tx, c.account_id, c.credits)?;
+    }
+    delete_hold(tx, &c.id)?;
+    Ok(inserted)
+}
+
+/// The `charges` row alone; false when the id was recorded before (then
+/// nothing may be debited for it).
+pub fn record_charge(tx: &Transaction, c: &ChargeRecord) -> rusqlite::Result<bool> {
+    let inserted = tx
+        .prepare_cached(
             "INSERT OR IGNORE INTO charges (id, account_id, key_id, model, units_milli, credits,
                 held, shortfall, fal_status, outcome, started_at_ms, settled_at_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
@@ -83,14 +94,23 @@ pub fn insert_charge(tx: &Transaction, c: &ChargeRecord) -> rusqlite::Result<boo
             c.outcome.as_str(),
             c.started_at_ms,
             c.settled_at_ms
-        ])? == 1;
-    if inserted && c.credits > 0 {
+        ])?;
+    Ok(inserted == 1)
+}
+
+/// Moves a balance down by `credits` (a delta: never a write of the whole balance).
+pub fn debit(tx: &Transaction, account_id: i64, credits: u64) -> rusqlite::Result<()> {
+    if credits > 0 {
         tx.prepare_cached("UPDATE accounts SET balance = balance - ?1 WHERE id = ?2")?
-            .execute(params![c.credits, c.account_id])?;
+            .execute(params![credits, account_id])?;
     }
+    Ok(())
+}
+
+pub fn delete_hold(tx: &Transaction, id: &str) -> rusqlite::Result<()> {
     tx.prepare_cached("DELETE FROM holds WHERE id = ?1")?
-        .execute([&c.id])?;
-    Ok(inserted)
+        .execute([id])?;
+    Ok(())
 }
 
 /// What start-up recovery did.

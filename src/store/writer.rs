@@ -2,7 +2,7 @@
 //! its connection and commits whatever has queued up in one transaction:
 //! holds, charges and balance deltas, and last-use times.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -175,7 +175,25 @@ impl Writer {
     }
 }
 
+/// One transaction for the batch. A hold settled within the same batch is
+/// never written as a hold (the journal covers it until the commit), and
+/// balances move by one summed delta per account.
 fn commit(conn: &mut Connection, batch: &[WriteOp]) -> rusqlite::Result<()> {
+    let held_here: HashSet<&str> = batch
+        .iter()
+        .filter_map(|op| match op {
+            WriteOp::Hold { hold, .. } => Some(hold.id.as_str()),
+            _ => None,
+        })
+        .collect();
+    let settled_here: HashSet<&str> = batch
+        .iter()
+        .filter_map(|op| match op {
+            WriteOp::Settle(charge) => Some(charge.id.as_str()),
+            _ => None,
+        })
+        .collect();
+    let mut debits: HashMap<i64, u64> = HashMap::new();
     let tx = conn.transaction()?;
     {
         let mut used = tx.prepare_cached(
@@ -186,9 +204,15 @@ fn commit(conn: &mut Connection, batch: &[WriteOp]) -> rusqlite::Result<()> {
                 WriteOp::KeyUsed { key_id, at } => {
                     used.execute([key_id, at])?;
                 }
+                WriteOp::Hold { hold, .. } if settled_here.contains(hold.id.as_str()) => {}
                 WriteOp::Hold { hold, .. } => ledger::insert_hold(&tx, hold)?,
                 WriteOp::Settle(charge) => {
-                    ledger::insert_charge(&tx, charge)?;
+                    if ledger::record_charge(&tx, charge)? {
+                        *debits.entry(charge.account_id).or_default() += charge.credits;
+                    }
+                    if !held_here.contains(charge.id.as_str()) {
+                        ledger::delete_hold(&tx, &charge.id)?;
+                    }
                 }
                 WriteOp::JobSubmitted(job) => jobs::insert(&tx, job)?,
                 WriteOp::JobEnded {
@@ -208,6 +232,9 @@ fn commit(conn: &mut Connection, batch: &[WriteOp]) -> rusqlite::Result<()> {
                 WriteOp::Close => {}
             }
         }
+    }
+    for (account_id, credits) in debits {
+        ledger::debit(&tx, account_id, credits)?;
     }
     tx.commit()
 }

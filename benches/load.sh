@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The whole-proxy load benchmark, one command:
+#   bash benches/load.sh [--secs 5] [--conns 32] [--rate 1000] [--stream-mib 1024]
+# Builds the release binary, installs nginx (Debian) if missing, then runs
+# benches/loadgen.rs: the same load direct to a mock fal, through AbhiAPI and
+# through nginx, printed as markdown tables with the ratios.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
+fi
+cargo build --release --quiet
+cargo bench --quiet --bench loadgen -- "$@"

@@ -1,0 +1,506 @@
+//! The whole-proxy load benchmark, run by `bash benches/load.sh`. In one
+//! run, on one machine, the same load against:
+//!   (a) the mock fal directly (a canned flux answer),
+//!   (b) AbhiAPI in front of it, everything on: key check, rate limit (a
+//!       plan too high to deny), hold, settle, `_billing` splice, ledger,
+//!       one log line per request,
+//!   (c) nginx `proxy_pass` with upstream keepalive, no auth, no billing,
+//! over HTTP/1.1 and h2c: closed-loop throughput and p50/p99/p99.9 latency,
+//! CPU time per request of the proxy, a fixed-rate run for the latency AbhiAPI
+//! adds, and 1 GiB streamed each way with AbhiAPI's peak memory.
+//! Under `cargo test` (no `--bench`), it does nothing.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use abhiapi::mock_fal::MockFal;
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+
+const FLUX: &str = r#"{"prompt":"a red fox","image_size":"square_hd"}"#;
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1)?.parse().ok())
+        .unwrap_or(default)
+}
+
+/// One client connection, either protocol.
+enum Conn {
+    H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+impl Conn {
+    async fn open(addr: SocketAddr, h2: bool) -> Conn {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        // Without it, h2's separate HEADERS and DATA writes wait on delayed ACKs (~40 ms).
+        stream.set_nodelay(true).unwrap();
+        let io = TokioIo::new(stream);
+        if h2 {
+            let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            Conn::H2(send)
+        } else {
+            let (send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            tokio::spawn(conn);
+            Conn::H1(send)
+        }
+    }
+
+    /// Sends one request and reads the whole answer; true on a 2xx.
+    async fn call(&mut self, req: Request<Full<Bytes>>) -> bool {
+        let resp = match self {
+            Conn::H1(s) => {
+                let _ = s.ready().await;
+                s.send_request(req).await
+            }
+            Conn::H2(s) => s.send_request(req).await,
+        };
+        match resp {
+            Ok(r) => {
+                let ok = r.status().is_success();
+                ok && r.into_body().collect().await.is_ok()
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Target {
+    name: &'static str,
+    h1: SocketAddr,
+    h2: SocketAddr,
+    path: &'static str,
+    key: Option<String>,
+    /// The processes whose CPU time is the proxy's.
+    pids: Vec<u32>,
+}
+
+impl Target {
+    fn request(&self, addr: SocketAddr, h2: bool) -> Request<Full<Bytes>> {
+        let mut b = Request::post(format!("http://{addr}{}", self.path))
+            .header("content-type", "application/json");
+        // A bare HTTP/1.1 connection adds no Host, and nginx requires one; h2 has :authority.
+        if !h2 {
+            b = b.header("host", addr.to_string());
+        }
+        if let Some(k) = &self.key {
+            b = b.header("x-api-key", k);
+        }
+        b.body(Full::new(Bytes::from_static(FLUX.as_bytes())))
+            .unwrap()
+    }
+}
+
+struct Run {
+    ok: u64,
+    errors: u64,
+    secs: f64,
+    latencies_us: Vec<u32>,
+    cpu_secs: Option<f64>,
+}
+
+impl Run {
+    fn percentile(&self, p: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((self.latencies_us.len() as f64 * p).ceil() as usize)
+            .clamp(1, self.latencies_us.len());
+        self.latencies_us[i - 1] as f64 / 1000.0
+    }
+
+    fn rps(&self) -> f64 {
+        self.ok as f64 / self.secs
+    }
+}
+
+/// CPU seconds (user + system) used so far by `pids`.
+fn cpu_secs(pids: &[u32]) -> f64 {
+    let ticks = 100.0; // sysconf(_SC_CLK_TCK) on Linux
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .map(|stat| {
+            let after = stat.rsplit(')').next().unwrap_or("");
+            let f: Vec<&str> = after.split_whitespace().collect();
+            let (u, s): (f64, f64) = (f[11].parse().unwrap_or(0.0), f[12].parse().unwrap_or(0.0));
+            (u + s) / ticks
+        })
+        .sum()
+}
+
+/// `conns` connections, each sending its next request as soon as the last is answered.
+async fn closed_loop(t: &Target, h2: bool, conns: u64, secs: u64) -> Run {
+    let addr = if h2 { t.h2 } else { t.h1 };
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let cpu_before = cpu_secs(&t.pids);
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..conns)
+        .map(|_| {
+            let t = t.clone();
+            tokio::spawn(async move {
+                let mut conn = Conn::open(addr, h2).await;
+                let (mut lat, mut errors) = (Vec::new(), 0u64);
+                while Instant::now() < deadline {
+                    let sent = Instant::now();
+                    if conn.call(t.request(addr, h2)).await {
+                        lat.push(sent.elapsed().as_micros() as u32);
+                    } else {
+                        errors += 1;
+                        conn = Conn::open(addr, h2).await;
+                    }
+                }
+                (lat, errors)
+            })
+        })
+        .collect();
+    collect(tasks, start, &t.pids, cpu_before).await
+}
+
+/// One request every `1/rate` seconds, spread over `conns` connections.
+async fn fixed_rate(t: &Target, rate: u64, conns: u64, secs: u64) -> Run {
+    let addr = t.h1;
+    let cpu_before = cpu_secs(&t.pids);
+    let start = Instant::now();
+    let per_conn = Duration::from_secs_f64(conns as f64 / rate as f64);
+    let tasks: Vec<_> = (0..conns)
+        .map(|i| {
+            let t = t.clone();
+            tokio::spawn(async move {
+                let mut conn = Conn::open(addr, false).await;
+                let first = tokio::time::Instant::now() + per_conn.mul_f64(i as f64 / conns as f64);
+                let mut tick = tokio::time::interval_at(first, per_conn);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let (mut lat, mut errors) = (Vec::new(), 0u64);
+                let n = (secs as f64 / per_conn.as_secs_f64()) as u64;
+                for _ in 0..n {
+                    tick.tick().await;
+                    let sent = Instant::now();
+                    if conn.call(t.request(addr, false)).await {
+                        lat.push(sent.elapsed().as_micros() as u32);
+                    } else {
+                        errors += 1;
+                    }
+                }
+                (lat, errors)
+            })
+        })
+        .collect();
+    collect(tasks, start, &t.pids, cpu_before).await
+}
+
+async fn collect(
+    tasks: Vec<tokio::task::JoinHandle<(Vec<u32>, u64)>>,
+    start: Instant,
+    pids: &[u32],
+    cpu_before: f64,
+) -> Run {
+    let mut run = Run {
+        ok: 0,
+        errors: 0,
+        secs: 0.0,
+        latencies_us: Vec::new(),
+        cpu_secs: None,
+    };
+    for task in tasks {
+        let (lat, errors) = task.await.unwrap();
+        run.ok += lat.len() as u64;
+        run.errors += errors;
+        run.latencies_us.extend(lat);
+    }
+    run.secs = start.elapsed().as_secs_f64();
+    run.latencies_us.sort_unstable();
+    if !pids.is_empty() {
+        run.cpu_secs = Some(cpu_secs(pids) - cpu_before);
+    }
+    run
+}
+
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Starts AbhiAPI (the release binary) in front of `mock`; returns it, its address and a key.
+fn start_abhiapi(dir: &Path, mock: &MockFal) -> (Child, SocketAddr, String) {
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/abhiapi");
+    let config = dir.join("abhiapi.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[server]
+plain_listen = "127.0.0.1:0"
+[upstream]
+run = "{mock}"
+queue = "{mock}/_queue"
+[store]
+path = "{db}"
+[plans.free]
+requests_per_minute = 1000000000
+[[pricing]]
+model = "mock/canned"
+unit = "megapixel"
+usd = 0.025
+[[pricing]]
+model = "mock/*"
+unit = "request"
+usd = 0.001
+"#,
+            mock = mock.url(false),
+            db = dir.join("abhiapi.db").display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(&bin)
+        .args(["--config"])
+        .arg(&config)
+        .args([
+            "keys",
+            "create",
+            "--account",
+            "bench",
+            "--credits",
+            "1000000000000",
+        ])
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (run benches/load.sh, which builds it)",
+                bin.display()
+            )
+        });
+    let key = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .to_owned();
+    let mut child = Command::new(&bin)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("FAL_KEY", "bench:bench")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("abhiapi.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    let addr = loop {
+        let line = lines.next().unwrap().unwrap();
+        if let Some(a) = line.strip_prefix("listening plain http://") {
+            break a.parse().unwrap();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, addr, key)
+}
+
+/// nginx with keepalive to the mock, on an h1 and an h2c port; returns its pids.
+fn start_nginx(
+    dir: &Path,
+    mock: SocketAddr,
+    h1: SocketAddr,
+    h2: SocketAddr,
+) -> Option<(Child, Vec<u32>)> {
+    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())?;
+    let conf = dir.join("nginx.conf");
+    let d = dir.display();
+    let location =
+        "location / { proxy_pass http://mock; proxy_http_version 1.1; proxy_set_header Connection \"\"; }";
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 2; daemon off; pid {d}/nginx.pid; error_log {d}/nginx-error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+  upstream mock {{ server {mock}; keepalive 256; }}
+  server {{ listen {h1}; {location} }}
+  server {{ listen {h2} http2; {location} }}
+}}
+"
+        ),
+    )
+    .unwrap();
+    let child = Command::new(nginx)
+        .arg("-c")
+        .arg(&conf)
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let master = child.id();
+    let mut pids = vec![master];
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let after: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        if after.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(master) {
+            pids.push(entry.file_name().to_string_lossy().parse().unwrap());
+        }
+    }
+    Some((child, pids))
+}
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(f64::NAN);
+    kib / 1024.0
+}
+
+/// Streams `bytes` down from `/mock/stream/` (and up to `/mock/sink`); MiB/s each way.
+async fn stream(addr: SocketAddr, key: Option<&str>, bytes: u64) -> (f64, f64) {
+    let mut conn = Conn::open(addr, false).await;
+    let mut down =
+        Request::get(format!("http://{addr}/mock/stream/{bytes}")).header("host", addr.to_string());
+    let mut up = Request::post(format!("http://{addr}/mock/sink"))
+        .header("host", addr.to_string())
+        .header("content-type", "application/octet-stream");
+    if let Some(k) = key {
+        down = down.header("x-api-key", k);
+        up = up.header("x-api-key", k);
+    }
+    let start = Instant::now();
+    assert!(
+        conn.call(down.body(Full::default()).unwrap()).await,
+        "download failed"
+    );
+    let down_rate = bytes as f64 / (1 << 20) as f64 / start.elapsed().as_secs_f64();
+    let upload = TcpStream::connect(addr).await.unwrap();
+    upload.set_nodelay(true).unwrap();
+    let (mut send, c) = hyper::client::conn::http1::handshake(TokioIo::new(upload))
+        .await
+        .unwrap();
+    tokio::spawn(c);
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tokio::spawn(async move {
+        let chunk = Bytes::from(vec![7u8; 1 << 20]);
+        for _ in 0..(bytes >> 20) {
+            if tx.send(chunk.clone()).await.is_err() {
+                return;
+            }
+        }
+    });
+    let start = Instant::now();
+    let resp = send
+        .send_request(up.body(abhiapi::mock_fal::ChannelBody(rx)).unwrap())
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "upload failed");
+    resp.into_body().collect().await.unwrap();
+    let up_rate = bytes as f64 / (1 << 20) as f64 / start.elapsed().as_secs_f64();
+    (down_rate, up_rate)
+}
+
+fn row(name: &str, proto: &str, run: &Run) {
+    let cpu = run.cpu_secs.map_or("n/a".into(), |c| {
+        format!("{:.1}", c * 1e6 / run.ok.max(1) as f64)
+    });
+    println!(
+        "| {name} | {proto} | {:.0} | {:.3} | {:.3} | {:.3} | {cpu} | {} |",
+        run.rps(),
+        run.percentile(0.50),
+        run.percentile(0.99),
+        run.percentile(0.999),
+        run.errors
+    );
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        return; // `cargo test` builds and runs bench targets: nothing to do here.
+    }
+    let secs = arg("--secs", 5);
+    let conns = arg("--conns", 32);
+    let rate = arg("--rate", 1000);
+    let stream_mib = arg("--stream-mib", 1024);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let mock = MockFal::start(None).await.unwrap();
+        let (mut proxy, proxy_addr, key) = start_abhiapi(dir.path(), &mock);
+        let direct = Target { name: "a direct", h1: mock.addr, h2: mock.addr, path: "/mock/canned", key: None, pids: vec![] };
+        let abhiapi = Target { name: "b abhiapi", h1: proxy_addr, h2: proxy_addr, path: "/mock/canned", key: Some(key.clone()), pids: vec![proxy.id()] };
+        let (nginx_h1, nginx_h2) = (free_port(), free_port());
+        let nginx = start_nginx(dir.path(), mock.addr, nginx_h1, nginx_h2);
+        let mut targets = vec![direct.clone(), abhiapi.clone()];
+        if let Some((_, pids)) = &nginx {
+            targets.push(Target { name: "c nginx", h1: nginx_h1, h2: nginx_h2, path: "/mock/canned", key: None, pids: pids.clone() });
+        }
+
+        println!("## Closed loop: {conns} connections, {secs} s each\n");
+        println!("| target | protocol | requests/s | p50 ms | p99 ms | p99.9 ms | proxy CPU µs/request | errors |");
+        println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+        let mut results = Vec::new();
+        for h2 in [false, true] {
+            for t in &targets {
+                let _ = closed_loop(t, h2, conns, 1).await; // warm-up
+                let run = closed_loop(t, h2, conns, secs).await;
+                row(t.name, if h2 { "h2c" } else { "HTTP/1.1" }, &run);
+                results.push((t.name, h2, run));
+            }
+        }
+        let rps = |name: &str, h2: bool| results.iter().find(|r| r.0 == name && r.1 == h2).map(|r| r.2.rps());
+        println!();
+        for (h2, proto) in [(false, "HTTP/1.1"), (true, "h2c")] {
+            let b = rps("b abhiapi", h2).unwrap();
+            print!("{proto}: throughput b/a = {:.2}", b / rps("a direct", h2).unwrap());
+            match rps("c nginx", h2) {
+                Some(c) => println!(", b/c = {:.2}", b / c),
+                None => println!(", b/c = n/a (nginx not installed)"),
+            }
+        }
+        println!("b/d: n/a (fal's @fal-ai/server-proxy only forwards to fal's https hosts, so it cannot front a loopback mock)");
+
+        println!("\n## Fixed rate: {rate} requests/s over HTTP/1.1, {secs} s\n");
+        let a = fixed_rate(&direct, rate, conns, secs).await;
+        let b = fixed_rate(&abhiapi, rate, conns, secs).await;
+        println!("| target | achieved requests/s | p50 ms | p99 ms | p99.9 ms | errors |\n| --- | --- | --- | --- | --- | --- |");
+        for (name, run) in [("a direct", &a), ("b abhiapi", &b)] {
+            println!("| {name} | {:.0} | {:.3} | {:.3} | {:.3} | {} |", run.rps(), run.percentile(0.5), run.percentile(0.99), run.percentile(0.999), run.errors);
+        }
+        println!("\np99 added by AbhiAPI at {rate}/s: {:.3} ms", b.percentile(0.99) - a.percentile(0.99));
+
+        // Streaming, against a fresh proxy so its peak memory is the streaming's own.
+        let _ = proxy.kill();
+        let sdir = tempfile::tempdir().unwrap();
+        let (mut sproxy, saddr, skey) = start_abhiapi(sdir.path(), &mock);
+        let bytes = stream_mib << 20;
+        let (direct_down, direct_up) = stream(mock.addr, None, bytes).await;
+        let (proxy_down, proxy_up) = stream(saddr, Some(&skey), bytes).await;
+        println!("\n## Streaming {stream_mib} MiB\n");
+        println!("| direction | direct MiB/s | through AbhiAPI MiB/s | ratio |\n| --- | --- | --- | --- |");
+        println!("| download | {direct_down:.0} | {proxy_down:.0} | {:.2} |", proxy_down / direct_down);
+        println!("| upload | {direct_up:.0} | {proxy_up:.0} | {:.2} |", proxy_up / direct_up);
+        println!("\nAbhiAPI peak RSS while streaming: {:.1} MiB", peak_rss_mib(sproxy.id()));
+        let _ = sproxy.kill();
+        if let Some((mut n, _)) = nginx {
+            let _ = n.kill();
+        }
+    });
+}
