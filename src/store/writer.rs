@@ -17,6 +17,10 @@ use crate::metrics::Metrics;
 
 /// Largest batch committed in one transaction.
 const BATCH: usize = 1024;
+/// How long the writer gathers after the first entry before committing:
+/// each commit has a fixed cost (WAL frames, page writes), so under load one
+/// commit per many requests. The hold journal covers the wait.
+const GATHER: Duration = Duration::from_millis(5);
 const QUEUE: usize = 16 * 1024;
 
 pub enum WriteOp {
@@ -127,6 +131,7 @@ impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<WriteOp>) {
         let mut batch = Vec::with_capacity(BATCH);
         while rx.blocking_recv_many(&mut batch, BATCH) > 0 {
+            gather(&mut rx, &mut batch);
             let closing = batch.iter().position(|op| matches!(op, WriteOp::Close));
             if let Some(at) = closing {
                 batch.truncate(at);
@@ -172,6 +177,25 @@ impl Writer {
             }
             !done
         });
+    }
+}
+
+/// Adds what arrives within [`GATHER`] of the first entry, up to a full
+/// batch; a `Close` ends the wait at once.
+fn gather(rx: &mut mpsc::Receiver<WriteOp>, batch: &mut Vec<WriteOp>) {
+    let deadline = std::time::Instant::now() + GATHER;
+    while batch.len() < BATCH && !batch.iter().any(|op| matches!(op, WriteOp::Close)) {
+        match rx.try_recv() {
+            Ok(op) => batch.push(op),
+            Err(mpsc::error::TryRecvError::Disconnected) => return,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                let now = std::time::Instant::now();
+                if now >= deadline {
+                    return;
+                }
+                std::thread::sleep((deadline - now).min(Duration::from_micros(500)));
+            }
+        }
     }
 }
 
