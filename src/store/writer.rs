@@ -184,9 +184,13 @@ impl Writer {
 /// batch; a `Close` ends the wait at once.
 fn gather(rx: &mut mpsc::Receiver<WriteOp>, batch: &mut Vec<WriteOp>) {
     let deadline = std::time::Instant::now() + GATHER;
-    while batch.len() < BATCH && !batch.iter().any(|op| matches!(op, WriteOp::Close)) {
+    let mut closing = batch.iter().any(|op| matches!(op, WriteOp::Close));
+    while batch.len() < BATCH && !closing {
         match rx.try_recv() {
-            Ok(op) => batch.push(op),
+            Ok(op) => {
+                closing = matches!(op, WriteOp::Close);
+                batch.push(op);
+            }
             Err(mpsc::error::TryRecvError::Disconnected) => return,
             Err(mpsc::error::TryRecvError::Empty) => {
                 let now = std::time::Instant::now();
