@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -19,6 +18,7 @@ use crate::keys::refresh::RefreshWaker;
 use crate::keys::Registry;
 use crate::metrics::{Gauges, Metrics};
 use crate::proxy::body::Body;
+use crate::proxy::json;
 use crate::proxy::Conn;
 use crate::reload::Reloader;
 use crate::server::Handler;
@@ -104,17 +104,6 @@ struct Plan {
 #[serde(deny_unknown_fields)]
 struct NewKey {
     account: String,
-}
-
-fn json<T: Serialize>(status: StatusCode, value: &T) -> Result<Response<Body>, ApiError> {
-    let text = simd_json::to_string(value).map_err(|e| Error::Usage(e.to_string()))?;
-    let mut resp = Response::new(Body::full(Bytes::from(text)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    Ok(resp)
 }
 
 /// A store refusal is the caller's mistake; anything else is ours.

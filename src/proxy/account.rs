@@ -3,14 +3,14 @@
 //! `DELETE /v1/keys/{id}`). Everything is scoped to the caller's account;
 //! another account's key is as unknown as a missing one.
 
-use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde::Serialize;
 
 use super::body::Body;
+use super::json;
 use super::{Proxy, Trace};
-use crate::error::{ApiError, Error};
+use crate::error::ApiError;
 use crate::keys::ApiKey;
 use crate::store::admin::{self, KeyListing};
 use crate::store::ledger::{self, ChargeRow, DailyUsage};
@@ -43,17 +43,6 @@ struct NewKey {
     id: i64,
     key: String,
     prefix: String,
-}
-
-fn json<T: Serialize>(status: StatusCode, value: &T) -> Result<Response<Body>, ApiError> {
-    let text = simd_json::to_string(value).map_err(|e| Error::Usage(e.to_string()))?;
-    let mut resp = Response::new(Body::full(Bytes::from(text)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    Ok(resp)
 }
 
 impl Proxy {

@@ -174,7 +174,7 @@ impl Proxy {
         let path = req.uri().path().to_owned();
         trace.route = "healthz";
         if path == "/healthz" && req.method() == Method::GET {
-            return Ok(json(StatusCode::OK, r#"{"status":"ok"}"#));
+            return Ok(static_json(StatusCode::OK, r#"{"status":"ok"}"#));
         }
         trace.route = "dashboard";
         if (path == "/dashboard" || path == "/dashboard/") && req.method() == Method::GET {
@@ -396,7 +396,22 @@ fn dashboard() -> Response<Body> {
     resp
 }
 
-fn json(status: StatusCode, body: &'static str) -> Response<Body> {
+/// `value` as a JSON answer (the admin API's and the dashboard's endpoints).
+pub(crate) fn json<T: serde::Serialize>(
+    status: StatusCode,
+    value: &T,
+) -> Result<Response<Body>, ApiError> {
+    let text = simd_json::to_string(value).map_err(|e| Error::Usage(e.to_string()))?;
+    let mut resp = Response::new(Body::full(bytes::Bytes::from(text)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok(resp)
+}
+
+fn static_json(status: StatusCode, body: &'static str) -> Response<Body> {
     let mut resp = Response::new(Body::full(body));
     *resp.status_mut() = status;
     resp.headers_mut().insert(

@@ -198,6 +198,18 @@ pub struct ModelUsage {
     pub credits: u64,
 }
 
+/// Reads `id, model, credits, outcome, fal_status, settled_at_ms`.
+fn charge_row(r: &rusqlite::Row) -> rusqlite::Result<ChargeRow> {
+    Ok(ChargeRow {
+        id: r.get(0)?,
+        model: r.get(1)?,
+        credits: r.get(2)?,
+        outcome: r.get(3)?,
+        fal_status: r.get(4)?,
+        settled_at_ms: r.get(5)?,
+    })
+}
+
 #[derive(Debug, Serialize)]
 pub struct ChargeRow {
     pub id: String,
@@ -233,16 +245,7 @@ pub fn usage(
             "SELECT id, model, credits, outcome, fal_status, settled_at_ms FROM charges
              WHERE account_id = ?1 AND settled_at_ms >= ?2 ORDER BY settled_at_ms DESC, id",
         )?
-        .query_map([account_id, since_ms], |r| {
-            Ok(ChargeRow {
-                id: r.get(0)?,
-                model: r.get(1)?,
-                credits: r.get(2)?,
-                outcome: r.get(3)?,
-                fal_status: r.get(4)?,
-                settled_at_ms: r.get(5)?,
-            })
-        })?
+        .query_map([account_id, since_ms], charge_row)?
         .collect::<Result<_, _>>()?;
     Ok((totals, charges))
 }
@@ -281,15 +284,6 @@ pub fn recent(conn: &Connection, account_id: i64, limit: u32) -> rusqlite::Resul
         "SELECT id, model, credits, outcome, fal_status, settled_at_ms FROM charges
          WHERE account_id = ?1 ORDER BY settled_at_ms DESC, id LIMIT ?2",
     )?
-    .query_map(params![account_id, limit], |r| {
-        Ok(ChargeRow {
-            id: r.get(0)?,
-            model: r.get(1)?,
-            credits: r.get(2)?,
-            outcome: r.get(3)?,
-            fal_status: r.get(4)?,
-            settled_at_ms: r.get(5)?,
-        })
-    })?
+    .query_map(params![account_id, limit], charge_row)?
     .collect()
 }
