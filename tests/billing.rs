@@ -420,6 +420,17 @@ async fn sigkill_under_load_never_loses_or_doubles_a_charge() {
     let (server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 1_000_000);
     let stop = Arc::new(AtomicBool::new(false));
     let workers = load(&server, &key, WORKERS, &stop);
+    // One request fal is still working on when the process dies: its hold
+    // (2 credits, the catch-all price) exists only in the journal and memory.
+    let slow_url = server.url("/mock/slow/60000");
+    let slow_key = key.clone();
+    let slow = tokio::spawn(async move {
+        client()
+            .request(post(&slow_url, Some(&slow_key), "application/json", "{}"))
+            .await
+    });
+    let fal_has_it = || mock.seen().iter().any(|s| s.target == "/mock/slow/60000");
+    assert!(eventually(Duration::from_secs(10), || async { fal_has_it() }).await);
     assert!(
         eventually(Duration::from_secs(10), || async {
             mock.seen().len() >= 200
@@ -440,7 +451,12 @@ async fn sigkill_under_load_never_loses_or_doubles_a_charge() {
     })
     .await
     .unwrap();
-    let served = mock.seen().len() as i64;
+    slow.abort();
+    let served = mock
+        .seen()
+        .iter()
+        .filter(|s| s.target == "/fal-ai/flux/dev")
+        .count() as i64;
 
     // Restart: recovery settles whatever the killed process left.
     server.restart();
@@ -449,9 +465,23 @@ async fn sigkill_under_load_never_loses_or_doubles_a_charge() {
     assert_eq!(balance, 1_000_000 - charged, "balance and charges disagree");
     let db = server.db();
     let count = |sql: &str| -> i64 { db.query_row(sql, [COST], |r| r.get(0)).unwrap() };
-    let charged_requests = count("SELECT COUNT(*) FROM charges WHERE credits = ?1");
+    let charged_requests =
+        count("SELECT COUNT(*) FROM charges WHERE credits = ?1 AND model = 'fal-ai/flux/dev'");
+    // The request fal was serving at the kill is charged once, at its hold, by recovery.
+    let slow: Vec<(i64, String)> = db
+        .prepare("SELECT credits, outcome FROM charges WHERE model = 'mock/slow/60000'")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
     assert_eq!(
-        count("SELECT COUNT(*) FROM charges WHERE credits NOT IN (0, ?1)"),
+        slow,
+        [(2, "recovered".to_owned())],
+        "the in-flight request was not recovered"
+    );
+    assert_eq!(
+        count("SELECT COUNT(*) FROM charges WHERE credits NOT IN (0, ?1) AND model = 'fal-ai/flux/dev'"),
         0,
         "a charge other than the exact cost"
     );
