@@ -332,8 +332,13 @@ async fn admin_edits_reach_the_proxy_at_once() {
     )
     .await;
     assert_eq!(status, 400);
-    let (_, usage) = admin(&server, "GET", "/admin/accounts/acme/usage", t, None).await;
-    assert!(usage.get_u64("total_credits") >= Some(6), "{usage}");
+    // Three requests went through at 2 credits each; the ledger writer commits them shortly.
+    let charged = eventually(Duration::from_secs(5), || async {
+        let (_, usage) = admin(&server, "GET", "/admin/accounts/acme/usage", t, None).await;
+        usage.get_u64("total_credits") == Some(6)
+    })
+    .await;
+    assert!(charged, "usage never showed the 6 credits charged");
     let (_, prices) = admin(&server, "GET", "/admin/prices", t, None).await;
     assert!(prices
         .get_array("pricing")
