@@ -15,6 +15,7 @@ pub mod demo;
 pub mod error;
 pub mod jobs;
 pub mod keys;
+pub mod log_output;
 pub mod metrics;
 pub mod mock_fal;
 pub mod proxy;

@@ -1,3 +1,4 @@
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -8,22 +9,42 @@ use abhiapi::clock::MonotonicClock;
 use abhiapi::config::Config;
 use abhiapi::demo::{self, Demo};
 use abhiapi::error::Error;
+use abhiapi::log_output::{self, Flush};
 use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "abhiapi=info".into()),
-        )
-        .init();
-    match run(cli) {
+    let result = {
+        let _flush_on_drop = init_logging();
+        run(cli)
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("abhiapi: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Log lines go to stderr in batches (see `log_output`); without the
+/// batching thread they are written one by one.
+fn init_logging() -> Option<Flush> {
+    let stderr = std::io::stderr();
+    let logs = tracing_subscriber::fmt()
+        .with_ansi(stderr.is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "abhiapi=info".into()),
+        );
+    match log_output::batched_stderr() {
+        Ok((writer, flush)) => {
+            logs.with_writer(writer).init();
+            Some(flush)
+        }
+        Err(_) => {
+            logs.with_writer(std::io::stderr).init();
+            None
         }
     }
 }

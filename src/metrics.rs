@@ -5,6 +5,7 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -67,8 +68,9 @@ pub enum Denial {
 
 #[derive(Default)]
 pub struct Metrics {
-    /// (route, price rule or "", status) → answers.
-    requests: DashMap<(&'static str, String, u16), AtomicU64>,
+    /// (route, price rule, status) → answers. The rule is the config's
+    /// shared name, so counting a request allocates nothing.
+    requests: DashMap<(&'static str, Option<Arc<str>>, u16), AtomicU64>,
     pub upstream_latency: Histogram,
     /// Our own time per request: total minus the time waiting for fal.
     pub added_latency: Histogram,
@@ -92,13 +94,14 @@ fn escape(label: &str) -> String {
 }
 
 impl Metrics {
-    pub fn request(&self, route: &'static str, model: &str, status: u16) {
-        if let Some(c) = self.requests.get(&(route, model.to_owned(), status)) {
+    pub fn request(&self, route: &'static str, model: Option<&Arc<str>>, status: u16) {
+        let key = (route, model.cloned(), status);
+        if let Some(c) = self.requests.get(&key) {
             c.fetch_add(1, Ordering::Relaxed);
             return;
         }
         self.requests
-            .entry((route, model.to_owned(), status))
+            .entry(key)
             .or_default()
             .fetch_add(1, Ordering::Relaxed);
     }
@@ -129,7 +132,7 @@ impl Metrics {
             .collect();
         rows.sort();
         for ((route, model, status), n) in rows {
-            let model = escape(&model);
+            let model = escape(model.as_deref().unwrap_or(""));
             let _ = writeln!(
                 out,
                 "abhiapi_requests_total{{route=\"{route}\",model=\"{model}\",status=\"{status}\"}} {n}"
@@ -201,8 +204,9 @@ mod tests {
     #[test]
     fn renders_counters_and_cumulative_buckets() {
         let m = Metrics::default();
-        m.request("sync", "fal-ai/\"x\"", 200);
-        m.request("sync", "fal-ai/\"x\"", 200);
+        let rule: Arc<str> = Arc::from("fal-ai/\"x\"");
+        m.request("sync", Some(&rule), 200);
+        m.request("sync", Some(&rule), 200);
         m.added_latency.observe(Duration::from_micros(200));
         m.added_latency.observe(Duration::from_millis(20));
         m.denied(Denial::Poll);

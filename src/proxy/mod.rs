@@ -143,8 +143,8 @@ impl Proxy {
         }
         let total = started.elapsed();
         let status = resp.status().as_u16();
-        let model = trace.model.as_deref().unwrap_or("");
-        self.metrics.request(trace.route, model, status);
+        self.metrics
+            .request(trace.route, trace.model.as_ref(), status);
         if let Some(upstream) = trace.upstream {
             self.metrics.upstream_latency.observe(upstream);
         }
