@@ -22,7 +22,9 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
-const FLUX: &str = r#"{"prompt":"a red fox","image_size":"square_hd"}"#;
+mod common;
+
+use common::FLUX;
 
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
@@ -238,32 +240,7 @@ fn free_port() -> SocketAddr {
 fn start_abhiapi(dir: &Path, mock: &MockFal) -> (Child, SocketAddr, String) {
     let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/abhiapi");
     let config = dir.join("abhiapi.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"[server]
-plain_listen = "127.0.0.1:0"
-[upstream]
-run = "{mock}"
-queue = "{mock}/_queue"
-[store]
-path = "{db}"
-[plans.free]
-requests_per_minute = 1000000000
-[[pricing]]
-model = "mock/canned"
-unit = "megapixel"
-usd = 0.025
-[[pricing]]
-model = "mock/*"
-unit = "request"
-usd = 0.001
-"#,
-            mock = mock.url(false),
-            db = dir.join("abhiapi.db").display()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&config, common::config_toml(mock, &dir.join("abhiapi.db"))).unwrap();
     let out = Command::new(&bin)
         .args(["--config"])
         .arg(&config)

@@ -34,6 +34,112 @@ pub struct Bound {
     pub admin: Option<SocketAddr>,
 }
 
+/// The server's state and background threads, without listeners: what
+/// [`serve`] answers requests with, and what the in-process request-path
+/// bench drives directly.
+pub struct Core {
+    pub proxy: Arc<Proxy>,
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    pub writer: StoreWriter,
+    refresher: Refresher,
+    journal: Arc<Journal>,
+    ledger: Arc<Ledger>,
+    writer_thread: std::thread::JoinHandle<()>,
+}
+
+impl Core {
+    /// Recovers what an unclean stop left, hydrates the key maps from the
+    /// store, and starts the refresher and the ledger writer.
+    pub fn start(
+        config: &Config,
+        upstream: Upstream,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, Error> {
+        let mut conn = store::open(&config.store.path)?;
+        if config.store.fsync {
+            conn.pragma_update(None, "synchronous", "FULL")?;
+        }
+        recover_holds(&mut conn, &config.store.journal_dir())?;
+        let journal = Arc::new(Journal::open(
+            &config.store.journal_dir(),
+            config.store.fsync,
+        )?);
+        let snapshot = snapshot::load(&mut conn)?;
+        let registry = Arc::new(Registry::from_snapshot(&snapshot));
+        tracing::info!(
+            accounts = snapshot.accounts.len(),
+            keys = snapshot.keys.len(),
+            "hydrated"
+        );
+        let refresher = Refresher::spawn(
+            config.store.path.clone(),
+            Arc::clone(&registry),
+            snapshot.seq,
+            Duration::from_millis(config.store.refresh_interval_ms),
+        )?;
+        let metrics = Arc::new(Metrics::default());
+        let (writer, writer_thread) =
+            StoreWriter::spawn(conn, Arc::clone(&journal), Arc::clone(&metrics));
+        let ledger = Arc::new(Ledger::new(
+            writer.clone(),
+            Arc::clone(&journal),
+            Arc::clone(&metrics),
+        ));
+        let keep_ms = config.queue.keep_ended_jobs_days as i64 * 86_400_000;
+        let jobs = Jobs::load(
+            &store::open(&config.store.path)?,
+            &registry,
+            Arc::clone(&ledger),
+            writer.clone(),
+            store::now_ms() - keep_ms,
+        )?;
+        let proxy = Arc::new(Proxy::new(
+            config,
+            Wiring {
+                registry: Arc::clone(&registry),
+                upstream,
+                writer: writer.clone(),
+                ledger: Arc::clone(&ledger),
+                clock,
+                jobs: Arc::new(jobs),
+                db: Db::open(&config.store.path)?,
+                metrics: Arc::clone(&metrics),
+            },
+        )?);
+        Ok(Self {
+            proxy,
+            registry,
+            metrics,
+            writer,
+            refresher,
+            journal,
+            ledger,
+            writer_thread,
+        })
+    }
+
+    /// Commits what the writer has queued and stops the threads. With
+    /// `drained` (no request was cut off), every hold is settled in SQLite
+    /// and the journal is emptied; otherwise the next start recovers it.
+    pub async fn stop(self, drained: bool) -> Result<(), Error> {
+        self.writer.close().await;
+        let thread = self.writer_thread;
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        if drained {
+            self.journal.remove_all()?;
+        }
+        self.refresher.stop();
+        if self.ledger.shortfall_credits() > 0 {
+            tracing::warn!(
+                credits = self.ledger.shortfall_credits(),
+                "charges beyond balances this run"
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Runs the proxy until `shutdown` resolves. `on_ready` is called once
 /// every listener is bound.
 pub async fn serve(
@@ -44,24 +150,7 @@ pub async fn serve(
     on_ready: impl FnOnce(&Bound),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
-    let mut conn = store::open(&config.store.path)?;
-    if config.store.fsync {
-        conn.pragma_update(None, "synchronous", "FULL")?;
-    }
-    recover_holds(&mut conn, &config.store.journal_dir())?;
-    let journal = Arc::new(Journal::open(
-        &config.store.journal_dir(),
-        config.store.fsync,
-    )?);
-    let snapshot = snapshot::load(&mut conn)?;
-    let registry = Arc::new(Registry::from_snapshot(&snapshot));
-    tracing::info!(
-        accounts = snapshot.accounts.len(),
-        keys = snapshot.keys.len(),
-        "hydrated"
-    );
     let upstream = Upstream::new(&config.upstream, fal_key)?;
-
     let mut listeners = Vec::new();
     let mut bound = Bound {
         plain: None,
@@ -89,42 +178,8 @@ pub async fn serve(
         });
     }
 
-    let refresher = Refresher::spawn(
-        config.store.path.clone(),
-        Arc::clone(&registry),
-        snapshot.seq,
-        Duration::from_millis(config.store.refresh_interval_ms),
-    )?;
-    let metrics = Arc::new(Metrics::default());
-    let (writer, writer_thread) =
-        StoreWriter::spawn(conn, Arc::clone(&journal), Arc::clone(&metrics));
-    let ledger = Arc::new(Ledger::new(
-        writer.clone(),
-        Arc::clone(&journal),
-        Arc::clone(&metrics),
-    ));
-    let keep_ms = config.queue.keep_ended_jobs_days as i64 * 86_400_000;
-    let jobs = Jobs::load(
-        &store::open(&config.store.path)?,
-        &registry,
-        Arc::clone(&ledger),
-        writer.clone(),
-        store::now_ms() - keep_ms,
-    )?;
-    let registry_handle = Arc::clone(&registry);
-    let proxy = Arc::new(Proxy::new(
-        &config,
-        Wiring {
-            registry,
-            upstream,
-            writer: writer.clone(),
-            ledger: Arc::clone(&ledger),
-            clock,
-            jobs: Arc::new(jobs),
-            db: Db::open(&config.store.path)?,
-            metrics: Arc::clone(&metrics),
-        },
-    )?);
+    let core = Core::start(&config, upstream, clock)?;
+    let proxy = Arc::clone(&core.proxy);
     let (stop_reconciler, reconciler) = spawn_reconciler(Arc::clone(&proxy), &config);
     let reloader = Arc::new(Reloader::new(
         config_path,
@@ -142,10 +197,10 @@ pub async fn serve(
                 AdminWiring {
                     token,
                     db: Db::open(&config.store.path)?,
-                    registry: registry_handle,
-                    refresh: refresher.waker(),
-                    metrics,
-                    writer: writer.clone(),
+                    registry: Arc::clone(&core.registry),
+                    refresh: core.refresher.waker(),
+                    metrics: Arc::clone(&core.metrics),
+                    writer: core.writer.clone(),
                 },
             );
             let admin = Arc::new(admin);
@@ -180,18 +235,7 @@ pub async fn serve(
 
     // Connections that outlived the grace period are cut when the runtime
     // ends; their holds stay in the journal and are recovered at next start.
-    writer.close().await;
-    let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
-    if drained {
-        journal.remove_all()?;
-    }
-    refresher.stop();
-    if ledger.shortfall_credits() > 0 {
-        tracing::warn!(
-            credits = ledger.shortfall_credits(),
-            "charges beyond balances this run"
-        );
-    }
+    core.stop(drained).await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -13,6 +13,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use self::connector::Connector;
+pub use self::connector::ServeInMemory;
 use crate::config::UpstreamConfig;
 use crate::error::{ApiError, Error};
 use crate::proxy::body::Body;
@@ -57,8 +59,10 @@ impl Target {
     }
 }
 
+mod connector;
+
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, Body>,
+    client: Client<HttpsConnector<Connector>, Body>,
     pub run: Target,
     pub queue: Target,
     pub storage: Target,
@@ -72,21 +76,35 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(cfg: &UpstreamConfig, fal_key: &str) -> Result<Self, Error> {
-        let mut auth = HeaderValue::from_str(&format!("Key {fal_key}"))
-            .map_err(|_| Error::Config("the fal key is not a valid header value".into()))?;
-        auth.set_sensitive(true);
-
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(Duration::from_secs(cfg.connect_timeout_secs)));
+        Self::build(cfg, fal_key, Connector::Tcp(http))
+    }
+
+    /// Every connection is a pipe to `serve`, in this process; the
+    /// configured URLs still name the host in each request. For the
+    /// in-process request-path bench.
+    pub fn in_memory(
+        cfg: &UpstreamConfig,
+        fal_key: &str,
+        serve: ServeInMemory,
+    ) -> Result<Self, Error> {
+        Self::build(cfg, fal_key, Connector::Memory(serve))
+    }
+
+    fn build(cfg: &UpstreamConfig, fal_key: &str, inner: Connector) -> Result<Self, Error> {
+        let mut auth = HeaderValue::from_str(&format!("Key {fal_key}"))
+            .map_err(|_| Error::Config("the fal key is not a valid header value".into()))?;
+        auth.set_sensitive(true);
         let tls = tls::client_config(cfg.ca_file.as_deref())?;
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(Arc::unwrap_or_clone(tls))
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .wrap_connector(http);
+            .wrap_connector(inner);
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())

@@ -8,6 +8,7 @@
 
 mod queue;
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,6 +28,10 @@ use tokio::sync::{mpsc, Notify};
 use tokio_rustls::TlsAcceptor;
 
 use crate::billing::facts::preset;
+use crate::upstream::ServeInMemory;
+
+/// How many of the latest requests [`MockFal::seen`] keeps.
+const SEEN_KEPT: usize = 1024;
 
 type MockBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
@@ -44,7 +49,8 @@ pub struct Seen {
 struct State {
     /// `http://127.0.0.1:PORT` (or `https://localhost:PORT`), for the URLs the queue hands out.
     base: String,
-    seen: Mutex<Vec<Seen>>,
+    /// The latest [`SEEN_KEPT`] requests: `serve --demo` and the benches run for long.
+    seen: Mutex<VecDeque<Seen>>,
     /// Holds `/mock/gated` (and a gated status stream) until a test opens it.
     gate: Notify,
     queue: queue::Queue,
@@ -79,22 +85,27 @@ impl MockFal {
                 let state = Arc::clone(&state);
                 let tls = tls.clone();
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
-                        let state = Arc::clone(&state);
-                        async move { Ok::<_, Infallible>(answer(state, req).await) }
-                    });
-                    let builder = auto::Builder::new(TokioExecutor::new());
-                    let _ = match tls {
-                        None => builder.serve_connection(TokioIo::new(stream), svc).await,
-                        Some(acceptor) => match acceptor.accept(stream).await {
-                            Ok(s) => builder.serve_connection(TokioIo::new(s), svc).await,
-                            Err(_) => return,
-                        },
-                    };
+                    match tls {
+                        None => serve(state, stream).await,
+                        Some(acceptor) => {
+                            if let Ok(s) = acceptor.accept(stream).await {
+                                serve(state, s).await;
+                            }
+                        }
+                    }
                 });
             }
         });
         Ok(mock)
+    }
+
+    /// The mock served over pipes in memory instead of its socket, for
+    /// [`Upstream::in_memory`](crate::upstream::Upstream::in_memory).
+    pub fn in_memory(&self) -> ServeInMemory {
+        let state = Arc::clone(&self.state);
+        Arc::new(move |pipe| {
+            tokio::spawn(serve(Arc::clone(&state), pipe));
+        })
     }
 
     /// `http://127.0.0.1:PORT`, or `https://localhost:PORT` for a TLS mock
@@ -114,12 +125,26 @@ impl MockFal {
     }
 
     pub fn seen(&self) -> Vec<Seen> {
-        self.state.seen.lock().clone()
+        self.state.seen.lock().iter().cloned().collect()
     }
 
     pub fn open_gate(&self) {
         self.state.gate.notify_one();
     }
+}
+
+/// HTTP/1.1 or h2 on one connection, until it closes.
+async fn serve<IO>(state: Arc<State>, io: IO)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let state = Arc::clone(&state);
+        async move { Ok::<_, Infallible>(answer(state, req).await) }
+    });
+    let _ = auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(io), svc)
+        .await;
 }
 
 fn base_url(addr: SocketAddr, tls: bool) -> String {
@@ -152,13 +177,17 @@ async fn answer(state: Arc<State>, req: Request<Incoming>) -> Response<MockBody>
             Err(_) => return status_json(StatusCode::BAD_REQUEST, "body broke off"),
         }
     };
-    state.seen.lock().push(Seen {
-        method: parts.method.clone(),
-        version: parts.version,
-        target,
-        headers: parts.headers.clone(),
-        body: body.clone(),
-    });
+    record(
+        &state,
+        Seen {
+            method: parts.method.clone(),
+            version: parts.version,
+            target,
+            headers: parts.headers.clone(),
+            // A copy: a slice would keep the whole read buffer it came in alive.
+            body: Bytes::copy_from_slice(&body),
+        },
+    );
 
     let mut segments = path.trim_start_matches('/').split('/');
     match segments.next() {
@@ -172,6 +201,14 @@ async fn answer(state: Arc<State>, req: Request<Incoming>) -> Response<MockBody>
         }
         _ => model_output(&path, &body),
     }
+}
+
+fn record(state: &State, request: Seen) {
+    let mut seen = state.seen.lock();
+    if seen.len() == SEEN_KEPT {
+        seen.pop_front();
+    }
+    seen.push_back(request);
 }
 
 /// Failure modes and shapes the proxy must cope with.
