@@ -297,8 +297,12 @@ fn start_nginx(
         .find(|p| p.exists())?;
     let conf = dir.join("nginx.conf");
     let d = dir.display();
-    let location =
-        "location / { proxy_pass http://mock; proxy_http_version 1.1; proxy_set_header Connection \"\"; }";
+    let upstream = "proxy_pass http://mock; proxy_http_version 1.1; proxy_set_header Connection \"\";";
+    // Streamed both ways, as AbhiAPI streams them, and of any size.
+    let location = format!(
+        "location / {{ {upstream} }}
+  location /mock/ {{ {upstream} proxy_request_buffering off; proxy_buffering off; client_max_body_size 0; }}"
+    );
     std::fs::write(
         &conf,
         format!(
@@ -316,9 +320,11 @@ http {{
         ),
     )
     .unwrap();
+    // Its workers must not hold our stdout: a pipe reading it would never end.
     let child = Command::new(nginx)
         .arg("-c")
         .arg(&conf)
+        .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .ok()?;
@@ -468,16 +474,35 @@ fn main() {
         let sdir = tempfile::tempdir().unwrap();
         let (mut sproxy, saddr, skey) = start_abhiapi(sdir.path(), &mock);
         let bytes = stream_mib << 20;
-        let (direct_down, direct_up) = stream(mock.addr, None, bytes).await;
-        let (proxy_down, proxy_up) = stream(saddr, Some(&skey), bytes).await;
+        // Best of three rounds, interleaved: one transfer is at the mercy of whatever else the machine does.
+        let mut best = [(0f64, 0f64); 3];
+        for _ in 0..3 {
+            let mut targets = vec![(mock.addr, None), (saddr, Some(skey.as_str()))];
+            if nginx.is_some() {
+                targets.push((nginx_h1, None));
+            }
+            for (i, (addr, key)) in targets.into_iter().enumerate() {
+                let (down, up) = stream(addr, key, bytes).await;
+                best[i] = (best[i].0.max(down), best[i].1.max(up));
+            }
+        }
+        let [(direct_down, direct_up), (proxy_down, proxy_up), nginx_best] = best;
+        // nginx moves the same bytes: what copying them through any proxy costs on this machine.
+        let nginx_rates = nginx.as_ref().map(|_| nginx_best);
         println!("\n## Streaming {stream_mib} MiB\n");
-        println!("| direction | direct MiB/s | through AbhiAPI MiB/s | ratio |\n| --- | --- | --- | --- |");
-        println!("| download | {direct_down:.0} | {proxy_down:.0} | {:.2} |", proxy_down / direct_down);
-        println!("| upload | {direct_up:.0} | {proxy_up:.0} | {:.2} |", proxy_up / direct_up);
+        println!("| direction | direct MiB/s | through AbhiAPI MiB/s | b/a | through nginx MiB/s | c/a |\n| --- | --- | --- | --- | --- | --- |");
+        let nginx_cells = |rate: Option<f64>, direct: f64| match rate {
+            Some(r) => format!("{r:.0} | {:.2}", r / direct),
+            None => "n/a | n/a".to_owned(),
+        };
+        println!("| download | {direct_down:.0} | {proxy_down:.0} | {:.2} | {} |", proxy_down / direct_down, nginx_cells(nginx_rates.map(|r| r.0), direct_down));
+        println!("| upload | {direct_up:.0} | {proxy_up:.0} | {:.2} | {} |", proxy_up / direct_up, nginx_cells(nginx_rates.map(|r| r.1), direct_up));
         println!("\nAbhiAPI peak RSS while streaming: {:.1} MiB", peak_rss_mib(sproxy.id()));
         let _ = sproxy.kill();
         if let Some((mut n, _)) = nginx {
-            let _ = n.kill();
+            // TERM, not KILL: the master takes its workers down with it.
+            let _ = Command::new("kill").arg(n.id().to_string()).status();
+            let _ = n.wait();
         }
     });
 }
