@@ -82,9 +82,12 @@ impl Conn {
 struct Target {
     name: &'static str,
     h1: SocketAddr,
-    h2: SocketAddr,
+    /// None where the target speaks no h2c.
+    h2: Option<SocketAddr>,
     path: &'static str,
     key: Option<String>,
+    /// fal's proxy protocol: where the proxy is to send the request.
+    target_url: Option<String>,
     /// The processes whose CPU time is the proxy's.
     pids: Vec<u32>,
 }
@@ -99,6 +102,9 @@ impl Target {
         }
         if let Some(k) = &self.key {
             b = b.header("x-api-key", k);
+        }
+        if let Some(url) = &self.target_url {
+            b = b.header("x-fal-target-url", url);
         }
         b.body(Full::new(Bytes::from_static(FLUX.as_bytes())))
             .unwrap()
@@ -144,7 +150,7 @@ fn cpu_secs(pids: &[u32]) -> f64 {
 
 /// `conns` connections, each sending its next request as soon as the last is answered.
 async fn closed_loop(t: &Target, h2: bool, conns: u64, secs: u64) -> Run {
-    let addr = if h2 { t.h2 } else { t.h1 };
+    let addr = if h2 { t.h2.unwrap() } else { t.h1 };
     let deadline = Instant::now() + Duration::from_secs(secs);
     let cpu_before = cpu_secs(&t.pids);
     let start = Instant::now();
@@ -297,7 +303,8 @@ fn start_nginx(
         .find(|p| p.exists())?;
     let conf = dir.join("nginx.conf");
     let d = dir.display();
-    let upstream = "proxy_pass http://mock; proxy_http_version 1.1; proxy_set_header Connection \"\";";
+    let upstream =
+        "proxy_pass http://mock; proxy_http_version 1.1; proxy_set_header Connection \"\";";
     // Streamed both ways, as AbhiAPI streams them, and of any size.
     let location = format!(
         "location / {{ {upstream} }}
@@ -344,6 +351,32 @@ http {{
         }
     }
     Some((child, pids))
+}
+
+/// fal's own Node proxy (benches/fal-proxy) in front of `mock`, where
+/// node and its installed packages are there.
+fn start_fal_proxy(mock: &MockFal) -> Option<(Child, SocketAddr)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/fal-proxy");
+    if !dir.join("node_modules").exists() {
+        return None;
+    }
+    let mut child = Command::new("node")
+        .arg("server.mjs")
+        .arg(mock.addr.port().to_string())
+        .current_dir(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take()?));
+    let port: u16 = lines
+        .next()?
+        .ok()?
+        .strip_prefix("listening ")?
+        .parse()
+        .ok()?;
+    std::thread::spawn(move || lines.for_each(drop));
+    Some((child, SocketAddr::from(([127, 0, 0, 1], port))))
 }
 
 fn peak_rss_mib(pid: u32) -> f64 {
@@ -427,13 +460,18 @@ fn main() {
         let dir = tempfile::tempdir().unwrap();
         let mock = MockFal::start(None).await.unwrap();
         let (mut proxy, proxy_addr, key) = start_abhiapi(dir.path(), &mock);
-        let direct = Target { name: "a direct", h1: mock.addr, h2: mock.addr, path: "/mock/canned", key: None, pids: vec![] };
-        let abhiapi = Target { name: "b abhiapi", h1: proxy_addr, h2: proxy_addr, path: "/mock/canned", key: Some(key.clone()), pids: vec![proxy.id()] };
+        let direct = Target { name: "a direct", h1: mock.addr, h2: Some(mock.addr), path: "/mock/canned", key: None, target_url: None, pids: vec![] };
+        let abhiapi = Target { name: "b abhiapi", h1: proxy_addr, h2: Some(proxy_addr), path: "/mock/canned", key: Some(key.clone()), target_url: None, pids: vec![proxy.id()] };
         let (nginx_h1, nginx_h2) = (free_port(), free_port());
         let nginx = start_nginx(dir.path(), mock.addr, nginx_h1, nginx_h2);
         let mut targets = vec![direct.clone(), abhiapi.clone()];
         if let Some((_, pids)) = &nginx {
-            targets.push(Target { name: "c nginx", h1: nginx_h1, h2: nginx_h2, path: "/mock/canned", key: None, pids: pids.clone() });
+            targets.push(Target { name: "c nginx", h1: nginx_h1, h2: Some(nginx_h2), path: "/mock/canned", key: None, target_url: None, pids: pids.clone() });
+        }
+        let fal_proxy = start_fal_proxy(&mock);
+        if let Some((child, addr)) = &fal_proxy {
+            let target_url = Some(format!("{}/mock/canned", mock.url(false)));
+            targets.push(Target { name: "d fal server-proxy", h1: *addr, h2: None, path: "/api/fal/proxy", key: None, target_url, pids: vec![child.id()] });
         }
 
         println!("## Closed loop: {conns} connections, {secs} s each\n");
@@ -441,7 +479,7 @@ fn main() {
         println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
         let mut results = Vec::new();
         for h2 in [false, true] {
-            for t in &targets {
+            for t in targets.iter().filter(|t| !h2 || t.h2.is_some()) {
                 let _ = closed_loop(t, h2, conns, 1).await; // warm-up
                 let run = closed_loop(t, h2, conns, secs).await;
                 row(t.name, if h2 { "h2c" } else { "HTTP/1.1" }, &run);
@@ -454,11 +492,15 @@ fn main() {
             let b = rps("b abhiapi", h2).unwrap();
             print!("{proto}: throughput b/a = {:.2}", b / rps("a direct", h2).unwrap());
             match rps("c nginx", h2) {
-                Some(c) => println!(", b/c = {:.2}", b / c),
-                None => println!(", b/c = n/a (nginx not installed)"),
+                Some(c) => print!(", b/c = {:.2}", b / c),
+                None => print!(", b/c = n/a (nginx not installed)"),
+            }
+            match rps("d fal server-proxy", h2) {
+                Some(d) => println!(", b/d = {:.2}", b / d),
+                None if h2 => println!(", b/d = n/a (no h2c in fal's Node proxy)"),
+                None => println!(", b/d = n/a (run npm ci in benches/fal-proxy)"),
             }
         }
-        println!("b/d: n/a (fal's @fal-ai/server-proxy only forwards to fal's https hosts, so it cannot front a loopback mock)");
 
         println!("\n## Fixed rate: {rate} requests/s over HTTP/1.1, {secs} s\n");
         let a = fixed_rate(&direct, rate, conns, secs).await;
@@ -499,6 +541,9 @@ fn main() {
         println!("| upload | {direct_up:.0} | {proxy_up:.0} | {:.2} | {} |", proxy_up / direct_up, nginx_cells(nginx_rates.map(|r| r.1), direct_up));
         println!("\nAbhiAPI peak RSS while streaming: {:.1} MiB", peak_rss_mib(sproxy.id()));
         let _ = sproxy.kill();
+        if let Some((mut d, _)) = fal_proxy {
+            let _ = d.kill();
+        }
         if let Some((mut n, _)) = nginx {
             // TERM, not KILL: the master takes its workers down with it.
             let _ = Command::new("kill").arg(n.id().to_string()).status();
