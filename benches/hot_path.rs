@@ -3,7 +3,8 @@
 //! - key lookup (shape check, SHA-256, map) vs the SHA-256 alone, in a
 //!   registry of 100,000 keys;
 //! - ledger enqueue (hold, journal line, queue; then release) vs one plain
-//!   `write` of the same journal line to a file: the durability floor.
+//!   `write` of the same journal line to a file (what an append cost before
+//!   the journal was mapped into memory).
 //!
 //! `cargo bench --bench hot_path`
 

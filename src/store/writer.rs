@@ -163,11 +163,7 @@ impl Writer {
     }
 
     fn drop_committed_segments(&mut self) {
-        match self.journal.rotate_if_full() {
-            Ok(Some(sealed)) => self.sealed.push(sealed),
-            Ok(None) => {}
-            Err(e) => tracing::error!(error = %e, "cannot start a new hold journal segment"),
-        }
+        self.sealed.extend(self.journal.take_sealed());
         let (journal, committed) = (&self.journal, &mut self.committed);
         self.sealed.retain(|s| {
             let done = committed.get(&s.number).copied().unwrap_or(0) >= s.holds;
