@@ -142,15 +142,20 @@ impl Journal {
     }
 
     fn create(dir: &Path, number: u64) -> io::Result<Segment> {
+        let path = segment_path(dir, number);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
-            .open(segment_path(dir, number))?;
-        reserve(&file, SEGMENT_BYTES)?;
+            .open(&path)?;
         // SAFETY: the file was created just now and is only ever appended
         // to through this map; nothing truncates it while it is mapped.
-        let map = unsafe { MmapMut::map_mut(&file)? };
+        let mapped =
+            reserve(&file, SEGMENT_BYTES).and_then(|()| unsafe { MmapMut::map_mut(&file) });
+        let map = mapped.inspect_err(|_| {
+            // Gone again, so that the next append (a full disk freed) can create it afresh.
+            let _ = fs::remove_file(&path);
+        })?;
         Ok(Segment {
             number,
             map,

@@ -2,9 +2,8 @@
 //! the integration tests and benches. Model paths answer the way fal's models
 //! do; paths under `/_queue/` are fal's queue host (see [`queue`]) and
 //! `/_rest/` its storage host; paths under `/mock/` give the tests the
-//! upstream failures they need. Every
-//! request it receives is recorded, so a test can see exactly what reached
-//! "fal".
+//! upstream failures they need. The latest requests it received are
+//! recorded, so a test can see exactly what reached "fal".
 
 mod queue;
 
