@@ -486,7 +486,9 @@ fn main() {
                 results.push((t.name, h2, run));
             }
         }
-        let rps = |name: &str, h2: bool| results.iter().find(|r| r.0 == name && r.1 == h2).map(|r| r.2.rps());
+        let run = |name: &str, h2: bool| results.iter().find(|r| r.0 == name && r.1 == h2).map(|r| &r.2);
+        let rps = |name: &str, h2: bool| run(name, h2).map(Run::rps);
+        let cpu = |name: &str, h2: bool| run(name, h2).and_then(|r| Some(r.cpu_secs? / r.ok.max(1) as f64));
         println!();
         for (h2, proto) in [(false, "HTTP/1.1"), (true, "h2c")] {
             let b = rps("b abhiapi", h2).unwrap();
@@ -499,6 +501,10 @@ fn main() {
                 Some(d) => println!(", b/d = {:.2}", b / d),
                 None if h2 => println!(", b/d = n/a (no h2c in fal's Node proxy)"),
                 None => println!(", b/d = n/a (run npm ci in benches/fal-proxy)"),
+            }
+            // The steadier figure on a shared machine: what each proxy spends per request.
+            if let (Some(b), Some(c)) = (cpu("b abhiapi", h2), cpu("c nginx", h2)) {
+                println!("{proto}: CPU per request b/c = {:.2}", b / c);
             }
         }
 
