@@ -177,24 +177,24 @@ impl Writer {
 }
 
 /// Adds what arrives within [`GATHER`] of the first entry, up to a full
-/// batch; a `Close` ends the wait at once.
+/// batch: one sleep, then whatever has queued. A batch already full (the
+/// writer is behind) or closing commits at once. (A loop of short sleeps,
+/// to notice a full batch sooner, cost more wake-ups than it saved.)
 fn gather(rx: &mut mpsc::Receiver<WriteOp>, batch: &mut Vec<WriteOp>) {
-    let deadline = std::time::Instant::now() + GATHER;
-    let mut closing = batch.iter().any(|op| matches!(op, WriteOp::Close));
-    while batch.len() < BATCH && !closing {
+    if batch.len() >= BATCH || batch.iter().any(|op| matches!(op, WriteOp::Close)) {
+        return;
+    }
+    std::thread::sleep(GATHER);
+    while batch.len() < BATCH {
         match rx.try_recv() {
             Ok(op) => {
-                closing = matches!(op, WriteOp::Close);
+                let closing = matches!(op, WriteOp::Close);
                 batch.push(op);
-            }
-            Err(mpsc::error::TryRecvError::Disconnected) => return,
-            Err(mpsc::error::TryRecvError::Empty) => {
-                let now = std::time::Instant::now();
-                if now >= deadline {
+                if closing {
                     return;
                 }
-                std::thread::sleep((deadline - now).min(Duration::from_micros(500)));
             }
+            Err(_) => return,
         }
     }
 }
