@@ -1,6 +1,8 @@
 //! The pooled client that talks to fal, and the only place that decides
 //! which host a request goes to: always one configured in `[upstream]`.
 
+mod connector;
+
 use std::error::Error as _;
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,8 +60,6 @@ impl Target {
             .map_err(|_| ApiError::InvalidPath)
     }
 }
-
-mod connector;
 
 pub struct Upstream {
     client: Client<HttpsConnector<Connector>, Body>,
