@@ -18,34 +18,17 @@ use abhiapi::billing::ledger::Ledger;
 use abhiapi::billing::pricing::Quote;
 use abhiapi::keys::{secret, Registry};
 use abhiapi::metrics::Metrics;
-use abhiapi::store::{self, admin, snapshot, writer::StoreWriter};
+use abhiapi::store::{self, snapshot, writer::StoreWriter};
 use criterion::{criterion_group, criterion_main, Criterion};
+
+#[path = "common/keys.rs"]
+mod keys;
 
 const KEYS: usize = 100_000;
 
-/// A database with `KEYS` keys on one account, and one of the secrets.
-fn populated(dir: &std::path::Path) -> (rusqlite::Connection, String) {
-    let mut conn = store::open(&dir.join("bench.db")).unwrap();
-    let first = admin::create_key(&mut conn, "bench", 1_000_000_000, "free").unwrap();
-    let tx = conn.transaction().unwrap();
-    {
-        let mut insert = tx
-            .prepare("INSERT INTO api_keys (account_id, hash, display_prefix, created_at) VALUES (?1, ?2, 'sk-fal-x', 0)")
-            .unwrap();
-        for _ in 1..KEYS {
-            let s = secret::generate().unwrap();
-            insert
-                .execute(rusqlite::params![first.account.id, &s.hash[..]])
-                .unwrap();
-        }
-    }
-    tx.commit().unwrap();
-    (conn, first.secret)
-}
-
 fn bench(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
-    let (mut conn, key) = populated(dir.path());
+    let (mut conn, key) = keys::populated(&dir.path().join("bench.db"), KEYS);
     let registry = Registry::from_snapshot(&snapshot::load(&mut conn).unwrap());
 
     let mut group = c.benchmark_group("key_lookup");

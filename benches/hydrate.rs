@@ -8,8 +8,11 @@
 
 use std::time::Instant;
 
-use abhiapi::keys::{secret, Registry};
-use abhiapi::store::{self, admin, snapshot};
+use abhiapi::keys::Registry;
+use abhiapi::store::{self, snapshot};
+
+#[path = "common/keys.rs"]
+mod keys;
 
 fn rss_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -26,23 +29,7 @@ fn main() {
     let keys: usize = if full { 1_000_000 } else { 1_000 };
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("hydrate.db");
-    {
-        let mut conn = store::open(&path).unwrap();
-        let first = admin::create_key(&mut conn, "bench", 1_000, "free").unwrap();
-        let tx = conn.transaction().unwrap();
-        {
-            let mut insert = tx
-                .prepare("INSERT INTO api_keys (account_id, hash, display_prefix, created_at) VALUES (?1, ?2, 'sk-fal-x', 0)")
-                .unwrap();
-            for _ in 1..keys {
-                let s = secret::generate().unwrap();
-                insert
-                    .execute(rusqlite::params![first.account.id, &s.hash[..]])
-                    .unwrap();
-            }
-        }
-        tx.commit().unwrap();
-    }
+    drop(keys::populated(&path, keys));
 
     let before = rss_bytes();
     let start = Instant::now();

@@ -94,14 +94,19 @@ fn conforms(doc: &OwnedValue, s: &OwnedValue, value: &OwnedValue, at: &str) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_documented_operation_answers_as_documented() {
-    let mock = MockFal::start(None).await.unwrap();
+/// The proxy with its admin API on, and a free and a pro plan.
+fn admin_server(mock: &MockFal) -> Server {
     let mut opts = Options::new(mock.url(false));
     opts.admin = true;
     opts.plans =
         "[plans.free]\nrequests_per_minute = 30\n[plans.pro]\nrequests_per_minute = 600\n".into();
-    let server = Server::start(opts);
+    Server::start(opts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_documented_operation_answers_as_documented() {
+    let mock = MockFal::start(None).await.unwrap();
+    let server = admin_server(&mock);
     let doc = json(abhiapi::admin::OPENAPI.as_bytes());
     let mut operations = Vec::new();
     for (path, item) in doc.get("paths").unwrap().as_object().unwrap().iter() {
@@ -167,11 +172,7 @@ async fn every_documented_operation_answers_as_documented() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_edits_reach_the_proxy_at_once() {
     let mock = MockFal::start(None).await.unwrap();
-    let mut opts = Options::new(mock.url(false));
-    opts.admin = true;
-    opts.plans =
-        "[plans.free]\nrequests_per_minute = 30\n[plans.pro]\nrequests_per_minute = 600\n".into();
-    let server = Server::start(opts);
+    let server = admin_server(&mock);
     let t = Some(ADMIN_TOKEN);
     let body = |v: &str| Some(v.to_owned());
 

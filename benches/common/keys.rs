@@ -1,0 +1,26 @@
+//! A key store with many keys, for the benches that look keys up or load them.
+
+use std::path::Path;
+
+use abhiapi::keys::secret;
+use abhiapi::store::{self, admin};
+
+/// A database at `path` with `keys` keys on one account; returns one of the secrets.
+pub fn populated(path: &Path, keys: usize) -> (rusqlite::Connection, String) {
+    let mut conn = store::open(path).unwrap();
+    let first = admin::create_key(&mut conn, "bench", 1_000_000_000, "free").unwrap();
+    let tx = conn.transaction().unwrap();
+    {
+        let mut insert = tx
+            .prepare("INSERT INTO api_keys (account_id, hash, display_prefix, created_at) VALUES (?1, ?2, 'sk-fal-x', 0)")
+            .unwrap();
+        for _ in 1..keys {
+            let s = secret::generate().unwrap();
+            insert
+                .execute(rusqlite::params![first.account.id, &s.hash[..]])
+                .unwrap();
+        }
+    }
+    tx.commit().unwrap();
+    (conn, first.secret)
+}
