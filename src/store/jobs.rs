@@ -3,6 +3,7 @@
 
 use rusqlite::{params, Connection, Transaction};
 
+use super::ledger;
 use crate::billing::facts::RequestFacts;
 use crate::billing::journal::HoldRecord;
 
@@ -101,14 +102,7 @@ pub fn load(conn: &Connection, since_ms: i64) -> rusqlite::Result<Vec<StoredJob>
         let record = JobRecord {
             request_id: r.get(0)?,
             app: r.get(1)?,
-            hold: HoldRecord {
-                id: r.get(2)?,
-                account_id: r.get(3)?,
-                key_id: r.get(4)?,
-                credits: r.get(5)?,
-                created_at_ms: r.get(6)?,
-                model: r.get(7)?,
-            },
+            hold: ledger::hold_row(r, 2)?,
             estimate_units: r.get(8)?,
             facts: RequestFacts::decode(&r.get::<_, String>(9)?),
         };

@@ -140,16 +140,7 @@ pub fn recover(
              WHERE id NOT IN (SELECT hold_id FROM jobs WHERE state = 'pending')
              ORDER BY created_at_ms",
         )?
-        .query_map([], |r| {
-            Ok(HoldRecord {
-                id: r.get(0)?,
-                account_id: r.get(1)?,
-                key_id: r.get(2)?,
-                credits: r.get(3)?,
-                created_at_ms: r.get(4)?,
-                model: r.get(5)?,
-            })
-        })?
+        .query_map([], |r| hold_row(r, 0))?
         .collect::<Result<_, _>>()?;
     let mut done = Recovered::default();
     for h in orphans {
@@ -196,6 +187,19 @@ pub struct ModelUsage {
     pub model: String,
     pub requests: u64,
     pub credits: u64,
+}
+
+/// Reads a hold's `id, account_id, key_id, credits, created_at_ms, model`
+/// from column `first` on.
+pub(super) fn hold_row(r: &rusqlite::Row, first: usize) -> rusqlite::Result<HoldRecord> {
+    Ok(HoldRecord {
+        id: r.get(first)?,
+        account_id: r.get(first + 1)?,
+        key_id: r.get(first + 2)?,
+        credits: r.get(first + 3)?,
+        created_at_ms: r.get(first + 4)?,
+        model: r.get(first + 5)?,
+    })
 }
 
 /// Reads `id, model, credits, outcome, fal_status, settled_at_ms`.
