@@ -9,6 +9,7 @@
 use std::hint::black_box;
 
 use abhiapi::billing::facts::RequestFacts;
+use abhiapi::billing::json;
 use abhiapi::billing::pricing::PriceTable;
 use abhiapi::billing::splice::{splice, Billing};
 use abhiapi::config::Config;
@@ -59,9 +60,7 @@ fn bench_estimate(c: &mut Criterion) {
     });
     group.bench_function("parse_facts_and_price", |b| {
         b.iter(|| {
-            let mut copy = black_box(&request[..]).to_vec();
-            let value = simd_json::to_borrowed_value(&mut copy).unwrap();
-            let facts = RequestFacts::read(&value);
+            let facts = json::read(black_box(&request[..]), RequestFacts::read).unwrap();
             let rule = prices.rule(black_box("fal-ai/flux/dev")).unwrap();
             prices.estimate(rule, &facts)
         })

@@ -2,7 +2,7 @@
 //! counts, and video durations, read from the JSON fal's models use.
 
 use simd_json::prelude::*;
-use simd_json::BorrowedValue;
+use simd_json::tape::Value;
 
 /// The request fields that bound a charge.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
@@ -33,7 +33,7 @@ pub fn preset(name: &str) -> Option<(u64, u64)> {
     })
 }
 
-fn size(v: &BorrowedValue) -> Option<(u64, u64)> {
+fn size(v: Value) -> Option<(u64, u64)> {
     match v.as_str() {
         Some(name) => preset(name),
         None => Some((v.get_u64("width")?, v.get_u64("height")?)),
@@ -41,7 +41,7 @@ fn size(v: &BorrowedValue) -> Option<(u64, u64)> {
 }
 
 /// Seconds as thousandths, from a number or a string such as `"5"`, `"5.5"` or `"8s"`.
-fn duration_milli(v: &BorrowedValue) -> Option<u64> {
+fn duration_milli(v: Value) -> Option<u64> {
     if let Some(n) = v.as_u64() {
         return n.checked_mul(1000);
     }
@@ -87,7 +87,7 @@ impl RequestFacts {
         }
     }
 
-    pub fn read(v: &BorrowedValue) -> Self {
+    pub fn read(v: Value) -> Self {
         Self {
             image_size: v.get("image_size").and_then(size),
             num_images: v.get_u64("num_images"),
@@ -98,9 +98,10 @@ impl RequestFacts {
 
 impl ResponseFacts {
     /// `images[]`, or the single `image` object that upscalers and editors return.
-    pub fn read(v: &BorrowedValue) -> Self {
-        let one = |img: &BorrowedValue| Some((img.get_u64("width")?, img.get_u64("height")?));
-        let images = match (v.get_array("images"), v.get("image")) {
+    pub fn read(v: Value) -> Self {
+        let one = |img: Value| Some((img.get_u64("width")?, img.get_u64("height")?));
+        // Not `get_array`: simd-json 0.14's tape version cuts the array's last node off.
+        let images = match (v.get("images").and_then(|a| a.as_array()), v.get("image")) {
             (Some(list), _) => list.iter().map(one).collect(),
             (None, Some(img)) if img.is_object() => vec![one(img)],
             _ => Vec::new(),
@@ -113,17 +114,20 @@ impl ResponseFacts {
 mod tests {
     use super::*;
 
-    fn parse(json: &str) -> BorrowedValue<'static> {
-        let bytes: &'static mut [u8] = Box::leak(json.as_bytes().to_vec().into_boxed_slice());
-        simd_json::to_borrowed_value(bytes).unwrap()
+    fn request(json: &str) -> RequestFacts {
+        crate::billing::json::read(json.as_bytes(), RequestFacts::read).unwrap()
+    }
+
+    fn response(json: &str) -> ResponseFacts {
+        crate::billing::json::read(json.as_bytes(), ResponseFacts::read).unwrap()
     }
 
     #[test]
     fn reads_request_fields_in_every_spelling() {
-        let r = RequestFacts::read(&parse(r#"{"image_size":"portrait_16_9","num_images":3}"#));
+        let r = request(r#"{"image_size":"portrait_16_9","num_images":3}"#);
         assert_eq!(r.image_size, Some((576, 1024)));
         assert_eq!(r.num_images, Some(3));
-        let r = RequestFacts::read(&parse(r#"{"image_size":{"width":1025,"height":1024}}"#));
+        let r = request(r#"{"image_size":{"width":1025,"height":1024}}"#);
         assert_eq!(r.image_size, Some((1025, 1024)));
         for (d, milli) in [
             (r#""5""#, 5000),
@@ -132,17 +136,14 @@ mod tests {
             (r#""5.5""#, 5500),
             ("2.25", 2250),
         ] {
-            let r = RequestFacts::read(&parse(&format!(r#"{{"duration":{d}}}"#)));
+            let r = request(&format!(r#"{{"duration":{d}}}"#));
             assert_eq!(r.duration_milli, Some(milli), "{d}");
         }
         for bad in [r#""five""#, r#""-1""#, r#""1.2345""#, "-3"] {
-            let r = RequestFacts::read(&parse(&format!(r#"{{"duration":{bad}}}"#)));
+            let r = request(&format!(r#"{{"duration":{bad}}}"#));
             assert_eq!(r.duration_milli, None, "{bad}");
         }
-        assert_eq!(
-            RequestFacts::read(&parse(r#"{"image_size":"huge"}"#)).image_size,
-            None
-        );
+        assert_eq!(request(r#"{"image_size":"huge"}"#).image_size, None);
     }
 
     #[test]
@@ -166,14 +167,10 @@ mod tests {
 
     #[test]
     fn reads_images_or_the_single_image() {
-        let r = ResponseFacts::read(&parse(
-            r#"{"images":[{"width":1024,"height":768},{"url":"x"}]}"#,
-        ));
+        let r = response(r#"{"images":[{"width":1024,"height":768},{"url":"x"}]}"#);
         assert_eq!(r.images, vec![Some((1024, 768)), None]);
-        let r = ResponseFacts::read(&parse(r#"{"image":{"width":2048,"height":2048}}"#));
+        let r = response(r#"{"image":{"width":2048,"height":2048}}"#);
         assert_eq!(r.images, vec![Some((2048, 2048))]);
-        assert!(ResponseFacts::read(&parse(r#"{"video":{}}"#))
-            .images
-            .is_empty());
+        assert!(response(r#"{"video":{}}"#).images.is_empty());
     }
 }

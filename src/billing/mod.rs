@@ -1,10 +1,11 @@
 //! Money: what a request costs ([`pricing`]), what it is read from
-//! ([`facts`]), how credits are held and settled ([`ledger`], [`journal`]),
+//! ([`facts`], parsed by [`json`]), how credits are held and settled ([`ledger`], [`journal`]),
 //! and how the figures reach the client ([`splice`]).
 
 pub mod decimal;
 pub mod facts;
 pub mod journal;
+pub mod json;
 pub mod ledger;
 pub mod pricing;
 pub mod splice;

@@ -7,6 +7,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
 use crate::billing::facts::RequestFacts;
+use crate::billing::json;
 use crate::error::ApiError;
 
 /// `application/json` or any `+json` type, with or without parameters.
@@ -60,12 +61,9 @@ pub async fn read(
     Ok((bytes, facts))
 }
 
-/// simd-json rewrites its input, so it parses a copy and the original stays pristine.
+/// Validates and reads a copy: the client's bytes go to fal as they came.
 pub fn parse(bytes: &[u8]) -> Result<RequestFacts, ApiError> {
-    let mut copy = bytes.to_vec();
-    simd_json::to_borrowed_value(&mut copy)
-        .map(|v| RequestFacts::read(&v))
-        .map_err(|e| ApiError::MalformedJson(e.to_string()))
+    json::read(bytes, RequestFacts::read).map_err(|e| ApiError::MalformedJson(e.to_string()))
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use super::respond::{
     billed_json, billing, billing_headers, collect_bounded, read_object, spliceable, Collected,
 };
 use super::{path, Conn, Proxy, Trace};
+use crate::billing::json;
 use crate::error::ApiError;
 use crate::jobs::Job;
 use crate::keys::ApiKey;
@@ -190,7 +191,7 @@ impl Proxy {
                 return Err(ApiError::UpstreamUnreachable);
             }
         };
-        let Some(fal_id) = request_id_of(&bytes) else {
+        let Some(fal_id) = string_field(&bytes, "request_id") else {
             tracing::error!("fal's queue accepted a job without a request_id");
             reservation.release(Some(status.as_u16())).await;
             return Err(ApiError::UpstreamFailed(StatusCode::BAD_GATEWAY));
@@ -248,7 +249,11 @@ impl Proxy {
                     return Ok(Response::from_parts(parts, Body::Stream(incoming)));
                 }
                 let bytes = whole(incoming, limit).await?;
-                if status.is_success() && status_of(&bytes).as_deref().is_some_and(failed) {
+                if status.is_success()
+                    && string_field(&bytes, "status")
+                        .as_deref()
+                        .is_some_and(failed)
+                {
                     self.jobs.release(job, Some(status.as_u16())).await;
                 }
                 Ok(self.rewritten(parts, &bytes, base))
@@ -340,7 +345,7 @@ impl Proxy {
             }
             return Ok(());
         }
-        let state = status_of(&bytes).unwrap_or_default();
+        let state = string_field(&bytes, "status").unwrap_or_default();
         if failed(&state) {
             self.jobs.release(job, Some(code.as_u16())).await;
             return Ok(());
@@ -377,16 +382,9 @@ async fn whole(incoming: Incoming, limit: usize) -> Result<Bytes, ApiError> {
     }
 }
 
-fn request_id_of(bytes: &[u8]) -> Option<String> {
-    let mut copy = bytes.to_vec();
-    let v = simd_json::to_borrowed_value(&mut copy).ok()?;
-    v.get_str("request_id").map(str::to_owned)
-}
-
-fn status_of(bytes: &[u8]) -> Option<String> {
-    let mut copy = bytes.to_vec();
-    let v = simd_json::to_borrowed_value(&mut copy).ok()?;
-    v.get_str("status").map(str::to_owned)
+/// The top-level string `field` of a JSON answer.
+fn string_field(bytes: &[u8], field: &str) -> Option<String> {
+    json::read(bytes, |v| v.get_str(field).map(str::to_owned)).ok()?
 }
 
 /// Every `"{fal_base}/…` string start becomes `"{our_base}/queue/…`: the

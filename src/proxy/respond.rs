@@ -6,12 +6,12 @@ use bytes::{Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use simd_json::prelude::*;
 
 use super::body::Body;
 use super::headers;
 use super::json_body::is_json;
 use crate::billing::facts::{RequestFacts, ResponseFacts};
+use crate::billing::json;
 use crate::billing::ledger::{Reservation, Settled};
 use crate::billing::pricing::{PriceRule, PriceTable};
 use crate::billing::splice::{splice, Billing};
@@ -63,9 +63,7 @@ pub(super) fn spliceable(headers: &HeaderMap, limit: usize) -> bool {
 
 /// What fal's JSON answer says, if it is a JSON object.
 pub(super) fn read_object(bytes: &[u8]) -> Option<ResponseFacts> {
-    let mut copy = bytes.to_vec();
-    let value = simd_json::to_borrowed_value(&mut copy).ok()?;
-    value.is_object().then(|| ResponseFacts::read(&value))
+    json::read(bytes, |v| v.is_object().then(|| ResponseFacts::read(v))).ok()?
 }
 
 impl Billed<'_> {
