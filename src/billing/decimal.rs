@@ -3,6 +3,8 @@
 //! wrote, and that text is parsed here into a scaled integer, so no float
 //! ever takes part in a charge.
 
+use std::fmt::Write as _;
+
 /// Parses `value` into an integer count of `10^-scale` units. Refuses
 /// negatives, and values finer than the scale instead of rounding them.
 pub fn to_scaled(value: f64, scale: u32) -> Result<u64, String> {
@@ -33,12 +35,18 @@ pub fn to_scaled(value: f64, scale: u32) -> Result<u64, String> {
 /// Formats `units` of `10^-scale` as a plain decimal (`12_000_000`, 9 → `0.012`).
 pub fn format_scaled(units: u128, scale: u32) -> String {
     let div = 10u128.pow(scale);
-    let (whole, frac) = (units / div, units % div);
-    if frac == 0 {
-        return whole.to_string();
+    let (whole, mut frac) = (units / div, units % div);
+    let mut text = whole.to_string();
+    if frac != 0 {
+        // Trailing zeros dropped by arithmetic: one allocation per figure, on every billed answer.
+        let mut digits = scale as usize;
+        while frac % 10 == 0 {
+            frac /= 10;
+            digits -= 1;
+        }
+        let _ = write!(text, ".{frac:0digits$}");
     }
-    let frac = format!("{frac:0width$}", width = scale as usize);
-    format!("{whole}.{}", frac.trim_end_matches('0'))
+    text
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
 //! `_billing` into fal's JSON: inserted before the object's closing brace,
 //! every other byte of fal's body left exactly as it was.
 
+use std::fmt::Write as _;
+
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::error::push_json_string;
@@ -19,10 +21,12 @@ impl Billing<'_> {
     fn write_json(&self, out: &mut String) {
         out.push_str("\"_billing\":{\"model\":");
         push_json_string(out, self.model);
-        out.push_str(&format!(
+        // Into `out` directly: a `format!` here was a second allocation per answer.
+        let _ = write!(
+            out,
             ",\"credits_used\":{},\"cost_usd\":{},\"balance_remaining\":{}}}",
             self.credits_used, self.cost_usd, self.balance_remaining
-        ));
+        );
     }
 }
 

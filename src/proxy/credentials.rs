@@ -6,7 +6,7 @@ use http::{header, HeaderMap};
 use crate::error::ApiError;
 
 pub fn presented_key(headers: &HeaderMap) -> Result<&str, ApiError> {
-    if let Some(v) = headers.get("x-api-key") {
+    if let Some(v) = headers.get(super::headers::X_API_KEY) {
         return v
             .to_str()
             .map(str::trim)

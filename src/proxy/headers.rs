@@ -3,6 +3,17 @@
 
 use http::header::{self, HeaderMap, HeaderName};
 
+/// Our own response headers. As constants they are not parsed and
+/// validated again on every insert, as a `&str` name would be.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+pub const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+pub const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+pub const X_BILLING_CREDITS_USED: HeaderName = HeaderName::from_static("x-billing-credits-used");
+pub const X_BILLING_BALANCE_REMAINING: HeaderName =
+    HeaderName::from_static("x-billing-balance-remaining");
+pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
 /// RFC 9110 §7.6.1 connection-specific fields, plus the legacy ones proxies still see.
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
@@ -36,7 +47,7 @@ pub fn to_upstream(headers: &mut HeaderMap) {
     strip_hop_by_hop(headers);
     headers.remove(header::HOST);
     headers.remove(header::AUTHORIZATION);
-    headers.remove("x-api-key");
+    headers.remove(X_API_KEY);
 }
 
 #[cfg(test)]

@@ -69,6 +69,18 @@ struct Trace {
     rate: Option<Verdict>,
 }
 
+/// A duration in milliseconds to the microsecond (`1.234`), written with
+/// integer formatting: a float's shortest form cost more than the rest of
+/// the log line's fields.
+struct Millis(Duration);
+
+impl std::fmt::Display for Millis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let us = self.0.as_micros();
+        write!(f, "{}.{:03}", us / 1000, us % 1000)
+    }
+}
+
 /// The settings a reload replaces, together: a request works with one
 /// snapshot of them from start to end.
 pub struct Tunables {
@@ -136,7 +148,7 @@ impl Proxy {
             Err(e) => e.into_response(),
         };
         if let Ok(id) = HeaderValue::from_str(&request_id) {
-            resp.headers_mut().insert("x-request-id", id);
+            resp.headers_mut().insert(headers::X_REQUEST_ID, id);
         }
         if let Some(verdict) = trace.rate {
             rate_headers(resp.headers_mut(), verdict);
@@ -156,8 +168,8 @@ impl Proxy {
             %path,
             status = resp.status().as_u16(),
             key_id = trace.key_id,
-            upstream_ms = trace.upstream.map(|d| d.as_secs_f64() * 1e3),
-            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            upstream_ms = trace.upstream.map(|d| tracing::field::display(Millis(d))),
+            total_ms = %Millis(started.elapsed()),
             %request_id,
             "request"
         );
@@ -366,7 +378,7 @@ struct Sent {
 
 /// `x-ratelimit-limit`, `-remaining` (requests that would pass now) and
 /// `-reset` (seconds until the allowance is full again).
-fn rate_headers(headers: &mut http::HeaderMap, verdict: Verdict) {
+fn rate_headers(map: &mut http::HeaderMap, verdict: Verdict) {
     let (remaining, reset_ns) = match verdict.decision {
         Decision::Allow {
             remaining,
@@ -374,9 +386,10 @@ fn rate_headers(headers: &mut http::HeaderMap, verdict: Verdict) {
         } => (remaining, reset_ns),
         Decision::Deny { reset_ns, .. } => (0, reset_ns),
     };
-    headers.insert("x-ratelimit-limit", HeaderValue::from(verdict.limit));
-    headers.insert("x-ratelimit-remaining", HeaderValue::from(remaining));
-    headers.insert("x-ratelimit-reset", HeaderValue::from(ceil_secs(reset_ns)));
+    let reset = HeaderValue::from(ceil_secs(reset_ns));
+    map.insert(headers::X_RATELIMIT_LIMIT, HeaderValue::from(verdict.limit));
+    map.insert(headers::X_RATELIMIT_REMAINING, HeaderValue::from(remaining));
+    map.insert(headers::X_RATELIMIT_RESET, reset);
 }
 
 /// The user dashboard: one page, its script and styles inline, nothing fetched from elsewhere.

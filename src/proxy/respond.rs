@@ -145,11 +145,11 @@ pub(super) fn billing<'a>(prices: &PriceTable, model: &'a str, settled: Settled)
 /// The figures as headers, on every billed answer.
 pub(super) fn billing_headers(headers: &mut HeaderMap, settled: Settled) {
     headers.insert(
-        "x-billing-credits-used",
+        headers::X_BILLING_CREDITS_USED,
         HeaderValue::from(settled.credits_used),
     );
     headers.insert(
-        "x-billing-balance-remaining",
+        headers::X_BILLING_BALANCE_REMAINING,
         HeaderValue::from(settled.balance_remaining),
     );
 }
