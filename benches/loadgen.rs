@@ -5,6 +5,8 @@
 //!       plan too high to deny), hold, settle, `_billing` splice, ledger,
 //!       one log line per request,
 //!   (c) nginx `proxy_pass` with upstream keepalive, no auth, no billing,
+//!   (d) fal's own Node proxy, and, with `--baseline PATH`, (b0) another
+//!       AbhiAPI binary, for a before/after measured in the same run,
 //! over HTTP/1.1 and h2c: closed-loop throughput and p50/p99/p99.9 latency,
 //! CPU time per request of the proxy, a fixed-rate run for the latency AbhiAPI
 //! adds, and 1 GiB streamed each way with AbhiAPI's peak memory.
@@ -26,11 +28,15 @@ mod common;
 
 use common::FLUX;
 
-fn arg(name: &str, default: u64) -> u64 {
+fn arg_text(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1)?.parse().ok())
+    let i = args.iter().position(|a| a == name)?;
+    args.get(i + 1).cloned()
+}
+
+fn arg(name: &str, default: u64) -> u64 {
+    arg_text(name)
+        .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
 
@@ -242,12 +248,16 @@ fn free_port() -> SocketAddr {
         .unwrap()
 }
 
-/// Starts AbhiAPI (the release binary) in front of `mock`; returns it, its address and a key.
-fn start_abhiapi(dir: &Path, mock: &MockFal) -> (Child, SocketAddr, String) {
-    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/abhiapi");
+/// This tree's release binary, which `benches/load.sh` builds.
+fn release_binary() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/abhiapi")
+}
+
+/// Starts AbhiAPI (`bin`) in front of `mock`; returns it, its address and a key.
+fn start_abhiapi(bin: &Path, dir: &Path, mock: &MockFal) -> (Child, SocketAddr, String) {
     let config = dir.join("abhiapi.toml");
     std::fs::write(&config, common::config_toml(mock, &dir.join("abhiapi.db"))).unwrap();
-    let out = Command::new(&bin)
+    let out = Command::new(bin)
         .args(["--config"])
         .arg(&config)
         .args([
@@ -271,7 +281,7 @@ fn start_abhiapi(dir: &Path, mock: &MockFal) -> (Child, SocketAddr, String) {
         .last()
         .unwrap()
         .to_owned();
-    let mut child = Command::new(&bin)
+    let mut child = Command::new(bin)
         .args(["serve", "--config"])
         .arg(&config)
         .env("FAL_KEY", "bench:bench")
@@ -433,18 +443,30 @@ async fn stream(addr: SocketAddr, key: Option<&str>, bytes: u64) -> (f64, f64) {
     (down_rate, up_rate)
 }
 
-fn row(name: &str, proto: &str, run: &Run) {
+fn row(round: u64, name: &str, proto: &str, run: &Run) {
     let cpu = run.cpu_secs.map_or("n/a".into(), |c| {
         format!("{:.1}", c * 1e6 / run.ok.max(1) as f64)
     });
     println!(
-        "| {name} | {proto} | {:.0} | {:.3} | {:.3} | {:.3} | {cpu} | {} |",
+        "| {round} | {name} | {proto} | {:.0} | {:.3} | {:.3} | {:.3} | {cpu} | {} |",
         run.rps(),
         run.percentile(0.50),
         run.percentile(0.99),
         run.percentile(0.999),
         run.errors
     );
+}
+
+/// The median of `values` (the lower middle one for an even count).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[(values.len() - 1) / 2]
+}
+
+/// `values` as `1.23, 1.31 → median 1.27`.
+fn spread(values: Vec<f64>) -> String {
+    let each: Vec<String> = values.iter().map(|v| format!("{v:.2}")).collect();
+    format!("{} → median {:.2}", each.join(", "), median(values))
 }
 
 fn main() {
@@ -455,11 +477,14 @@ fn main() {
     let conns = arg("--conns", 32);
     let rate = arg("--rate", 1000);
     let stream_mib = arg("--stream-mib", 1024);
+    // Rounds of the closed loop, each target in turn: a ratio is taken
+    // within a round, so that a slow spell of the machine hits both sides.
+    let rounds = arg("--rounds", 3).max(1);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let mock = MockFal::start(None).await.unwrap();
-        let (mut proxy, proxy_addr, key) = start_abhiapi(dir.path(), &mock);
+        let (mut proxy, proxy_addr, key) = start_abhiapi(&release_binary(), dir.path(), &mock);
         let direct = Target { name: "a direct", h1: mock.addr, h2: Some(mock.addr), path: "/mock/canned", key: None, target_url: None, pids: vec![] };
         let abhiapi = Target { name: "b abhiapi", h1: proxy_addr, h2: Some(proxy_addr), path: "/mock/canned", key: Some(key.clone()), target_url: None, pids: vec![proxy.id()] };
         let (nginx_h1, nginx_h2) = (free_port(), free_port());
@@ -468,43 +493,63 @@ fn main() {
         if let Some((_, pids)) = &nginx {
             targets.push(Target { name: "c nginx", h1: nginx_h1, h2: Some(nginx_h2), path: "/mock/canned", key: None, target_url: None, pids: pids.clone() });
         }
+        // An earlier build of AbhiAPI beside this one, for a before/after in one run.
+        let baseline_dir = tempfile::tempdir().unwrap();
+        let baseline = arg_text("--baseline").map(|bin| start_abhiapi(Path::new(&bin), baseline_dir.path(), &mock));
+        if let Some((child, addr, key)) = &baseline {
+            targets.push(Target { name: "b0 baseline", h1: *addr, h2: Some(*addr), path: "/mock/canned", key: Some(key.clone()), target_url: None, pids: vec![child.id()] });
+        }
         let fal_proxy = start_fal_proxy(&mock);
         if let Some((child, addr)) = &fal_proxy {
             let target_url = Some(format!("{}/mock/canned", mock.url(false)));
             targets.push(Target { name: "d fal server-proxy", h1: *addr, h2: None, path: "/api/fal/proxy", key: None, target_url, pids: vec![child.id()] });
         }
 
-        println!("## Closed loop: {conns} connections, {secs} s each\n");
-        println!("| target | protocol | requests/s | p50 ms | p99 ms | p99.9 ms | proxy CPU µs/request | errors |");
-        println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+        println!("## Closed loop: {conns} connections, {secs} s each, {rounds} rounds\n");
+        println!("| round | target | protocol | requests/s | p50 ms | p99 ms | p99.9 ms | proxy CPU µs/request | errors |");
+        println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
         let mut results = Vec::new();
-        for h2 in [false, true] {
-            for t in targets.iter().filter(|t| !h2 || t.h2.is_some()) {
-                let _ = closed_loop(t, h2, conns, 1).await; // warm-up
-                let run = closed_loop(t, h2, conns, secs).await;
-                row(t.name, if h2 { "h2c" } else { "HTTP/1.1" }, &run);
-                results.push((t.name, h2, run));
+        for round in 1..=rounds {
+            for h2 in [false, true] {
+                for t in targets.iter().filter(|t| !h2 || t.h2.is_some()) {
+                    let _ = closed_loop(t, h2, conns, 1).await; // warm-up
+                    let run = closed_loop(t, h2, conns, secs).await;
+                    row(round, t.name, if h2 { "h2c" } else { "HTTP/1.1" }, &run);
+                    results.push((round, t.name, h2, run));
+                }
             }
         }
-        let run = |name: &str, h2: bool| results.iter().find(|r| r.0 == name && r.1 == h2).map(|r| &r.2);
-        let rps = |name: &str, h2: bool| run(name, h2).map(Run::rps);
-        let cpu = |name: &str, h2: bool| run(name, h2).and_then(|r| Some(r.cpu_secs? / r.ok.max(1) as f64));
+        // One figure per round for `name` over `reference`, where both ran.
+        let ratios = |name: &str, reference: &str, h2: bool, figure: fn(&Run) -> Option<f64>| -> Vec<f64> {
+            (1..=rounds)
+                .filter_map(|round| {
+                    let of = |n: &str| results.iter().find(|r| r.0 == round && r.1 == n && r.2 == h2).and_then(|r| figure(&r.3));
+                    Some(of(name)? / of(reference)?)
+                })
+                .collect()
+        };
+        let rps: fn(&Run) -> Option<f64> = |r| Some(r.rps());
+        let cpu: fn(&Run) -> Option<f64> = |r| Some(r.cpu_secs? / r.ok.max(1) as f64);
         println!();
         for (h2, proto) in [(false, "HTTP/1.1"), (true, "h2c")] {
-            let b = rps("b abhiapi", h2).unwrap();
-            print!("{proto}: throughput b/a = {:.2}", b / rps("a direct", h2).unwrap());
-            match rps("c nginx", h2) {
-                Some(c) => print!(", b/c = {:.2}", b / c),
-                None => print!(", b/c = n/a (nginx not installed)"),
+            println!("{proto}: throughput b/a = {}", spread(ratios("b abhiapi", "a direct", h2, rps)));
+            match ratios("b abhiapi", "c nginx", h2, rps) {
+                r if r.is_empty() => println!("{proto}: throughput b/c = n/a (nginx not installed)"),
+                r => println!("{proto}: throughput b/c = {}", spread(r)),
             }
-            match rps("d fal server-proxy", h2) {
-                Some(d) => println!(", b/d = {:.2}", b / d),
-                None if h2 => println!(", b/d = n/a (no h2c in fal's Node proxy)"),
-                None => println!(", b/d = n/a (run npm ci in benches/fal-proxy)"),
+            match ratios("b abhiapi", "d fal server-proxy", h2, rps) {
+                r if !r.is_empty() => println!("{proto}: throughput b/d = {}", spread(r)),
+                _ if h2 => println!("{proto}: throughput b/d = n/a (no h2c in fal's Node proxy)"),
+                _ => println!("{proto}: throughput b/d = n/a (run npm ci in benches/fal-proxy)"),
             }
             // The steadier figure on a shared machine: what each proxy spends per request.
-            if let (Some(b), Some(c)) = (cpu("b abhiapi", h2), cpu("c nginx", h2)) {
-                println!("{proto}: CPU per request b/c = {:.2}", b / c);
+            let cpu_ratio = ratios("b abhiapi", "c nginx", h2, cpu);
+            if !cpu_ratio.is_empty() {
+                println!("{proto}: CPU per request b/c = {}", spread(cpu_ratio));
+            }
+            if baseline.is_some() {
+                println!("{proto}: CPU per request b/b0 (this build over the baseline) = {}", spread(ratios("b abhiapi", "b0 baseline", h2, cpu)));
+                println!("{proto}: throughput b/b0 = {}", spread(ratios("b abhiapi", "b0 baseline", h2, rps)));
             }
         }
 
@@ -520,7 +565,7 @@ fn main() {
         // Streaming, against a fresh proxy so its peak memory is the streaming's own.
         let _ = proxy.kill();
         let sdir = tempfile::tempdir().unwrap();
-        let (mut sproxy, saddr, skey) = start_abhiapi(sdir.path(), &mock);
+        let (mut sproxy, saddr, skey) = start_abhiapi(&release_binary(), sdir.path(), &mock);
         let bytes = stream_mib << 20;
         // Best of three rounds, interleaved: one transfer is at the mercy of whatever else the machine does.
         let mut best = [(0f64, 0f64); 3];
@@ -547,6 +592,9 @@ fn main() {
         println!("| upload | {direct_up:.0} | {proxy_up:.0} | {:.2} | {} |", proxy_up / direct_up, nginx_cells(nginx_rates.map(|r| r.1), direct_up));
         println!("\nAbhiAPI peak RSS while streaming: {:.1} MiB", peak_rss_mib(sproxy.id()));
         let _ = sproxy.kill();
+        if let Some((mut b0, _, _)) = baseline {
+            let _ = b0.kill();
+        }
         if let Some((mut d, _)) = fal_proxy {
             let _ = d.kill();
         }
