@@ -33,20 +33,31 @@ pub fn to_scaled(value: f64, scale: u32) -> Result<u64, String> {
 }
 
 /// Formats `units` of `10^-scale` as a plain decimal (`12_000_000`, 9 → `0.012`).
+/// Runs on every billed answer: one allocation, trailing zeros dropped by arithmetic.
 pub fn format_scaled(units: u128, scale: u32) -> String {
     let div = 10u128.pow(scale);
     let (whole, mut frac) = (units / div, units % div);
-    let mut text = whole.to_string();
+    let mut text = String::new();
+    push_digits(&mut text, whole, 1);
     if frac != 0 {
-        // Trailing zeros dropped by arithmetic: one allocation per figure, on every billed answer.
         let mut digits = scale as usize;
         while frac % 10 == 0 {
             frac /= 10;
             digits -= 1;
         }
-        let _ = write!(text, ".{frac:0digits$}");
+        text.push('.');
+        push_digits(&mut text, frac, digits);
     }
     text
+}
+
+/// `n`, zero-padded to `width`; with `u64`'s formatting where it fits, as
+/// real amounts always do (`u128`'s is several times slower).
+fn push_digits(text: &mut String, n: u128, width: usize) {
+    let _ = match u64::try_from(n) {
+        Ok(n) => write!(text, "{n:0width$}"),
+        Err(_) => write!(text, "{n:0width$}"),
+    };
 }
 
 #[cfg(test)]
@@ -72,5 +83,9 @@ mod tests {
         assert_eq!(format_scaled(1_500_000_000, 9), "1.5");
         assert_eq!(format_scaled(0, 9), "0");
         assert_eq!(format_scaled(1, 9), "0.000000001");
+        assert_eq!(
+            format_scaled(u128::MAX, 9),
+            "340282366920938463463374607431.768211455"
+        );
     }
 }
