@@ -510,8 +510,11 @@ fn main() {
         println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
         let mut results = Vec::new();
         for round in 1..=rounds {
+            // Each round starts one target later: no target always follows the same one.
+            let mut order = targets.clone();
+            order.rotate_left((round as usize - 1) % targets.len());
             for h2 in [false, true] {
-                for t in targets.iter().filter(|t| !h2 || t.h2.is_some()) {
+                for t in order.iter().filter(|t| !h2 || t.h2.is_some()) {
                     let _ = closed_loop(t, h2, conns, 1).await; // warm-up
                     let run = closed_loop(t, h2, conns, secs).await;
                     row(round, t.name, if h2 { "h2c" } else { "HTTP/1.1" }, &run);
