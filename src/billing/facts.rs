@@ -4,6 +4,8 @@
 use simd_json::prelude::*;
 use simd_json::tape::Value;
 
+use super::json::field;
+
 /// The request fields that bound a charge.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct RequestFacts {
@@ -36,8 +38,12 @@ pub fn preset(name: &str) -> Option<(u64, u64)> {
 fn size(v: Value) -> Option<(u64, u64)> {
     match v.as_str() {
         Some(name) => preset(name),
-        None => Some((v.get_u64("width")?, v.get_u64("height")?)),
+        None => Some((u64_field(v, "width")?, u64_field(v, "height")?)),
     }
+}
+
+fn u64_field(v: Value, key: &str) -> Option<u64> {
+    field(v, key)?.as_u64()
 }
 
 /// Seconds as thousandths, from a number or a string such as `"5"`, `"5.5"` or `"8s"`.
@@ -89,9 +95,9 @@ impl RequestFacts {
 
     pub fn read(v: Value) -> Self {
         Self {
-            image_size: v.get("image_size").and_then(size),
-            num_images: v.get_u64("num_images"),
-            duration_milli: v.get("duration").and_then(duration_milli),
+            image_size: field(v, "image_size").and_then(size),
+            num_images: u64_field(v, "num_images"),
+            duration_milli: field(v, "duration").and_then(duration_milli),
         }
     }
 }
@@ -99,9 +105,12 @@ impl RequestFacts {
 impl ResponseFacts {
     /// `images[]`, or the single `image` object that upscalers and editors return.
     pub fn read(v: Value) -> Self {
-        let one = |img: Value| Some((img.get_u64("width")?, img.get_u64("height")?));
+        let one = |img: Value| Some((u64_field(img, "width")?, u64_field(img, "height")?));
         // Not `get_array`: simd-json 0.14's tape version cuts the array's last node off.
-        let images = match (v.get("images").and_then(|a| a.as_array()), v.get("image")) {
+        let images = match (
+            field(v, "images").and_then(|a| a.as_array()),
+            field(v, "image"),
+        ) {
             (Some(list), _) => list.iter().map(one).collect(),
             (None, Some(img)) if img.is_object() => vec![one(img)],
             _ => Vec::new(),
@@ -127,6 +136,9 @@ mod tests {
         let r = request(r#"{"image_size":"portrait_16_9","num_images":3}"#);
         assert_eq!(r.image_size, Some((576, 1024)));
         assert_eq!(r.num_images, Some(3));
+        // A repeated key counts as fal reads it: the last one.
+        let r = request(r#"{"num_images":1,"image_size":"square","num_images":4}"#);
+        assert_eq!(r.num_images, Some(4));
         let r = request(r#"{"image_size":{"width":1025,"height":1024}}"#);
         assert_eq!(r.image_size, Some((1025, 1024)));
         for (d, milli) in [

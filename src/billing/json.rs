@@ -51,6 +51,20 @@ pub fn read<T>(bytes: &[u8], read: impl FnOnce(Value<'_, '_>) -> T) -> simd_json
     })
 }
 
+/// The member `key` of an object; where the key repeats, the last one, as
+/// fal's JSON parser (and the value tree this replaced) reads it. The
+/// tape's own `get` takes the first, which would let a request be
+/// estimated on a different value than fal runs it with.
+pub fn field<'t, 'i>(object: Value<'t, 'i>, key: &str) -> Option<Value<'t, 'i>> {
+    let mut found = None;
+    for (k, v) in object.as_object()?.iter() {
+        if k == key {
+            found = Some(v);
+        }
+    }
+    found
+}
+
 fn read_with<T>(
     scratch: &mut Scratch,
     bytes: &[u8],
@@ -87,6 +101,10 @@ mod tests {
             Some("b\"c".to_owned())
         );
         assert!(read(br#"{"a":"#, |_| ()).is_err());
+        let last = read(br#"{"n":1,"m":{"n":5},"n":2}"#, |v| {
+            field(v, "n").and_then(|n| n.as_u64())
+        });
+        assert_eq!(last.unwrap(), Some(2));
         // Nested use (a reader that parses again) works on buffers of its own.
         let inner = read(br#"{"x":1}"#, |_| read(br#"{"y":2}"#, |v| v.get_u64("y")));
         assert_eq!(inner.unwrap().unwrap(), Some(2));

@@ -384,7 +384,7 @@ async fn whole(incoming: Incoming, limit: usize) -> Result<Bytes, ApiError> {
 
 /// The top-level string `field` of a JSON answer.
 fn string_field(bytes: &[u8], field: &str) -> Option<String> {
-    json::read(bytes, |v| v.get_str(field).map(str::to_owned)).ok()?
+    json::read(bytes, |v| Some(json::field(v, field)?.as_str()?.to_owned())).ok()?
 }
 
 /// Every `"{fal_base}/…` string start becomes `"{our_base}/queue/…`: the
