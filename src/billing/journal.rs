@@ -10,6 +10,7 @@
 //! kernel, which writes them out, exactly as it would have written what
 //! `write(2)` had handed it.
 
+use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -35,10 +36,16 @@ pub struct HoldRecord {
 
 impl HoldRecord {
     fn line(&self) -> String {
-        format!(
-            "{}\t{}\t{}\t{}\t{}\t{}\n",
+        // Sized up front (four numbers take at most 20 digits and a sign
+        // each): one allocation per hold, where `format!` grew its string
+        // several times.
+        let mut line = String::with_capacity(self.id.len() + self.model.len() + 90);
+        let _ = writeln!(
+            line,
+            "{}\t{}\t{}\t{}\t{}\t{}",
             self.id, self.account_id, self.key_id, self.credits, self.created_at_ms, self.model
-        )
+        );
+        line
     }
 
     fn parse(line: &str) -> Option<Self> {

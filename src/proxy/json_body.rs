@@ -16,13 +16,13 @@ pub fn is_json(headers: &HeaderMap) -> bool {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(|v| {
-            let essence = v
-                .split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase();
-            essence == "application/json" || essence.ends_with("+json")
+            // Compared in place: a lowercased copy was an allocation on every request and answer.
+            let essence = v.split(';').next().unwrap_or("").trim().as_bytes();
+            let ends_with = |suffix: &[u8]| {
+                essence.len() >= suffix.len()
+                    && essence[essence.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+            };
+            essence.eq_ignore_ascii_case(b"application/json") || ends_with(b"+json")
         })
         .unwrap_or(false)
 }
