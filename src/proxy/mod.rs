@@ -387,10 +387,12 @@ fn rate_headers(map: &mut http::HeaderMap, verdict: Verdict) {
         } => (remaining, reset_ns),
         Decision::Deny { reset_ns, .. } => (0, reset_ns),
     };
-    let reset = HeaderValue::from(ceil_secs(reset_ns));
     map.insert(headers::X_RATELIMIT_LIMIT, HeaderValue::from(verdict.limit));
     map.insert(headers::X_RATELIMIT_REMAINING, HeaderValue::from(remaining));
-    map.insert(headers::X_RATELIMIT_RESET, reset);
+    map.insert(
+        headers::X_RATELIMIT_RESET,
+        HeaderValue::from(ceil_secs(reset_ns)),
+    );
 }
 
 /// The user dashboard: one page, its script and styles inline, nothing fetched from elsewhere.
