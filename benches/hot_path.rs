@@ -79,7 +79,7 @@ fn bench(c: &mut Criterion) {
                         .reserve(&api_key, "fal-ai/flux/dev", &id, quote)
                         .await
                         .unwrap();
-                    r.release(Some(500)).await;
+                    r.release(Some(500));
                 }
                 start.elapsed()
             })

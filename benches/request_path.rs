@@ -130,7 +130,9 @@ fn bench(c: &mut Criterion) {
         b.iter_custom(|iters| timed(&runtime, &through_proxy, Some(&key), iters))
     });
     group.finish();
-    runtime.block_on(core.stop(true)).unwrap();
+    runtime
+        .block_on(core.stop(true, std::time::Duration::from_secs(10)))
+        .unwrap();
 }
 
 criterion_group!(benches, bench);

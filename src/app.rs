@@ -44,8 +44,7 @@ pub struct Core {
     pub writer: StoreWriter,
     refresher: Refresher,
     journal: Arc<Journal>,
-    ledger: Arc<Ledger>,
-    writer_thread: std::thread::JoinHandle<()>,
+    writer_thread: std::thread::JoinHandle<bool>,
 }
 
 impl Core {
@@ -114,28 +113,28 @@ impl Core {
             writer,
             refresher,
             journal,
-            ledger,
             writer_thread,
         })
     }
 
-    /// Commits what the writer has queued and stops the threads. With
-    /// `drained` (no request was cut off), every hold is settled in SQLite
-    /// and the journal is emptied; otherwise the next start recovers it.
-    pub async fn stop(self, drained: bool) -> Result<(), Error> {
-        self.writer.close().await;
+    /// Commits what the writer has queued and stops the threads, within
+    /// `grace` even if SQLite cannot be written. With `drained` (no request
+    /// was cut off) and everything committed, every hold is settled in
+    /// SQLite and the journal is emptied; otherwise the next start recovers
+    /// it from the journal.
+    pub async fn stop(self, drained: bool, grace: Duration) -> Result<(), Error> {
+        self.writer.close(grace).await;
         let thread = self.writer_thread;
-        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-        if drained {
+        let joined = tokio::task::spawn_blocking(move || thread.join());
+        // The writer gives up at `grace`; the margin is for its last commit attempt.
+        let committed = matches!(
+            tokio::time::timeout(grace + Duration::from_secs(2), joined).await,
+            Ok(Ok(Ok(true)))
+        );
+        if drained && committed {
             self.journal.remove_all()?;
         }
         self.refresher.stop();
-        if self.ledger.shortfall_credits() > 0 {
-            tracing::warn!(
-                credits = self.ledger.shortfall_credits(),
-                "charges beyond balances this run"
-            );
-        }
         Ok(())
     }
 }
@@ -235,7 +234,8 @@ pub async fn serve(
 
     // Connections that outlived the grace period are cut when the runtime
     // ends; their holds stay in the journal and are recovered at next start.
-    core.stop(drained).await?;
+    let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+    core.stop(drained, grace).await?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -299,11 +299,12 @@ fn recover_holds(
 ) -> Result<(), Error> {
     let journalled = Journal::read_all(journal_dir)?;
     let done = ledger::recover(conn, &journalled, store::now_ms())?;
-    if done.holds > 0 {
+    if done.settled > 0 || done.holds > 0 {
         tracing::warn!(
+            settled = done.settled,
             holds = done.holds,
             credits = done.credits,
-            "recovered holds left by an unclean stop: each charged at most its hold"
+            "recovered an unclean stop: settlements as journalled, holds without one at their held amount"
         );
     }
     Journal::clear(journal_dir)?;

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use tokio::sync::Mutex;
+use parking_lot::Mutex;
 
 use crate::billing::facts::RequestFacts;
 use crate::billing::ledger::{Hold, Ledger, Settled};
@@ -22,6 +22,13 @@ enum JobState {
     Ended(Settled),
 }
 
+/// What `std::mem::take` leaves for the moment a pending hold is taken out to be settled.
+impl Default for JobState {
+    fn default() -> Self {
+        JobState::Ended(Settled::default())
+    }
+}
+
 pub struct Job {
     /// fal's request id.
     pub request_id: String,
@@ -32,13 +39,14 @@ pub struct Job {
     pub model: String,
     pub request: RequestFacts,
     pub created_at_ms: i64,
-    /// Async, because ending a job queues its ledger entries while holding it.
+    /// Ending a job is synchronous under this lock: the hold's settlement and
+    /// the job's end are queued together, and a second look sees the end.
     state: Mutex<JobState>,
 }
 
 impl Job {
-    pub async fn is_pending(&self) -> bool {
-        matches!(*self.state.lock().await, JobState::Pending(_))
+    pub fn is_pending(&self) -> bool {
+        matches!(*self.state.lock(), JobState::Pending(_))
     }
 }
 
@@ -96,7 +104,7 @@ impl Jobs {
     }
 
     /// Records a job fal accepted; from now on it owns `hold`.
-    pub async fn submitted(
+    pub fn submitted(
         &self,
         request_id: &str,
         app: &str,
@@ -110,7 +118,7 @@ impl Jobs {
             estimate_units: hold.estimate.units_milli,
             facts: request,
         };
-        self.writer.send(WriteOp::JobSubmitted(record)).await;
+        self.writer.send_now(WriteOp::JobSubmitted(record));
         let job = Arc::new(Job {
             request_id: request_id.to_owned(),
             account_id: hold.account.id,
@@ -133,58 +141,55 @@ impl Jobs {
             .map(|j| Arc::clone(j.value()))
     }
 
-    pub async fn pending(&self) -> Vec<Arc<Job>> {
-        let all: Vec<Arc<Job>> = self.by_id.iter().map(|j| Arc::clone(j.value())).collect();
-        let mut pending = Vec::new();
-        for job in all {
-            if job.is_pending().await {
-                pending.push(job);
-            }
-        }
-        pending
+    pub fn pending(&self) -> Vec<Arc<Job>> {
+        self.by_id
+            .iter()
+            .filter(|j| j.is_pending())
+            .map(|j| Arc::clone(j.value()))
+            .collect()
     }
 
     /// Charges `actual` (the hold, when it cannot be priced) if the job is
     /// still pending; either way returns the job's figures, so a result
     /// fetched again shows the same `_billing`.
-    pub async fn charge(&self, job: &Job, actual: Option<Quote>, fal_status: u16) -> Settled {
+    pub fn charge(&self, job: &Job, actual: Option<Quote>, fal_status: u16) -> Settled {
         self.end(job, JobEnd::Charged, actual, Some(fal_status))
-            .await
     }
 
     /// Releases the job's hold if it is still pending (it failed or was cancelled).
-    pub async fn release(&self, job: &Job, fal_status: Option<u16>) -> Settled {
-        self.end(job, JobEnd::Released, None, fal_status).await
+    pub fn release(&self, job: &Job, fal_status: Option<u16>) -> Settled {
+        self.end(job, JobEnd::Released, None, fal_status)
     }
 
-    async fn end(
+    fn end(
         &self,
         job: &Job,
         end: JobEnd,
         quote: Option<Quote>,
         fal_status: Option<u16>,
     ) -> Settled {
-        let mut state = job.state.lock().await;
-        let hold = match &*state {
-            JobState::Ended(settled) => return *settled,
+        let mut state = job.state.lock();
+        let hold = match std::mem::take(&mut *state) {
             JobState::Pending(hold) => hold,
+            JobState::Ended(settled) => {
+                *state = JobState::Ended(settled);
+                return settled;
+            }
         };
         let settled = match end {
             JobEnd::Charged => {
                 let quote = quote.unwrap_or(hold.estimate);
-                self.ledger.charge(hold, quote, fal_status).await
+                self.ledger.charge(hold, quote, fal_status)
             }
-            JobEnd::Released => self.ledger.release(hold, fal_status).await,
+            JobEnd::Released => self.ledger.release(hold, fal_status),
         };
-        self.writer
-            .send(WriteOp::JobEnded {
-                request_id: job.request_id.clone(),
-                end,
-                credits_used: settled.credits_used,
-                balance_remaining: settled.balance_remaining,
-                at_ms: now_ms(),
-            })
-            .await;
+        self.writer.send_now(WriteOp::JobEnded {
+            request_id: job.request_id.clone(),
+            end,
+            credits_used: settled.credits_used,
+            balance_remaining: settled.balance_remaining,
+            at_ms: now_ms(),
+        });
         *state = JobState::Ended(settled);
         settled
     }

@@ -76,6 +76,8 @@ pub struct Metrics {
     pub added_latency: Histogram,
     pub ledger_flush: Histogram,
     credits_charged: AtomicU64,
+    /// Credits charged beyond what balances held: owed by accounts now in debt.
+    credits_shortfall: AtomicU64,
     holds_open: AtomicU64,
     denials: [AtomicU64; 3],
 }
@@ -106,8 +108,13 @@ impl Metrics {
             .fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn charged(&self, credits: u64) {
+    /// A settlement: what it charged, and how much of that took a balance below zero.
+    pub fn charged(&self, credits: u64, shortfall: u64) {
         self.credits_charged.fetch_add(credits, Ordering::Relaxed);
+        if shortfall > 0 {
+            self.credits_shortfall
+                .fetch_add(shortfall, Ordering::Relaxed);
+        }
     }
 
     pub fn hold_opened(&self) {
@@ -159,6 +166,12 @@ impl Metrics {
                 "counter",
                 "Credits charged.",
                 self.credits_charged.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "abhiapi_credits_shortfall_total",
+                "counter",
+                "Credits charged beyond an account's balance (a model returned more than was held).",
+                self.credits_shortfall.load(Ordering::Relaxed) as i64,
             ),
             (
                 "abhiapi_holds_outstanding",

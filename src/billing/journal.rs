@@ -1,8 +1,11 @@
 //! The hold journal: every hold is appended here before fal is called, so
-//! that a killed process can never forget a request fal may have served.
-//! SQLite gets the same hold a moment later in a batch; a segment is
-//! deleted once every hold in it is committed there. What remains at
-//! start-up is recovered (`store::ledger`).
+//! that a killed process can never forget a request fal may have served,
+//! and every settlement (charge or release) is appended the moment memory
+//! changes, so that recovery knows how each hold ended. SQLite gets the
+//! same entries a moment later in a batch; a segment is deleted once every
+//! entry in it is committed there. What remains at start-up is recovered
+//! (`store::ledger`): settlements as recorded, holds without one at their
+//! held amount.
 //!
 //! A segment is a file mapped into memory, so an append is a copy, not a
 //! `write(2)` (which cost about 6% of a request's time; BENCHMARKS.md). The
@@ -19,6 +22,8 @@ use std::sync::atomic::{fence, Ordering};
 
 use memmap2::MmapMut;
 use parking_lot::Mutex;
+
+use crate::store::ledger::{ChargeRecord, Outcome};
 
 /// Each segment's size, reserved on disk when it is created.
 const SEGMENT_BYTES: usize = 4 * 1024 * 1024;
@@ -61,13 +66,76 @@ impl HoldRecord {
     }
 }
 
+/// What the journal holds, in the order it happened.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Entry {
+    Hold(HoldRecord),
+    Settle(ChargeRecord),
+}
+
+/// Settlement lines start with this, which no request id does.
+const SETTLE_MARK: &str = "=";
+
+fn settle_line(c: &ChargeRecord) -> String {
+    let mut line = String::with_capacity(c.id.len() + c.model.len() + 160);
+    let status = c.fal_status.map_or(String::new(), |s| s.to_string());
+    let _ = writeln!(
+        line,
+        "{SETTLE_MARK}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{status}\t{}\t{}\t{}\t{}",
+        c.id,
+        c.account_id,
+        c.key_id,
+        c.units_milli,
+        c.credits,
+        c.held,
+        c.shortfall,
+        c.outcome.as_str(),
+        c.started_at_ms,
+        c.settled_at_ms,
+        c.model
+    );
+    line
+}
+
+fn parse_settle(line: &str) -> Option<ChargeRecord> {
+    let mut f = line.splitn(13, '\t');
+    (f.next()? == SETTLE_MARK).then_some(())?;
+    Some(ChargeRecord {
+        id: f.next()?.to_owned(),
+        account_id: f.next()?.parse().ok()?,
+        key_id: f.next()?.parse().ok()?,
+        units_milli: f.next()?.parse().ok()?,
+        credits: f.next()?.parse().ok()?,
+        held: f.next()?.parse().ok()?,
+        shortfall: f.next()?.parse().ok()?,
+        fal_status: match f.next()? {
+            "" => None,
+            s => Some(s.parse().ok()?),
+        },
+        outcome: Outcome::parse(f.next()?)?,
+        started_at_ms: f.next()?.parse().ok()?,
+        settled_at_ms: f.next()?.parse().ok()?,
+        model: f.next()?.to_owned(),
+    })
+}
+
+impl Entry {
+    fn parse(line: &str) -> Option<Self> {
+        if line.starts_with(SETTLE_MARK) {
+            parse_settle(line).map(Entry::Settle)
+        } else {
+            HoldRecord::parse(line).map(Entry::Hold)
+        }
+    }
+}
+
 struct Segment {
     number: u64,
     map: MmapMut,
     /// Bytes appended: the next line starts here.
     len: usize,
-    /// Holds appended to this segment so far.
-    holds: u64,
+    /// Entries appended to this segment so far.
+    entries: u64,
 }
 
 pub struct Journal {
@@ -79,10 +147,10 @@ pub struct Journal {
     fsync: bool,
 }
 
-/// A segment that takes no more appends, and how many holds it has.
+/// A segment that takes no more appends, and how many entries it has.
 pub struct Sealed {
     pub number: u64,
-    pub holds: u64,
+    pub entries: u64,
 }
 
 fn segment_path(dir: &Path, number: u64) -> PathBuf {
@@ -103,27 +171,28 @@ fn segment_numbers(dir: &Path) -> io::Result<Vec<u64>> {
 }
 
 impl Journal {
-    /// Every hold in the journal at `dir`, oldest first; for recovery, before [`Journal::open`].
-    pub fn read_all(dir: &Path) -> io::Result<Vec<HoldRecord>> {
+    /// Every entry in the journal at `dir`, oldest first; for recovery, before [`Journal::open`].
+    pub fn read_all(dir: &Path) -> io::Result<Vec<Entry>> {
         if !dir.exists() {
             return Ok(Vec::new());
         }
-        let mut holds = Vec::new();
+        let mut entries = Vec::new();
         for n in segment_numbers(dir)? {
             let bytes = fs::read(segment_path(dir, n))?;
             // Whole lines only: after the last newline come the segment's
-            // unwritten zeros, or a hold cut off mid-copy by a kill, which
-            // never reached fal (the newline is written last).
+            // unwritten zeros, or an entry cut off mid-copy by a kill: a hold
+            // that never reached fal, or a settlement that never finished
+            // (the newline is written last).
             let end = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
             for line in String::from_utf8_lossy(&bytes[..end]).lines() {
-                match HoldRecord::parse(line) {
-                    Some(h) => holds.push(h),
-                    // Only a power cut can tear a line; such a hold never reached fal.
+                match Entry::parse(line) {
+                    Some(e) => entries.push(e),
+                    // Only a power cut can tear a line.
                     None => tracing::warn!(line, "unreadable hold journal line skipped"),
                 }
             }
         }
-        Ok(holds)
+        Ok(entries)
     }
 
     /// Removes every segment; only once their holds are safely in SQLite.
@@ -167,18 +236,26 @@ impl Journal {
             number,
             map,
             len: 0,
-            holds: 0,
+            entries: 0,
         })
     }
 
     /// Appends a hold; returns the segment it went to.
     pub fn append(&self, hold: &HoldRecord) -> io::Result<u64> {
-        let line = hold.line();
+        self.append_line(&hold.line())
+    }
+
+    /// Appends how a hold ended; returns the segment it went to.
+    pub fn append_settle(&self, charge: &ChargeRecord) -> io::Result<u64> {
+        self.append_line(&settle_line(charge))
+    }
+
+    fn append_line(&self, line: &str) -> io::Result<u64> {
         let bytes = line.as_bytes();
         if bytes.len() > SEGMENT_BYTES {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                "hold too long to journal",
+                "entry too long to journal",
             ));
         }
         let mut seg = self.current.lock();
@@ -187,7 +264,7 @@ impl Journal {
             let full = std::mem::replace(&mut *seg, next);
             self.sealed.lock().push(Sealed {
                 number: full.number,
-                holds: full.holds,
+                entries: full.entries,
             });
         }
         let at = seg.len;
@@ -200,7 +277,7 @@ impl Journal {
             seg.map.flush_range(at, bytes.len())?;
         }
         seg.len += bytes.len();
-        seg.holds += 1;
+        seg.entries += 1;
         Ok(seg.number)
     }
 
@@ -209,7 +286,7 @@ impl Journal {
         std::mem::take(&mut *self.sealed.lock())
     }
 
-    /// Deletes a sealed segment whose holds are all committed to SQLite.
+    /// Deletes a sealed segment whose entries are all committed to SQLite.
     pub fn remove(&self, number: u64) {
         if let Err(e) = fs::remove_file(segment_path(&self.dir, number)) {
             tracing::warn!(error = %e, number, "could not remove a hold journal segment");
@@ -261,13 +338,16 @@ mod tests {
         // A second process (a restart) reads what the first wrote, and appends after it.
         assert_eq!(
             Journal::read_all(dir.path()).unwrap(),
-            vec![hold("a"), hold("b")]
+            vec![Entry::Hold(hold("a")), Entry::Hold(hold("b"))]
         );
         let j = Journal::open(dir.path(), false).unwrap();
         assert_eq!(j.append(&hold("c")).unwrap(), 2);
         assert_eq!(Journal::read_all(dir.path()).unwrap().len(), 3);
         j.remove(1);
-        assert_eq!(Journal::read_all(dir.path()).unwrap(), vec![hold("c")]);
+        assert_eq!(
+            Journal::read_all(dir.path()).unwrap(),
+            vec![Entry::Hold(hold("c"))]
+        );
         Journal::clear(dir.path()).unwrap();
         assert!(Journal::read_all(dir.path()).unwrap().is_empty());
     }
@@ -286,7 +366,10 @@ mod tests {
         let at = seg.len;
         seg.map[at..at + torn.len()].copy_from_slice(torn.as_bytes());
         drop(seg);
-        assert_eq!(Journal::read_all(dir.path()).unwrap(), vec![hold("a")]);
+        assert_eq!(
+            Journal::read_all(dir.path()).unwrap(),
+            vec![Entry::Hold(hold("a"))]
+        );
     }
 
     #[test]
@@ -299,10 +382,47 @@ mod tests {
         }
         let sealed = j.take_sealed();
         assert_eq!(sealed.len(), 1);
-        assert_eq!((sealed[0].number, sealed[0].holds), (1, n));
+        assert_eq!((sealed[0].number, sealed[0].entries), (1, n));
         assert!(j.take_sealed().is_empty());
         let all = Journal::read_all(dir.path()).unwrap();
         assert_eq!(all.len() as u64, n + 1);
-        assert_eq!(all.last().unwrap(), &hold(&format!("h{n}")));
+        assert_eq!(all.last().unwrap(), &Entry::Hold(hold(&format!("h{n}"))));
+    }
+
+    #[test]
+    fn settlements_are_read_back_after_their_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path(), false).unwrap();
+        j.append(&hold("a")).unwrap();
+        let charge = ChargeRecord {
+            id: "a".into(),
+            account_id: 1,
+            key_id: 2,
+            model: "fal-ai/flux/dev".into(),
+            units_milli: 2000,
+            credits: 12,
+            held: 30,
+            shortfall: 0,
+            fal_status: Some(200),
+            outcome: Outcome::Charged,
+            started_at_ms: 1,
+            settled_at_ms: 2,
+        };
+        let released = ChargeRecord {
+            fal_status: None,
+            credits: 0,
+            outcome: Outcome::Released,
+            ..charge.clone()
+        };
+        j.append_settle(&charge).unwrap();
+        j.append_settle(&released).unwrap();
+        assert_eq!(
+            Journal::read_all(dir.path()).unwrap(),
+            vec![
+                Entry::Hold(hold("a")),
+                Entry::Settle(charge),
+                Entry::Settle(released)
+            ]
+        );
     }
 }

@@ -1,11 +1,11 @@
 //! Reserve, then settle. A [`Hold`] is credits set aside on an account for
-//! one piece of work, settled exactly once: charged or released. Within one
-//! request it lives in a [`Reservation`], whose `Drop` settles it if the
-//! request's future is dropped (the client went away): released before fal
-//! answered, charged its hold after. A queued job takes the hold over
-//! ([`Reservation::detach`]) and settles it when the job ends.
+//! one piece of work, settled exactly once: charged or released, in memory,
+//! in the journal and on the writer's queue in one synchronous step. Within
+//! one request it lives in a [`Reservation`], whose `Drop` settles it if the
+//! request's future is dropped: released before fal answered, charged its
+//! hold after. A queued job takes the hold over ([`Reservation::detach`])
+//! and settles it when the job ends.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::journal::{HoldRecord, Journal};
@@ -21,18 +21,19 @@ pub struct Ledger {
     writer: StoreWriter,
     journal: Arc<Journal>,
     metrics: Arc<Metrics>,
-    /// Credits owed beyond what balances could cover (a model returned more than was asked).
-    shortfall_credits: AtomicU64,
 }
 
 /// What a settlement left: shown to the client as `_billing`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Settled {
     pub credits_used: u64,
     pub balance_remaining: i64,
 }
 
-/// Credits held on an account, not yet settled.
+/// Credits held on an account, not yet settled. Settling takes it by
+/// value, so a hold ends once. It has no `Drop` of its own: a queued job's
+/// hold outlives the process in the jobs table, and a request's is released
+/// by its [`Reservation`].
 pub struct Hold {
     pub account: Arc<Account>,
     pub record: HoldRecord,
@@ -51,17 +52,14 @@ impl Ledger {
             writer,
             journal,
             metrics,
-            shortfall_credits: AtomicU64::new(0),
         }
-    }
-
-    pub fn shortfall_credits(&self) -> u64 {
-        self.shortfall_credits.load(Ordering::Relaxed)
     }
 
     /// Holds `estimate.credits` on the key's account (402 if they are not
     /// available) and journals the hold before returning, so that fal is
-    /// never called for a hold a crash could forget.
+    /// never called for a hold a crash could forget. The one wait, for room
+    /// in the writer's queue, comes before anything changes: a client that
+    /// leaves during it leaves nothing behind.
     pub async fn reserve(
         self: &Arc<Self>,
         key: &ApiKey,
@@ -69,6 +67,7 @@ impl Ledger {
         request_id: &str,
         estimate: Quote,
     ) -> Result<Reservation, ApiError> {
+        let permit = self.writer.permit().await?;
         let account = Arc::clone(&key.account);
         let credits = i64::try_from(estimate.credits).unwrap_or(i64::MAX);
         account
@@ -94,24 +93,19 @@ impl Ledger {
             }
         };
         self.metrics.hold_opened();
-        // The guard exists before the first await: if the client leaves
-        // while the hold is being queued, its `Drop` still releases it.
-        let reservation = Reservation {
+        permit.send(WriteOp::Hold {
+            hold: record.clone(),
+            segment,
+        });
+        Ok(Reservation {
             ledger: Arc::clone(self),
             hold: Some(Hold {
                 account,
-                record: record.clone(),
+                record,
                 estimate,
             }),
             answered: false,
-        };
-        self.writer
-            .send(WriteOp::Hold {
-                hold: record,
-                segment,
-            })
-            .await;
-        Ok(reservation)
+        })
     }
 
     /// A hold that outlived its process (a queued job's), taken again in memory at start-up.
@@ -126,71 +120,72 @@ impl Ledger {
     }
 
     /// Charges `actual` for a hold whose work fal did.
-    pub async fn charge(&self, hold: &Hold, actual: Quote, fal_status: Option<u16>) -> Settled {
-        self.finish(hold, actual, fal_status, Outcome::Charged)
-            .await
+    pub fn charge(&self, hold: Hold, actual: Quote, fal_status: Option<u16>) -> Settled {
+        self.settle(hold, actual, fal_status, Outcome::Charged)
     }
 
     /// Releases a hold whose work fal did not do: nothing is charged.
-    pub async fn release(&self, hold: &Hold, fal_status: Option<u16>) -> Settled {
-        self.finish(hold, NOTHING, fal_status, Outcome::Released)
-            .await
+    pub fn release(&self, hold: Hold, fal_status: Option<u16>) -> Settled {
+        self.settle(hold, NOTHING, fal_status, Outcome::Released)
     }
 
-    async fn finish(
+    /// Memory, the journal and the writer's queue in one synchronous step:
+    /// nothing can stop a settlement half done.
+    fn settle(
         &self,
-        hold: &Hold,
+        hold: Hold,
         quote: Quote,
         fal_status: Option<u16>,
         outcome: Outcome,
     ) -> Settled {
-        let (record, settled) = self.settle_in_memory(hold, quote, fal_status, outcome);
-        self.writer.send(WriteOp::Settle(record)).await;
-        settled
-    }
-
-    /// The in-memory half of a settlement; the caller queues the record.
-    fn settle_in_memory(
-        &self,
-        hold: &Hold,
-        quote: Quote,
-        fal_status: Option<u16>,
-        outcome: Outcome,
-    ) -> (ChargeRecord, Settled) {
         let held = hold.record.credits as i64;
         let cost = i64::try_from(quote.credits).unwrap_or(i64::MAX);
-        let (charged, shortfall) = hold.account.settle(held, cost);
+        let shortfall = hold.account.settle(held, cost);
         self.metrics.hold_closed();
-        self.metrics.charged(charged as u64);
+        self.metrics.charged(quote.credits, shortfall as u64);
         if shortfall > 0 {
-            self.shortfall_credits
-                .fetch_add(shortfall as u64, Ordering::Relaxed);
             tracing::warn!(
                 request_id = %hold.record.id,
                 account_id = hold.account.id,
                 shortfall,
-                "actual cost exceeded hold and balance"
+                "actual cost exceeded hold and balance: the account is in debt"
             );
         }
+        let HoldRecord {
+            id,
+            account_id,
+            key_id,
+            credits: held,
+            created_at_ms,
+            model,
+        } = hold.record;
         let record = ChargeRecord {
-            id: hold.record.id.clone(),
-            account_id: hold.record.account_id,
-            key_id: hold.record.key_id,
-            model: hold.record.model.clone(),
+            id,
+            account_id,
+            key_id,
+            model,
             units_milli: quote.units_milli,
-            credits: charged as u64,
-            held: hold.record.credits,
+            credits: quote.credits,
+            held,
             shortfall: shortfall as u64,
             fal_status,
             outcome,
-            started_at_ms: hold.record.created_at_ms,
+            started_at_ms: created_at_ms,
             settled_at_ms: now_ms(),
         };
-        let settled = Settled {
-            credits_used: charged as u64,
+        let segment = self
+            .journal
+            .append_settle(&record)
+            .inspect_err(|e| tracing::error!(error = %e, "cannot journal a settlement"))
+            .ok();
+        self.writer.send_now(WriteOp::Settle {
+            charge: record,
+            segment,
+        });
+        Settled {
+            credits_used: quote.credits,
             balance_remaining: hold.account.balance(),
-        };
-        (record, settled)
+        }
     }
 }
 
@@ -209,21 +204,25 @@ impl Reservation {
         self.answered = true;
     }
 
+    fn take(&mut self) -> Hold {
+        self.hold.take().expect("a reservation settles once")
+    }
+
     /// Charges the actual cost of a successful answer.
-    pub async fn charge(mut self, actual: Quote, fal_status: u16) -> Settled {
-        let hold = self.hold.take().expect("a reservation settles once");
-        self.ledger.charge(&hold, actual, Some(fal_status)).await
+    pub fn charge(mut self, actual: Quote, fal_status: u16) -> Settled {
+        let hold = self.take();
+        self.ledger.charge(hold, actual, Some(fal_status))
     }
 
     /// Releases the hold: fal failed or never answered. Nothing is charged.
-    pub async fn release(mut self, fal_status: Option<u16>) -> Settled {
-        let hold = self.hold.take().expect("a reservation settles once");
-        self.ledger.release(&hold, fal_status).await
+    pub fn release(mut self, fal_status: Option<u16>) -> Settled {
+        let hold = self.take();
+        self.ledger.release(hold, fal_status)
     }
 
     /// Hands the hold to a queued job, which settles it when the job ends.
     pub fn detach(mut self) -> Hold {
-        self.hold.take().expect("a reservation settles once")
+        self.take()
     }
 }
 
@@ -232,12 +231,11 @@ impl Drop for Reservation {
         let Some(hold) = self.hold.take() else {
             return;
         };
-        let (quote, outcome) = if self.answered {
-            (hold.estimate, Outcome::Charged)
+        if self.answered {
+            let estimate = hold.estimate;
+            self.ledger.charge(hold, estimate, None);
         } else {
-            (NOTHING, Outcome::Released)
-        };
-        let (record, _) = self.ledger.settle_in_memory(&hold, quote, None, outcome);
-        self.ledger.writer.send_now(WriteOp::Settle(record));
+            self.ledger.release(hold, None);
+        }
     }
 }

@@ -73,23 +73,18 @@ impl Account {
     }
 
     /// Ends a hold of `held` credits with a charge of `cost`. A cost above
-    /// the hold takes the excess from available credits, never below zero.
-    /// Returns what was charged and what could not be (the shortfall).
-    pub fn settle(&self, held: i64, cost: i64) -> (i64, i64) {
+    /// the hold is charged whole: fal did the work, so the excess comes from
+    /// available credits even below zero, and the account then gets 402
+    /// until it is topped up. Returns the part of the cost that took the
+    /// balance below zero (the shortfall), for usage and metrics.
+    pub fn settle(&self, held: i64, cost: i64) -> i64 {
         self.held.fetch_sub(held, Ordering::AcqRel);
-        if cost <= held {
-            self.available.fetch_add(held - cost, Ordering::AcqRel);
-            return (cost, 0);
+        let delta = held - cost;
+        let after = self.available.fetch_add(delta, Ordering::AcqRel) + delta;
+        if delta >= 0 || after >= 0 {
+            return 0;
         }
-        let excess = cost - held;
-        let before = self
-            .available
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| {
-                Some(a - excess.min(a.max(0)))
-            })
-            .unwrap_or_else(|a| a);
-        let taken = excess.min(before.max(0));
-        (held + taken, excess - taken)
+        (-delta).min(-after)
     }
 
     pub fn is_suspended(&self) -> bool {
@@ -271,17 +266,20 @@ mod tests {
     }
 
     #[test]
-    fn settling_charges_the_cost_and_caps_an_excess_at_zero() {
+    fn settling_charges_the_whole_cost_and_reports_what_went_below_zero() {
         let a = account(100);
         a.try_hold(30).unwrap();
-        assert_eq!(a.settle(30, 12), (12, 0));
+        assert_eq!(a.settle(30, 12), 0);
         assert_eq!((a.available(), a.held()), (88, 0));
         a.try_hold(10).unwrap();
         // The model returned more than was asked: 50 over the hold, 78 available.
-        assert_eq!(a.settle(10, 60), (60, 0));
+        assert_eq!(a.settle(10, 60), 0);
         assert_eq!(a.balance(), 28);
         a.try_hold(8).unwrap();
-        assert_eq!(a.settle(8, 100), (28, 72));
-        assert_eq!((a.balance(), a.available()), (0, 0));
+        // 92 over the hold with 20 available: 72 of it below zero.
+        assert_eq!(a.settle(8, 100), 72);
+        assert_eq!((a.balance(), a.available()), (-72, -72));
+        // In debt, nothing more is held, not even a free request.
+        assert_eq!(a.try_hold(0), Err(-72));
     }
 }

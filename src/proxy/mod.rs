@@ -313,7 +313,7 @@ impl Proxy {
                 })
             }
             Err((e, status)) => {
-                reservation.release(status).await;
+                reservation.release(status);
                 Err(e)
             }
         }

@@ -181,24 +181,23 @@ impl Proxy {
         let (mut parts, incoming) = sent.resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
         if !status.is_success() {
-            reservation.release(Some(status.as_u16())).await;
+            reservation.release(Some(status.as_u16()));
             return Ok(Response::from_parts(parts, Body::Stream(incoming)));
         }
         let bytes = match collect_bounded(incoming, limit).await {
             Ok(Collected::Whole(bytes)) => bytes,
             Ok(Collected::Overflow(..)) | Err(_) => {
-                reservation.release(Some(status.as_u16())).await;
+                reservation.release(Some(status.as_u16()));
                 return Err(ApiError::UpstreamUnreachable);
             }
         };
         let Some(fal_id) = string_field(&bytes, "request_id") else {
             tracing::error!("fal's queue accepted a job without a request_id");
-            reservation.release(Some(status.as_u16())).await;
+            reservation.release(Some(status.as_u16()));
             return Err(ApiError::UpstreamFailed(StatusCode::BAD_GATEWAY));
         };
         self.jobs
-            .submitted(&fal_id, &app, request, reservation.detach())
-            .await;
+            .submitted(&fal_id, &app, request, reservation.detach());
         Ok(self.rewritten(parts, &bytes, base))
     }
 
@@ -240,7 +239,7 @@ impl Proxy {
             Action::StatusStream => Ok(Response::from_parts(parts, Body::Stream(incoming))),
             Action::Cancel => {
                 if status.is_success() {
-                    self.jobs.release(job, Some(status.as_u16())).await;
+                    self.jobs.release(job, Some(status.as_u16()));
                 }
                 Ok(Response::from_parts(parts, Body::Stream(incoming)))
             }
@@ -254,7 +253,7 @@ impl Proxy {
                         .as_deref()
                         .is_some_and(failed)
                 {
-                    self.jobs.release(job, Some(status.as_u16())).await;
+                    self.jobs.release(job, Some(status.as_u16()));
                 }
                 Ok(self.rewritten(parts, &bytes, base))
             }
@@ -276,20 +275,20 @@ impl Proxy {
     ) -> Result<Response<Body>, ApiError> {
         let tunables = self.tunables.load_full();
         if !spliceable(&parts.headers, tunables.max_json_response_bytes) {
-            let settled = self.charge_job(job, None, status).await;
+            let settled = self.charge_job(job, None, status);
             billing_headers(&mut parts.headers, settled);
             return Ok(Response::from_parts(parts, Body::Stream(incoming)));
         }
         let bytes = whole(incoming, tunables.max_json_response_bytes).await?;
         let answer = read_object(&bytes);
-        let settled = self.charge_job(job, answer.as_ref(), status).await;
+        let settled = self.charge_job(job, answer.as_ref(), status);
         let figures = billing(&tunables.prices, &job.model, settled);
         Ok(billed_json(parts, bytes, answer.is_some(), &figures))
     }
 
     /// The actual cost from the answer where there is one and a rule still
     /// prices the model; else the hold.
-    async fn charge_job(
+    fn charge_job(
         &self,
         job: &Job,
         answer: Option<&crate::billing::facts::ResponseFacts>,
@@ -301,7 +300,7 @@ impl Proxy {
             (Some(rule), None) => Some(prices.estimate(rule, &job.request)),
             (None, _) => None,
         };
-        self.jobs.charge(job, quote, status.as_u16()).await
+        self.jobs.charge(job, quote, status.as_u16())
     }
 
     /// fal's JSON with its queue URLs pointing at us instead.
@@ -322,7 +321,7 @@ impl Proxy {
     /// charges those with a result, releases those that failed, and gives up
     /// on those fal no longer knows after `give_up_after_ms`.
     pub async fn reconcile(&self, give_up_after_ms: i64) {
-        for job in self.jobs.pending().await {
+        for job in self.jobs.pending() {
             if let Err(e) = self.reconcile_job(&job, give_up_after_ms).await {
                 tracing::debug!(request_id = %job.request_id, error = ?e, "reconcile: will retry");
             }
@@ -341,13 +340,13 @@ impl Proxy {
         if code == StatusCode::NOT_FOUND {
             if crate::store::now_ms() - job.created_at_ms > give_up_after_ms {
                 tracing::warn!(request_id = %job.request_id, "fal no longer knows this job: released");
-                self.jobs.release(job, Some(404)).await;
+                self.jobs.release(job, Some(404));
             }
             return Ok(());
         }
         let state = string_field(&bytes, "status").unwrap_or_default();
         if failed(&state) {
-            self.jobs.release(job, Some(code.as_u16())).await;
+            self.jobs.release(job, Some(code.as_u16()));
             return Ok(());
         }
         if state != "COMPLETED" {
@@ -364,12 +363,12 @@ impl Proxy {
         }
         if !code.is_success() {
             // Completed without a result: the job failed at fal.
-            self.jobs.release(job, Some(code.as_u16())).await;
+            self.jobs.release(job, Some(code.as_u16()));
             return Ok(());
         }
         let bytes = whole(resp.into_body(), limit).await?;
         let answer = read_object(&bytes);
-        self.charge_job(job, answer.as_ref(), code).await;
+        self.charge_job(job, answer.as_ref(), code);
         Ok(())
     }
 }

@@ -79,7 +79,7 @@ impl Billed<'_> {
         let status = parts.status;
 
         if !spliceable(&parts.headers, self.max_json_bytes) {
-            let settled = self.settle(reservation, status, None).await;
+            let settled = self.settle(reservation, status, None);
             billing_headers(&mut parts.headers, settled);
             return Ok(Response::from_parts(parts, Body::Stream(incoming)));
         }
@@ -88,14 +88,14 @@ impl Billed<'_> {
             Err(e) => {
                 // fal's answer broke off: the client gets nothing usable, so nothing is charged.
                 tracing::warn!(error = %e, "fal's response body broke off");
-                reservation.release(Some(status.as_u16())).await;
+                reservation.release(Some(status.as_u16()));
                 return Err(ApiError::UpstreamUnreachable);
             }
         };
         let bytes = match collected {
             Collected::Whole(bytes) => bytes,
             Collected::Overflow(prefix, rest) => {
-                let settled = self.settle(reservation, status, None).await;
+                let settled = self.settle(reservation, status, None);
                 billing_headers(&mut parts.headers, settled);
                 return Ok(Response::from_parts(
                     parts,
@@ -104,7 +104,7 @@ impl Billed<'_> {
             }
         };
         let answer = read_object(&bytes);
-        let settled = self.settle(reservation, status, answer.as_ref()).await;
+        let settled = self.settle(reservation, status, answer.as_ref());
         Ok(billed_json(
             parts,
             bytes,
@@ -115,20 +115,20 @@ impl Billed<'_> {
 
     /// A success is charged its actual cost (from the answer where there is
     /// one, else the estimate); anything else is released.
-    async fn settle(
+    fn settle(
         &self,
         reservation: Reservation,
         status: StatusCode,
         answer: Option<&ResponseFacts>,
     ) -> Settled {
         if !status.is_success() {
-            return reservation.release(Some(status.as_u16())).await;
+            return reservation.release(Some(status.as_u16()));
         }
         let quote = match answer {
             Some(facts) => self.prices.actual(self.rule, &self.request, facts),
             None => self.prices.estimate(self.rule, &self.request),
         };
-        reservation.charge(quote, status.as_u16()).await
+        reservation.charge(quote, status.as_u16())
     }
 }
 

@@ -4,7 +4,7 @@
 use rusqlite::{params, Connection, Transaction};
 use serde::Serialize;
 
-use crate::billing::journal::HoldRecord;
+use crate::billing::journal::{Entry, HoldRecord};
 
 /// How a hold ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,17 +18,26 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Charged => "charged",
             Outcome::Released => "released",
             Outcome::Recovered => "recovered",
         }
     }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "charged" => Outcome::Charged,
+            "released" => Outcome::Released,
+            "recovered" => Outcome::Recovered,
+            _ => return None,
+        })
+    }
 }
 
 /// One settled request, as written to `charges`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ChargeRecord {
     pub id: String,
     pub account_id: i64,
@@ -116,23 +125,31 @@ pub fn delete_hold(tx: &Transaction, id: &str) -> rusqlite::Result<()> {
 /// What start-up recovery did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Recovered {
+    /// Settlements found only in the journal, now recorded as they happened.
+    pub settled: u64,
+    /// Holds whose outcome was never recorded, charged their held amount.
     pub holds: u64,
     pub credits: u64,
 }
 
-/// Settles every hold left by a process that did not stop cleanly: those in
-/// `holds`, and those only in the journal. fal may have served any of them,
-/// so each is charged its hold (never more, and never below a zero balance);
-/// one already in `charges` is left alone, and a pending queued job keeps its
-/// hold (the job settles it).
+/// Settles what a process that did not stop cleanly left behind. The
+/// journal's settlements are recorded as they happened (each once: an id
+/// already in `charges` is left alone). A hold with no recorded outcome,
+/// in `holds` or only in the journal, may have been served by fal, so it is
+/// charged its held amount, which the balance covered when it was taken; a
+/// pending queued job keeps its hold (the job settles it).
 pub fn recover(
     conn: &mut Connection,
-    journal: &[HoldRecord],
+    journal: &[Entry],
     now_ms: i64,
 ) -> rusqlite::Result<Recovered> {
     let tx = conn.transaction()?;
-    for h in journal {
-        insert_hold(&tx, h)?;
+    let mut done = Recovered::default();
+    for entry in journal {
+        match entry {
+            Entry::Hold(h) => insert_hold(&tx, h)?,
+            Entry::Settle(c) => done.settled += u64::from(insert_charge(&tx, c)?),
+        }
     }
     let orphans: Vec<HoldRecord> = tx
         .prepare(
@@ -142,21 +159,14 @@ pub fn recover(
         )?
         .query_map([], |r| hold_row(r, 0))?
         .collect::<Result<_, _>>()?;
-    let mut done = Recovered::default();
     for h in orphans {
-        let balance: i64 = tx.query_row(
-            "SELECT balance FROM accounts WHERE id = ?1",
-            [h.account_id],
-            |r| r.get(0),
-        )?;
-        let credits = h.credits.min(balance.max(0) as u64);
         let charge = ChargeRecord {
             id: h.id,
             account_id: h.account_id,
             key_id: h.key_id,
             model: h.model,
             units_milli: 0,
-            credits,
+            credits: h.credits,
             held: h.credits,
             shortfall: 0,
             fal_status: None,
@@ -166,7 +176,7 @@ pub fn recover(
         };
         if insert_charge(&tx, &charge)? {
             done.holds += 1;
-            done.credits += credits;
+            done.credits += charge.credits;
         }
     }
     tx.commit()?;

@@ -78,6 +78,15 @@ const MIGRATIONS: &[&str] = &[
         settled_at_ms INTEGER
     );
     CREATE INDEX jobs_state ON jobs(state, created_at_ms);",
+    // 4: ledger entries SQLite refused, set aside for an operator with the
+    // reason, so that one bad entry never stops the writer.
+    "CREATE TABLE ledger_rejects (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        subject TEXT,
+        entry TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        at_ms INTEGER NOT NULL
+    );",
 ];
 
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {

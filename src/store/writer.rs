@@ -1,18 +1,24 @@
 //! The one thread that writes what the server learns while it runs. It owns
 //! its connection and commits whatever has queued up in one transaction:
-//! holds, charges and balance deltas, and last-use times.
+//! holds, charges and balance deltas, and last-use times. It cannot wedge:
+//! an entry SQLite refuses is set aside, and while SQLite refuses
+//! everything the server stops taking billable work until it can write.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use rusqlite::Connection;
 use tokio::sync::mpsc;
 
 use super::jobs::{self, JobEnd, JobRecord};
 use super::ledger::{self, ChargeRecord};
+use super::now_ms;
 use crate::billing::journal::{HoldRecord, Journal, Sealed};
+use crate::error::ApiError;
 use crate::metrics::Metrics;
 
 /// Largest batch committed in one transaction.
@@ -25,13 +31,18 @@ const BATCH: usize = 1024;
 const GATHER: Duration = Duration::from_millis(20);
 const QUEUE: usize = 16 * 1024;
 
+#[derive(Debug)]
 pub enum WriteOp {
     /// A key was used at `at` (unix seconds); feeds `keys list`.
     KeyUsed { key_id: i64, at: i64 },
     /// A hold taken in memory and journalled in `segment`.
     Hold { hold: HoldRecord, segment: u64 },
-    /// A hold settled: charged or released.
-    Settle(ChargeRecord),
+    /// A hold settled: charged or released; journalled in `segment`
+    /// (`None` if the journal could not take it).
+    Settle {
+        charge: ChargeRecord,
+        segment: Option<u64>,
+    },
     /// A job accepted by fal's queue, carrying its hold.
     JobSubmitted(JobRecord),
     /// A job ended; its charge (or release) is a `Settle` of its hold.
@@ -46,26 +57,68 @@ pub enum WriteOp {
     Close,
 }
 
+impl WriteOp {
+    /// The journal segment this entry is in, if any.
+    fn segment(&self) -> Option<u64> {
+        match self {
+            WriteOp::Hold { segment, .. } => Some(*segment),
+            WriteOp::Settle { segment, .. } => *segment,
+            _ => None,
+        }
+    }
+
+    /// The request or job id the entry is about, for the set-aside table.
+    fn subject(&self) -> Option<&str> {
+        match self {
+            WriteOp::Hold { hold, .. } => Some(&hold.id),
+            WriteOp::Settle { charge, .. } => Some(&charge.id),
+            WriteOp::JobSubmitted(job) => Some(&job.request_id),
+            WriteOp::JobEnded { request_id, .. } => Some(request_id),
+            WriteOp::KeyUsed { .. } | WriteOp::Close => None,
+        }
+    }
+}
+
+/// What the server and the writer thread share besides the queue.
+#[derive(Default)]
+struct Shared {
+    /// False while SQLite refuses every write (disk full, locked, read-only):
+    /// billable requests are then refused rather than served unrecorded.
+    down: AtomicBool,
+    /// Set by [`StoreWriter::close`]: past it, a writer that still cannot
+    /// commit stops and leaves its entries to the journal.
+    give_up_at: Mutex<Option<Instant>>,
+}
+
 /// The server's side of the writer; cheap to clone.
 #[derive(Clone)]
 pub struct StoreWriter {
     tx: mpsc::Sender<WriteOp>,
+    shared: Arc<Shared>,
 }
+
+/// Longest a billable request waits for room in a full queue before it is
+/// refused: a writer that far behind is as good as down.
+const ROOM_WAIT: Duration = Duration::from_secs(5);
 
 impl StoreWriter {
     /// Starts the thread; it stops after [`StoreWriter::close`] (or once every
-    /// `StoreWriter` is dropped), having committed everything queued before.
+    /// `StoreWriter` is dropped). It returns true if everything queued was
+    /// committed (or set aside), false if it gave up with entries left to
+    /// the journal.
     pub fn spawn(
         conn: Connection,
         journal: Arc<Journal>,
         metrics: Arc<Metrics>,
-    ) -> (Self, JoinHandle<()>) {
+    ) -> (Self, JoinHandle<bool>) {
         let (tx, rx) = mpsc::channel(QUEUE);
+        let shared = Arc::new(Shared::default());
+        let writer = Writer::new(conn, journal, metrics, Arc::clone(&shared));
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || Writer::new(conn, journal, metrics).run(rx))
+            .spawn(move || writer.run(rx))
             .expect("spawn store writer");
-        (Self { tx }, handle)
+        (Self { tx, shared }, handle)
     }
 
     /// Entries waiting for the writer.
@@ -73,18 +126,23 @@ impl StoreWriter {
         self.tx.max_capacity() - self.tx.capacity()
     }
 
-    /// Queues money: waits for room (back-pressure), never drops it.
-    pub async fn send(&self, op: WriteOp) {
-        if self.tx.send(op).await.is_err() {
-            tracing::error!("store writer has stopped: a ledger entry was not queued (the journal still has its hold)");
+    /// Room for one entry, for a hold about to be taken: refused (503) while
+    /// SQLite cannot be written, or the queue stays full.
+    pub async fn permit(&self) -> Result<mpsc::Permit<'_, WriteOp>, ApiError> {
+        if self.shared.down.load(Ordering::Acquire) {
+            return Err(ApiError::LedgerUnavailable);
+        }
+        match tokio::time::timeout(ROOM_WAIT, self.tx.reserve()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(ApiError::LedgerUnavailable),
         }
     }
 
-    /// Queues money from code that cannot wait (a `Drop`): right away if
-    /// there is room, else from a task that waits for room.
+    /// Queues money from code that must not wait (a settlement, a `Drop`):
+    /// right away if there is room, else from a task that waits for room.
     /// Without a runtime (a drop during shutdown) or once the writer has
-    /// stopped, the entry is not queued; the hold journal still has the
-    /// request and the next start settles it.
+    /// stopped, the entry is not queued; the journal still has it and the
+    /// next start records it.
     pub fn send_now(&self, op: WriteOp) {
         if let Err(mpsc::error::TrySendError::Full(op)) = self.tx.try_send(op) {
             let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -103,9 +161,11 @@ impl StoreWriter {
         let _ = self.tx.try_send(WriteOp::KeyUsed { key_id, at });
     }
 
-    /// Asks the thread to finish: what was queued before is committed.
-    pub async fn close(&self) {
-        let _ = self.tx.send(WriteOp::Close).await;
+    /// Asks the thread to finish what was queued before, and to give up
+    /// after `within` if SQLite still cannot be written.
+    pub async fn close(&self, within: Duration) {
+        *self.shared.give_up_at.lock() = Some(Instant::now() + within);
+        let _ = tokio::time::timeout(within, self.tx.send(WriteOp::Close)).await;
     }
 }
 
@@ -113,24 +173,51 @@ struct Writer {
     conn: Connection,
     journal: Arc<Journal>,
     metrics: Arc<Metrics>,
-    /// Holds committed per journal segment.
+    shared: Arc<Shared>,
+    /// Entries committed (or set aside) per journal segment.
     committed: HashMap<u64, u64>,
-    /// Segments that take no more appends, waiting for their holds to be committed.
+    /// Segments that take no more appends, waiting for their entries to be committed.
     sealed: Vec<Sealed>,
 }
 
+/// Errors that say SQLite cannot take any write now, whatever the entry:
+/// retried until it can. Any other error is the entry's own.
+fn unavailable(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode::*;
+    matches!(
+        e.sqlite_error_code(),
+        Some(
+            DatabaseBusy
+                | DatabaseLocked
+                | DiskFull
+                | ReadOnly
+                | SystemIoFailure
+                | CannotOpen
+                | PermissionDenied
+                | OutOfMemory
+                | FileLockingProtocolFailed
+        )
+    )
+}
+
 impl Writer {
-    fn new(conn: Connection, journal: Arc<Journal>, metrics: Arc<Metrics>) -> Self {
+    fn new(
+        conn: Connection,
+        journal: Arc<Journal>,
+        metrics: Arc<Metrics>,
+        shared: Arc<Shared>,
+    ) -> Self {
         Self {
             conn,
             journal,
             metrics,
+            shared,
             committed: HashMap::new(),
             sealed: Vec::new(),
         }
     }
 
-    fn run(mut self, mut rx: mpsc::Receiver<WriteOp>) {
+    fn run(mut self, mut rx: mpsc::Receiver<WriteOp>) -> bool {
         let mut batch = Vec::with_capacity(BATCH);
         while rx.blocking_recv_many(&mut batch, BATCH) > 0 {
             gather(&mut rx, &mut batch);
@@ -138,29 +225,95 @@ impl Writer {
             if let Some(at) = closing {
                 batch.truncate(at);
             }
-            self.commit_until_done(&batch);
+            let started = Instant::now();
+            let done = self.commit_or_set_aside(&batch);
+            self.metrics.ledger_flush.observe(started.elapsed());
             batch.clear();
             self.drop_committed_segments();
+            if !done {
+                tracing::error!(
+                    "shutting down with the ledger unwritable: the hold journal keeps what was not committed, for the next start"
+                );
+                return false;
+            }
             if closing.is_some() {
-                return;
+                return true;
+            }
+        }
+        true
+    }
+
+    /// Commits `batch`; false only if it gave up at shutdown. While SQLite
+    /// refuses every write, it waits and retries. An entry SQLite refuses
+    /// on its own is found by halving the batch and set aside, so one bad
+    /// entry never holds up the rest.
+    fn commit_or_set_aside(&mut self, batch: &[WriteOp]) -> bool {
+        if batch.is_empty() {
+            return true;
+        }
+        let mut delay = Duration::from_millis(10);
+        loop {
+            match commit(&mut self.conn, batch) {
+                Ok(()) => {
+                    self.shared.down.store(false, Ordering::Release);
+                    self.mark_committed(batch);
+                    return true;
+                }
+                Err(e) if unavailable(&e) => {
+                    if !self.shared.down.swap(true, Ordering::AcqRel) {
+                        tracing::error!(error = %e, "the ledger cannot be written: refusing billable requests until it can");
+                    }
+                    if self.give_up_at().is_some_and(|t| Instant::now() >= t) {
+                        return false;
+                    }
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                Err(e) if batch.len() == 1 => return self.set_aside(&batch[0], &e),
+                Err(_) => {
+                    let (a, b) = batch.split_at(batch.len() / 2);
+                    return self.commit_or_set_aside(a) && self.commit_or_set_aside(b);
+                }
             }
         }
     }
 
-    /// A failed batch is money not yet on disk: retry it, never skip it.
-    fn commit_until_done(&mut self, batch: &[WriteOp]) {
+    fn give_up_at(&self) -> Option<Instant> {
+        *self.shared.give_up_at.lock()
+    }
+
+    /// Records an entry SQLite refused, with the reason, where an operator
+    /// can read it (`ledger_rejects`), and in the log. A refused settlement's
+    /// hold row goes too, so no later start charges it again.
+    fn set_aside(&mut self, op: &WriteOp, reason: &rusqlite::Error) -> bool {
+        let entry = format!("{op:?}");
+        tracing::error!(%entry, error = %reason, "ledger entry refused by SQLite: set aside in ledger_rejects");
         let mut delay = Duration::from_millis(10);
-        let started = std::time::Instant::now();
-        while let Err(e) = commit(&mut self.conn, batch) {
-            tracing::error!(error = %e, ops = batch.len(), "ledger batch failed; retrying");
-            std::thread::sleep(delay);
-            delay = (delay * 2).min(Duration::from_secs(1));
-        }
-        self.metrics.ledger_flush.observe(started.elapsed());
-        for op in batch {
-            if let WriteOp::Hold { segment, .. } = op {
-                *self.committed.entry(*segment).or_default() += 1;
+        loop {
+            match set_aside(&mut self.conn, op, &entry, &reason.to_string()) {
+                Ok(()) => {
+                    self.mark_committed(std::slice::from_ref(op));
+                    return true;
+                }
+                Err(e) if unavailable(&e) => {
+                    if self.give_up_at().is_some_and(|t| Instant::now() >= t) {
+                        return false;
+                    }
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => {
+                    // Left in the journal: the next start tries it again.
+                    tracing::error!(error = %e, "could not set a refused ledger entry aside");
+                    return true;
+                }
             }
+        }
+    }
+
+    fn mark_committed(&mut self, batch: &[WriteOp]) {
+        for segment in batch.iter().filter_map(WriteOp::segment) {
+            *self.committed.entry(segment).or_default() += 1;
         }
     }
 
@@ -168,7 +321,7 @@ impl Writer {
         self.sealed.extend(self.journal.take_sealed());
         let (journal, committed) = (&self.journal, &mut self.committed);
         self.sealed.retain(|s| {
-            let done = committed.get(&s.number).copied().unwrap_or(0) >= s.holds;
+            let done = committed.get(&s.number).copied().unwrap_or(0) >= s.entries;
             if done {
                 journal.remove(s.number);
                 committed.remove(&s.number);
@@ -176,6 +329,23 @@ impl Writer {
             !done
         });
     }
+}
+
+fn set_aside(
+    conn: &mut Connection,
+    op: &WriteOp,
+    entry: &str,
+    reason: &str,
+) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    tx.execute(
+        "INSERT INTO ledger_rejects (subject, entry, reason, at_ms) VALUES (?1, ?2, ?3, ?4)",
+        rusqlite::params![op.subject(), entry, reason, now_ms()],
+    )?;
+    if let WriteOp::Settle { charge, .. } = op {
+        ledger::delete_hold(&tx, &charge.id)?;
+    }
+    tx.commit()
 }
 
 /// Adds what arrives within [`GATHER`] of the first entry, up to a full
@@ -215,7 +385,7 @@ fn commit(conn: &mut Connection, batch: &[WriteOp]) -> rusqlite::Result<()> {
     let settled_here: HashSet<&str> = batch
         .iter()
         .filter_map(|op| match op {
-            WriteOp::Settle(charge) => Some(charge.id.as_str()),
+            WriteOp::Settle { charge, .. } => Some(charge.id.as_str()),
             _ => None,
         })
         .collect();
@@ -232,7 +402,7 @@ fn commit(conn: &mut Connection, batch: &[WriteOp]) -> rusqlite::Result<()> {
                 }
                 WriteOp::Hold { hold, .. } if settled_here.contains(hold.id.as_str()) => {}
                 WriteOp::Hold { hold, .. } => ledger::insert_hold(&tx, hold)?,
-                WriteOp::Settle(charge) => {
+                WriteOp::Settle { charge, .. } => {
                     if ledger::record_charge(&tx, charge)? {
                         *debits.entry(charge.account_id).or_default() += charge.credits;
                     }
