@@ -27,6 +27,9 @@ use crate::store::{self, db::Db, ledger, snapshot, writer::StoreWriter};
 use crate::tls;
 use crate::upstream::Upstream;
 
+/// How long the ledger writer waits on a lock before it reports the ledger unwritable.
+const WRITER_BUSY_WAIT: Duration = Duration::from_secs(2);
+
 /// The addresses actually bound (a configured port 0 becomes a real one).
 pub struct Bound {
     pub plain: Option<SocketAddr>,
@@ -78,6 +81,10 @@ impl Core {
             Duration::from_millis(config.store.refresh_interval_ms),
         )?;
         let metrics = Arc::new(Metrics::default());
+        // Other writers (the CLI, the admin API) hold the lock for
+        // milliseconds; one held longer means the ledger cannot be written,
+        // and billable requests are refused until it can.
+        conn.busy_timeout(WRITER_BUSY_WAIT)?;
         let (writer, writer_thread) =
             StoreWriter::spawn(conn, Arc::clone(&journal), Arc::clone(&metrics));
         let ledger = Arc::new(Ledger::new(
@@ -149,6 +156,7 @@ pub async fn serve(
     on_ready: impl FnOnce(&Bound),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
+    let _serving = store::lock::acquire(&config.store.path)?;
     let upstream = Upstream::new(&config.upstream, fal_key)?;
     let mut listeners = Vec::new();
     let mut bound = Bound {

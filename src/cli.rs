@@ -247,7 +247,7 @@ fn usage(
     );
     for c in &report.charges {
         out += &format!(
-            "\n{:<20} {:<34} {:<40} {:>8} {}{}",
+            "\n{:<20} {:<34} {:<40} {:>8} {}{}{}",
             dates::format_utc(c.settled_at_ms / 1000),
             c.id,
             c.model,
@@ -255,7 +255,17 @@ fn usage(
             c.outcome,
             c.fal_status
                 .map(|s| format!(" (fal {s})"))
-                .unwrap_or_default()
+                .unwrap_or_default(),
+            match c.shortfall {
+                0 => String::new(),
+                n => format!(" ({n} beyond the balance)"),
+            }
+        );
+    }
+    if report.total_shortfall > 0 {
+        out += &format!(
+            "\n\n{} credits were charged beyond the balance: the account owes them.",
+            report.total_shortfall
         );
     }
     Ok(out)

@@ -18,6 +18,8 @@ pub struct UsageReport {
     pub total_usd: String,
     pub models: Vec<ModelUsage>,
     pub charges: Vec<ChargeRow>,
+    /// Of `total_credits`, what was charged beyond the balance: credits the account owes.
+    pub total_shortfall: u64,
 }
 
 /// `since` is a UTC date (`YYYY-MM-DD`); `None` means everything.
@@ -38,6 +40,7 @@ pub fn report(
     let account = admin::account(conn, name)?;
     let (models, charges) = ledger::usage(conn, account.id, since_ms)?;
     let total_credits = models.iter().map(|m| m.credits).sum();
+    let total_shortfall = models.iter().map(|m| m.shortfall).sum();
     Ok(UsageReport {
         account: name.to_owned(),
         since,
@@ -45,5 +48,6 @@ pub fn report(
         total_usd: prices.cost_usd(total_credits),
         models,
         charges,
+        total_shortfall,
     })
 }

@@ -12,6 +12,7 @@ mod queue;
 mod request_id;
 mod respond;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,7 +38,8 @@ use arc_swap::ArcSwap;
 
 pub struct Proxy {
     registry: Arc<Registry>,
-    upstream: Upstream,
+    /// Shared with the tasks that finish billed calls after a client left.
+    upstream: Arc<Upstream>,
     writer: StoreWriter,
     ledger: Arc<Ledger>,
     /// Prices, plans and limits: replaced whole by a reload.
@@ -119,7 +121,7 @@ impl Proxy {
         let ids = RequestIds::new().map_err(|e| Error::Usage(format!("no OS randomness: {e}")))?;
         Ok(Self {
             registry: w.registry,
-            upstream: w.upstream,
+            upstream: Arc::new(w.upstream),
             writer: w.writer,
             ledger: w.ledger,
             tunables: ArcSwap::from_pointee(Tunables::new(config)?),
@@ -235,24 +237,36 @@ impl Proxy {
     ) -> Result<Response<Body>, ApiError> {
         let uri = self.upstream.run.uri(path::forwardable(req.uri())?)?;
         let model = req.uri().path().trim_start_matches('/').to_owned();
-        let sent = self
-            .forward_billed(req, &model, uri, key, request_id, trace)
-            .await?;
-        let billed = Billed {
-            prices: &sent.tunables.prices,
-            rule: &sent.rule,
-            model: &model,
-            request: sent.request,
-            max_json_bytes: sent.tunables.max_json_response_bytes,
-        };
-        billed.respond(sent.resp, sent.reservation).await
+        self.forward_billed(
+            req,
+            &model,
+            uri,
+            key,
+            request_id,
+            trace,
+            |sent| async move {
+                let billed = Billed {
+                    prices: &sent.tunables.prices,
+                    rule: &sent.rule,
+                    model: &sent.model,
+                    request: sent.request,
+                    max_json_bytes: sent.tunables.max_json_response_bytes,
+                };
+                billed.respond(sent.resp, sent.reservation).await
+            },
+        )
+        .await
     }
 
     /// Work that costs: a price rule for `model`, the JSON body read and
-    /// validated, the generation allowance, the hold; then fal at `uri`.
-    /// Whatever keeps fal from doing the work releases the hold; a success
-    /// marks the reservation answered.
-    async fn forward_billed(
+    /// validated, the generation allowance, the hold; then fal at `uri`,
+    /// and `finish` with fal's answer. Whatever keeps fal from doing the
+    /// work releases the hold; a success marks the reservation answered.
+    /// From the hold on, the work runs on a task of its own: a client that
+    /// leaves does not cancel fal's call, which runs to its answer and is
+    /// settled as if the client were still there.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward_billed<F, Fut>(
         &self,
         req: Request<Incoming>,
         model: &str,
@@ -260,7 +274,12 @@ impl Proxy {
         key: &ApiKey,
         request_id: &str,
         trace: &mut Trace,
-    ) -> Result<Sent, ApiError> {
+        finish: F,
+    ) -> Result<Response<Body>, ApiError>
+    where
+        F: FnOnce(Sent) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Response<Body>, ApiError>> + Send,
+    {
         let tunables = self.tunables.load_full();
         let rule = tunables
             .prices
@@ -299,24 +318,40 @@ impl Proxy {
                 return Err(e);
             }
         };
-        match self.send(parts, body, uri, trace).await {
-            Ok(resp) => {
-                if resp.status().is_success() {
-                    reservation.answered();
+        let upstream = Arc::clone(&self.upstream);
+        let model = model.to_owned();
+        let work = async move {
+            let started = Instant::now();
+            let sent = send(&upstream, parts, body, uri).await;
+            let took = started.elapsed();
+            let answer = match sent {
+                Ok(resp) => {
+                    if resp.status().is_success() {
+                        reservation.answered();
+                    }
+                    let sent = Sent {
+                        resp,
+                        reservation,
+                        request,
+                        rule,
+                        tunables,
+                        model,
+                    };
+                    finish(sent).await
                 }
-                Ok(Sent {
-                    resp,
-                    reservation,
-                    request,
-                    rule,
-                    tunables,
-                })
-            }
-            Err((e, status)) => {
-                reservation.release(status);
-                Err(e)
-            }
-        }
+                Err((e, status)) => {
+                    reservation.release(status);
+                    Err(e)
+                }
+            };
+            (answer, took)
+        };
+        let (answer, took) = match tokio::spawn(work).await {
+            Ok(done) => done,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
+        trace.upstream = Some(took);
+        answer
     }
 
     /// The poll allowance: status, result, cancel, and storage calls.
@@ -335,36 +370,49 @@ impl Proxy {
         }
     }
 
-    /// Forwards to fal with the operator's key. fal refusing that key, and
-    /// fal's 5xx, become our errors (with fal's status, if it answered).
+    /// Forwards an unbilled call (a poll, an upload) to fal, timed for the log line.
     async fn send(
         &self,
-        mut parts: http::request::Parts,
+        parts: http::request::Parts,
         body: Body,
         uri: http::Uri,
         trace: &mut Trace,
     ) -> Result<Response<Incoming>, (ApiError, Option<u16>)> {
-        headers::to_upstream(&mut parts.headers);
-        // `_billing` is spliced into fal's bytes: they must not arrive compressed.
-        parts.headers.insert(
-            header::ACCEPT_ENCODING,
-            HeaderValue::from_static("identity"),
-        );
-        parts.uri = uri;
-        let sent = Instant::now();
-        let result = self.upstream.send(Request::from_parts(parts, body)).await;
-        trace.upstream = Some(sent.elapsed());
-        let resp = result.map_err(|e| (e, None))?;
-        let status = resp.status();
-        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            tracing::error!(status = status.as_u16(), "fal refused the operator's key");
-            return Err((ApiError::UpstreamAuth, Some(status.as_u16())));
-        }
-        if status.is_server_error() {
-            return Err((ApiError::UpstreamFailed(status), Some(status.as_u16())));
-        }
-        Ok(resp)
+        let started = Instant::now();
+        let result = send(&self.upstream, parts, body, uri).await;
+        trace.upstream = Some(started.elapsed());
+        result
     }
+}
+
+/// Forwards to fal with the operator's key. fal refusing that key, and
+/// fal's 5xx, become our errors (with fal's status, if it answered).
+async fn send(
+    upstream: &Upstream,
+    mut parts: http::request::Parts,
+    body: Body,
+    uri: http::Uri,
+) -> Result<Response<Incoming>, (ApiError, Option<u16>)> {
+    headers::to_upstream(&mut parts.headers);
+    // `_billing` is spliced into fal's bytes: they must not arrive compressed.
+    parts.headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
+    parts.uri = uri;
+    let resp = upstream
+        .send(Request::from_parts(parts, body))
+        .await
+        .map_err(|e| (e, None))?;
+    let status = resp.status();
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        tracing::error!(status = status.as_u16(), "fal refused the operator's key");
+        return Err((ApiError::UpstreamAuth, Some(status.as_u16())));
+    }
+    if status.is_server_error() {
+        return Err((ApiError::UpstreamFailed(status), Some(status.as_u16())));
+    }
+    Ok(resp)
 }
 
 /// Work fal has answered, still holding its estimated cost.
@@ -375,6 +423,8 @@ struct Sent {
     rule: PriceRule,
     /// The settings the request was admitted under; it is settled under them too.
     tunables: Arc<Tunables>,
+    /// The model path that was priced.
+    model: String,
 }
 
 /// `x-ratelimit-limit`, `-remaining` (requests that would pass now) and

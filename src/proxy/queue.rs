@@ -5,6 +5,8 @@
 //! released when it fails or is cancelled. fal's queue URLs in its answers
 //! are rewritten to point at this proxy.
 
+use std::sync::Arc;
+
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -169,36 +171,37 @@ impl Proxy {
             .upstream
             .queue
             .uri(pq.strip_prefix("/queue").unwrap_or(pq))?;
-        let sent = self
-            .forward_billed(req, model, uri, key, request_id, trace)
-            .await?;
-        let (reservation, request, limit) = (
-            sent.reservation,
-            sent.request,
-            sent.tunables.max_json_response_bytes,
-        );
-        let status = sent.resp.status();
-        let (mut parts, incoming) = sent.resp.into_parts();
-        headers::strip_hop_by_hop(&mut parts.headers);
-        if !status.is_success() {
-            reservation.release(Some(status.as_u16()));
-            return Ok(Response::from_parts(parts, Body::Stream(incoming)));
-        }
-        let bytes = match collect_bounded(incoming, limit).await {
-            Ok(Collected::Whole(bytes)) => bytes,
-            Ok(Collected::Overflow(..)) | Err(_) => {
+        let jobs = Arc::clone(&self.jobs);
+        let (fal_base, base) = (self.upstream.queue_base().to_owned(), base.to_owned());
+        self.forward_billed(req, model, uri, key, request_id, trace, |sent| async move {
+            let (reservation, request, limit) = (
+                sent.reservation,
+                sent.request,
+                sent.tunables.max_json_response_bytes,
+            );
+            let status = sent.resp.status();
+            let (mut parts, incoming) = sent.resp.into_parts();
+            headers::strip_hop_by_hop(&mut parts.headers);
+            if !status.is_success() {
                 reservation.release(Some(status.as_u16()));
-                return Err(ApiError::UpstreamUnreachable);
+                return Ok(Response::from_parts(parts, Body::Stream(incoming)));
             }
-        };
-        let Some(fal_id) = string_field(&bytes, "request_id") else {
-            tracing::error!("fal's queue accepted a job without a request_id");
-            reservation.release(Some(status.as_u16()));
-            return Err(ApiError::UpstreamFailed(StatusCode::BAD_GATEWAY));
-        };
-        self.jobs
-            .submitted(&fal_id, &app, request, reservation.detach());
-        Ok(self.rewritten(parts, &bytes, base))
+            let bytes = match collect_bounded(incoming, limit).await {
+                Ok(Collected::Whole(bytes)) => bytes,
+                Ok(Collected::Overflow(..)) | Err(_) => {
+                    reservation.release(Some(status.as_u16()));
+                    return Err(ApiError::UpstreamUnreachable);
+                }
+            };
+            let Some(fal_id) = string_field(&bytes, "request_id") else {
+                tracing::error!("fal's queue accepted a job without a request_id");
+                reservation.release(Some(status.as_u16()));
+                return Err(ApiError::UpstreamFailed(StatusCode::BAD_GATEWAY));
+            };
+            jobs.submitted(&fal_id, &app, request, reservation.detach());
+            Ok(rewritten(parts, &bytes, &fal_base, &base))
+        })
+        .await
     }
 
     async fn poll(
@@ -255,7 +258,7 @@ impl Proxy {
                 {
                     self.jobs.release(job, Some(status.as_u16()));
                 }
-                Ok(self.rewritten(parts, &bytes, base))
+                Ok(rewritten(parts, &bytes, self.upstream.queue_base(), base))
             }
             Action::Result if !status.is_success() => {
                 Ok(Response::from_parts(parts, Body::Stream(incoming)))
@@ -301,20 +304,6 @@ impl Proxy {
             (None, _) => None,
         };
         self.jobs.charge(job, quote, status.as_u16())
-    }
-
-    /// fal's JSON with its queue URLs pointing at us instead.
-    fn rewritten(
-        &self,
-        mut parts: http::response::Parts,
-        bytes: &[u8],
-        base: &str,
-    ) -> Response<Body> {
-        let body = rewrite_urls(bytes, self.upstream.queue_base(), base);
-        parts
-            .headers
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-        Response::from_parts(parts, Body::full(body))
     }
 
     /// Settles the jobs nobody fetched: asks fal about each pending one,
@@ -371,6 +360,20 @@ impl Proxy {
         self.charge_job(job, answer.as_ref(), code);
         Ok(())
     }
+}
+
+/// fal's JSON with its queue URLs (on `fal_base`) pointing at us (`our_base`) instead.
+fn rewritten(
+    mut parts: http::response::Parts,
+    bytes: &[u8],
+    fal_base: &str,
+    our_base: &str,
+) -> Response<Body> {
+    let body = rewrite_urls(bytes, fal_base, our_base);
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    Response::from_parts(parts, Body::full(body))
 }
 
 /// A whole (bounded) JSON body from fal; a body that breaks off or is too big is fal's fault.

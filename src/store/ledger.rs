@@ -197,6 +197,8 @@ pub struct ModelUsage {
     pub model: String,
     pub requests: u64,
     pub credits: u64,
+    /// Of `credits`, what was charged beyond the balance (the account went into debt).
+    pub shortfall: u64,
 }
 
 /// Reads a hold's `id, account_id, key_id, credits, created_at_ms, model`
@@ -212,7 +214,7 @@ pub(super) fn hold_row(r: &rusqlite::Row, first: usize) -> rusqlite::Result<Hold
     })
 }
 
-/// Reads `id, model, credits, outcome, fal_status, settled_at_ms`.
+/// Reads `id, model, credits, outcome, fal_status, settled_at_ms, shortfall`.
 fn charge_row(r: &rusqlite::Row) -> rusqlite::Result<ChargeRow> {
     Ok(ChargeRow {
         id: r.get(0)?,
@@ -221,6 +223,7 @@ fn charge_row(r: &rusqlite::Row) -> rusqlite::Result<ChargeRow> {
         outcome: r.get(3)?,
         fal_status: r.get(4)?,
         settled_at_ms: r.get(5)?,
+        shortfall: r.get(6)?,
     })
 }
 
@@ -232,6 +235,8 @@ pub struct ChargeRow {
     pub outcome: String,
     pub fal_status: Option<u16>,
     pub settled_at_ms: i64,
+    /// Of `credits`, what was charged beyond the balance.
+    pub shortfall: u64,
 }
 
 /// Charges since `since_ms`, newest first, and totals per model.
@@ -242,7 +247,7 @@ pub fn usage(
 ) -> rusqlite::Result<(Vec<ModelUsage>, Vec<ChargeRow>)> {
     let totals = conn
         .prepare(
-            "SELECT model, COUNT(*), SUM(credits) FROM charges
+            "SELECT model, COUNT(*), SUM(credits), SUM(shortfall) FROM charges
              WHERE account_id = ?1 AND settled_at_ms >= ?2 AND outcome != 'released'
              GROUP BY model ORDER BY SUM(credits) DESC, model",
         )?
@@ -251,12 +256,13 @@ pub fn usage(
                 model: r.get(0)?,
                 requests: r.get(1)?,
                 credits: r.get(2)?,
+                shortfall: r.get(3)?,
             })
         })?
         .collect::<Result<_, _>>()?;
     let charges = conn
         .prepare(
-            "SELECT id, model, credits, outcome, fal_status, settled_at_ms FROM charges
+            "SELECT id, model, credits, outcome, fal_status, settled_at_ms, shortfall FROM charges
              WHERE account_id = ?1 AND settled_at_ms >= ?2 ORDER BY settled_at_ms DESC, id",
         )?
         .query_map([account_id, since_ms], charge_row)?
@@ -295,7 +301,7 @@ pub fn daily(
 /// The account's latest `limit` charges, newest first.
 pub fn recent(conn: &Connection, account_id: i64, limit: u32) -> rusqlite::Result<Vec<ChargeRow>> {
     conn.prepare_cached(
-        "SELECT id, model, credits, outcome, fal_status, settled_at_ms FROM charges
+        "SELECT id, model, credits, outcome, fal_status, settled_at_ms, shortfall FROM charges
          WHERE account_id = ?1 ORDER BY settled_at_ms DESC, id LIMIT ?2",
     )?
     .query_map(params![account_id, limit], charge_row)?

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod db;
 pub mod jobs;
 pub mod ledger;
+pub mod lock;
 mod schema;
 pub mod snapshot;
 pub mod writer;

@@ -1,0 +1,68 @@
+//! One server per database. Recovery at start-up settles every hold it
+//! finds, so a second server on the same database (a rolling restart done
+//! in place) would charge the first one's live requests and delete its
+//! journal. `serve` therefore holds an exclusive lock on a file beside the
+//! database for as long as it runs; the CLI's edits do not need it.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::Error;
+
+/// Held while the server runs; the lock goes with the descriptor, also when the process dies.
+pub struct ServeLock {
+    _file: File,
+}
+
+pub fn lock_path(db: &Path) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
+}
+
+/// Takes the lock, or says who has it; nothing else is touched either way.
+pub fn acquire(db: &Path) -> Result<ServeLock, Error> {
+    if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let path = lock_path(db);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)?;
+    // SAFETY: a plain system call on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
+            return Err(Error::Usage(format!(
+                "another `abhiapi serve` is running on {} (it holds {}): stop it first; \
+                 the keys and accounts commands work beside it",
+                db.display(),
+                path.display()
+            )));
+        }
+        return Err(e.into());
+    }
+    Ok(ServeLock { _file: file })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_holder_is_refused_until_the_first_lets_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("abhiapi.db");
+        let first = acquire(&db).unwrap();
+        let refused = acquire(&db).err().expect("second lock refused");
+        assert!(refused.to_string().contains("another `abhiapi serve`"));
+        drop(first);
+        acquire(&db).unwrap();
+    }
+}

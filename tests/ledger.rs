@@ -1,0 +1,318 @@
+//! The ledger when things go wrong: a model that returns more than was held,
+//! a SIGKILL with settlements not yet in SQLite, an entry SQLite refuses, a
+//! database nobody can write, and a second server on the same database.
+//! Each test ends by reconciling the books in SQLite.
+
+mod support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use simd_json::prelude::*;
+use support::*;
+
+/// The tests' prices plus an upscaler priced per megapixel: the mock's
+/// upscaler returns one 2048×2048 image (4 MP) whatever it was asked, so a
+/// request can cost more or less than its hold.
+fn pricing() -> String {
+    format!(
+        "{TEST_PRICING}\n[[pricing]]\nmodel = \"fal-ai/upscale/*\"\nunit = \"megapixel\"\nusd = 0.01\n"
+    )
+}
+
+async fn start(account: &str, credits: i64) -> (MockFal, Server, String) {
+    let mock = MockFal::start(None).await.unwrap();
+    let mut opts = Options::new(mock.url(false));
+    opts.pricing = pricing();
+    let (server, key) = Server::start_with_key(opts, account, credits);
+    (mock, server, key)
+}
+
+/// `(outcome, credits, shortfall)` of the charge with id `request_id`, as
+/// soon as the ledger writer has committed it (`None` after 10 s without).
+async fn charge_of(server: &Server, request_id: &str) -> Option<(String, i64, i64)> {
+    let read = || {
+        server
+            .db()
+            .query_row(
+                "SELECT outcome, credits, shortfall FROM charges WHERE id = ?1",
+                [request_id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .ok()
+    };
+    eventually(Duration::from_secs(10), || async { read().is_some() }).await;
+    read()
+}
+
+fn request_id(resp: &http::Response<hyper::body::Incoming>) -> String {
+    resp.headers()["x-request-id"].to_str().unwrap().to_owned()
+}
+
+/// A connection that holds SQLite's write lock until dropped (or committed):
+/// the server's ledger writer cannot commit while it is held.
+fn lock_database(server: &Server) -> rusqlite::Connection {
+    let db = server.db();
+    db.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    db
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_excess_over_the_hold_is_charged_whole_and_the_account_then_gets_402() {
+    let (_mock, server, key) = start("acme", 20).await;
+    // Held: the request names no size, so 1 MP (landscape_4_3): 0.01 × 1.1 = 11 credits.
+    // Returned: 2048×2048, 4 MP: 44 credits, 24 more than the account has.
+    let resp = call(&server, &key, "/fal-ai/upscale/x", "{}").await;
+    assert_eq!(resp.status(), 200);
+    let id = request_id(&resp);
+    let (_, billing) = unsplice(&body(resp).await);
+    assert_eq!(billing.get_u64("credits_used"), Some(44));
+    assert_eq!(billing.get_i64("balance_remaining"), Some(-24));
+    assert_eq!(
+        charge_of(&server, &id).await,
+        Some(("charged".into(), 44, 24)),
+        "the whole cost is charged and the part beyond the balance recorded"
+    );
+
+    // In debt: refused before fal, even for a request that would cost little.
+    let resp = call(&server, &key, "/mock/echo", "{}").await;
+    assert_error(resp, 402, "insufficient_credits").await;
+
+    // The shortfall shows in the account's usage.
+    let usage = server.cli(&["usage", "acme", "--json"]);
+    let usage = json(&usage.stdout);
+    assert_eq!(usage.get_u64("total_shortfall"), Some(24));
+
+    // A top-up pays the debt first.
+    assert!(server
+        .cli(&["accounts", "topup", "acme", "--credits", "100"])
+        .status
+        .success());
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            call(&server, &key, "/mock/echo", "{}").await.status() == 200
+        })
+        .await
+    );
+    let balance = || -> i64 {
+        server
+            .db()
+            .query_row(
+                "SELECT balance FROM accounts WHERE name = 'acme'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    // The debt, the top-up, and the 2-credit call that worked after it.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            balance() == 20 - 44 + 100 - 2
+        })
+        .await,
+        "balance {}",
+        balance()
+    );
+    assert_eq!(unbalanced_books(&server).await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_sigkill_each_hold_is_settled_as_it_ended_not_at_its_hold() {
+    let (_mock, mut server, key) = start("acme", 10_000).await;
+    // Nothing reaches SQLite while this is held: every settlement below is
+    // in memory and the journal only when the process is killed.
+    let lock = lock_database(&server);
+    let (served, failed, cheaper) = tokio::join!(
+        // Two 1 MP images: 2 × $0.025 × 1.1 = 55 credits, held and charged.
+        call(
+            &server,
+            &key,
+            "/fal-ai/flux/dev",
+            r#"{"image_size":"square_hd","num_images":2}"#
+        ),
+        // fal fails: held 2, released.
+        call(&server, &key, "/mock/status/500", "{}"),
+        // Held 16 MP (176 credits); fal returned 4 MP: charged 44.
+        call(
+            &server,
+            &key,
+            "/fal-ai/upscale/x",
+            r#"{"image_size":{"width":4096,"height":4096}}"#
+        ),
+    );
+    assert_eq!(
+        (
+            served.status().as_u16(),
+            failed.status().as_u16(),
+            cheaper.status().as_u16()
+        ),
+        (200, 502, 200)
+    );
+    let ids = [&served, &failed, &cheaper].map(request_id);
+    server.kill();
+    drop(lock);
+    server.restart();
+
+    assert_eq!(
+        [
+            charge_of(&server, &ids[0]).await,
+            charge_of(&server, &ids[1]).await,
+            charge_of(&server, &ids[2]).await
+        ],
+        [
+            Some(("charged".into(), 55, 0)),
+            Some(("released".into(), 0, 0)),
+            Some(("charged".into(), 44, 0)),
+        ],
+        "recovery must record each settlement as it happened"
+    );
+    assert_eq!(unbalanced_books(&server).await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_sqlite_refuses_is_set_aside_and_the_rest_commits() {
+    let (_mock, server, key) = start("acme", 10_000).await;
+    server
+        .db()
+        .execute_batch(
+            "CREATE TRIGGER refuse BEFORE INSERT ON charges WHEN NEW.model = 'fal-ai/refused'
+             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+        )
+        .unwrap();
+    let refused = call(&server, &key, "/fal-ai/refused", "{}").await;
+    assert_eq!(refused.status(), 200);
+    let refused_id = request_id(&refused);
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let resp = call(&server, &key, "/fal-ai/flux/dev", "{}").await;
+        assert_eq!(resp.status(), 200);
+        ids.push(request_id(&resp));
+    }
+    // Every other charge reaches SQLite; the refused one is set aside with its reason.
+    for id in &ids {
+        assert!(
+            charge_of(&server, id).await.is_some(),
+            "one refused entry held up the others"
+        );
+    }
+    let (subject, reason): (String, String) = server
+        .db()
+        .query_row("SELECT subject, reason FROM ledger_rejects", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!(subject, refused_id);
+    assert!(reason.contains("refused by the test"), "{reason}");
+    assert!(server.stderr_log().contains("set aside in ledger_rejects"));
+    assert_eq!(charge_of(&server, &refused_id).await, None);
+    // Still serving and still writing.
+    let later = call(&server, &key, "/fal-ai/flux/dev", "{}").await;
+    let later_id = request_id(&later);
+    assert!(charge_of(&server, &later_id).await.is_some());
+    assert_eq!(unbalanced_books(&server).await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_sqlite_cannot_be_written_billable_requests_get_503_then_service_resumes() {
+    let (mock, server, key) = start("acme", 10_000).await;
+    let lock = lock_database(&server);
+    // Served before the writer finds out; charged once it can write again.
+    let first = call(&server, &key, "/fal-ai/flux/dev", "{}").await;
+    assert_eq!(first.status(), 200);
+    let first_id = request_id(&first);
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            call(&server, &key, "/fal-ai/flux/dev", "{}").await.status() == 503
+        })
+        .await,
+        "requests kept being served while nothing could be recorded"
+    );
+    let seen = mock.seen().len();
+    let resp = call(&server, &key, "/fal-ai/flux/dev", "{}").await;
+    assert_error(resp, 503, "ledger_unavailable").await;
+    assert_eq!(
+        mock.seen().len(),
+        seen,
+        "fal was called for unbillable work"
+    );
+    let health = client().request(get(&server.url("/healthz"), None)).await;
+    assert_eq!(health.unwrap().status(), 200);
+
+    drop(lock);
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            call(&server, &key, "/fal-ai/flux/dev", "{}").await.status() == 200
+        })
+        .await,
+        "service did not resume once SQLite could be written"
+    );
+    assert_eq!(
+        charge_of(&server, &first_id).await,
+        Some(("charged".into(), 28, 0))
+    );
+    assert_eq!(unbalanced_books(&server).await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_within_its_grace_though_sqlite_is_locked_and_loses_nothing() {
+    let (_mock, mut server, key) = start("acme", 10_000).await;
+    let lock = lock_database(&server);
+    let resp = call(&server, &key, "/fal-ai/flux/dev", "{}").await;
+    assert_eq!(resp.status(), 200);
+    let id = request_id(&resp);
+    let asked = Instant::now();
+    server.signal("TERM");
+    server.wait();
+    // shutdown_grace_secs is 10 in the tests' config; the writer gets as long again at most.
+    assert!(
+        asked.elapsed() < Duration::from_secs(25),
+        "shutdown took {:?}",
+        asked.elapsed()
+    );
+    drop(lock);
+    server.restart();
+    assert_eq!(
+        charge_of(&server, &id).await,
+        Some(("charged".into(), 28, 0))
+    );
+    assert_eq!(unbalanced_books(&server).await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_the_same_database_exits_and_touches_nothing() {
+    let (_mock, server, key) = start("acme", 10_000).await;
+    // A request in flight: its hold is live in the first server.
+    let url = server.url("/mock/slow/3000");
+    let k = key.clone();
+    let in_flight = tokio::spawn(async move {
+        client()
+            .request(post(&url, Some(&k), "application/json", "{}".to_owned()))
+            .await
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let second = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&server.config)
+        .env("ABHIAPI_TEST_FAL_KEY", FAL_KEY)
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        said.contains("another `abhiapi serve` is running"),
+        "{said}"
+    );
+
+    let resp = in_flight.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = request_id(&resp);
+    assert_eq!(
+        charge_of(&server, &id).await,
+        Some(("charged".into(), 2, 0)),
+        "the second server recovered the first one's live hold"
+    );
+    // The CLI works beside a running server.
+    assert!(server.cli(&["accounts", "show", "acme"]).status.success());
+    assert_eq!(unbalanced_books(&server).await, Vec::<String>::new());
+}
