@@ -284,10 +284,9 @@ async fn no_path_can_change_the_upstream_host() {
     let (mock, server, key) = setup().await;
     // Each of these reaches the mock (the one configured host), with the mock's own Host header.
     for (target, seen_as) in [
-        ("//evil.example/x", "//evil.example/x"),
         ("http://evil.example/mock/echo?q=1", "/mock/echo?q=1"),
-        ("/mock%2F..%2Fecho", "/mock%2F..%2Fecho"),
         ("/@evil.example/x", "/@evil.example/x"),
+        ("/%6Dock/%65cho?q=%2F", "/mock/echo?q=%2F"),
     ] {
         let answer = raw(&server, target, &key).await;
         assert!(answer.starts_with("HTTP/1.1 "), "{target}: {answer}");
@@ -299,16 +298,20 @@ async fn no_path_can_change_the_upstream_host() {
         assert_eq!(last.headers["host"], mock.addr.to_string());
     }
     let forwarded = mock.seen().len();
-    for target in ["/fal-ai/../../etc/passwd", "/a/%2e%2e/b", "/./x"] {
+    // Dot segments, and what a server might read as a separator or a host.
+    for target in [
+        "/fal-ai/../../etc/passwd",
+        "/a/%2e%2e/b",
+        "/./x",
+        "//evil.example/x",
+        "/mock%2F..%2Fecho",
+        "/mock\\..\\echo",
+    ] {
         let answer = raw(&server, target, &key).await;
         assert!(answer.starts_with("HTTP/1.1 400"), "{target}: {answer}");
         assert!(answer.contains("invalid_path"), "{answer}");
     }
-    assert_eq!(
-        mock.seen().len(),
-        forwarded,
-        "a dot-segment path reached fal"
-    );
+    assert_eq!(mock.seen().len(), forwarded, "a refused path reached fal");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -193,7 +193,8 @@ impl Proxy {
         if (path == "/dashboard" || path == "/dashboard/") && req.method() == Method::GET {
             return Ok(dashboard());
         }
-        let queue_route = queue::Route::parse(&path);
+        let target = path::Canonical::of(req.uri());
+        let queue_route = target.as_ref().ok().and_then(queue::Route::parse);
         trace.route = if path.starts_with(account::PREFIX) {
             "account"
         } else if path == fal_proxy::ROUTE {
@@ -209,7 +210,10 @@ impl Proxy {
             ("account", _) => self.account_api(req, &key, trace).await,
             ("fal_proxy", _) => self.fal_proxy(req, conn, &key, request_id, trace).await,
             (_, Some(route)) => self.queue(req, route, conn, &key, request_id, trace).await,
-            _ => self.forward_sync(req, &key, request_id, trace).await,
+            _ => {
+                self.forward_sync(req, &target?, &key, request_id, trace)
+                    .await
+            }
         }
     }
 
@@ -224,24 +228,26 @@ impl Proxy {
         Ok(key)
     }
 
-    /// A synchronous call: the same method, path, query and body to fal's
-    /// run host, with its estimated cost held until fal has answered.
+    /// A synchronous call: the same method, query and body to fal's run
+    /// host, at the canonical `target` path it is priced by, with its
+    /// estimated cost held until fal has answered.
     async fn forward_sync(
         &self,
         req: Request<Incoming>,
+        target: &path::Canonical,
         key: &ApiKey,
         request_id: &str,
         trace: &mut Trace,
     ) -> Result<Response<Body>, ApiError> {
-        let uri = self.upstream.run.uri(path::forwardable(req.uri())?)?;
-        let model = req.uri().path().trim_start_matches('/').to_owned();
+        let uri = self.upstream.run.uri(&target.forwarded(""))?;
+        let model = &target.path()[1..];
         let sent = self
-            .forward_billed(req, &model, uri, key, request_id, trace)
+            .forward_billed(req, model, uri, key, request_id, trace)
             .await?;
         let billed = Billed {
             prices: &sent.tunables.prices,
             rule: &sent.rule,
-            model: &model,
+            model,
             request: sent.request,
             max_json_bytes: sent.tunables.max_json_response_bytes,
         };
