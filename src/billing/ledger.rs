@@ -209,10 +209,12 @@ impl Reservation {
         self.answered = true;
     }
 
-    /// Charges the actual cost of a successful answer.
-    pub async fn charge(mut self, actual: Quote, fal_status: u16) -> Settled {
+    /// Charges the actual cost of a successful answer, or the hold where
+    /// the actual cost cannot be worked out.
+    pub async fn charge(mut self, actual: Option<Quote>, fal_status: u16) -> Settled {
         let hold = self.hold.take().expect("a reservation settles once");
-        self.ledger.charge(&hold, actual, Some(fal_status)).await
+        let quote = actual.unwrap_or(hold.estimate);
+        self.ledger.charge(&hold, quote, Some(fal_status)).await
     }
 
     /// Releases the hold: fal failed or never answered. Nothing is charged.

@@ -254,8 +254,8 @@ impl Proxy {
         billed.respond(sent.resp, sent.reservation).await
     }
 
-    /// Work that costs: a price rule for `model`, the JSON body read and
-    /// validated, the generation allowance, the hold; then fal at `uri`.
+    /// Work that costs: a price rule for `model`, the body read and its cost
+    /// fields validated, the generation allowance, the hold; then fal at `uri`.
     /// Whatever keeps fal from doing the work releases the hold; a success
     /// marks the reservation answered.
     async fn forward_billed(
@@ -274,15 +274,10 @@ impl Proxy {
             .cloned()
             .ok_or_else(|| ApiError::UnpricedModel(model.to_owned()))?;
         let (parts, incoming) = req.into_parts();
-        let (body, request) = if json_body::is_json(&parts.headers) {
-            let (bytes, facts) =
-                json_body::read(incoming, &parts.headers, tunables.max_json_body_bytes).await?;
-            (Body::full(bytes), facts)
-        } else {
-            (Body::Stream(incoming), RequestFacts::default())
-        };
+        let (bytes, request) =
+            json_body::read(incoming, &parts.headers, tunables.max_json_body_bytes).await?;
         trace.model = Some(Arc::clone(&rule.pattern));
-        let estimate = tunables.prices.estimate(&rule, &request);
+        let estimate = tunables.prices.estimate(&rule, &request)?;
         let verdict = tunables.limits.generation(key, self.clock.now_ns());
         trace.rate = Some(verdict);
         if let Decision::Deny { retry_after_ns, .. } = verdict.decision {
@@ -305,7 +300,7 @@ impl Proxy {
                 return Err(e);
             }
         };
-        match self.send(parts, body, uri, trace).await {
+        match self.send(parts, Body::full(bytes), uri, trace).await {
             Ok(resp) => {
                 if resp.status().is_success() {
                     reservation.answered();

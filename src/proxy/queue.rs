@@ -299,8 +299,8 @@ impl Proxy {
     ) -> crate::billing::ledger::Settled {
         let prices = &self.tunables.load_full().prices;
         let quote = match (prices.rule(&job.model), answer) {
-            (Some(rule), Some(facts)) => Some(prices.actual(rule, &job.request, facts)),
-            (Some(rule), None) => Some(prices.estimate(rule, &job.request)),
+            (Some(rule), Some(facts)) => prices.actual(rule, &job.request, facts),
+            (Some(rule), None) => prices.estimate(rule, &job.request).ok(),
             (None, _) => None,
         };
         self.jobs.charge(job, quote, status.as_u16()).await
