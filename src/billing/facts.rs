@@ -14,11 +14,11 @@ use crate::error::ApiError;
 
 /// The most images one request may ask for. fal's models take a handful;
 /// the bound keeps a hold finite, not fal's limit.
-pub const MAX_IMAGES: i64 = 100;
+const MAX_IMAGES: i64 = 100;
 /// The largest `image_size` width or height, in pixels.
-pub const MAX_SIDE: i64 = 16_384;
+const MAX_SIDE: i64 = 16_384;
 /// The longest `duration`, in thousandths of a second (an hour).
-pub const MAX_DURATION_MILLI: u64 = 3_600_000;
+const MAX_DURATION_MILLI: u64 = 3_600_000;
 
 /// The request fields that bound a charge.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
@@ -180,6 +180,8 @@ mod tests {
         let r = request(r#"{"image_size":{"width":"1025","height":1024.0},"num_images":" 4 "}"#);
         assert_eq!((r.image_size, r.num_images), (Some((1025, 1024)), Some(4)));
         assert_eq!(request(r#"{"num_images":true}"#).num_images, Some(1));
+        // A key is matched once unescaped, as fal's JSON parser unescapes it.
+        assert_eq!(request(r#"{"num\u005fimages":3}"#).num_images, Some(3));
         assert_eq!(request(r#"{"num_images":null}"#), RequestFacts::default());
         for (d, milli) in [
             (r#""5""#, 5000),
