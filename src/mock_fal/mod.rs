@@ -32,6 +32,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Notify};
 use tokio_rustls::TlsAcceptor;
 
+use crate::proxy::path::escaped_byte;
 use crate::upstream::ServeInMemory;
 
 pub use input::Input;
@@ -216,18 +217,12 @@ fn percent_decoded(path: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok());
-        match hex
-            .filter(|_| bytes[i] == b'%')
-            .map(|h| u8::from_str_radix(h, 16))
-        {
-            Some(Ok(byte)) => {
+        match escaped_byte(&bytes[i..]) {
+            Some(byte) => {
                 out.push(byte);
                 i += 3;
             }
-            _ => {
+            None => {
                 out.push(bytes[i]);
                 i += 1;
             }
@@ -423,6 +418,6 @@ mod tests {
     fn decodes_paths_as_fal_routes_them() {
         assert_eq!(percent_decoded("/fal-ai/x/%70ro"), "/fal-ai/x/pro");
         assert_eq!(percent_decoded("/a%2Fb%5c%2e%2E"), "/a/b\\..");
-        assert_eq!(percent_decoded("/100%/%zz/%4"), "/100%/%zz/%4");
+        assert_eq!(percent_decoded("/100%/%zz/%4/%+1"), "/100%/%zz/%4/%+1");
     }
 }

@@ -7,7 +7,7 @@ mod credentials;
 mod fal_proxy;
 pub mod headers;
 pub mod json_body;
-mod path;
+pub(crate) mod path;
 mod queue;
 mod request_id;
 mod respond;

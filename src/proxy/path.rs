@@ -66,11 +66,7 @@ fn decode_unreserved(path: &str) -> Result<String, ApiError> {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let escaped = (bytes[i] == b'%')
-            .then(|| bytes.get(i + 1..i + 3))
-            .flatten()
-            .and_then(|hex| u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok());
-        match (bytes[i], escaped) {
+        match (bytes[i], escaped_byte(&bytes[i..])) {
             (b'\\', _) | (_, Some(b'/' | b'\\')) => return Err(ApiError::InvalidPath),
             (_, Some(c)) if c.is_ascii_alphanumeric() || b"-._~".contains(&c) => {
                 out.push(c);
@@ -84,6 +80,16 @@ fn decode_unreserved(path: &str) -> Result<String, ApiError> {
     }
     // Only ASCII escapes were replaced, by ASCII: the rest is the client's UTF-8 as it came.
     String::from_utf8(out).map_err(|_| ApiError::InvalidPath)
+}
+
+/// The byte a `%XX` escape at the start of `bytes` stands for: two hex
+/// digits exactly (`u8::from_str_radix` would also take `%+1`).
+pub(crate) fn escaped_byte(bytes: &[u8]) -> Option<u8> {
+    let hex = |d: u8| (d as char).to_digit(16).map(|v| v as u8);
+    match bytes {
+        [b'%', high, low, ..] => Some(hex(*high)? << 4 | hex(*low)?),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -103,6 +109,7 @@ mod tests {
             ("/%66al-ai/x/%2D%2e%5F%7e%41", "/fal-ai/x/-._~A"),
             ("/a%20b/%25/%C3%A9/c..", "/a%20b/%25/%C3%A9/c.."),
             ("/a/%zz/%4", "/a/%zz/%4"),
+            ("/a/%+1/%-2", "/a/%+1/%-2"),
             ("/é/x?q=%70", "/é/x?q=%70"),
             ("http://evil.example/x?q", "/x?q"),
         ] {
