@@ -60,7 +60,9 @@ fn bench_estimate(c: &mut Criterion) {
     });
     group.bench_function("parse_facts_and_price", |b| {
         b.iter(|| {
-            let facts = json::read(black_box(&request[..]), RequestFacts::read).unwrap();
+            let facts = json::read(black_box(&request[..]), RequestFacts::read)
+                .unwrap()
+                .unwrap();
             let rule = prices.rule(black_box("fal-ai/flux/dev")).unwrap();
             prices.estimate(rule, &facts)
         })

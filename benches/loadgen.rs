@@ -318,7 +318,8 @@ fn start_nginx(
     // Streamed both ways, as AbhiAPI streams them, and of any size.
     let location = format!(
         "location / {{ {upstream} }}
-  location /mock/ {{ {upstream} proxy_request_buffering off; proxy_buffering off; client_max_body_size 0; }}"
+  location /mock/ {{ {upstream} proxy_request_buffering off; proxy_buffering off; client_max_body_size 0; }}
+  location /_rest/ {{ {upstream} proxy_request_buffering off; proxy_buffering off; client_max_body_size 0; }}"
     );
     std::fs::write(
         &conf,
@@ -399,17 +400,25 @@ fn peak_rss_mib(pid: u32) -> f64 {
     kib / 1024.0
 }
 
-/// Streams `bytes` down from `/mock/stream/` (and up to `/mock/sink`); MiB/s each way.
+/// Streams `bytes` down from `/mock/stream/` and up to fal's storage (the
+/// mock's `/_rest/`, which counts the bytes; through AbhiAPI, its unbilled
+/// `/api/fal/proxy` route: a billed route reads its body); MiB/s each way.
 async fn stream(addr: SocketAddr, key: Option<&str>, bytes: u64) -> (f64, f64) {
     let mut conn = Conn::open(addr, false).await;
     let mut down =
         Request::get(format!("http://{addr}/mock/stream/{bytes}")).header("host", addr.to_string());
-    let mut up = Request::post(format!("http://{addr}/mock/sink"))
+    let storage = "/storage/upload/initiate?storage_type=fal-cdn-v3";
+    let mut up = match key {
+        Some(k) => Request::post(format!("http://{addr}/api/fal/proxy"))
+            .header("x-api-key", k)
+            .header("x-fal-target-url", format!("https://rest.fal.ai{storage}")),
+        None => Request::post(format!("http://{addr}/_rest{storage}")),
+    };
+    up = up
         .header("host", addr.to_string())
         .header("content-type", "application/octet-stream");
     if let Some(k) = key {
         down = down.header("x-api-key", k);
-        up = up.header("x-api-key", k);
     }
     let start = Instant::now();
     assert!(

@@ -32,6 +32,9 @@ pub enum ApiError {
     KeyDisabled,
     AccountSuspended,
     MalformedJson(String),
+    /// A cost-driving field fal's validation would not read as a sane
+    /// number: the hold could not be an upper bound of fal's charge.
+    InvalidInput(String),
     BodyTooLarge {
         limit: usize,
     },
@@ -81,9 +84,8 @@ impl ApiError {
         match self {
             MissingKey | MalformedKey | UnknownKey => StatusCode::UNAUTHORIZED,
             KeyDisabled | AccountSuspended => StatusCode::FORBIDDEN,
-            MalformedJson(_) | ClientBody | InvalidPath | InvalidHost | InvalidTarget => {
-                StatusCode::BAD_REQUEST
-            }
+            MalformedJson(_) | InvalidInput(_) | ClientBody | InvalidPath | InvalidHost
+            | InvalidTarget => StatusCode::BAD_REQUEST,
             JobNotFound | NotFound => StatusCode::NOT_FOUND,
             AdminUnauthorized => StatusCode::UNAUTHORIZED,
             Invalid(_) => StatusCode::BAD_REQUEST,
@@ -108,6 +110,7 @@ impl ApiError {
             KeyDisabled => "key_disabled",
             AccountSuspended => "account_suspended",
             MalformedJson(_) => "malformed_json",
+            InvalidInput(_) => "invalid_input",
             BodyTooLarge { .. } => "body_too_large",
             ClientBody => "request_body_incomplete",
             InvalidPath => "invalid_path",
@@ -144,7 +147,8 @@ impl ApiError {
             KeyDisabled => "This API key is disabled.".into(),
             AccountSuspended => "This account is suspended.".into(),
             MalformedJson(why) => format!("Malformed JSON body: {why}."),
-            BodyTooLarge { limit } => format!("JSON body larger than the {limit}-byte limit."),
+            InvalidInput(why) => format!("Invalid input: {why}."),
+            BodyTooLarge { limit } => format!("Request body larger than the {limit}-byte limit."),
             ClientBody => "The request body ended before it was complete.".into(),
             InvalidPath => "Invalid path.".into(),
             InvalidHost => "Invalid Host header.".into(),

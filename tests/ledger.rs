@@ -5,7 +5,8 @@
 
 mod support;
 
-use std::process::Command;
+use std::io::Read;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use simd_json::prelude::*;
@@ -291,14 +292,33 @@ async fn a_second_server_on_the_same_database_exits_and_touches_nothing() {
             .unwrap()
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let second = Command::new(BIN)
+    let mut second = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(&server.config)
         .env("ABHIAPI_TEST_FAL_KEY", FAL_KEY)
-        .output()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    assert!(!second.status.success());
-    let said = String::from_utf8_lossy(&second.stderr);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            panic!("a second server ran on the same database");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!status.success());
+    let mut said = String::new();
+    second
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut said)
+        .unwrap();
     assert!(
         said.contains("another `abhiapi serve` is running"),
         "{said}"

@@ -148,7 +148,7 @@ async fn large_bodies_stream_both_ways_with_flat_memory() {
         "streamed bytes differ from what the mock sent"
     );
 
-    // Upload: a non-JSON body streams to fal without being read into memory.
+    // Upload: a file sent to fal's storage (unbilled) streams without being read into memory.
     let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
     tokio::spawn(async move {
         let chunk = bytes::Bytes::from(vec![7u8; 1 << 20]);
@@ -159,8 +159,12 @@ async fn large_bodies_stream_both_ways_with_flat_memory() {
         }
     });
     let upload = abhiapi::mock_fal::ChannelBody(rx);
-    let req = Request::post(server.url("/mock/sink"))
+    let req = Request::post(server.url("/api/fal/proxy"))
         .header("x-api-key", &key)
+        .header(
+            "x-fal-target-url",
+            "https://rest.fal.ai/storage/upload/initiate?storage_type=fal-cdn-v3",
+        )
         .header("content-type", "application/octet-stream")
         .body(upload)
         .unwrap();

@@ -16,6 +16,7 @@ plain_listen = "127.0.0.1:0"
 [upstream]
 run = "{mock}"
 queue = "{mock}/_queue"
+storage = "{mock}/_rest"
 [store]
 path = "{db}"
 [plans.free]

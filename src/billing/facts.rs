@@ -1,10 +1,24 @@
 //! What a fal request and a fal answer say about cost: image sizes and
 //! counts, and video durations, read from the JSON fal's models use.
+//!
+//! A request's fields are read as fal's validation reads them ([`lax`]), so
+//! that the hold is an upper bound of what fal runs; a field fal could read
+//! in a way we cannot, or an absurd one, refuses the request instead.
 
 use simd_json::prelude::*;
 use simd_json::tape::Value;
 
 use super::json::field;
+use super::lax;
+use crate::error::ApiError;
+
+/// The most images one request may ask for. fal's models take a handful;
+/// the bound keeps a hold finite, not fal's limit.
+const MAX_IMAGES: i64 = 100;
+/// The largest `image_size` width or height, in pixels.
+const MAX_SIDE: i64 = 16_384;
+/// The longest `duration`, in thousandths of a second (an hour).
+const MAX_DURATION_MILLI: u64 = 3_600_000;
 
 /// The request fields that bound a charge.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
@@ -12,7 +26,7 @@ pub struct RequestFacts {
     /// `image_size`, a preset or `{width, height}`.
     pub image_size: Option<(u64, u64)>,
     pub num_images: Option<u64>,
-    /// `duration` in thousandths of a second (`"5"`, `5`, `"5.5"`, `"8s"`).
+    /// `duration` in thousandths of a second, rounded up (`"5"`, `5`, `"5.5"`, `"8s"`).
     pub duration_milli: Option<u64>,
 }
 
@@ -35,36 +49,48 @@ pub fn preset(name: &str) -> Option<(u64, u64)> {
     })
 }
 
-fn size(v: Value) -> Option<(u64, u64)> {
-    match v.as_str() {
-        Some(name) => preset(name),
-        None => Some((u64_field(v, "width")?, u64_field(v, "height")?)),
+/// A preset, or `{width, height}`.
+fn size(v: Value) -> Result<(u64, u64), ApiError> {
+    if let Some(name) = v.as_str() {
+        return preset(name).ok_or_else(|| {
+            invalid(
+                "image_size",
+                "one of fal's presets (square_hd, square, portrait_4_3, portrait_16_9, landscape_4_3, landscape_16_9) or {width, height}",
+            )
+        });
     }
+    let side = |key: &str, name: &str| match field(v, key) {
+        Some(n) => count(n, name, MAX_SIDE),
+        None => Err(invalid("image_size", "a preset or {width, height}")),
+    };
+    Ok((
+        side("width", "image_size.width")?,
+        side("height", "image_size.height")?,
+    ))
 }
 
-fn u64_field(v: Value, key: &str) -> Option<u64> {
-    field(v, key)?.as_u64()
+/// A lax integer from 1 to `max`.
+fn count(v: Value, name: &str, max: i64) -> Result<u64, ApiError> {
+    lax::int(&v)
+        .filter(|n| (1..=max).contains(n))
+        .map(|n| n as u64)
+        .ok_or_else(|| invalid(name, &format!("an integer from 1 to {max}")))
 }
 
-/// Seconds as thousandths, from a number or a string such as `"5"`, `"5.5"` or `"8s"`.
-fn duration_milli(v: Value) -> Option<u64> {
-    if let Some(n) = v.as_u64() {
-        return n.checked_mul(1000);
-    }
-    if let Some(f) = v.as_f64() {
-        return crate::billing::decimal::to_scaled(f, 3).ok();
-    }
-    let text = v.as_str()?.trim().trim_end_matches('s');
-    let (whole, frac) = text.split_once('.').unwrap_or((text, ""));
-    if frac.len() > 3 || !whole.bytes().all(|b| b.is_ascii_digit()) || whole.is_empty() {
-        return None;
-    }
-    let frac_milli: u64 = format!("{frac:0<3}").parse().ok()?;
-    whole
-        .parse::<u64>()
-        .ok()?
-        .checked_mul(1000)?
-        .checked_add(frac_milli)
+fn duration_milli(v: Value) -> Result<u64, ApiError> {
+    lax::seconds_milli(&v)
+        .filter(|m| (1..=MAX_DURATION_MILLI).contains(m))
+        .ok_or_else(|| {
+            let most = MAX_DURATION_MILLI / 1000;
+            invalid(
+                "duration",
+                &format!("a number of seconds above 0 and at most {most}"),
+            )
+        })
+}
+
+fn invalid(name: &str, expected: &str) -> ApiError {
+    ApiError::InvalidInput(format!("`{name}` must be {expected}"))
 }
 
 impl RequestFacts {
@@ -93,19 +119,24 @@ impl RequestFacts {
         }
     }
 
-    pub fn read(v: Value) -> Self {
-        Self {
-            image_size: field(v, "image_size").and_then(size),
-            num_images: u64_field(v, "num_images"),
-            duration_milli: field(v, "duration").and_then(duration_milli),
-        }
+    /// The cost fields of a request body; a `null` one is absent (fal's default).
+    pub fn read(v: Value) -> Result<Self, ApiError> {
+        let given = |key| field(v, key).filter(|f| !f.is_null());
+        Ok(Self {
+            image_size: given("image_size").map(size).transpose()?,
+            num_images: given("num_images")
+                .map(|n| count(n, "num_images", MAX_IMAGES))
+                .transpose()?,
+            duration_milli: given("duration").map(duration_milli).transpose()?,
+        })
     }
 }
 
 impl ResponseFacts {
     /// `images[]`, or the single `image` object that upscalers and editors return.
     pub fn read(v: Value) -> Self {
-        let one = |img: Value| Some((u64_field(img, "width")?, u64_field(img, "height")?));
+        let side = |img: Value, key| field(img, key)?.as_u64();
+        let one = |img: Value| Some((side(img, "width")?, side(img, "height")?));
         // Not `get_array`: simd-json 0.14's tape version cuts the array's last node off.
         let images = match (
             field(v, "images").and_then(|a| a.as_array()),
@@ -124,6 +155,10 @@ mod tests {
     use super::*;
 
     fn request(json: &str) -> RequestFacts {
+        try_request(json).unwrap()
+    }
+
+    fn try_request(json: &str) -> Result<RequestFacts, ApiError> {
         crate::billing::json::read(json.as_bytes(), RequestFacts::read).unwrap()
     }
 
@@ -141,21 +176,48 @@ mod tests {
         assert_eq!(r.num_images, Some(4));
         let r = request(r#"{"image_size":{"width":1025,"height":1024}}"#);
         assert_eq!(r.image_size, Some((1025, 1024)));
+        // Spelled as fal's validation accepts them: the same numbers.
+        let r = request(r#"{"image_size":{"width":"1025","height":1024.0},"num_images":" 4 "}"#);
+        assert_eq!((r.image_size, r.num_images), (Some((1025, 1024)), Some(4)));
+        assert_eq!(request(r#"{"num_images":true}"#).num_images, Some(1));
+        // A key is matched once unescaped, as fal's JSON parser unescapes it.
+        assert_eq!(request(r#"{"num\u005fimages":3}"#).num_images, Some(3));
+        assert_eq!(request(r#"{"num_images":null}"#), RequestFacts::default());
         for (d, milli) in [
             (r#""5""#, 5000),
             ("10", 10_000),
             (r#""8s""#, 8000),
             (r#""5.5""#, 5500),
             ("2.25", 2250),
+            (r#""1.2345""#, 1235),
+            ("3600", 3_600_000),
         ] {
             let r = request(&format!(r#"{{"duration":{d}}}"#));
             assert_eq!(r.duration_milli, Some(milli), "{d}");
         }
-        for bad in [r#""five""#, r#""-1""#, r#""1.2345""#, "-3"] {
-            let r = request(&format!(r#"{{"duration":{bad}}}"#));
-            assert_eq!(r.duration_milli, None, "{bad}");
+        // Present but unreadable, out of range or absurd: refused, never the default.
+        for bad in [
+            r#"{"duration":"five"}"#,
+            r#"{"duration":"-1"}"#,
+            r#"{"duration":-3}"#,
+            r#"{"duration":0}"#,
+            r#"{"duration":3600.001}"#,
+            r#"{"num_images":0}"#,
+            r#"{"num_images":101}"#,
+            r#"{"num_images":2305843009213693952}"#,
+            r#"{"num_images":4.5}"#,
+            r#"{"num_images":"4 images"}"#,
+            r#"{"num_images":{}}"#,
+            r#"{"image_size":"huge"}"#,
+            r#"{"image_size":7}"#,
+            r#"{"image_size":{"width":1024}}"#,
+            r#"{"image_size":{"width":16385,"height":1}}"#,
+        ] {
+            let err = try_request(bad).unwrap_err();
+            assert_eq!(err.error_type(), "invalid_input", "{bad}");
         }
-        assert_eq!(request(r#"{"image_size":"huge"}"#).image_size, None);
+        // Not an object: no cost fields, fal's defaults (fal refuses such input anyway).
+        assert_eq!(request("[1, 2]"), RequestFacts::default());
     }
 
     #[test]

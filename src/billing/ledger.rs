@@ -208,10 +208,12 @@ impl Reservation {
         self.hold.take().expect("a reservation settles once")
     }
 
-    /// Charges the actual cost of a successful answer.
-    pub fn charge(mut self, actual: Quote, fal_status: u16) -> Settled {
+    /// Charges the actual cost of a successful answer, or the hold where
+    /// the actual cost cannot be worked out.
+    pub fn charge(mut self, actual: Option<Quote>, fal_status: u16) -> Settled {
         let hold = self.take();
-        self.ledger.charge(hold, actual, Some(fal_status))
+        let quote = actual.unwrap_or(hold.estimate);
+        self.ledger.charge(hold, quote, Some(fal_status))
     }
 
     /// Releases the hold: fal failed or never answered. Nothing is charged.

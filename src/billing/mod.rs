@@ -6,6 +6,7 @@ pub mod decimal;
 pub mod facts;
 pub mod journal;
 pub mod json;
+pub mod lax;
 pub mod ledger;
 pub mod pricing;
 pub mod splice;

@@ -4,7 +4,8 @@
 //! Money is nano-dollars, the margin parts per million, and units
 //! thousandths (of a megapixel, an image, a second, a request), so that
 //! `credits = ceil(price × units × (1 + margin) / usd_per_credit)` is one
-//! exact integer division, rounded up once.
+//! exact integer division, rounded up once. Every product is checked: the
+//! numbers come from clients and from fal, and must never wrap.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use std::sync::Arc;
 use super::decimal::{format_scaled, to_scaled};
 use super::facts::{RequestFacts, ResponseFacts};
 use crate::config::{BillingConfig, PriceRuleConfig, Unit};
-use crate::error::Error;
+use crate::error::{ApiError, Error};
 
 const NANO: u32 = 9;
 const PPM: u128 = 1_000_000;
@@ -110,53 +111,68 @@ impl PriceTable {
     }
 
     /// The most a request can cost, from the request alone: what is held.
-    pub fn estimate(&self, rule: &PriceRule, req: &RequestFacts) -> Quote {
-        self.quote(rule, req, None)
+    /// A cost too large to work out is refused, never held as less.
+    pub fn estimate(&self, rule: &PriceRule, req: &RequestFacts) -> Result<Quote, ApiError> {
+        self.quote(rule, req, None).ok_or_else(|| {
+            ApiError::InvalidInput("the request's cost is too large to work out".into())
+        })
     }
 
-    /// What an answer costs: images as returned, the rest from the request.
-    pub fn actual(&self, rule: &PriceRule, req: &RequestFacts, resp: &ResponseFacts) -> Quote {
+    /// What an answer costs: images as returned, the rest from the request;
+    /// `None` if fal's figures are too large to work out (the caller charges the hold).
+    pub fn actual(
+        &self,
+        rule: &PriceRule,
+        req: &RequestFacts,
+        resp: &ResponseFacts,
+    ) -> Option<Quote> {
         self.quote(rule, req, Some(resp))
     }
 
-    fn quote(&self, rule: &PriceRule, req: &RequestFacts, resp: Option<&ResponseFacts>) -> Quote {
+    fn quote(
+        &self,
+        rule: &PriceRule,
+        req: &RequestFacts,
+        resp: Option<&ResponseFacts>,
+    ) -> Option<Quote> {
         let requested_size = req.image_size.unwrap_or(DEFAULT_IMAGE);
+        let requested_images = req.num_images.unwrap_or(1);
         let returned = resp.map_or(&[][..], |r| r.images.as_slice());
         let units_milli = match rule.unit {
-            Unit::Megapixel if returned.is_empty() => {
-                self.megapixels_milli(requested_size) * req.num_images.unwrap_or(1)
-            }
-            Unit::Megapixel => returned
-                .iter()
-                .map(|size| self.megapixels_milli(size.unwrap_or(requested_size)))
-                .sum(),
-            Unit::Image if returned.is_empty() => req.num_images.unwrap_or(1) * MILLI,
-            Unit::Image => returned.len() as u64 * MILLI,
+            Unit::Megapixel if returned.is_empty() => self
+                .megapixels_milli(requested_size)?
+                .checked_mul(requested_images)?,
+            Unit::Megapixel => returned.iter().try_fold(0u64, |sum, size| {
+                sum.checked_add(self.megapixels_milli(size.unwrap_or(requested_size))?)
+            })?,
+            Unit::Image if returned.is_empty() => requested_images.checked_mul(MILLI)?,
+            Unit::Image => u64::try_from(returned.len()).ok()?.checked_mul(MILLI)?,
             Unit::Second => req.duration_milli.unwrap_or(rule.default_seconds_milli),
             Unit::Request => MILLI,
         };
-        Quote {
+        Some(Quote {
             units_milli,
-            credits: self.credits(rule, units_milli),
-        }
+            credits: self.credits(rule, units_milli)?,
+        })
     }
 
     /// One image's megapixels in thousandths: whole megapixels, rounded up,
     /// when fal's per-image rounding is on; else rounded up to the thousandth.
-    fn megapixels_milli(&self, (w, h): (u64, u64)) -> u64 {
-        let pixels = w.saturating_mul(h);
+    fn megapixels_milli(&self, (w, h): (u64, u64)) -> Option<u64> {
+        let pixels = w.checked_mul(h)?;
         if self.round_each_image {
-            pixels.div_ceil(self.megapixel_pixels).saturating_mul(MILLI)
+            pixels.div_ceil(self.megapixel_pixels).checked_mul(MILLI)
         } else {
-            pixels.saturating_mul(MILLI).div_ceil(self.megapixel_pixels)
+            Some(pixels.checked_mul(MILLI)?.div_ceil(self.megapixel_pixels))
         }
     }
 
-    fn credits(&self, rule: &PriceRule, units_milli: u64) -> u64 {
-        let numerator =
-            rule.nano_per_unit as u128 * units_milli as u128 * (PPM + self.margin_ppm as u128);
-        let denominator = MILLI as u128 * PPM * self.credit_nano as u128;
-        u64::try_from(numerator.div_ceil(denominator)).unwrap_or(u64::MAX)
+    fn credits(&self, rule: &PriceRule, units_milli: u64) -> Option<u64> {
+        let numerator = u128::from(rule.nano_per_unit)
+            .checked_mul(u128::from(units_milli))?
+            .checked_mul(PPM + u128::from(self.margin_ppm))?;
+        let denominator = u128::from(MILLI) * PPM * u128::from(self.credit_nano);
+        u64::try_from(numerator.div_ceil(denominator)).ok()
     }
 
     /// `credits × usd_per_credit`, as exact decimal text.
@@ -220,19 +236,27 @@ mod tests {
         let req = RequestFacts::default();
         // 1024×1024 and 1024×768 are 1 MP each; 1025×1024 is 2.
         assert_eq!(
-            t.actual(rule, &req, &images(&[(1024, 1024)])).units_milli,
+            t.actual(rule, &req, &images(&[(1024, 1024)]))
+                .unwrap()
+                .units_milli,
             1000
         );
         assert_eq!(
-            t.actual(rule, &req, &images(&[(1024, 768)])).units_milli,
+            t.actual(rule, &req, &images(&[(1024, 768)]))
+                .unwrap()
+                .units_milli,
             1000
         );
         assert_eq!(
-            t.actual(rule, &req, &images(&[(1025, 1024)])).units_milli,
+            t.actual(rule, &req, &images(&[(1025, 1024)]))
+                .unwrap()
+                .units_milli,
             2000
         );
         // $0.025 × 4 MP at no margin, $0.001 a credit: exactly 100 credits.
-        let q = t.actual(rule, &req, &images(&[(1024, 1024), (1025, 1024), (10, 10)]));
+        let q = t
+            .actual(rule, &req, &images(&[(1024, 1024), (1025, 1024), (10, 10)]))
+            .unwrap();
         assert_eq!(
             q,
             Quote {
@@ -242,11 +266,13 @@ mod tests {
         );
         // Without per-image rounding, fractions count to the thousandth.
         let t = table(0.0, false);
-        let q = t.actual(
-            t.rule("fal-ai/flux/dev").unwrap(),
-            &req,
-            &images(&[(1024, 768)]),
-        );
+        let q = t
+            .actual(
+                t.rule("fal-ai/flux/dev").unwrap(),
+                &req,
+                &images(&[(1024, 768)]),
+            )
+            .unwrap();
         assert_eq!(q.units_milli, 750);
     }
 
@@ -261,14 +287,17 @@ mod tests {
         };
         // 3 images × 2 MP × $0.025 × 1.1 = $0.165 = 165 credits.
         assert_eq!(
-            t.estimate(flux, &req),
+            t.estimate(flux, &req).unwrap(),
             Quote {
                 units_milli: 6000,
                 credits: 165
             }
         );
         // No size given: fal's default landscape_4_3, 1 MP.
-        assert_eq!(t.estimate(flux, &RequestFacts::default()).credits, 28); // 27.5 rounds up
+        assert_eq!(
+            t.estimate(flux, &RequestFacts::default()).unwrap().credits,
+            28
+        ); // 27.5 rounds up
         let kling = t
             .rule("fal-ai/kling-video/v2/master/text-to-video")
             .unwrap();
@@ -276,17 +305,44 @@ mod tests {
             duration_milli: Some(10_000),
             ..Default::default()
         };
-        assert_eq!(t.estimate(kling, &ten).credits, 770); // 10 s × $0.07 × 1.1
+        assert_eq!(t.estimate(kling, &ten).unwrap().credits, 770); // 10 s × $0.07 × 1.1
         assert_eq!(
-            t.estimate(kling, &RequestFacts::default()).units_milli,
+            t.estimate(kling, &RequestFacts::default())
+                .unwrap()
+                .units_milli,
             5000
         );
         let flat = t.rule("fal-ai/flat").unwrap();
         let two = ResponseFacts {
             images: vec![None, None],
         };
-        assert_eq!(t.actual(flat, &RequestFacts::default(), &two).credits, 88);
+        assert_eq!(
+            t.actual(flat, &RequestFacts::default(), &two)
+                .unwrap()
+                .credits,
+            88
+        );
         assert_eq!(t.cost_usd(165), "0.165");
+    }
+
+    #[test]
+    fn a_cost_too_large_to_work_out_is_refused_not_wrapped() {
+        let t = table(0.1, true);
+        let flux = t.rule("fal-ai/flux/dev").unwrap();
+        let huge = RequestFacts {
+            image_size: Some((u64::MAX, 2)),
+            ..Default::default()
+        };
+        assert!(t.estimate(flux, &huge).is_err());
+        let many = RequestFacts {
+            num_images: Some(u64::MAX / 100),
+            ..Default::default()
+        };
+        assert!(t.estimate(flux, &many).is_err());
+        let returned = ResponseFacts {
+            images: vec![Some((1 << 40, 1 << 40)), Some((1 << 40, 1 << 40))],
+        };
+        assert_eq!(t.actual(flux, &RequestFacts::default(), &returned), None);
     }
 
     #[test]

@@ -4,7 +4,13 @@
 //! `/_rest/` its storage host; paths under `/mock/` give the tests the
 //! upstream failures they need. The latest requests it received are
 //! recorded, so a test can see exactly what reached "fal".
+//!
+//! Like fal, it decodes percent-escapes before routing, and reads any body
+//! as JSON whatever its content type, with pydantic's lax coercions
+//! ([`Input`]): a proxy that prices a request differently from how fal runs
+//! it shows up in the tests as images or seconds served but not paid for.
 
+mod input;
 mod queue;
 
 use std::collections::VecDeque;
@@ -26,8 +32,10 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Notify};
 use tokio_rustls::TlsAcceptor;
 
-use crate::billing::facts::preset;
+use crate::proxy::path::escaped_byte;
 use crate::upstream::ServeInMemory;
+
+pub use input::Input;
 
 /// How many of the latest requests [`MockFal::seen`] keeps.
 const SEEN_KEPT: usize = 1024;
@@ -161,9 +169,9 @@ async fn answer(state: Arc<State>, req: Request<Incoming>) -> Response<MockBody>
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_owned();
-    let path = parts.uri.path().to_owned();
+    let path = percent_decoded(parts.uri.path());
     // A sink counts bytes without keeping them, for uploads too big to record.
-    let body = if path == "/mock/sink" {
+    let body = if is_sink(&path, &parts.headers) {
         let mut n = 0u64;
         let mut body = body;
         while let Some(Ok(frame)) = body.frame().await {
@@ -195,11 +203,42 @@ async fn answer(state: Arc<State>, req: Request<Incoming>) -> Response<MockBody>
             let query = parts.uri.query().unwrap_or("");
             queue::answer(&state, &parts.method, segments.collect(), query, body).await
         }
+        Some("_rest") if is_sink(&path, &parts.headers) => json_response(StatusCode::OK, body),
         Some("_rest") if path.starts_with("/_rest/storage/upload/initiate") => {
             initiate_upload(&state, &body)
         }
         _ => model_output(&path, &body),
     }
+}
+
+/// The path as fal routes it: every escape decoded (`/x/%70ro` is `/x/pro`).
+fn percent_decoded(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match escaped_byte(&bytes[i..]) {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Bodies counted, not kept: the sink, and file bytes sent to storage
+/// (the streaming tests' uploads, up to gigabytes).
+fn is_sink(path: &str, headers: &HeaderMap) -> bool {
+    let octets = headers.get(header::CONTENT_TYPE).is_some_and(|v| {
+        v.as_bytes()
+            .eq_ignore_ascii_case(b"application/octet-stream")
+    });
+    path == "/mock/sink" || (path.starts_with("/_rest/storage/upload/") && octets)
 }
 
 fn record(state: &State, request: Seen) {
@@ -280,32 +319,26 @@ fn initiate_upload(state: &State, request: &[u8]) -> Response<MockBody> {
     json_response(StatusCode::OK, Bytes::from(body))
 }
 
-/// What a fal model returns, shaped by the request as fal's would be.
+/// What a fal model returns, shaped by the request as fal's would be; 422
+/// for an input fal would refuse.
 fn model_output(path: &str, request: &[u8]) -> Response<MockBody> {
-    json_response(StatusCode::OK, model_json(path, request))
+    match Input::read(request) {
+        Ok(input) => json_response(StatusCode::OK, model_json(path, &input)),
+        Err(why) => status_json(StatusCode::UNPROCESSABLE_ENTITY, &why),
+    }
 }
 
-fn model_json(path: &str, request: &[u8]) -> Bytes {
-    let mut copy = request.to_vec();
-    let input = simd_json::to_owned_value(&mut copy).ok();
-    let input = input.as_ref();
+fn model_json(path: &str, input: &Input) -> Bytes {
     let body = if path.contains("video") {
         r#"{"video":{"url":"https://v3.fal.media/files/mock/output.mp4","content_type":"video/mp4","file_name":"output.mp4","file_size":1048576},"seed":42}"#.to_owned()
     } else if path.contains("upscale") {
         r#"{"image":{"url":"https://v3.fal.media/files/mock/upscaled.png","width":2048,"height":2048,"content_type":"image/png"},"seed":42}"#.to_owned()
     } else {
-        let (w, h) = input
-            .and_then(|v| v.get("image_size"))
-            .and_then(|s| match s.as_str() {
-                Some(name) => preset(name),
-                None => Some((s.get_u64("width")?, s.get_u64("height")?)),
-            })
-            .unwrap_or((1024, 768));
-        let n = input.and_then(|v| v.get_u64("num_images")).unwrap_or(1);
-        let images: Vec<String> = (0..n)
+        let (w, h) = input.image_size;
+        let images: Vec<String> = (0..input.num_images)
             .map(|i| format!(r#"{{"url":"https://v3.fal.media/files/mock/{i}.jpg","width":{w},"height":{h},"content_type":"image/jpeg"}}"#))
             .collect();
-        let nsfw = vec!["false"; n as usize].join(",");
+        let nsfw = vec!["false"; images.len()].join(",");
         format!(
             r#"{{"images":[{}],"timings":{{"inference":0.42}},"seed":42,"has_nsfw_concepts":[{nsfw}],"prompt":"mock"}}"#,
             images.join(",")
@@ -329,7 +362,10 @@ fn json_response(status: StatusCode, body: Bytes) -> Response<MockBody> {
 }
 
 fn status_json(status: StatusCode, detail: &str) -> Response<MockBody> {
-    json_response(status, Bytes::from(format!("{{\"detail\":\"{detail}\"}}")))
+    let mut body = String::from("{\"detail\":");
+    crate::error::push_json_string(&mut body, detail);
+    body.push('}');
+    json_response(status, Bytes::from(body))
 }
 
 /// `n` bytes of a repeating pattern, in 64 KiB chunks, generated as they are sent.
@@ -371,5 +407,17 @@ impl http_body::Body for ChannelBody {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_paths_as_fal_routes_them() {
+        assert_eq!(percent_decoded("/fal-ai/x/%70ro"), "/fal-ai/x/pro");
+        assert_eq!(percent_decoded("/a%2Fb%5c%2e%2E"), "/a/b\\..");
+        assert_eq!(percent_decoded("/100%/%zz/%4/%+1"), "/100%/%zz/%4/%+1");
     }
 }

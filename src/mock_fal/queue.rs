@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 use simd_json::prelude::*;
 use tokio::sync::mpsc;
 
-use super::{json_response, model_json, status_json, stream_from, MockBody, State};
+use super::{json_response, model_json, status_json, stream_from, Input, MockBody, State};
 
 /// The path prefix that stands for `queue.fal.run` on the mock.
 pub const PREFIX: &str = "_queue";
@@ -25,7 +25,7 @@ struct Job {
     app: String,
     /// The full path submitted to, which decides the output's shape.
     model: String,
-    input: Bytes,
+    input: Input,
     /// Status polls seen: 0 in queue, 1 in progress, 2 and on done.
     step: u8,
     fails: bool,
@@ -83,15 +83,20 @@ fn urls(state: &State, app: &str, id: &str) -> String {
     format!(r#""response_url":"{base}","status_url":"{base}/status","cancel_url":"{base}/cancel""#)
 }
 
-fn submit(state: &State, path: &[&str], input: Bytes) -> Response<MockBody> {
+fn submit(state: &State, path: &[&str], body: Bytes) -> Response<MockBody> {
     if path.len() < 2 {
         return status_json(StatusCode::NOT_FOUND, "no such app");
     }
+    // fal validates the input when the job is submitted.
+    let input = match Input::read(&body) {
+        Ok(input) => input,
+        Err(why) => return status_json(StatusCode::UNPROCESSABLE_ENTITY, &why),
+    };
     let n = state.queue.next.fetch_add(1, Ordering::Relaxed);
     let id = format!("mock-{n:08x}-0000-4000-8000-000000000000");
     let app = path[..2].join("/");
     let fails = {
-        let mut copy = input.to_vec();
+        let mut copy = body.to_vec();
         simd_json::to_owned_value(&mut copy)
             .ok()
             .and_then(|v| v.get_bool("mock_fail"))

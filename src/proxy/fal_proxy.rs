@@ -9,6 +9,7 @@ use http::{HeaderMap, Request, Response, Uri};
 use hyper::body::Incoming;
 
 use super::body::Body;
+use super::path::Canonical;
 use super::{headers, queue, Conn, Proxy, Trace};
 use crate::error::ApiError;
 use crate::keys::ApiKey;
@@ -23,17 +24,17 @@ const STORAGE_PATHS: [&str; 3] = [
     "/storage/upload/complete-multipart",
 ];
 
-/// Where a proxied call goes, as the path and query of one of our upstreams.
+/// Where a proxied call goes: a path of ours, or the storage upstream's path and query.
 #[derive(Debug, PartialEq, Eq)]
 enum Target {
-    Run(String),
+    Run(Canonical),
     /// Prefixed with `/queue`, as our own queue routes are.
-    Queue(String),
+    Queue(Canonical),
     Storage(String),
 }
 
 /// Reads `x-fal-target-url`; anything but fal's hosts over https is refused
-/// here, before any connection is made.
+/// here, before any connection is made, and so is a path that is not canonical.
 fn target(headers: &HeaderMap) -> Result<Target, ApiError> {
     let raw = headers
         .get(TARGET_HEADER)
@@ -46,14 +47,18 @@ fn target(headers: &HeaderMap) -> Result<Target, ApiError> {
     if uri.scheme_str() != Some("https") || !plain_host {
         return Err(ApiError::InvalidTarget);
     }
-    let pq = uri
-        .path_and_query()
-        .map_or("/", |pq| pq.as_str())
-        .to_owned();
     match authority.host() {
-        "fal.run" => Ok(Target::Run(pq)),
-        "queue.fal.run" => Ok(Target::Queue(format!("/queue{pq}"))),
-        "rest.fal.ai" if STORAGE_PATHS.contains(&uri.path()) => Ok(Target::Storage(pq)),
+        "fal.run" => Ok(Target::Run(Canonical::of(&uri)?)),
+        "queue.fal.run" => Ok(Target::Queue(Canonical::new(
+            &format!("/queue{}", uri.path()),
+            uri.query(),
+        )?)),
+        // Only exact paths pass here: nothing to decode.
+        "rest.fal.ai" if STORAGE_PATHS.contains(&uri.path()) => Ok(Target::Storage(
+            uri.path_and_query()
+                .map_or("/", |pq| pq.as_str())
+                .to_owned(),
+        )),
         _ => Err(ApiError::InvalidTarget),
     }
 }
@@ -69,15 +74,10 @@ impl Proxy {
     ) -> Result<Response<Body>, ApiError> {
         let target = target(req.headers())?;
         req.headers_mut().remove(TARGET_HEADER);
-        let as_path = |pq: &str| pq.parse::<Uri>().map_err(|_| ApiError::InvalidTarget);
         match target {
-            Target::Run(pq) => {
-                *req.uri_mut() = as_path(&pq)?;
-                self.forward_sync(req, key, request_id, trace).await
-            }
-            Target::Queue(pq) => {
-                *req.uri_mut() = as_path(&pq)?;
-                let route = queue::Route::parse(req.uri().path()).ok_or(ApiError::InvalidTarget)?;
+            Target::Run(path) => self.forward_sync(req, &path, key, request_id, trace).await,
+            Target::Queue(path) => {
+                let route = queue::Route::parse(&path).ok_or(ApiError::InvalidTarget)?;
                 self.queue(req, route, conn, key, request_id, trace).await
             }
             Target::Storage(pq) => self.forward_storage(req, &pq, key, trace).await,
@@ -119,15 +119,17 @@ mod tests {
 
     #[test]
     fn maps_fals_hosts_and_refuses_the_rest() {
+        let path = |p, q| Canonical::new(p, q).unwrap();
         assert_eq!(
-            of("https://fal.run/fal-ai/flux/dev"),
-            Ok(Target::Run("/fal-ai/flux/dev".into()))
+            of("https://fal.run/fal-ai/flux/d%65v"),
+            Ok(Target::Run(path("/fal-ai/flux/dev", None)))
         );
         assert_eq!(
             of("https://queue.fal.run/fal-ai/flux/requests/x/status?logs=0"),
-            Ok(Target::Queue(
-                "/queue/fal-ai/flux/requests/x/status?logs=0".into()
-            ))
+            Ok(Target::Queue(path(
+                "/queue/fal-ai/flux/requests/x/status",
+                Some("logs=0")
+            )))
         );
         assert_eq!(
             of("https://rest.fal.ai/storage/upload/initiate?storage_type=fal-cdn-v3"),
@@ -143,6 +145,9 @@ mod tests {
             "https://user@fal.run/x",
             "https://rest.fal.ai/tokens/",
             "https://127.0.0.1/x",
+            "https://fal.run/fal-ai/flux/dev/",
+            "https://fal.run/fal-ai/x/..%2Fdev",
+            "https://queue.fal.run/fal-ai//flux",
             "/fal-ai/flux/dev",
             "not a url",
         ] {

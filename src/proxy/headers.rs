@@ -56,6 +56,23 @@ pub fn to_upstream(headers: &mut HeaderMap) {
     headers.remove(X_API_KEY);
 }
 
+/// `application/json` or any `+json` type, with or without parameters.
+pub fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            // Compared in place: a lowercased copy was an allocation on every request and answer.
+            let essence = v.split(';').next().unwrap_or("").trim().as_bytes();
+            let ends_with = |suffix: &[u8]| {
+                essence.len() >= suffix.len()
+                    && essence[essence.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+            };
+            essence.eq_ignore_ascii_case(b"application/json") || ends_with(b"+json")
+        })
+        .unwrap_or(false)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,6 +114,21 @@ mod tests {
             strip_hop_by_hop(&mut h);
             assert_eq!(h.len(), 1, "{name}");
             assert!(h.contains_key(header::CONTENT_TYPE));
+        }
+    }
+
+    #[test]
+    fn recognises_json_content_types() {
+        let mut h = HeaderMap::new();
+        for (ct, json) in [
+            ("application/json", true),
+            ("Application/JSON; charset=utf-8", true),
+            ("application/problem+json", true),
+            ("text/plain", false),
+            ("multipart/form-data; boundary=x", false),
+        ] {
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+            assert_eq!(is_json(&h), json, "{ct}");
         }
     }
 }

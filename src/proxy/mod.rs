@@ -7,7 +7,7 @@ mod credentials;
 mod fal_proxy;
 pub mod headers;
 pub mod json_body;
-mod path;
+pub(crate) mod path;
 mod queue;
 mod request_id;
 mod respond;
@@ -195,7 +195,8 @@ impl Proxy {
         if (path == "/dashboard" || path == "/dashboard/") && req.method() == Method::GET {
             return Ok(dashboard());
         }
-        let queue_route = queue::Route::parse(&path);
+        let target = path::Canonical::of(req.uri());
+        let queue_route = target.as_ref().ok().and_then(queue::Route::parse);
         trace.route = if path.starts_with(account::PREFIX) {
             "account"
         } else if path == fal_proxy::ROUTE {
@@ -211,7 +212,10 @@ impl Proxy {
             ("account", _) => self.account_api(req, &key, trace).await,
             ("fal_proxy", _) => self.fal_proxy(req, conn, &key, request_id, trace).await,
             (_, Some(route)) => self.queue(req, route, conn, &key, request_id, trace).await,
-            _ => self.forward_sync(req, &key, request_id, trace).await,
+            _ => {
+                self.forward_sync(req, &target?, &key, request_id, trace)
+                    .await
+            }
         }
     }
 
@@ -226,42 +230,36 @@ impl Proxy {
         Ok(key)
     }
 
-    /// A synchronous call: the same method, path, query and body to fal's
-    /// run host, with its estimated cost held until fal has answered.
+    /// A synchronous call: the same method, query and body to fal's run
+    /// host, at the canonical `target` path it is priced by, with its
+    /// estimated cost held until fal has answered.
     async fn forward_sync(
         &self,
         req: Request<Incoming>,
+        target: &path::Canonical,
         key: &ApiKey,
         request_id: &str,
         trace: &mut Trace,
     ) -> Result<Response<Body>, ApiError> {
-        let uri = self.upstream.run.uri(path::forwardable(req.uri())?)?;
-        let model = req.uri().path().trim_start_matches('/').to_owned();
-        self.forward_billed(
-            req,
-            &model,
-            uri,
-            key,
-            request_id,
-            trace,
-            |sent| async move {
-                let billed = Billed {
-                    prices: &sent.tunables.prices,
-                    rule: &sent.rule,
-                    model: &sent.model,
-                    request: sent.request,
-                    max_json_bytes: sent.tunables.max_json_response_bytes,
-                };
-                billed.respond(sent.resp, sent.reservation).await
-            },
-        )
+        let uri = self.upstream.run.uri(&target.forwarded(""))?;
+        let model = &target.path()[1..];
+        self.forward_billed(req, model, uri, key, request_id, trace, |sent| async move {
+            let billed = Billed {
+                prices: &sent.tunables.prices,
+                rule: &sent.rule,
+                model: &sent.model,
+                request: sent.request,
+                max_json_bytes: sent.tunables.max_json_response_bytes,
+            };
+            billed.respond(sent.resp, sent.reservation).await
+        })
         .await
     }
 
-    /// Work that costs: a price rule for `model`, the JSON body read and
-    /// validated, the generation allowance, the hold; then fal at `uri`,
-    /// and `finish` with fal's answer. Whatever keeps fal from doing the
-    /// work releases the hold; a success marks the reservation answered.
+    /// Work that costs: a price rule for `model`, the body read and its cost
+    /// fields validated, the generation allowance, the hold; then fal at
+    /// `uri`, and `finish` with fal's answer. Whatever keeps fal from doing
+    /// the work releases the hold; a success marks the reservation answered.
     /// From the hold on, the work runs on a task of its own: a client that
     /// leaves does not cancel fal's call, which runs to its answer and is
     /// settled as if the client were still there.
@@ -287,15 +285,10 @@ impl Proxy {
             .cloned()
             .ok_or_else(|| ApiError::UnpricedModel(model.to_owned()))?;
         let (parts, incoming) = req.into_parts();
-        let (body, request) = if json_body::is_json(&parts.headers) {
-            let (bytes, facts) =
-                json_body::read(incoming, &parts.headers, tunables.max_json_body_bytes).await?;
-            (Body::full(bytes), facts)
-        } else {
-            (Body::Stream(incoming), RequestFacts::default())
-        };
+        let (bytes, request) =
+            json_body::read(incoming, &parts.headers, tunables.max_json_body_bytes).await?;
         trace.model = Some(Arc::clone(&rule.pattern));
-        let estimate = tunables.prices.estimate(&rule, &request);
+        let estimate = tunables.prices.estimate(&rule, &request)?;
         let verdict = tunables.limits.generation(key, self.clock.now_ns());
         trace.rate = Some(verdict);
         if let Decision::Deny { retry_after_ns, .. } = verdict.decision {
@@ -322,7 +315,7 @@ impl Proxy {
         let model = model.to_owned();
         let work = async move {
             let started = Instant::now();
-            let sent = send(&upstream, parts, body, uri).await;
+            let sent = send(&upstream, parts, Body::full(bytes), uri).await;
             let took = started.elapsed();
             let answer = match sent {
                 Ok(resp) => {

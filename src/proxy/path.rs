@@ -1,29 +1,95 @@
-//! The request target a client may send. Only origin-form paths are
-//! forwarded; dot segments are refused so that no path can climb out of a
-//! configured upstream prefix.
+//! The one spelling of a request path that is both priced and forwarded.
+//! fal, like any web server, decodes percent-escapes before routing, so
+//! `/x/%70ro` runs the model `/x/pro`: a path priced as sent but run as
+//! decoded could buy a dear model at a cheap rule's price. Escapes of
+//! unreserved characters are decoded here, and every spelling that a server
+//! might route elsewhere than it reads (an encoded `/` or `\`, a backslash,
+//! an empty or dot segment) is refused before anything is held.
 
 use http::Uri;
 
 use crate::error::ApiError;
 
-/// The path and query to forward: absolute-form targets lose their scheme and
-/// host here (only our configured upstream decides those).
-pub fn forwardable(uri: &Uri) -> Result<&str, ApiError> {
-    let pq = uri.path_and_query().map_or("/", |pq| pq.as_str());
-    if !pq.starts_with('/') {
-        return Err(ApiError::InvalidPath);
-    }
-    if uri.path().split('/').any(is_dot_segment) {
-        return Err(ApiError::InvalidPath);
-    }
-    Ok(pq)
+/// A path in canonical form, with the query as the client sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Canonical {
+    path: String,
+    query: Option<String>,
 }
 
-/// `.` or `..`, also percent-encoded (`%2e`, `.%2E`, …), which some servers decode.
-fn is_dot_segment(segment: &str) -> bool {
-    let lowered = segment.to_ascii_lowercase();
-    let decoded = lowered.replace("%2e", ".");
-    decoded == "." || decoded == ".."
+impl Canonical {
+    /// The request's own target. Absolute-form targets lose their scheme and
+    /// host here: only our configured upstream decides those.
+    pub fn of(uri: &Uri) -> Result<Self, ApiError> {
+        Self::new(uri.path(), uri.query())
+    }
+
+    pub fn new(path: &str, query: Option<&str>) -> Result<Self, ApiError> {
+        let path = decode_unreserved(path)?;
+        let mut segments = path
+            .strip_prefix('/')
+            .ok_or(ApiError::InvalidPath)?
+            .split('/');
+        if segments.any(|s| s.is_empty() || s == "." || s == "..") {
+            return Err(ApiError::InvalidPath);
+        }
+        Ok(Self {
+            path,
+            query: query.map(str::to_owned),
+        })
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    pub fn query(&self) -> Option<&str> {
+        self.query.as_deref()
+    }
+
+    /// What goes to fal: the path without our own route `prefix` (`/queue`), and the query.
+    pub fn forwarded(&self, prefix: &str) -> String {
+        let path = self.path.strip_prefix(prefix).unwrap_or(&self.path);
+        match &self.query {
+            Some(q) => format!("{path}?{q}"),
+            None => path.to_owned(),
+        }
+    }
+}
+
+/// `%XX` of an unreserved character (ALPHA DIGIT `-` `.` `_` `~`) becomes
+/// the character; other escapes stay as sent. A backslash, raw or encoded,
+/// and an encoded `/` are refused: servers disagree on whether they separate
+/// segments.
+fn decode_unreserved(path: &str) -> Result<String, ApiError> {
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match (bytes[i], escaped_byte(&bytes[i..])) {
+            (b'\\', _) | (_, Some(b'/' | b'\\')) => return Err(ApiError::InvalidPath),
+            (_, Some(c)) if c.is_ascii_alphanumeric() || b"-._~".contains(&c) => {
+                out.push(c);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    // Only ASCII escapes were replaced, by ASCII: the rest is the client's UTF-8 as it came.
+    String::from_utf8(out).map_err(|_| ApiError::InvalidPath)
+}
+
+/// The byte a `%XX` escape at the start of `bytes` stands for: two hex
+/// digits exactly (`u8::from_str_radix` would also take `%+1`).
+pub(crate) fn escaped_byte(bytes: &[u8]) -> Option<u8> {
+    let hex = |d: u8| (d as char).to_digit(16).map(|v| v as u8);
+    match bytes {
+        [b'%', high, low, ..] => Some(hex(*high)? << 4 | hex(*low)?),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -32,23 +98,54 @@ mod tests {
 
     fn check(target: &str) -> Result<String, ()> {
         let uri: Uri = target.parse().unwrap();
-        forwardable(&uri).map(str::to_owned).map_err(|_| ())
+        Canonical::of(&uri).map(|c| c.forwarded("")).map_err(|_| ())
     }
 
     #[test]
-    fn keeps_paths_and_queries_as_sent() {
-        assert_eq!(
-            check("/fal-ai/flux/dev?a=1&b=%2F").unwrap(),
-            "/fal-ai/flux/dev?a=1&b=%2F"
-        );
-        assert_eq!(check("/a%2Fb/..c/c..").unwrap(), "/a%2Fb/..c/c..");
-        assert_eq!(check("http://evil.example/x?q").unwrap(), "/x?q");
+    fn decodes_unreserved_escapes_and_keeps_the_rest() {
+        for (sent, canonical) in [
+            ("/fal-ai/flux/dev?a=1&b=%2F", "/fal-ai/flux/dev?a=1&b=%2F"),
+            ("/fal-ai/x/%70ro", "/fal-ai/x/pro"),
+            ("/%66al-ai/x/%2D%2e%5F%7e%41", "/fal-ai/x/-._~A"),
+            ("/a%20b/%25/%C3%A9/c..", "/a%20b/%25/%C3%A9/c.."),
+            ("/a/%zz/%4", "/a/%zz/%4"),
+            ("/a/%+1/%-2", "/a/%+1/%-2"),
+            ("/é/x?q=%70", "/é/x?q=%70"),
+            ("http://evil.example/x?q", "/x?q"),
+        ] {
+            assert_eq!(check(sent).as_deref(), Ok(canonical), "{sent}");
+        }
     }
 
     #[test]
-    fn refuses_dot_segments_in_any_spelling() {
-        for bad in ["/a/../b", "/..", "/a/./b", "/a/%2e%2E/b", "/.%2e/x", "/%2E"] {
+    fn refuses_spellings_a_server_could_route_elsewhere() {
+        for bad in [
+            "/a/../b",
+            "/..",
+            "/a/./b",
+            "/a/%2e%2E/b",
+            "/.%2e/x",
+            "/%2E",
+            "/a/..%2Fb",
+            "/a/%2fb",
+            "/a/%5cb",
+            "/a/%5C..",
+            "/a\\b",
+            "/a//b",
+            "//evil.example/x",
+            "/a/b/",
+            "/",
+            "*",
+        ] {
             assert!(check(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn forwards_without_our_route_prefix() {
+        let c = Canonical::new("/queue/fal-ai/x/%70ro", Some("fal_webhook=u")).unwrap();
+        assert_eq!(c.path(), "/queue/fal-ai/x/pro");
+        assert_eq!(c.forwarded("/queue"), "/fal-ai/x/pro?fal_webhook=u");
+        assert_eq!(c.query(), Some("fal_webhook=u"));
     }
 }

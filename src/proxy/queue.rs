@@ -14,10 +14,11 @@ use simd_json::prelude::*;
 
 use super::body::Body;
 use super::headers;
+use super::path::Canonical;
 use super::respond::{
     billed_json, billing, billing_headers, collect_bounded, read_object, spliceable, Collected,
 };
-use super::{path, Conn, Proxy, Trace};
+use super::{Conn, Proxy, Trace};
 use crate::billing::json;
 use crate::error::ApiError;
 use crate::jobs::Job;
@@ -26,14 +27,15 @@ use crate::keys::ApiKey;
 /// A request on the queue's routes.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Route {
-    /// `POST /queue/{model path}`.
-    Submit { model: String },
+    /// `POST /queue/{model path}`, at its canonical path.
+    Submit(Canonical),
     /// `/queue/{app}/requests/{id}[/…]`, or the short `GET /fal-ai/queue/requests/{id}`
-    /// (`app` `None`: the proxy knows the job's app).
+    /// (`app` `None`: the proxy knows the job's app); `query` goes to fal as sent.
     Job {
         app: Option<String>,
         id: String,
         action: Action,
+        query: Option<String>,
     },
 }
 
@@ -58,21 +60,20 @@ impl Action {
 }
 
 impl Route {
-    pub(super) fn parse(path: &str) -> Option<Self> {
+    pub(super) fn parse(target: &Canonical) -> Option<Self> {
+        let (path, query) = (target.path(), target.query().map(str::to_owned));
         if let Some(id) = path.strip_prefix("/fal-ai/queue/requests/") {
-            let id = id.trim_end_matches('/');
-            return (!id.is_empty() && !id.contains('/')).then(|| Route::Job {
+            return (!id.contains('/')).then(|| Route::Job {
                 app: None,
                 id: id.to_owned(),
                 action: Action::Status,
+                query,
             });
         }
         let rest = path.strip_prefix("/queue/")?;
         let segments: Vec<&str> = rest.split('/').collect();
         let Some(at) = segments.iter().position(|s| *s == "requests") else {
-            return Some(Route::Submit {
-                model: rest.to_owned(),
-            });
+            return Some(Route::Submit(target.clone()));
         };
         let action = match &segments[at + 1..] {
             [_id] => Action::Result,
@@ -85,6 +86,7 @@ impl Route {
             app: Some(segments[..at].join("/")),
             id: segments[at + 1].to_owned(),
             action,
+            query,
         })
     }
 }
@@ -106,12 +108,17 @@ impl Proxy {
     ) -> Result<Response<Body>, ApiError> {
         let base = self.public_base(&req, conn)?;
         match route {
-            Route::Submit { model } if req.method() == Method::POST => {
-                self.submit(req, &model, &base, key, request_id, trace)
+            Route::Submit(target) if req.method() == Method::POST => {
+                self.submit(req, &target, &base, key, request_id, trace)
                     .await
             }
-            Route::Submit { .. } => Err(ApiError::JobNotFound),
-            Route::Job { app, id, action } => {
+            Route::Submit(_) => Err(ApiError::JobNotFound),
+            Route::Job {
+                app,
+                id,
+                action,
+                query,
+            } => {
                 // Another account's job, or one named under another app, is as unknown as none.
                 let job = self
                     .jobs
@@ -119,7 +126,8 @@ impl Proxy {
                     .filter(|j| app.as_deref().is_none_or(|a| a == j.app || a == j.model))
                     .ok_or(ApiError::JobNotFound)?;
                 self.check_poll(key, trace)?;
-                self.poll(req, &job, action, &base, trace).await
+                self.poll(req, &job, action, query.as_deref(), &base, trace)
+                    .await
             }
         }
     }
@@ -155,22 +163,19 @@ impl Proxy {
     async fn submit(
         &self,
         req: Request<Incoming>,
-        model: &str,
+        target: &Canonical,
         base: &str,
         key: &ApiKey,
         request_id: &str,
         trace: &mut Trace,
     ) -> Result<Response<Body>, ApiError> {
+        let model = &target.path()["/queue/".len()..];
         let app: Vec<&str> = model.split('/').take(2).collect();
-        if app.len() < 2 || app.iter().any(|s| s.is_empty()) {
+        if app.len() < 2 {
             return Err(ApiError::InvalidPath);
         }
         let app = app.join("/");
-        let pq = path::forwardable(req.uri())?;
-        let uri = self
-            .upstream
-            .queue
-            .uri(pq.strip_prefix("/queue").unwrap_or(pq))?;
+        let uri = self.upstream.queue.uri(&target.forwarded("/queue"))?;
         let jobs = Arc::clone(&self.jobs);
         let (fal_base, base) = (self.upstream.queue_base().to_owned(), base.to_owned());
         self.forward_billed(req, model, uri, key, request_id, trace, |sent| async move {
@@ -209,14 +214,11 @@ impl Proxy {
         req: Request<Incoming>,
         job: &Job,
         action: Action,
+        query: Option<&str>,
         base: &str,
         trace: &mut Trace,
     ) -> Result<Response<Body>, ApiError> {
-        let query = req
-            .uri()
-            .query()
-            .map(|q| format!("?{q}"))
-            .unwrap_or_default();
+        let query = query.map(|q| format!("?{q}")).unwrap_or_default();
         let target = format!(
             "/{}/requests/{}{}{query}",
             job.app,
@@ -299,8 +301,8 @@ impl Proxy {
     ) -> crate::billing::ledger::Settled {
         let prices = &self.tunables.load_full().prices;
         let quote = match (prices.rule(&job.model), answer) {
-            (Some(rule), Some(facts)) => Some(prices.actual(rule, &job.request, facts)),
-            (Some(rule), None) => Some(prices.estimate(rule, &job.request)),
+            (Some(rule), Some(facts)) => prices.actual(rule, &job.request, facts),
+            (Some(rule), None) => prices.estimate(rule, &job.request).ok(),
             (None, _) => None,
         };
         self.jobs.charge(job, quote, status.as_u16())
@@ -415,39 +417,40 @@ mod tests {
 
     #[test]
     fn parses_queue_routes() {
-        let job = |app: Option<&str>, action| Route::Job {
+        let parse = |p: &str, q: Option<&str>| Route::parse(&Canonical::new(p, q).unwrap());
+        let job = |app: Option<&str>, action, query: Option<&str>| Route::Job {
             app: app.map(str::to_owned),
             id: "abc".into(),
             action,
+            query: query.map(str::to_owned),
         };
+        let submit = Canonical::new("/queue/fal-ai/flux/dev", Some("fal_webhook=x")).unwrap();
         assert_eq!(
-            Route::parse("/queue/fal-ai/flux/dev"),
-            Some(Route::Submit {
-                model: "fal-ai/flux/dev".into()
-            })
+            parse("/queue/fal-ai/flux/dev", Some("fal_webhook=x")),
+            Some(Route::Submit(submit))
         );
         assert_eq!(
-            Route::parse("/queue/fal-ai/flux/requests/abc"),
-            Some(job(Some("fal-ai/flux"), Action::Result))
+            parse("/queue/fal-ai/flux/requests/abc", None),
+            Some(job(Some("fal-ai/flux"), Action::Result, None))
         );
         assert_eq!(
-            Route::parse("/queue/fal-ai/flux/requests/abc/status"),
-            Some(job(Some("fal-ai/flux"), Action::Status))
+            parse("/queue/fal-ai/flux/requests/abc/status", Some("logs=1")),
+            Some(job(Some("fal-ai/flux"), Action::Status, Some("logs=1")))
         );
         assert_eq!(
-            Route::parse("/queue/fal-ai/flux/requests/abc/status/stream"),
-            Some(job(Some("fal-ai/flux"), Action::StatusStream))
+            parse("/queue/fal-ai/flux/requests/abc/status/stream", None),
+            Some(job(Some("fal-ai/flux"), Action::StatusStream, None))
         );
         assert_eq!(
-            Route::parse("/queue/fal-ai/flux/requests/abc/cancel"),
-            Some(job(Some("fal-ai/flux"), Action::Cancel))
+            parse("/queue/fal-ai/flux/requests/abc/cancel", None),
+            Some(job(Some("fal-ai/flux"), Action::Cancel, None))
         );
         assert_eq!(
-            Route::parse("/fal-ai/queue/requests/abc"),
-            Some(job(None, Action::Status))
+            parse("/fal-ai/queue/requests/abc", None),
+            Some(job(None, Action::Status, None))
         );
-        assert_eq!(Route::parse("/queue/fal-ai/flux/requests/abc/other"), None);
-        assert_eq!(Route::parse("/fal-ai/flux/dev"), None);
+        assert_eq!(parse("/queue/fal-ai/flux/requests/abc/other", None), None);
+        assert_eq!(parse("/fal-ai/flux/dev", None), None);
     }
 
     #[test]

@@ -8,8 +8,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::body::Body;
-use super::headers;
-use super::json_body::is_json;
+use super::headers::{self, is_json};
 use crate::billing::facts::{RequestFacts, ResponseFacts};
 use crate::billing::json;
 use crate::billing::ledger::{Reservation, Settled};
@@ -114,7 +113,7 @@ impl Billed<'_> {
     }
 
     /// A success is charged its actual cost (from the answer where there is
-    /// one, else the estimate); anything else is released.
+    /// one, else the hold); anything else is released.
     fn settle(
         &self,
         reservation: Reservation,
@@ -124,10 +123,7 @@ impl Billed<'_> {
         if !status.is_success() {
             return reservation.release(Some(status.as_u16()));
         }
-        let quote = match answer {
-            Some(facts) => self.prices.actual(self.rule, &self.request, facts),
-            None => self.prices.estimate(self.rule, &self.request),
-        };
+        let quote = answer.and_then(|facts| self.prices.actual(self.rule, &self.request, facts));
         reservation.charge(quote, status.as_u16())
     }
 }
