@@ -2,8 +2,10 @@
 //! the integration tests and benches. Model paths answer the way fal's models
 //! do; paths under `/_queue/` are fal's queue host (see [`queue`]) and
 //! `/_rest/` its storage host; paths under `/mock/` give the tests the
-//! upstream failures they need. The latest requests it received are
-//! recorded, so a test can see exactly what reached "fal".
+//! upstream failures they need. An input with `"mock_result_bytes": N`
+//! gets an answer of about N bytes, streamed (see [`model_output`]). The
+//! latest requests it received are recorded, so a test can see exactly what
+//! reached "fal".
 
 mod queue;
 
@@ -280,38 +282,92 @@ fn initiate_upload(state: &State, request: &[u8]) -> Response<MockBody> {
     json_response(StatusCode::OK, Bytes::from(body))
 }
 
-/// What a fal model returns, shaped by the request as fal's would be.
+/// What a fal model returns, shaped by the request as fal's would be. With
+/// `"mock_result_bytes": N` in the input, every file object of the answer
+/// carries a base64 `"data"` string (as `sync_mode` answers do) that brings
+/// the answer to about N bytes, sent in chunks without a `content-length`,
+/// as a large answer streams. Sync calls and queue results alike.
 fn model_output(path: &str, request: &[u8]) -> Response<MockBody> {
-    json_response(StatusCode::OK, model_json(path, request))
-}
-
-fn model_json(path: &str, request: &[u8]) -> Bytes {
     let mut copy = request.to_vec();
     let input = simd_json::to_owned_value(&mut copy).ok();
-    let input = input.as_ref();
-    let body = if path.contains("video") {
-        r#"{"video":{"url":"https://v3.fal.media/files/mock/output.mp4","content_type":"video/mp4","file_name":"output.mp4","file_size":1048576},"seed":42}"#.to_owned()
-    } else if path.contains("upscale") {
-        r#"{"image":{"url":"https://v3.fal.media/files/mock/upscaled.png","width":2048,"height":2048,"content_type":"image/png"},"seed":42}"#.to_owned()
-    } else {
-        let (w, h) = input
-            .and_then(|v| v.get("image_size"))
-            .and_then(|s| match s.as_str() {
-                Some(name) => preset(name),
-                None => Some((s.get_u64("width")?, s.get_u64("height")?)),
-            })
-            .unwrap_or((1024, 768));
-        let n = input.and_then(|v| v.get_u64("num_images")).unwrap_or(1);
-        let images: Vec<String> = (0..n)
-            .map(|i| format!(r#"{{"url":"https://v3.fal.media/files/mock/{i}.jpg","width":{w},"height":{h},"content_type":"image/jpeg"}}"#))
-            .collect();
-        let nsfw = vec!["false"; n as usize].join(",");
-        format!(
-            r#"{{"images":[{}],"timings":{{"inference":0.42}},"seed":42,"has_nsfw_concepts":[{nsfw}],"prompt":"mock"}}"#,
-            images.join(",")
-        )
-    };
-    Bytes::from(body)
+    match input.as_ref().and_then(|v| v.get_u64("mock_result_bytes")) {
+        None => json_response(StatusCode::OK, model_json(path, input.as_ref(), 0)),
+        Some(size) => chunked_json(model_json(path, input.as_ref(), size)),
+    }
+}
+
+/// The answer, with its file objects padded to bring it to about `size` bytes.
+fn model_json(path: &str, input: Option<&simd_json::OwnedValue>, size: u64) -> Bytes {
+    let (plain, files) = render_output(path, input, "");
+    let room = usize::try_from(size)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(plain.len());
+    if room == 0 || files == 0 {
+        return Bytes::from(plain);
+    }
+    let each = (room / files).saturating_sub(r#","data":"""#.len());
+    let data = format!(r#","data":"{}""#, base64_like(each));
+    Bytes::from(render_output(path, input, &data).0)
+}
+
+/// The answer's JSON with `extra` at the end of each file object, and how many there are.
+fn render_output(
+    path: &str,
+    input: Option<&simd_json::OwnedValue>,
+    extra: &str,
+) -> (String, usize) {
+    if path.contains("video") {
+        let body = format!(
+            r#"{{"video":{{"url":"https://v3.fal.media/files/mock/output.mp4","content_type":"video/mp4","file_name":"output.mp4","file_size":1048576{extra}}},"seed":42}}"#
+        );
+        return (body, 1);
+    }
+    if path.contains("upscale") {
+        let body = format!(
+            r#"{{"image":{{"url":"https://v3.fal.media/files/mock/upscaled.png","width":2048,"height":2048,"content_type":"image/png"{extra}}},"seed":42}}"#
+        );
+        return (body, 1);
+    }
+    let (w, h) = input
+        .and_then(|v| v.get("image_size"))
+        .and_then(|s| match s.as_str() {
+            Some(name) => preset(name),
+            None => Some((s.get_u64("width")?, s.get_u64("height")?)),
+        })
+        .unwrap_or((1024, 768));
+    let n = input.and_then(|v| v.get_u64("num_images")).unwrap_or(1);
+    let images: Vec<String> = (0..n)
+        .map(|i| format!(r#"{{"url":"https://v3.fal.media/files/mock/{i}.jpg","width":{w},"height":{h},"content_type":"image/jpeg"{extra}}}"#))
+        .collect();
+    let nsfw = vec!["false"; n as usize].join(",");
+    let body = format!(
+        r#"{{"images":[{}],"timings":{{"inference":0.42}},"seed":42,"has_nsfw_concepts":[{nsfw}],"prompt":"mock"}}"#,
+        images.join(",")
+    );
+    (body, n as usize)
+}
+
+/// `n` characters of base64's alphabet, standing in for an encoded image.
+fn base64_like(n: usize) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    (0..n)
+        .map(|i| ALPHABET[i % ALPHABET.len()] as char)
+        .collect()
+}
+
+/// A JSON body sent in 64 KiB chunks, with no `content-length`.
+fn chunked_json(body: Bytes) -> Response<MockBody> {
+    const CHUNK: usize = 64 * 1024;
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        for at in (0..body.len()).step_by(CHUNK) {
+            let chunk = body.slice(at..(at + CHUNK).min(body.len()));
+            if tx.send(chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    stream_from(rx, "application/json")
 }
 
 fn full(bytes: Bytes) -> MockBody {
