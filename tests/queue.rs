@@ -76,6 +76,16 @@ fn job_ledger(server: &Server, request_id: &str) -> (i64, i64, Option<(i64, Stri
     (balance, held, charge)
 }
 
+/// Polls the job's status `times` times; the last status fal gave.
+async fn poll_status(job: &simd_json::OwnedValue, key: &str, times: usize) -> String {
+    let mut last = String::new();
+    for _ in 0..times {
+        let (_, status) = get_json(str_of(job, "status_url"), key).await;
+        last = str_of(&status, "status").to_owned();
+    }
+    last
+}
+
 async fn ledger_settles(
     server: &Server,
     request_id: &str,
@@ -447,4 +457,82 @@ async fn submissions_spend_the_generation_allowance_and_polls_do_not() {
         }
     }
     assert!(limited, "polls were never limited");
+}
+
+/// Submits `input` to flux/dev.
+async fn submit_input(server: &Server, key: &str, input: &str) -> simd_json::OwnedValue {
+    let resp = send(
+        Method::POST,
+        &server.url("/queue/fal-ai/flux/dev"),
+        key,
+        input,
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    json(&body(resp).await)
+}
+
+/// Options whose `_billing` buffer is 4 KiB, and an input whose answer is about 200 kB.
+fn oversized(mock: &MockFal) -> (Options, &'static str) {
+    let mut opts = Options::new(mock.url(false));
+    opts.pricing = TEST_PRICING.replace(
+        "margin = 0.10",
+        "margin = 0.10\nmax_json_response_bytes = 4096",
+    );
+    let input = r#"{"prompt":"a fox","image_size":"square_hd","mock_result_bytes":200000}"#;
+    (opts, input)
+}
+
+/// The job's result as the mock serves it, fetched from the mock itself.
+async fn result_from_fal(mock: &MockFal, request_id: &str) -> bytes::Bytes {
+    let url = format!(
+        "{}/fal-ai/flux/requests/{request_id}",
+        mock.queue_url(false)
+    );
+    body(client().request(get(&url, None)).await.unwrap()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_result_streams_unchanged_and_is_charged_its_hold_once() {
+    let mock = MockFal::start(None).await.unwrap();
+    let (opts, input) = oversized(&mock);
+    let (server, key) = Server::start_with_key(opts, "acme", 1000);
+    let job = submit_input(&server, &key, input).await;
+    let id = str_of(&job, "request_id").to_owned();
+    assert_eq!(poll_status(&job, &key, 3).await, "COMPLETED");
+    let served = result_from_fal(&mock, &id).await;
+    assert!(served.len() > 190_000, "{}", served.len());
+    for _ in 0..2 {
+        let resp = send(Method::GET, str_of(&job, "response_url"), &key, "").await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-billing-credits-used"], COST.to_string());
+        assert_eq!(
+            resp.headers()["x-billing-balance-remaining"],
+            (1000 - COST).to_string()
+        );
+        assert!(body(resp).await == served, "the result was altered");
+    }
+    assert!(ledger_settles(&server, &id, (1000 - COST, 0, Some((COST, "charged")))).await);
+    assert!(books_close(&server, &[("acme", COST)]).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_result_nobody_fetched_is_charged_its_hold_by_the_reconciler() {
+    let mock = MockFal::start(None).await.unwrap();
+    let (mut opts, input) = oversized(&mock);
+    opts.reconcile_interval_secs = 1;
+    let (server, key) = Server::start_with_key(opts, "acme", 1000);
+    let job = submit_input(&server, &key, input).await;
+    let id = str_of(&job, "request_id").to_owned();
+    assert!(
+        ledger_settles(&server, &id, (1000 - COST, 0, Some((COST, "charged")))).await,
+        "{:?}",
+        job_ledger(&server, &id)
+    );
+    // Fetched afterwards: the same figures, the same bytes, no second charge.
+    let resp = send(Method::GET, str_of(&job, "response_url"), &key, "").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-billing-credits-used"], COST.to_string());
+    assert!(body(resp).await == result_from_fal(&mock, &id).await);
+    assert!(books_close(&server, &[("acme", COST)]).await);
 }

@@ -13,7 +13,8 @@ use simd_json::prelude::*;
 use super::body::Body;
 use super::headers;
 use super::respond::{
-    billed_json, billing, billing_headers, collect_bounded, read_object, spliceable, Collected,
+    billed_json, billed_stream, billing, collect_bounded, read_answer, read_object, spliceable,
+    Answer, Collected,
 };
 use super::{path, Conn, Proxy, Trace};
 use crate::billing::json;
@@ -266,21 +267,26 @@ impl Proxy {
     }
 
     /// fal's result: the job is charged on the first one, and every fetch
-    /// carries the same `_billing`.
+    /// carries the same figures. A result too large to read is passed on
+    /// untouched and charged its hold.
     async fn result(
         &self,
         job: &Job,
-        mut parts: http::response::Parts,
+        parts: http::response::Parts,
         incoming: Incoming,
         status: StatusCode,
     ) -> Result<Response<Body>, ApiError> {
         let tunables = self.tunables.load_full();
-        if !spliceable(&parts.headers, tunables.max_json_response_bytes) {
-            let settled = self.charge_job(job, None, status).await;
-            billing_headers(&mut parts.headers, settled);
-            return Ok(Response::from_parts(parts, Body::Stream(incoming)));
-        }
-        let bytes = whole(incoming, tunables.max_json_response_bytes).await?;
+        let limit = tunables.max_json_response_bytes;
+        let bytes = match read_answer(&parts.headers, incoming, limit).await {
+            Ok(Answer::Read(bytes)) => bytes,
+            Ok(Answer::Unread(body)) => {
+                let settled = self.charge_job(job, None, status).await;
+                return Ok(billed_stream(parts, settled, body));
+            }
+            // Broke off: not a result the client has; a later fetch (or the reconciler) charges it.
+            Err(_) => return Err(ApiError::UpstreamUnreachable),
+        };
         let answer = read_object(&bytes);
         let settled = self.charge_job(job, answer.as_ref(), status).await;
         let figures = billing(&tunables.prices, &job.model, settled);
@@ -367,8 +373,13 @@ impl Proxy {
             self.jobs.release(job, Some(code.as_u16())).await;
             return Ok(());
         }
-        let bytes = whole(resp.into_body(), limit).await?;
-        let answer = read_object(&bytes);
+        let (parts, incoming) = resp.into_parts();
+        let answer = match read_answer(&parts.headers, incoming, limit).await {
+            Ok(Answer::Read(bytes)) => read_object(&bytes),
+            // Too large to price from: its hold, without downloading the rest.
+            Ok(Answer::Unread(_)) => None,
+            Err(_) => return Err(ApiError::UpstreamUnreachable),
+        };
         self.charge_job(job, answer.as_ref(), code).await;
         Ok(())
     }

@@ -61,6 +61,30 @@ pub(super) fn spliceable(headers: &HeaderMap, limit: usize) -> bool {
     is_json(headers) && identity && declared_ok
 }
 
+/// fal's answer, as far as billing reads it.
+pub(super) enum Answer {
+    /// JSON read whole within the limit: priced from what it says.
+    Read(Bytes),
+    /// Not JSON, compressed, or over the limit: priced at its hold and passed
+    /// on untouched (what was read of it, then the rest).
+    Unread(Body),
+}
+
+/// Reads fal's answer when billing can use it, never more than `limit` bytes of it.
+pub(super) async fn read_answer(
+    headers: &HeaderMap,
+    incoming: Incoming,
+    limit: usize,
+) -> Result<Answer, hyper::Error> {
+    if !spliceable(headers, limit) {
+        return Ok(Answer::Unread(Body::Stream(incoming)));
+    }
+    Ok(match collect_bounded(incoming, limit).await? {
+        Collected::Whole(bytes) => Answer::Read(bytes),
+        Collected::Overflow(prefix, rest) => Answer::Unread(Body::Chained(Some(prefix), rest)),
+    })
+}
+
 /// What fal's JSON answer says, if it is a JSON object.
 pub(super) fn read_object(bytes: &[u8]) -> Option<ResponseFacts> {
     json::read(bytes, |v| v.is_object().then(|| ResponseFacts::read(v))).ok()?
@@ -78,29 +102,17 @@ impl Billed<'_> {
         headers::strip_hop_by_hop(&mut parts.headers);
         let status = parts.status;
 
-        if !spliceable(&parts.headers, self.max_json_bytes) {
-            let settled = self.settle(reservation, status, None).await;
-            billing_headers(&mut parts.headers, settled);
-            return Ok(Response::from_parts(parts, Body::Stream(incoming)));
-        }
-        let collected = match collect_bounded(incoming, self.max_json_bytes).await {
-            Ok(c) => c,
+        let bytes = match read_answer(&parts.headers, incoming, self.max_json_bytes).await {
+            Ok(Answer::Read(bytes)) => bytes,
+            Ok(Answer::Unread(body)) => {
+                let settled = self.settle(reservation, status, None).await;
+                return Ok(billed_stream(parts, settled, body));
+            }
             Err(e) => {
                 // fal's answer broke off: the client gets nothing usable, so nothing is charged.
                 tracing::warn!(error = %e, "fal's response body broke off");
                 reservation.release(Some(status.as_u16())).await;
                 return Err(ApiError::UpstreamUnreachable);
-            }
-        };
-        let bytes = match collected {
-            Collected::Whole(bytes) => bytes,
-            Collected::Overflow(prefix, rest) => {
-                let settled = self.settle(reservation, status, None).await;
-                billing_headers(&mut parts.headers, settled);
-                return Ok(Response::from_parts(
-                    parts,
-                    Body::Chained(Some(prefix), rest),
-                ));
             }
         };
         let answer = read_object(&bytes);
@@ -152,6 +164,16 @@ pub(super) fn billing_headers(headers: &mut HeaderMap, settled: Settled) {
         headers::X_BILLING_BALANCE_REMAINING,
         HeaderValue::from(settled.balance_remaining),
     );
+}
+
+/// fal's answer passed on untouched, with the figures in headers.
+pub(super) fn billed_stream(
+    mut parts: http::response::Parts,
+    settled: Settled,
+    body: Body,
+) -> Response<Body> {
+    billing_headers(&mut parts.headers, settled);
+    Response::from_parts(parts, body)
 }
 
 /// fal's buffered JSON answer with the figures: spliced in when it is an
