@@ -86,6 +86,13 @@ async fn poll_status(job: &simd_json::OwnedValue, key: &str, times: usize) -> St
     last
 }
 
+/// The job still holds its cost after the writer has had time to flush
+/// anything that would have settled it.
+async fn still_held(server: &Server, request_id: &str) {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(job_ledger(server, request_id), (1000, COST, None));
+}
+
 async fn ledger_settles(
     server: &Server,
     request_id: &str,
@@ -236,7 +243,8 @@ async fn cancelled_and_failed_jobs_cost_nothing() {
     let mock = MockFal::start(None).await.unwrap();
     let (server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 1000);
 
-    // Cancelled while queued: accepted, released.
+    // Cancelled while queued: the 202 is only a request, so the job stays
+    // held until fal says it ended; then it is released.
     let job = submit(&server, &key, "").await;
     let id = str_of(&job, "request_id").to_owned();
     let resp = send(Method::PUT, str_of(&job, "cancel_url"), &key, "").await;
@@ -245,6 +253,10 @@ async fn cancelled_and_failed_jobs_cost_nothing() {
         json(&body(resp).await).get_str("status"),
         Some("CANCELLATION_REQUESTED")
     );
+    still_held(&server, &id).await;
+    assert_eq!(poll_status(&job, &key, 1).await, "CANCELLED");
+    let resp = send(Method::GET, str_of(&job, "response_url"), &key, "").await;
+    assert_eq!(resp.status(), 400, "fal's own error passes through");
     assert!(ledger_settles(&server, &id, (1000, 0, Some((0, "released")))).await);
 
     // Cancel refused once the job is done: passed through, and the result is charged.
@@ -286,6 +298,7 @@ async fn cancelled_and_failed_jobs_cost_nothing() {
     let resp = send(Method::GET, str_of(&job, "response_url"), &key, "").await;
     assert_eq!(resp.status(), 422, "fal's own error passes through");
     assert!(ledger_settles(&server, &failed, (1000 - COST, 0, Some((0, "released")))).await);
+    assert!(books_close(&server, &[("acme", COST)]).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -470,6 +483,72 @@ async fn submit_input(server: &Server, key: &str, input: &str) -> simd_json::Own
     .await;
     assert_eq!(resp.status(), 200);
     json(&body(resp).await)
+}
+
+/// Cancels a job the mock has just handed to a runner (one status poll
+/// took it out of the queue): fal accepts the request, and the job still completes.
+async fn cancel_once_running(job: &simd_json::OwnedValue, key: &str) {
+    assert_eq!(poll_status(job, key, 1).await, "IN_QUEUE");
+    let resp = send(Method::PUT, str_of(job, "cancel_url"), key, "").await;
+    assert_eq!(resp.status(), 202);
+    assert_eq!(
+        json(&body(resp).await).get_str("status"),
+        Some("CANCELLATION_REQUESTED")
+    );
+}
+
+/// Stops the server with SIGTERM and starts it again, on its config file as it is now.
+async fn restart(mut server: Server) -> Server {
+    server.signal("TERM");
+    let mut server = tokio::task::spawn_blocking(move || {
+        server.wait();
+        server
+    })
+    .await
+    .unwrap();
+    server.restart();
+    server
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_job_that_completes_despite_a_cancel_is_charged_once_on_its_result() {
+    let mock = MockFal::start(None).await.unwrap();
+    let (server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 1000);
+    let job = submit(&server, &key, "").await;
+    let id = str_of(&job, "request_id").to_owned();
+    cancel_once_running(&job, &key).await;
+    still_held(&server, &id).await;
+    assert_eq!(poll_status(&job, &key, 2).await, "COMPLETED");
+    for _ in 0..2 {
+        let resp = send(Method::GET, str_of(&job, "response_url"), &key, "").await;
+        assert_eq!(resp.status(), 200);
+        let (_, billing) = unsplice(&body(resp).await);
+        assert_eq!(billing.get_i64("credits_used"), Some(COST));
+        assert_eq!(billing.get_i64("balance_remaining"), Some(1000 - COST));
+    }
+    assert!(ledger_settles(&server, &id, (1000 - COST, 0, Some((COST, "charged")))).await);
+    assert!(books_close(&server, &[("acme", COST)]).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_job_that_completes_despite_a_cancel_is_charged_by_the_reconciler() {
+    let mock = MockFal::start(None).await.unwrap();
+    let mut opts = Options::new(mock.url(false));
+    let (server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 1000);
+    let job = submit(&server, &key, "").await;
+    let id = str_of(&job, "request_id").to_owned();
+    cancel_once_running(&job, &key).await;
+    // The reconciler, off until now so that it could not move the job
+    // along, runs every second from here on; nobody fetches the result.
+    opts.reconcile_interval_secs = 1;
+    std::fs::write(&server.config, opts.render(server.dir.path())).unwrap();
+    let server = restart(server).await;
+    assert!(
+        ledger_settles(&server, &id, (1000 - COST, 0, Some((COST, "charged")))).await,
+        "{:?}",
+        job_ledger(&server, &id)
+    );
+    assert!(books_close(&server, &[("acme", COST)]).await);
 }
 
 /// Options whose `_billing` buffer is 4 KiB, and an input whose answer is about 200 kB.

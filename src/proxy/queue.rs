@@ -2,8 +2,9 @@
 //! becomes a job owned by the submitting account; status, result and cancel
 //! are polls on that job, refused with 404 to anyone else. The job is charged
 //! when its result is first obtained (by its owner, or by the reconciler),
-//! released when it fails or is cancelled. fal's queue URLs in its answers
-//! are rewritten to point at this proxy.
+//! released when fal reports that it ended without one (failed, or
+//! cancelled: a cancel is only a request, and a running job may complete
+//! anyway). fal's queue URLs in its answers are rewritten to point at this proxy.
 
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -239,12 +240,9 @@ impl Proxy {
         match action {
             // Server-sent events go through as they come, never buffered.
             Action::StatusStream => Ok(Response::from_parts(parts, Body::Stream(incoming))),
-            Action::Cancel => {
-                if status.is_success() {
-                    self.jobs.release(job, Some(status.as_u16())).await;
-                }
-                Ok(Response::from_parts(parts, Body::Stream(incoming)))
-            }
+            // fal's 202 asks a runner to stop; the job stays held until its
+            // status says how it ended (a running job may still complete).
+            Action::Cancel => Ok(Response::from_parts(parts, Body::Stream(incoming))),
             Action::Status => {
                 if !spliceable(&parts.headers, limit) {
                     return Ok(Response::from_parts(parts, Body::Stream(incoming)));
