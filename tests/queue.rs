@@ -615,3 +615,58 @@ async fn an_oversized_result_nobody_fetched_is_charged_its_hold_by_the_reconcile
     assert!(body(resp).await == result_from_fal(&mock, &id).await);
     assert!(books_close(&server, &[("acme", COST)]).await);
 }
+
+/// `POST /admin/reload`.
+async fn reload(server: &Server) -> u16 {
+    let req = Request::post(format!("http://{}/admin/reload", server.admin.unwrap()))
+        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .body(Full::default())
+        .unwrap();
+    client().request(req).await.unwrap().status().as_u16()
+}
+
+/// Polls a job to completion and fetches its result, on this server's
+/// current address; the credits its `_billing` shows.
+async fn complete_and_fetch(server: &Server, key: &str, request_id: &str) -> Option<i64> {
+    let url = server.url(&format!("/queue/fal-ai/flux/requests/{request_id}"));
+    let mut state = String::new();
+    for _ in 0..3 {
+        let (_, status) = get_json(&format!("{url}/status"), key).await;
+        state = str_of(&status, "status").to_owned();
+        if state == "COMPLETED" {
+            break;
+        }
+    }
+    assert_eq!(state, "COMPLETED");
+    let resp = send(Method::GET, &url, key, "").await;
+    assert_eq!(resp.status(), 200);
+    unsplice(&body(resp).await).1.get_i64("credits_used")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_is_priced_as_admitted_across_a_reload_and_a_restart() {
+    let mock = MockFal::start(None).await.unwrap();
+    let mut opts = Options::new(mock.url(false));
+    opts.admin = true;
+    let (server, key) = Server::start_with_key(opts, "acme", 10_000);
+    let first = str_of(&submit(&server, &key, "").await, "request_id").to_owned();
+    let second = str_of(&submit(&server, &key, "").await, "request_id").to_owned();
+
+    // fal's price doubles: new work costs 55 from now on, work already admitted 28.
+    let config = std::fs::read_to_string(&server.config).unwrap();
+    let doubled = config.replace("usd = 0.025", "usd = 0.05");
+    assert_ne!(config, doubled);
+    std::fs::write(&server.config, &doubled).unwrap();
+    assert_eq!(reload(&server).await, 200);
+    assert_eq!(complete_and_fetch(&server, &key, &first).await, Some(COST));
+
+    // Restarted on the new file, the second job still costs its admission price.
+    let server = restart(server).await;
+    assert_eq!(complete_and_fetch(&server, &key, &second).await, Some(COST));
+
+    // New work is priced by the new table.
+    let resp = send(Method::POST, &server.url("/fal-ai/flux/dev"), &key, FLUX).await;
+    assert_eq!(resp.headers()["x-billing-credits-used"], "55");
+    body(resp).await;
+    assert!(books_close(&server, &[("acme", 2 * COST + 55)]).await);
+}

@@ -5,6 +5,11 @@
 //! thousandths (of a megapixel, an image, a second, a request), so that
 //! `credits = ceil(price × units × (1 + margin) / usd_per_credit)` is one
 //! exact integer division, rounded up once.
+//!
+//! A [`Tariff`] is what prices one piece of work: the rule that matched it
+//! and the table's [`Terms`], taken when the work is admitted and kept
+//! with it, so that a reload (or, for a queued job, a restart) before it is
+//! settled does not change its price.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,7 +25,7 @@ const MILLI: u64 = 1000;
 /// fal's default `image_size` when a request names none.
 const DEFAULT_IMAGE: (u64, u64) = (1024, 768);
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PriceRule {
     /// The `model` as configured: a path, or a prefix ending in `*`.
     pub pattern: Arc<str>,
@@ -37,15 +42,28 @@ pub struct Quote {
     pub credits: u64,
 }
 
+/// The table-wide settings every rule prices under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Terms {
+    margin_ppm: u64,
+    credit_nano: u64,
+    megapixel_pixels: u64,
+    round_each_image: bool,
+}
+
+/// What prices one piece of work, fixed when it was admitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tariff {
+    pub rule: PriceRule,
+    pub terms: Terms,
+}
+
 #[derive(Debug)]
 pub struct PriceTable {
     exact: HashMap<String, PriceRule>,
     /// Longest prefix first, so the first match is the longest.
     prefixes: Vec<(String, PriceRule)>,
-    margin_ppm: u64,
-    credit_nano: u64,
-    megapixel_pixels: u64,
-    round_each_image: bool,
+    terms: Terms,
 }
 
 impl PriceTable {
@@ -66,10 +84,12 @@ impl PriceTable {
         let mut table = Self {
             exact: HashMap::new(),
             prefixes: Vec::new(),
-            margin_ppm: to_scaled(billing.margin, 6).map_err(|e| bad("[billing] margin", e))?,
-            credit_nano,
-            megapixel_pixels: billing.megapixel_pixels,
-            round_each_image: billing.round_each_image,
+            terms: Terms {
+                margin_ppm: to_scaled(billing.margin, 6).map_err(|e| bad("[billing] margin", e))?,
+                credit_nano,
+                megapixel_pixels: billing.megapixel_pixels,
+                round_each_image: billing.round_each_image,
+            },
         };
         for r in rules {
             let what = format!("[[pricing]] {:?}", r.model);
@@ -109,16 +129,74 @@ impl PriceTable {
         })
     }
 
+    /// What prices work on `model` under this table, if anything does.
+    pub fn tariff(&self, model: &str) -> Option<Tariff> {
+        Some(Tariff {
+            rule: self.rule(model)?.clone(),
+            terms: self.terms,
+        })
+    }
+
+    pub fn terms(&self) -> Terms {
+        self.terms
+    }
+
+    /// `credits × usd_per_credit`, as exact decimal text.
+    pub fn cost_usd(&self, credits: u64) -> String {
+        self.terms.cost_usd(credits)
+    }
+}
+
+impl Tariff {
     /// The most a request can cost, from the request alone: what is held.
-    pub fn estimate(&self, rule: &PriceRule, req: &RequestFacts) -> Quote {
-        self.quote(rule, req, None)
+    pub fn estimate(&self, req: &RequestFacts) -> Quote {
+        self.terms.quote(&self.rule, req, None)
     }
 
     /// What an answer costs: images as returned, the rest from the request.
-    pub fn actual(&self, rule: &PriceRule, req: &RequestFacts, resp: &ResponseFacts) -> Quote {
-        self.quote(rule, req, Some(resp))
+    pub fn actual(&self, req: &RequestFacts, resp: &ResponseFacts) -> Quote {
+        self.terms.quote(&self.rule, req, Some(resp))
     }
 
+    /// A text form for a queued job's row, read back by [`Tariff::decode`].
+    /// The pattern goes last: it is the one field that may hold any character.
+    pub fn encode(&self) -> String {
+        let (r, t) = (&self.rule, &self.terms);
+        format!(
+            "{};{};{};{};{};{};{};{}",
+            r.unit.name(),
+            r.nano_per_unit,
+            r.default_seconds_milli,
+            t.margin_ppm,
+            t.credit_nano,
+            t.megapixel_pixels,
+            u8::from(t.round_each_image),
+            r.pattern
+        )
+    }
+
+    pub fn decode(text: &str) -> Option<Self> {
+        let mut f = text.splitn(8, ';');
+        let unit = Unit::from_name(f.next()?)?;
+        let mut number = || f.next()?.parse::<u64>().ok();
+        let (nano_per_unit, default_seconds_milli) = (number()?, number()?);
+        let terms = Terms {
+            margin_ppm: number()?,
+            credit_nano: number().filter(|n| *n > 0)?,
+            megapixel_pixels: number().filter(|n| *n > 0)?,
+            round_each_image: number()? == 1,
+        };
+        let rule = PriceRule {
+            pattern: Arc::from(f.next()?),
+            unit,
+            nano_per_unit,
+            default_seconds_milli,
+        };
+        Some(Self { rule, terms })
+    }
+}
+
+impl Terms {
     fn quote(&self, rule: &PriceRule, req: &RequestFacts, resp: Option<&ResponseFacts>) -> Quote {
         let requested_size = req.image_size.unwrap_or(DEFAULT_IMAGE);
         let returned = resp.map_or(&[][..], |r| r.images.as_slice());
@@ -213,26 +291,23 @@ mod tests {
     #[test]
     fn megapixels_follow_fals_rounding() {
         let t = table(0.0, true);
-        let rule = t.rule("fal-ai/flux/dev").unwrap();
+        let rule = t.tariff("fal-ai/flux/dev").unwrap();
         let images = |sizes: &[(u64, u64)]| ResponseFacts {
             images: sizes.iter().copied().map(Some).collect(),
         };
         let req = RequestFacts::default();
         // 1024×1024 and 1024×768 are 1 MP each; 1025×1024 is 2.
         assert_eq!(
-            t.actual(rule, &req, &images(&[(1024, 1024)])).units_milli,
+            rule.actual(&req, &images(&[(1024, 1024)])).units_milli,
             1000
         );
+        assert_eq!(rule.actual(&req, &images(&[(1024, 768)])).units_milli, 1000);
         assert_eq!(
-            t.actual(rule, &req, &images(&[(1024, 768)])).units_milli,
-            1000
-        );
-        assert_eq!(
-            t.actual(rule, &req, &images(&[(1025, 1024)])).units_milli,
+            rule.actual(&req, &images(&[(1025, 1024)])).units_milli,
             2000
         );
         // $0.025 × 4 MP at no margin, $0.001 a credit: exactly 100 credits.
-        let q = t.actual(rule, &req, &images(&[(1024, 1024), (1025, 1024), (10, 10)]));
+        let q = rule.actual(&req, &images(&[(1024, 1024), (1025, 1024), (10, 10)]));
         assert_eq!(
             q,
             Quote {
@@ -242,18 +317,17 @@ mod tests {
         );
         // Without per-image rounding, fractions count to the thousandth.
         let t = table(0.0, false);
-        let q = t.actual(
-            t.rule("fal-ai/flux/dev").unwrap(),
-            &req,
-            &images(&[(1024, 768)]),
-        );
+        let q = t
+            .tariff("fal-ai/flux/dev")
+            .unwrap()
+            .actual(&req, &images(&[(1024, 768)]));
         assert_eq!(q.units_milli, 750);
     }
 
     #[test]
     fn estimates_come_from_the_request() {
         let t = table(0.1, true);
-        let flux = t.rule("fal-ai/flux/dev").unwrap();
+        let flux = t.tariff("fal-ai/flux/dev").unwrap();
         let req = RequestFacts {
             image_size: Some((1025, 1024)),
             num_images: Some(3),
@@ -261,32 +335,53 @@ mod tests {
         };
         // 3 images × 2 MP × $0.025 × 1.1 = $0.165 = 165 credits.
         assert_eq!(
-            t.estimate(flux, &req),
+            flux.estimate(&req),
             Quote {
                 units_milli: 6000,
                 credits: 165
             }
         );
         // No size given: fal's default landscape_4_3, 1 MP.
-        assert_eq!(t.estimate(flux, &RequestFacts::default()).credits, 28); // 27.5 rounds up
+        assert_eq!(flux.estimate(&RequestFacts::default()).credits, 28); // 27.5 rounds up
         let kling = t
-            .rule("fal-ai/kling-video/v2/master/text-to-video")
+            .tariff("fal-ai/kling-video/v2/master/text-to-video")
             .unwrap();
         let ten = RequestFacts {
             duration_milli: Some(10_000),
             ..Default::default()
         };
-        assert_eq!(t.estimate(kling, &ten).credits, 770); // 10 s × $0.07 × 1.1
-        assert_eq!(
-            t.estimate(kling, &RequestFacts::default()).units_milli,
-            5000
-        );
-        let flat = t.rule("fal-ai/flat").unwrap();
+        assert_eq!(kling.estimate(&ten).credits, 770); // 10 s × $0.07 × 1.1
+        assert_eq!(kling.estimate(&RequestFacts::default()).units_milli, 5000);
+        let flat = t.tariff("fal-ai/flat").unwrap();
         let two = ResponseFacts {
             images: vec![None, None],
         };
-        assert_eq!(t.actual(flat, &RequestFacts::default(), &two).credits, 88);
+        assert_eq!(flat.actual(&RequestFacts::default(), &two).credits, 88);
         assert_eq!(t.cost_usd(165), "0.165");
+    }
+
+    #[test]
+    fn a_tariff_keeps_its_price_after_the_table_changes_and_in_storage() {
+        let flux = table(0.1, true).tariff("fal-ai/flux/dev").unwrap();
+        let dearer = table(0.5, false).tariff("fal-ai/flux/dev").unwrap();
+        let req = RequestFacts {
+            image_size: Some((1025, 1024)),
+            ..Default::default()
+        };
+        assert_eq!(flux.estimate(&req).credits, 55);
+        assert_eq!(dearer.estimate(&req).credits, 38);
+        let odd = Tariff {
+            rule: PriceRule {
+                pattern: Arc::from("a;b/*"),
+                ..flux.rule.clone()
+            },
+            terms: flux.terms,
+        };
+        for tariff in [flux, dearer, odd] {
+            assert_eq!(Tariff::decode(&tariff.encode()).as_ref(), Some(&tariff));
+        }
+        assert_eq!(Tariff::decode("megapixel;1;2;3;0;5;1;x"), None);
+        assert_eq!(Tariff::decode("furlong;1;2;3;4;5;1;x"), None);
     }
 
     #[test]

@@ -19,6 +19,7 @@ use super::respond::{
 };
 use super::{path, Conn, Proxy, Trace};
 use crate::billing::json;
+use crate::billing::pricing::Tariff;
 use crate::error::ApiError;
 use crate::jobs::Job;
 use crate::keys::ApiKey;
@@ -174,9 +175,10 @@ impl Proxy {
         let sent = self
             .forward_billed(req, model, uri, key, request_id, trace)
             .await?;
-        let (reservation, request, limit) = (
+        let (reservation, request, tariff, limit) = (
             sent.reservation,
             sent.request,
+            sent.tariff,
             sent.tunables.max_json_response_bytes,
         );
         let status = sent.resp.status();
@@ -199,7 +201,7 @@ impl Proxy {
             return Err(ApiError::UpstreamFailed(StatusCode::BAD_GATEWAY));
         };
         self.jobs
-            .submitted(&fal_id, &app, request, reservation.detach())
+            .submitted(&fal_id, &app, request, tariff, reservation.detach())
             .await;
         Ok(self.rewritten(parts, &bytes, base))
     }
@@ -287,25 +289,34 @@ impl Proxy {
         };
         let answer = read_object(&bytes);
         let settled = self.charge_job(job, answer.as_ref(), status).await;
-        let figures = billing(&tunables.prices, &job.model, settled);
+        let terms = self
+            .tariff_of(job)
+            .map_or_else(|| tunables.prices.terms(), |t| t.terms);
+        let figures = billing(&terms, &job.model, settled);
         Ok(billed_json(parts, bytes, answer.is_some(), &figures))
     }
 
-    /// The actual cost from the answer where there is one and a rule still
-    /// prices the model; else the hold.
+    /// The actual cost from the answer where there is one, priced as the
+    /// job was admitted; else the hold.
     async fn charge_job(
         &self,
         job: &Job,
         answer: Option<&crate::billing::facts::ResponseFacts>,
         status: StatusCode,
     ) -> crate::billing::ledger::Settled {
-        let prices = &self.tunables.load_full().prices;
-        let quote = match (prices.rule(&job.model), answer) {
-            (Some(rule), Some(facts)) => Some(prices.actual(rule, &job.request, facts)),
-            (Some(rule), None) => Some(prices.estimate(rule, &job.request)),
-            (None, _) => None,
-        };
+        let quote = self
+            .tariff_of(job)
+            .zip(answer)
+            .map(|(tariff, facts)| tariff.actual(&job.request, facts));
         self.jobs.charge(job, quote, status.as_u16()).await
+    }
+
+    /// What prices the job: the tariff it was admitted under; for a job
+    /// stored before jobs kept theirs, the table in force.
+    fn tariff_of(&self, job: &Job) -> Option<Tariff> {
+        job.tariff
+            .clone()
+            .or_else(|| self.tunables.load().prices.tariff(&job.model))
     }
 
     /// fal's JSON with its queue URLs pointing at us instead.

@@ -13,14 +13,14 @@ use super::json_body::is_json;
 use crate::billing::facts::{RequestFacts, ResponseFacts};
 use crate::billing::json;
 use crate::billing::ledger::{Reservation, Settled};
-use crate::billing::pricing::{PriceRule, PriceTable};
+use crate::billing::pricing::{Tariff, Terms};
 use crate::billing::splice::{splice, Billing};
 use crate::error::ApiError;
 
 /// Everything the settlement needs besides fal's answer.
 pub struct Billed<'a> {
-    pub prices: &'a PriceTable,
-    pub rule: &'a PriceRule,
+    /// What prices the request, as it was when the request was admitted.
+    pub tariff: &'a Tariff,
     pub model: &'a str,
     pub request: RequestFacts,
     pub max_json_bytes: usize,
@@ -121,7 +121,7 @@ impl Billed<'_> {
             parts,
             bytes,
             answer.is_some(),
-            &billing(self.prices, self.model, settled),
+            &billing(&self.tariff.terms, self.model, settled),
         ))
     }
 
@@ -137,19 +137,19 @@ impl Billed<'_> {
             return reservation.release(Some(status.as_u16())).await;
         }
         let quote = match answer {
-            Some(facts) => self.prices.actual(self.rule, &self.request, facts),
-            None => self.prices.estimate(self.rule, &self.request),
+            Some(facts) => self.tariff.actual(&self.request, facts),
+            None => self.tariff.estimate(&self.request),
         };
         reservation.charge(quote, status.as_u16()).await
     }
 }
 
 /// The `_billing` figures for `settled` work on `model`.
-pub(super) fn billing<'a>(prices: &PriceTable, model: &'a str, settled: Settled) -> Billing<'a> {
+pub(super) fn billing<'a>(terms: &Terms, model: &'a str, settled: Settled) -> Billing<'a> {
     Billing {
         model,
         credits_used: settled.credits_used,
-        cost_usd: prices.cost_usd(settled.credits_used),
+        cost_usd: terms.cost_usd(settled.credits_used),
         balance_remaining: settled.balance_remaining,
     }
 }
