@@ -254,10 +254,12 @@ async fn cancelled_and_failed_jobs_cost_nothing() {
         Some("CANCELLATION_REQUESTED")
     );
     still_held(&server, &id).await;
-    assert_eq!(poll_status(&job, &key, 1).await, "CANCELLED");
+    // Fetching its result says so: fal's error passes through, and fal's
+    // status (asked by the proxy) says CANCELLED, which releases it.
     let resp = send(Method::GET, str_of(&job, "response_url"), &key, "").await;
     assert_eq!(resp.status(), 400, "fal's own error passes through");
     assert!(ledger_settles(&server, &id, (1000, 0, Some((0, "released")))).await);
+    assert_eq!(poll_status(&job, &key, 1).await, "CANCELLED");
 
     // Cancel refused once the job is done: passed through, and the result is charged.
     let job = submit(&server, &key, "").await;

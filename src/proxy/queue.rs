@@ -260,6 +260,11 @@ impl Proxy {
                 Ok(self.rewritten(parts, &bytes, base))
             }
             Action::Result if !status.is_success() => {
+                // No result: not ready yet, or the job ended without one
+                // (cancelled, failed). Only fal's status tells which.
+                if let Err(e) = self.check_status(job).await {
+                    tracing::debug!(request_id = %job.request_id, error = ?e, "status after a refused result");
+                }
                 Ok(Response::from_parts(parts, Body::Stream(incoming)))
             }
             Action::Result => self.result(job, parts, incoming, status).await,
@@ -344,7 +349,9 @@ impl Proxy {
         }
     }
 
-    async fn reconcile_job(&self, job: &Job, give_up_after_ms: i64) -> Result<(), ApiError> {
+    /// Asks fal how the job stands, and releases it if it ended without a
+    /// result. fal's status code and the job's state.
+    async fn check_status(&self, job: &Job) -> Result<(StatusCode, String), ApiError> {
         let status_uri = self
             .upstream
             .queue
@@ -353,16 +360,20 @@ impl Proxy {
         let code = resp.status();
         let limit = self.tunables.load().max_json_response_bytes;
         let bytes = whole(resp.into_body(), limit).await?;
+        let state = string_field(&bytes, "status").unwrap_or_default();
+        if failed(&state) {
+            self.jobs.release(job, Some(code.as_u16())).await;
+        }
+        Ok((code, state))
+    }
+
+    async fn reconcile_job(&self, job: &Job, give_up_after_ms: i64) -> Result<(), ApiError> {
+        let (code, state) = self.check_status(job).await?;
         if code == StatusCode::NOT_FOUND {
             if crate::store::now_ms() - job.created_at_ms > give_up_after_ms {
                 tracing::warn!(request_id = %job.request_id, "fal no longer knows this job: released");
                 self.jobs.release(job, Some(404)).await;
             }
-            return Ok(());
-        }
-        let state = string_field(&bytes, "status").unwrap_or_default();
-        if failed(&state) {
-            self.jobs.release(job, Some(code.as_u16())).await;
             return Ok(());
         }
         if state != "COMPLETED" {
@@ -383,6 +394,7 @@ impl Proxy {
             return Ok(());
         }
         let (parts, incoming) = resp.into_parts();
+        let limit = self.tunables.load().max_json_response_bytes;
         let answer = match read_answer(&parts.headers, incoming, limit).await {
             Ok(Answer::Read(bytes)) => read_object(&bytes),
             // Too large to price from: its hold, without downloading the rest.
