@@ -535,13 +535,13 @@ async fn a_running_job_that_completes_despite_a_cancel_is_charged_once_on_its_re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_job_that_completes_despite_a_cancel_is_charged_by_the_reconciler() {
     let mock = MockFal::start(None).await.unwrap();
-    let mut opts = Options::new(mock.url(false));
     let (server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 1000);
     let job = submit(&server, &key, "").await;
     let id = str_of(&job, "request_id").to_owned();
     cancel_once_running(&job, &key).await;
     // The reconciler, off until now so that it could not move the job
     // along, runs every second from here on; nobody fetches the result.
+    let mut opts = Options::new(mock.url(false));
     opts.reconcile_interval_secs = 1;
     std::fs::write(&server.config, opts.render(server.dir.path())).unwrap();
     let server = restart(server).await;
@@ -618,15 +618,6 @@ async fn an_oversized_result_nobody_fetched_is_charged_its_hold_by_the_reconcile
     assert!(books_close(&server, &[("acme", COST)]).await);
 }
 
-/// `POST /admin/reload`.
-async fn reload(server: &Server) -> u16 {
-    let req = Request::post(format!("http://{}/admin/reload", server.admin.unwrap()))
-        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
-        .body(Full::default())
-        .unwrap();
-    client().request(req).await.unwrap().status().as_u16()
-}
-
 /// Polls a job to completion and fetches its result, on this server's
 /// current address; the credits its `_billing` shows.
 async fn complete_and_fetch(server: &Server, key: &str, request_id: &str) -> Option<i64> {
@@ -659,7 +650,7 @@ async fn a_job_is_priced_as_admitted_across_a_reload_and_a_restart() {
     let doubled = config.replace("usd = 0.025", "usd = 0.05");
     assert_ne!(config, doubled);
     std::fs::write(&server.config, &doubled).unwrap();
-    assert_eq!(reload(&server).await, 200);
+    assert_eq!(reload(&server).await.0, 200);
     assert_eq!(complete_and_fetch(&server, &key, &first).await, Some(COST));
 
     // Restarted on the new file, the second job still costs its admission price.

@@ -430,6 +430,17 @@ pub async fn assert_error(resp: Response<Incoming>, status: u16, error_type: &st
     detail
 }
 
+/// `POST /admin/reload` on the server's admin listener: the status and the JSON answer.
+pub async fn reload(server: &Server) -> (u16, simd_json::OwnedValue) {
+    let req = Request::post(format!("http://{}/admin/reload", server.admin.unwrap()))
+        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .body(Full::default())
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    (status, json(&body(resp).await))
+}
+
 /// Polls `check` every 50 ms until it holds or `within` passes.
 pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
 where
