@@ -262,8 +262,10 @@ impl Proxy {
             Action::Result if !status.is_success() => {
                 // No result: not ready yet, or the job ended without one
                 // (cancelled, failed). Only fal's status tells which.
-                if let Err(e) = self.check_status(job).await {
-                    tracing::debug!(request_id = %job.request_id, error = ?e, "status after a refused result");
+                if job.is_pending().await {
+                    if let Err(e) = self.check_status(job).await {
+                        tracing::debug!(request_id = %job.request_id, error = ?e, "status after a refused result");
+                    }
                 }
                 Ok(Response::from_parts(parts, Body::Stream(incoming)))
             }
