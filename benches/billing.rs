@@ -63,8 +63,8 @@ fn bench_estimate(c: &mut Criterion) {
             let facts = json::read(black_box(&request[..]), RequestFacts::read)
                 .unwrap()
                 .unwrap();
-            let rule = prices.rule(black_box("fal-ai/flux/dev")).unwrap();
-            prices.estimate(rule, &facts)
+            let tariff = prices.tariff(black_box("fal-ai/flux/dev")).unwrap();
+            tariff.estimate(&facts)
         })
     });
     group.bench_function("rule_lookup_prefix", |b| {

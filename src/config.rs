@@ -253,6 +253,24 @@ pub enum Unit {
     Request,
 }
 
+impl Unit {
+    /// The name `config.toml` uses, also how a queued job's row stores it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Unit::Megapixel => "megapixel",
+            Unit::Image => "image",
+            Unit::Second => "second",
+            Unit::Request => "request",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Unit::Megapixel, Unit::Image, Unit::Second, Unit::Request]
+            .into_iter()
+            .find(|u| u.name() == name)
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PriceRuleConfig {

@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 
 use crate::billing::facts::RequestFacts;
 use crate::billing::ledger::{Hold, Ledger, Settled};
-use crate::billing::pricing::Quote;
+use crate::billing::pricing::{Quote, Tariff};
 use crate::error::Error;
 use crate::keys::Registry;
 use crate::store::jobs::{self, JobEnd, JobRecord};
@@ -38,6 +38,9 @@ pub struct Job {
     /// The full model path submitted to: what prices the job.
     pub model: String,
     pub request: RequestFacts,
+    /// What prices the job, as it was admitted; `None` for a job stored
+    /// before jobs kept their tariff.
+    pub tariff: Option<Tariff>,
     pub created_at_ms: i64,
     /// Ending a job is synchronous under this lock: the hold's settlement and
     /// the job's end are queued together, and a second look sees the end.
@@ -91,6 +94,7 @@ impl Jobs {
                 app: r.app,
                 model: r.hold.model,
                 request: r.facts,
+                tariff: r.tariff,
                 created_at_ms: r.hold.created_at_ms,
                 state: Mutex::new(state),
             };
@@ -109,6 +113,7 @@ impl Jobs {
         request_id: &str,
         app: &str,
         request: RequestFacts,
+        tariff: Tariff,
         hold: Hold,
     ) -> Arc<Job> {
         let record = JobRecord {
@@ -117,6 +122,7 @@ impl Jobs {
             hold: hold.record.clone(),
             estimate_units: hold.estimate.units_milli,
             facts: request,
+            tariff: Some(tariff.clone()),
         };
         self.writer.send_now(WriteOp::JobSubmitted(record));
         let job = Arc::new(Job {
@@ -125,6 +131,7 @@ impl Jobs {
             app: app.to_owned(),
             model: hold.record.model.clone(),
             request,
+            tariff: Some(tariff),
             created_at_ms: hold.record.created_at_ms,
             state: Mutex::new(JobState::Pending(hold)),
         });

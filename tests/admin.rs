@@ -435,3 +435,66 @@ async fn metrics_move_with_traffic() {
         .unwrap();
     assert_error(resp, 401, "admin_unauthorized").await;
 }
+
+/// Documented in README.md: no balance may go above 10^15 credits.
+const MAX_BALANCE: i64 = 1_000_000_000_000_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credits_are_positive_integers_and_no_balance_passes_the_maximum() {
+    let mock = MockFal::start(None).await.unwrap();
+    let server = admin_server(&mock);
+    let t = Some(ADMIN_TOKEN);
+    let post = |path: &'static str, body: String| admin(&server, "POST", path, t, Some(body));
+
+    let (status, _) = post("/admin/accounts", r#"{"name":"acme","credits":100}"#.into()).await;
+    assert_eq!(status, 201);
+    let topup = |credits: String| {
+        post(
+            "/admin/accounts/acme/topup",
+            format!(r#"{{"credits":{credits}}}"#),
+        )
+    };
+    // i64::MAX, or anything that would take the balance past the maximum: 400, nothing changes.
+    for credits in [i64::MAX, i64::MAX - 100, MAX_BALANCE, MAX_BALANCE - 99] {
+        let (status, refused) = topup(credits.to_string()).await;
+        assert_eq!(status, 400, "{credits}: {refused}");
+        assert_eq!(refused.get_str("error_type"), Some("invalid_request"));
+        assert!(
+            refused
+                .get_str("detail")
+                .unwrap()
+                .contains("1000000000000000"),
+            "{refused}"
+        );
+    }
+    for credits in ["0", "-5", "1.5", "9223372036854775808", "\"7\""] {
+        let (status, _) = topup(credits.to_owned()).await;
+        assert_eq!(status, 400, "{credits}");
+    }
+    let (status, refused) = post(
+        "/admin/accounts",
+        format!(r#"{{"name":"whale","credits":{}}}"#, MAX_BALANCE + 1),
+    )
+    .await;
+    assert_eq!(status, 400, "{refused}");
+    // Up to the maximum exactly is fine, and later top-ups still work.
+    assert_eq!(topup((MAX_BALANCE - 200).to_string()).await.0, 200);
+    assert_eq!(topup("100".into()).await.0, 200);
+    assert_eq!(topup("1".into()).await.0, 400);
+
+    // The CLI refuses the same, with a message and a failing exit status.
+    let out = server.cli(&["accounts", "topup", "acme", "--credits", "1"]);
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("1000000000000000"), "{said}");
+    let big = (MAX_BALANCE + 1).to_string();
+    let out = server.cli(&["keys", "create", "--account", "whale", "--credits", &big]);
+    assert!(!out.status.success());
+    let out = server.cli(&["keys", "create", "--account", "acme", "--credits", "-1"]);
+    assert!(!out.status.success());
+
+    let names: Vec<String> = books(&server).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["acme"], "a refused creation made an account");
+    assert!(books_close(&server, &[]).await);
+    assert_eq!(books(&server)[0].1.balance, MAX_BALANCE);
+}

@@ -530,3 +530,27 @@ async fn json_answers_over_the_buffer_limit_stream_unchanged_with_headers() {
     }
     assert!(settles_to(&server, "acme", 996).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_answer_streams_unchanged_and_is_charged_its_estimate() {
+    let mock = MockFal::start(None).await.unwrap();
+    let mut opts = Options::new(mock.url(false));
+    opts.pricing = TEST_PRICING.replace(
+        "margin = 0.10",
+        "margin = 0.10\nmax_json_response_bytes = 4096",
+    );
+    let (server, key) = Server::start_with_key(opts, "acme", 1000);
+    // Two square_hd images: 2 MP × $0.025 × 1.1 = 55 credits held, each
+    // padded the way sync_mode's base64 images are, about 200 kB in all.
+    let input =
+        r#"{"prompt":"a fox","image_size":"square_hd","num_images":2,"mock_result_bytes":200000}"#;
+    let resp = call(&server, &key, "/fal-ai/flux/dev", input).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-billing-credits-used"], "55");
+    assert_eq!(resp.headers()["x-billing-balance-remaining"], "945");
+    let got = body(resp).await;
+    let sent = direct(&mock, "/fal-ai/flux/dev", input).await;
+    assert!(sent.len() > 190_000, "{}", sent.len());
+    assert!(got == sent, "a large answer was altered");
+    assert!(books_close(&server, &[("acme", 55)]).await);
+}

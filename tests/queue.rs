@@ -76,6 +76,23 @@ fn job_ledger(server: &Server, request_id: &str) -> (i64, i64, Option<(i64, Stri
     (balance, held, charge)
 }
 
+/// Polls the job's status `times` times; the last status fal gave.
+async fn poll_status(job: &simd_json::OwnedValue, key: &str, times: usize) -> String {
+    let mut last = String::new();
+    for _ in 0..times {
+        let (_, status) = get_json(str_of(job, "status_url"), key).await;
+        last = str_of(&status, "status").to_owned();
+    }
+    last
+}
+
+/// The job still holds its cost after the writer has had time to flush
+/// anything that would have settled it.
+async fn still_held(server: &Server, request_id: &str) {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(job_ledger(server, request_id), (1000, COST, None));
+}
+
 async fn ledger_settles(
     server: &Server,
     request_id: &str,
@@ -226,7 +243,8 @@ async fn cancelled_and_failed_jobs_cost_nothing() {
     let mock = MockFal::start(None).await.unwrap();
     let (server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 1000);
 
-    // Cancelled while queued: accepted, released.
+    // Cancelled while queued: the 202 is only a request, so the job stays
+    // held until fal says it ended; then it is released.
     let job = submit(&server, &key, "").await;
     let id = str_of(&job, "request_id").to_owned();
     let resp = send(Method::PUT, str_of(&job, "cancel_url"), &key, "").await;
@@ -235,7 +253,13 @@ async fn cancelled_and_failed_jobs_cost_nothing() {
         json(&body(resp).await).get_str("status"),
         Some("CANCELLATION_REQUESTED")
     );
+    still_held(&server, &id).await;
+    // Fetching its result says so: fal's error passes through, and fal's
+    // status (asked by the proxy) says CANCELLED, which releases it.
+    let resp = send(Method::GET, str_of(&job, "response_url"), &key, "").await;
+    assert_eq!(resp.status(), 400, "fal's own error passes through");
     assert!(ledger_settles(&server, &id, (1000, 0, Some((0, "released")))).await);
+    assert_eq!(poll_status(&job, &key, 1).await, "CANCELLED");
 
     // Cancel refused once the job is done: passed through, and the result is charged.
     let job = submit(&server, &key, "").await;
@@ -276,6 +300,7 @@ async fn cancelled_and_failed_jobs_cost_nothing() {
     let resp = send(Method::GET, str_of(&job, "response_url"), &key, "").await;
     assert_eq!(resp.status(), 422, "fal's own error passes through");
     assert!(ledger_settles(&server, &failed, (1000 - COST, 0, Some((0, "released")))).await);
+    assert!(books_close(&server, &[("acme", COST)]).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -447,4 +472,194 @@ async fn submissions_spend_the_generation_allowance_and_polls_do_not() {
         }
     }
     assert!(limited, "polls were never limited");
+}
+
+/// Submits `input` to flux/dev.
+async fn submit_input(server: &Server, key: &str, input: &str) -> simd_json::OwnedValue {
+    let resp = send(
+        Method::POST,
+        &server.url("/queue/fal-ai/flux/dev"),
+        key,
+        input,
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    json(&body(resp).await)
+}
+
+/// Cancels a job the mock has just handed to a runner (one status poll
+/// took it out of the queue): fal accepts the request, and the job still completes.
+async fn cancel_once_running(job: &simd_json::OwnedValue, key: &str) {
+    assert_eq!(poll_status(job, key, 1).await, "IN_QUEUE");
+    let resp = send(Method::PUT, str_of(job, "cancel_url"), key, "").await;
+    assert_eq!(resp.status(), 202);
+    assert_eq!(
+        json(&body(resp).await).get_str("status"),
+        Some("CANCELLATION_REQUESTED")
+    );
+}
+
+/// Stops the server with SIGTERM and starts it again, on its config file as it is now.
+async fn restart(mut server: Server) -> Server {
+    server.signal("TERM");
+    let mut server = tokio::task::spawn_blocking(move || {
+        server.wait();
+        server
+    })
+    .await
+    .unwrap();
+    server.restart();
+    server
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_job_that_completes_despite_a_cancel_is_charged_once_on_its_result() {
+    let mock = MockFal::start(None).await.unwrap();
+    let (server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 1000);
+    let job = submit(&server, &key, "").await;
+    let id = str_of(&job, "request_id").to_owned();
+    cancel_once_running(&job, &key).await;
+    still_held(&server, &id).await;
+    assert_eq!(poll_status(&job, &key, 2).await, "COMPLETED");
+    for _ in 0..2 {
+        let resp = send(Method::GET, str_of(&job, "response_url"), &key, "").await;
+        assert_eq!(resp.status(), 200);
+        let (_, billing) = unsplice(&body(resp).await);
+        assert_eq!(billing.get_i64("credits_used"), Some(COST));
+        assert_eq!(billing.get_i64("balance_remaining"), Some(1000 - COST));
+    }
+    assert!(ledger_settles(&server, &id, (1000 - COST, 0, Some((COST, "charged")))).await);
+    assert!(books_close(&server, &[("acme", COST)]).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_job_that_completes_despite_a_cancel_is_charged_by_the_reconciler() {
+    let mock = MockFal::start(None).await.unwrap();
+    let (server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 1000);
+    let job = submit(&server, &key, "").await;
+    let id = str_of(&job, "request_id").to_owned();
+    cancel_once_running(&job, &key).await;
+    // The reconciler, off until now so that it could not move the job
+    // along, runs every second from here on; nobody fetches the result.
+    let mut opts = Options::new(mock.url(false));
+    opts.reconcile_interval_secs = 1;
+    std::fs::write(&server.config, opts.render(server.dir.path())).unwrap();
+    let server = restart(server).await;
+    assert!(
+        ledger_settles(&server, &id, (1000 - COST, 0, Some((COST, "charged")))).await,
+        "{:?}",
+        job_ledger(&server, &id)
+    );
+    assert!(books_close(&server, &[("acme", COST)]).await);
+}
+
+/// Options whose `_billing` buffer is 4 KiB, and an input whose answer is about 200 kB.
+fn oversized(mock: &MockFal) -> (Options, &'static str) {
+    let mut opts = Options::new(mock.url(false));
+    opts.pricing = TEST_PRICING.replace(
+        "margin = 0.10",
+        "margin = 0.10\nmax_json_response_bytes = 4096",
+    );
+    let input = r#"{"prompt":"a fox","image_size":"square_hd","mock_result_bytes":200000}"#;
+    (opts, input)
+}
+
+/// The job's result as the mock serves it, fetched from the mock itself.
+async fn result_from_fal(mock: &MockFal, request_id: &str) -> bytes::Bytes {
+    let url = format!(
+        "{}/fal-ai/flux/requests/{request_id}",
+        mock.queue_url(false)
+    );
+    body(client().request(get(&url, None)).await.unwrap()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_result_streams_unchanged_and_is_charged_its_hold_once() {
+    let mock = MockFal::start(None).await.unwrap();
+    let (opts, input) = oversized(&mock);
+    let (server, key) = Server::start_with_key(opts, "acme", 1000);
+    let job = submit_input(&server, &key, input).await;
+    let id = str_of(&job, "request_id").to_owned();
+    assert_eq!(poll_status(&job, &key, 3).await, "COMPLETED");
+    let served = result_from_fal(&mock, &id).await;
+    assert!(served.len() > 190_000, "{}", served.len());
+    for _ in 0..2 {
+        let resp = send(Method::GET, str_of(&job, "response_url"), &key, "").await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-billing-credits-used"], COST.to_string());
+        assert_eq!(
+            resp.headers()["x-billing-balance-remaining"],
+            (1000 - COST).to_string()
+        );
+        assert!(body(resp).await == served, "the result was altered");
+    }
+    assert!(ledger_settles(&server, &id, (1000 - COST, 0, Some((COST, "charged")))).await);
+    assert!(books_close(&server, &[("acme", COST)]).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_result_nobody_fetched_is_charged_its_hold_by_the_reconciler() {
+    let mock = MockFal::start(None).await.unwrap();
+    let (mut opts, input) = oversized(&mock);
+    opts.reconcile_interval_secs = 1;
+    let (server, key) = Server::start_with_key(opts, "acme", 1000);
+    let job = submit_input(&server, &key, input).await;
+    let id = str_of(&job, "request_id").to_owned();
+    assert!(
+        ledger_settles(&server, &id, (1000 - COST, 0, Some((COST, "charged")))).await,
+        "{:?}",
+        job_ledger(&server, &id)
+    );
+    // Fetched afterwards: the same figures, the same bytes, no second charge.
+    let resp = send(Method::GET, str_of(&job, "response_url"), &key, "").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-billing-credits-used"], COST.to_string());
+    assert!(body(resp).await == result_from_fal(&mock, &id).await);
+    assert!(books_close(&server, &[("acme", COST)]).await);
+}
+
+/// Polls a job to completion and fetches its result, on this server's
+/// current address; the credits its `_billing` shows.
+async fn complete_and_fetch(server: &Server, key: &str, request_id: &str) -> Option<i64> {
+    let url = server.url(&format!("/queue/fal-ai/flux/requests/{request_id}"));
+    let mut state = String::new();
+    for _ in 0..3 {
+        let (_, status) = get_json(&format!("{url}/status"), key).await;
+        state = str_of(&status, "status").to_owned();
+        if state == "COMPLETED" {
+            break;
+        }
+    }
+    assert_eq!(state, "COMPLETED");
+    let resp = send(Method::GET, &url, key, "").await;
+    assert_eq!(resp.status(), 200);
+    unsplice(&body(resp).await).1.get_i64("credits_used")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_is_priced_as_admitted_across_a_reload_and_a_restart() {
+    let mock = MockFal::start(None).await.unwrap();
+    let mut opts = Options::new(mock.url(false));
+    opts.admin = true;
+    let (server, key) = Server::start_with_key(opts, "acme", 10_000);
+    let first = str_of(&submit(&server, &key, "").await, "request_id").to_owned();
+    let second = str_of(&submit(&server, &key, "").await, "request_id").to_owned();
+
+    // fal's price doubles: new work costs 55 from now on, work already admitted 28.
+    let config = std::fs::read_to_string(&server.config).unwrap();
+    let doubled = config.replace("usd = 0.025", "usd = 0.05");
+    assert_ne!(config, doubled);
+    std::fs::write(&server.config, &doubled).unwrap();
+    assert_eq!(reload(&server).await.0, 200);
+    assert_eq!(complete_and_fetch(&server, &key, &first).await, Some(COST));
+
+    // Restarted on the new file, the second job still costs its admission price.
+    let server = restart(server).await;
+    assert_eq!(complete_and_fetch(&server, &key, &second).await, Some(COST));
+
+    // New work is priced by the new table.
+    let resp = send(Method::POST, &server.url("/fal-ai/flux/dev"), &key, FLUX).await;
+    assert_eq!(resp.headers()["x-billing-credits-used"], "55");
+    body(resp).await;
+    assert!(books_close(&server, &[("acme", 2 * COST + 55)]).await);
 }

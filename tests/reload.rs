@@ -9,8 +9,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::Request;
-use http_body_util::Full;
 use simd_json::prelude::*;
 use support::*;
 
@@ -39,16 +37,6 @@ fn new_certificate(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     std::fs::write(&paths.1, format!("{}{}", leaf.pem(), ca.pem())).unwrap();
     std::fs::write(&paths.2, leaf_key.serialize_pem()).unwrap();
     paths
-}
-
-async fn reload(server: &Server) -> (u16, simd_json::OwnedValue) {
-    let req = Request::post(format!("http://{}/admin/reload", server.admin.unwrap()))
-        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
-        .body(Full::default())
-        .unwrap();
-    let resp = client().request(req).await.unwrap();
-    let status = resp.status().as_u16();
-    (status, json(&body(resp).await))
 }
 
 /// The credits one request is charged now.

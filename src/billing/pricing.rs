@@ -6,6 +6,11 @@
 //! `credits = ceil(price × units × (1 + margin) / usd_per_credit)` is one
 //! exact integer division, rounded up once. Every product is checked: the
 //! numbers come from clients and from fal, and must never wrap.
+//!
+//! A [`Tariff`] is what prices one piece of work: the rule that matched it
+//! and the table's [`Terms`], taken when the work is admitted and kept
+//! with it, so that a reload (or, for a queued job, a restart) before it is
+//! settled does not change its price.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,7 +26,7 @@ const MILLI: u64 = 1000;
 /// fal's default `image_size` when a request names none.
 const DEFAULT_IMAGE: (u64, u64) = (1024, 768);
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PriceRule {
     /// The `model` as configured: a path, or a prefix ending in `*`.
     pub pattern: Arc<str>,
@@ -38,15 +43,28 @@ pub struct Quote {
     pub credits: u64,
 }
 
+/// The table-wide settings every rule prices under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Terms {
+    margin_ppm: u64,
+    credit_nano: u64,
+    megapixel_pixels: u64,
+    round_each_image: bool,
+}
+
+/// What prices one piece of work, fixed when it was admitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tariff {
+    pub rule: PriceRule,
+    pub terms: Terms,
+}
+
 #[derive(Debug)]
 pub struct PriceTable {
     exact: HashMap<String, PriceRule>,
     /// Longest prefix first, so the first match is the longest.
     prefixes: Vec<(String, PriceRule)>,
-    margin_ppm: u64,
-    credit_nano: u64,
-    megapixel_pixels: u64,
-    round_each_image: bool,
+    terms: Terms,
 }
 
 impl PriceTable {
@@ -67,10 +85,12 @@ impl PriceTable {
         let mut table = Self {
             exact: HashMap::new(),
             prefixes: Vec::new(),
-            margin_ppm: to_scaled(billing.margin, 6).map_err(|e| bad("[billing] margin", e))?,
-            credit_nano,
-            megapixel_pixels: billing.megapixel_pixels,
-            round_each_image: billing.round_each_image,
+            terms: Terms {
+                margin_ppm: to_scaled(billing.margin, 6).map_err(|e| bad("[billing] margin", e))?,
+                credit_nano,
+                megapixel_pixels: billing.megapixel_pixels,
+                round_each_image: billing.round_each_image,
+            },
         };
         for r in rules {
             let what = format!("[[pricing]] {:?}", r.model);
@@ -110,25 +130,78 @@ impl PriceTable {
         })
     }
 
+    /// What prices work on `model` under this table, if anything does.
+    pub fn tariff(&self, model: &str) -> Option<Tariff> {
+        Some(Tariff {
+            rule: self.rule(model)?.clone(),
+            terms: self.terms,
+        })
+    }
+
+    pub fn terms(&self) -> Terms {
+        self.terms
+    }
+
+    /// `credits × usd_per_credit`, as exact decimal text.
+    pub fn cost_usd(&self, credits: u64) -> String {
+        self.terms.cost_usd(credits)
+    }
+}
+
+impl Tariff {
     /// The most a request can cost, from the request alone: what is held.
     /// A cost too large to work out is refused, never held as less.
-    pub fn estimate(&self, rule: &PriceRule, req: &RequestFacts) -> Result<Quote, ApiError> {
-        self.quote(rule, req, None).ok_or_else(|| {
+    pub fn estimate(&self, req: &RequestFacts) -> Result<Quote, ApiError> {
+        self.terms.quote(&self.rule, req, None).ok_or_else(|| {
             ApiError::InvalidInput("the request's cost is too large to work out".into())
         })
     }
 
     /// What an answer costs: images as returned, the rest from the request;
     /// `None` if fal's figures are too large to work out (the caller charges the hold).
-    pub fn actual(
-        &self,
-        rule: &PriceRule,
-        req: &RequestFacts,
-        resp: &ResponseFacts,
-    ) -> Option<Quote> {
-        self.quote(rule, req, Some(resp))
+    pub fn actual(&self, req: &RequestFacts, resp: &ResponseFacts) -> Option<Quote> {
+        self.terms.quote(&self.rule, req, Some(resp))
     }
 
+    /// A text form for a queued job's row, read back by [`Tariff::decode`].
+    /// The pattern goes last: it is the one field that may hold any character.
+    pub fn encode(&self) -> String {
+        let (r, t) = (&self.rule, &self.terms);
+        format!(
+            "{};{};{};{};{};{};{};{}",
+            r.unit.name(),
+            r.nano_per_unit,
+            r.default_seconds_milli,
+            t.margin_ppm,
+            t.credit_nano,
+            t.megapixel_pixels,
+            u8::from(t.round_each_image),
+            r.pattern
+        )
+    }
+
+    pub fn decode(text: &str) -> Option<Self> {
+        let mut f = text.splitn(8, ';');
+        let unit = Unit::from_name(f.next()?)?;
+        let mut number = || f.next()?.parse::<u64>().ok();
+        let (nano_per_unit, default_seconds_milli) = (number()?, number()?);
+        let terms = Terms {
+            margin_ppm: number()?,
+            credit_nano: number().filter(|n| *n > 0)?,
+            megapixel_pixels: number().filter(|n| *n > 0)?,
+            round_each_image: number()? == 1,
+        };
+        let rule = PriceRule {
+            pattern: Arc::from(f.next()?),
+            unit,
+            nano_per_unit,
+            default_seconds_milli,
+        };
+        Some(Self { rule, terms })
+    }
+}
+
+impl Terms {
     fn quote(
         &self,
         rule: &PriceRule,
@@ -229,33 +302,33 @@ mod tests {
     #[test]
     fn megapixels_follow_fals_rounding() {
         let t = table(0.0, true);
-        let rule = t.rule("fal-ai/flux/dev").unwrap();
+        let rule = t.tariff("fal-ai/flux/dev").unwrap();
         let images = |sizes: &[(u64, u64)]| ResponseFacts {
             images: sizes.iter().copied().map(Some).collect(),
         };
         let req = RequestFacts::default();
         // 1024×1024 and 1024×768 are 1 MP each; 1025×1024 is 2.
         assert_eq!(
-            t.actual(rule, &req, &images(&[(1024, 1024)]))
+            rule.actual(&req, &images(&[(1024, 1024)]))
                 .unwrap()
                 .units_milli,
             1000
         );
         assert_eq!(
-            t.actual(rule, &req, &images(&[(1024, 768)]))
+            rule.actual(&req, &images(&[(1024, 768)]))
                 .unwrap()
                 .units_milli,
             1000
         );
         assert_eq!(
-            t.actual(rule, &req, &images(&[(1025, 1024)]))
+            rule.actual(&req, &images(&[(1025, 1024)]))
                 .unwrap()
                 .units_milli,
             2000
         );
         // $0.025 × 4 MP at no margin, $0.001 a credit: exactly 100 credits.
-        let q = t
-            .actual(rule, &req, &images(&[(1024, 1024), (1025, 1024), (10, 10)]))
+        let q = rule
+            .actual(&req, &images(&[(1024, 1024), (1025, 1024), (10, 10)]))
             .unwrap();
         assert_eq!(
             q,
@@ -267,11 +340,9 @@ mod tests {
         // Without per-image rounding, fractions count to the thousandth.
         let t = table(0.0, false);
         let q = t
-            .actual(
-                t.rule("fal-ai/flux/dev").unwrap(),
-                &req,
-                &images(&[(1024, 768)]),
-            )
+            .tariff("fal-ai/flux/dev")
+            .unwrap()
+            .actual(&req, &images(&[(1024, 768)]))
             .unwrap();
         assert_eq!(q.units_milli, 750);
     }
@@ -279,7 +350,7 @@ mod tests {
     #[test]
     fn estimates_come_from_the_request() {
         let t = table(0.1, true);
-        let flux = t.rule("fal-ai/flux/dev").unwrap();
+        let flux = t.tariff("fal-ai/flux/dev").unwrap();
         let req = RequestFacts {
             image_size: Some((1025, 1024)),
             num_images: Some(3),
@@ -287,62 +358,81 @@ mod tests {
         };
         // 3 images × 2 MP × $0.025 × 1.1 = $0.165 = 165 credits.
         assert_eq!(
-            t.estimate(flux, &req).unwrap(),
+            flux.estimate(&req).unwrap(),
             Quote {
                 units_milli: 6000,
                 credits: 165
             }
         );
         // No size given: fal's default landscape_4_3, 1 MP.
-        assert_eq!(
-            t.estimate(flux, &RequestFacts::default()).unwrap().credits,
-            28
-        ); // 27.5 rounds up
+        assert_eq!(flux.estimate(&RequestFacts::default()).unwrap().credits, 28); // 27.5 rounds up
         let kling = t
-            .rule("fal-ai/kling-video/v2/master/text-to-video")
+            .tariff("fal-ai/kling-video/v2/master/text-to-video")
             .unwrap();
         let ten = RequestFacts {
             duration_milli: Some(10_000),
             ..Default::default()
         };
-        assert_eq!(t.estimate(kling, &ten).unwrap().credits, 770); // 10 s × $0.07 × 1.1
+        assert_eq!(kling.estimate(&ten).unwrap().credits, 770); // 10 s × $0.07 × 1.1
         assert_eq!(
-            t.estimate(kling, &RequestFacts::default())
+            kling
+                .estimate(&RequestFacts::default())
                 .unwrap()
                 .units_milli,
             5000
         );
-        let flat = t.rule("fal-ai/flat").unwrap();
+        let flat = t.tariff("fal-ai/flat").unwrap();
         let two = ResponseFacts {
             images: vec![None, None],
         };
         assert_eq!(
-            t.actual(flat, &RequestFacts::default(), &two)
-                .unwrap()
-                .credits,
+            flat.actual(&RequestFacts::default(), &two).unwrap().credits,
             88
         );
         assert_eq!(t.cost_usd(165), "0.165");
     }
 
     #[test]
+    fn a_tariff_keeps_its_price_after_the_table_changes_and_in_storage() {
+        let flux = table(0.1, true).tariff("fal-ai/flux/dev").unwrap();
+        let dearer = table(0.5, false).tariff("fal-ai/flux/dev").unwrap();
+        let req = RequestFacts {
+            image_size: Some((1025, 1024)),
+            ..Default::default()
+        };
+        assert_eq!(flux.estimate(&req).unwrap().credits, 55);
+        assert_eq!(dearer.estimate(&req).unwrap().credits, 38);
+        let odd = Tariff {
+            rule: PriceRule {
+                pattern: Arc::from("a;b/*"),
+                ..flux.rule.clone()
+            },
+            terms: flux.terms,
+        };
+        for tariff in [flux, dearer, odd] {
+            assert_eq!(Tariff::decode(&tariff.encode()).as_ref(), Some(&tariff));
+        }
+        assert_eq!(Tariff::decode("megapixel;1;2;3;0;5;1;x"), None);
+        assert_eq!(Tariff::decode("furlong;1;2;3;4;5;1;x"), None);
+    }
+
+    #[test]
     fn a_cost_too_large_to_work_out_is_refused_not_wrapped() {
-        let t = table(0.1, true);
-        let flux = t.rule("fal-ai/flux/dev").unwrap();
+        let flux = table(0.1, true).tariff("fal-ai/flux/dev").unwrap();
         let huge = RequestFacts {
             image_size: Some((u64::MAX, 2)),
             ..Default::default()
         };
-        assert!(t.estimate(flux, &huge).is_err());
+        assert!(flux.estimate(&huge).is_err());
         let many = RequestFacts {
             num_images: Some(u64::MAX / 100),
             ..Default::default()
         };
-        assert!(t.estimate(flux, &many).is_err());
+        assert!(flux.estimate(&many).is_err());
         let returned = ResponseFacts {
             images: vec![Some((1 << 40, 1 << 40)), Some((1 << 40, 1 << 40))],
         };
-        assert_eq!(t.actual(flux, &RequestFacts::default(), &returned), None);
+        assert_eq!(flux.actual(&RequestFacts::default(), &returned), None);
     }
 
     #[test]

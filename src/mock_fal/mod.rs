@@ -9,6 +9,8 @@
 //! as JSON whatever its content type, with pydantic's lax coercions
 //! ([`Input`]): a proxy that prices a request differently from how fal runs
 //! it shows up in the tests as images or seconds served but not paid for.
+//! An input with `"mock_result_bytes": N` gets an answer of about N bytes,
+//! streamed (see [`model_output`]).
 
 mod input;
 mod queue;
@@ -320,31 +322,91 @@ fn initiate_upload(state: &State, request: &[u8]) -> Response<MockBody> {
 }
 
 /// What a fal model returns, shaped by the request as fal's would be; 422
-/// for an input fal would refuse.
+/// for an input fal would refuse. With `"mock_result_bytes": N` in the
+/// input, every file object of the answer carries a base64 `"data"` string
+/// (as `sync_mode` answers do) that brings the answer to about N bytes, sent
+/// in chunks without a `content-length`, as a large answer streams. Sync
+/// calls and queue results alike.
 fn model_output(path: &str, request: &[u8]) -> Response<MockBody> {
-    match Input::read(request) {
-        Ok(input) => json_response(StatusCode::OK, model_json(path, &input)),
-        Err(why) => status_json(StatusCode::UNPROCESSABLE_ENTITY, &why),
+    let input = match Input::read(request) {
+        Ok(input) => input,
+        Err(why) => return status_json(StatusCode::UNPROCESSABLE_ENTITY, &why),
+    };
+    match result_bytes(request) {
+        None => json_response(StatusCode::OK, model_json(path, &input, 0)),
+        Some(size) => chunked_json(model_json(path, &input, size)),
     }
 }
 
-fn model_json(path: &str, input: &Input) -> Bytes {
-    let body = if path.contains("video") {
-        r#"{"video":{"url":"https://v3.fal.media/files/mock/output.mp4","content_type":"video/mp4","file_name":"output.mp4","file_size":1048576},"seed":42}"#.to_owned()
-    } else if path.contains("upscale") {
-        r#"{"image":{"url":"https://v3.fal.media/files/mock/upscaled.png","width":2048,"height":2048,"content_type":"image/png"},"seed":42}"#.to_owned()
-    } else {
-        let (w, h) = input.image_size;
-        let images: Vec<String> = (0..input.num_images)
-            .map(|i| format!(r#"{{"url":"https://v3.fal.media/files/mock/{i}.jpg","width":{w},"height":{h},"content_type":"image/jpeg"}}"#))
-            .collect();
-        let nsfw = vec!["false"; images.len()].join(",");
-        format!(
-            r#"{{"images":[{}],"timings":{{"inference":0.42}},"seed":42,"has_nsfw_concepts":[{nsfw}],"prompt":"mock"}}"#,
-            images.join(",")
-        )
-    };
-    Bytes::from(body)
+/// The input's `mock_result_bytes`, if it asks for a large answer.
+fn result_bytes(request: &[u8]) -> Option<u64> {
+    let mut copy = request.to_vec();
+    simd_json::to_owned_value(&mut copy)
+        .ok()?
+        .get_u64("mock_result_bytes")
+}
+
+/// The answer, with its file objects padded to bring it to about `size` bytes.
+fn model_json(path: &str, input: &Input, size: u64) -> Bytes {
+    let (plain, files) = render_output(path, input, "");
+    let room = usize::try_from(size)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(plain.len());
+    if room == 0 || files == 0 {
+        return Bytes::from(plain);
+    }
+    let each = (room / files).saturating_sub(r#","data":"""#.len());
+    let data = format!(r#","data":"{}""#, base64_like(each));
+    Bytes::from(render_output(path, input, &data).0)
+}
+
+/// The answer's JSON with `extra` at the end of each file object, and how many there are.
+fn render_output(path: &str, input: &Input, extra: &str) -> (String, usize) {
+    if path.contains("video") {
+        let body = format!(
+            r#"{{"video":{{"url":"https://v3.fal.media/files/mock/output.mp4","content_type":"video/mp4","file_name":"output.mp4","file_size":1048576{extra}}},"seed":42}}"#
+        );
+        return (body, 1);
+    }
+    if path.contains("upscale") {
+        let body = format!(
+            r#"{{"image":{{"url":"https://v3.fal.media/files/mock/upscaled.png","width":2048,"height":2048,"content_type":"image/png"{extra}}},"seed":42}}"#
+        );
+        return (body, 1);
+    }
+    let (w, h) = input.image_size;
+    let images: Vec<String> = (0..input.num_images)
+        .map(|i| format!(r#"{{"url":"https://v3.fal.media/files/mock/{i}.jpg","width":{w},"height":{h},"content_type":"image/jpeg"{extra}}}"#))
+        .collect();
+    let nsfw = vec!["false"; images.len()].join(",");
+    let body = format!(
+        r#"{{"images":[{}],"timings":{{"inference":0.42}},"seed":42,"has_nsfw_concepts":[{nsfw}],"prompt":"mock"}}"#,
+        images.join(",")
+    );
+    (body, images.len())
+}
+
+/// `n` characters of base64's alphabet, standing in for an encoded image.
+fn base64_like(n: usize) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    (0..n)
+        .map(|i| ALPHABET[i % ALPHABET.len()] as char)
+        .collect()
+}
+
+/// A JSON body sent in 64 KiB chunks, with no `content-length`.
+fn chunked_json(body: Bytes) -> Response<MockBody> {
+    const CHUNK: usize = 64 * 1024;
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        for at in (0..body.len()).step_by(CHUNK) {
+            let chunk = body.slice(at..(at + CHUNK).min(body.len()));
+            if tx.send(chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    stream_from(rx, "application/json")
 }
 
 fn full(bytes: Bytes) -> MockBody {

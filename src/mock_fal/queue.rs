@@ -2,6 +2,13 @@
 //! (and its event stream), result, cancel. Each status poll reports the job
 //! and moves it one step: IN_QUEUE, IN_PROGRESS, then COMPLETED, or FAILED
 //! when its input has `"mock_fail": true`. The URLs it hands out use only `{owner}/{alias}`, as fal's do.
+//!
+//! A cancel is fal's 202 `CANCELLATION_REQUESTED` whenever the job has not
+//! completed, and what it leads to depends on when it arrives, as at fal:
+//! a job still IN_QUEUE is removed (CANCELLED from then on, its result an
+//! error), while a job already IN_PROGRESS always loses the race and
+//! completes, its result served as if nobody had asked. A completed job
+//! answers 400 `ALREADY_COMPLETED`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +21,7 @@ use parking_lot::Mutex;
 use simd_json::prelude::*;
 use tokio::sync::mpsc;
 
-use super::{json_response, model_json, status_json, stream_from, Input, MockBody, State};
+use super::{json_response, model_output, status_json, stream_from, Input, MockBody, State};
 
 /// The path prefix that stands for `queue.fal.run` on the mock.
 pub const PREFIX: &str = "_queue";
@@ -25,7 +32,8 @@ struct Job {
     app: String,
     /// The full path submitted to, which decides the output's shape.
     model: String,
-    input: Input,
+    /// The input as submitted: the result is made from it as a sync call's would be.
+    input: Bytes,
     /// Status polls seen: 0 in queue, 1 in progress, 2 and on done.
     step: u8,
     fails: bool,
@@ -88,10 +96,10 @@ fn submit(state: &State, path: &[&str], body: Bytes) -> Response<MockBody> {
         return status_json(StatusCode::NOT_FOUND, "no such app");
     }
     // fal validates the input when the job is submitted.
-    let input = match Input::read(&body) {
-        Ok(input) => input,
-        Err(why) => return status_json(StatusCode::UNPROCESSABLE_ENTITY, &why),
-    };
+    if let Err(why) = Input::read(&body) {
+        return status_json(StatusCode::UNPROCESSABLE_ENTITY, &why);
+    }
+    let input = body.clone();
     let n = state.queue.next.fetch_add(1, Ordering::Relaxed);
     let id = format!("mock-{n:08x}-0000-4000-8000-000000000000");
     let app = path[..2].join("/");
@@ -204,7 +212,7 @@ fn result(state: &State, app: &str, id: &str) -> Response<MockBody> {
         return not_found();
     };
     match job.status() {
-        "COMPLETED" => json_response(StatusCode::OK, model_json(&job.model, &job.input)),
+        "COMPLETED" => model_output(&job.model, &job.input),
         "FAILED" => status_json(StatusCode::UNPROCESSABLE_ENTITY, "mock job failed"),
         "CANCELLED" => status_json(StatusCode::BAD_REQUEST, "Request was cancelled"),
         _ => status_json(StatusCode::BAD_REQUEST, "Request is still in progress"),
@@ -216,13 +224,14 @@ fn cancel(state: &State, app: &str, id: &str) -> Response<MockBody> {
     let Some(job) = jobs.get_mut(id).filter(|j| j.app == app) else {
         return not_found();
     };
-    if job.done() {
+    if job.done() || job.cancelled {
         return json_response(
             StatusCode::BAD_REQUEST,
             Bytes::from_static(br#"{"status":"ALREADY_COMPLETED"}"#),
         );
     }
-    job.cancelled = true;
+    // Only a job no runner has picked up yet can still be stopped.
+    job.cancelled = job.step == 0;
     json_response(
         StatusCode::ACCEPTED,
         Bytes::from_static(br#"{"status":"CANCELLATION_REQUESTED"}"#),

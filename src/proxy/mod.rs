@@ -24,7 +24,7 @@ use self::request_id::RequestIds;
 use self::respond::Billed;
 use crate::billing::facts::RequestFacts;
 use crate::billing::ledger::{Ledger, Reservation};
-use crate::billing::pricing::{PriceRule, PriceTable};
+use crate::billing::pricing::{PriceTable, Tariff};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::{ApiError, Error};
@@ -245,8 +245,7 @@ impl Proxy {
         let model = &target.path()[1..];
         self.forward_billed(req, model, uri, key, request_id, trace, |sent| async move {
             let billed = Billed {
-                prices: &sent.tunables.prices,
-                rule: &sent.rule,
+                tariff: &sent.tariff,
                 model: &sent.model,
                 request: sent.request,
                 max_json_bytes: sent.tunables.max_json_response_bytes,
@@ -279,16 +278,15 @@ impl Proxy {
         Fut: Future<Output = Result<Response<Body>, ApiError>> + Send,
     {
         let tunables = self.tunables.load_full();
-        let rule = tunables
+        let tariff = tunables
             .prices
-            .rule(model)
-            .cloned()
+            .tariff(model)
             .ok_or_else(|| ApiError::UnpricedModel(model.to_owned()))?;
         let (parts, incoming) = req.into_parts();
         let (bytes, request) =
             json_body::read(incoming, &parts.headers, tunables.max_json_body_bytes).await?;
-        trace.model = Some(Arc::clone(&rule.pattern));
-        let estimate = tunables.prices.estimate(&rule, &request)?;
+        trace.model = Some(Arc::clone(&tariff.rule.pattern));
+        let estimate = tariff.estimate(&request)?;
         let verdict = tunables.limits.generation(key, self.clock.now_ns());
         trace.rate = Some(verdict);
         if let Decision::Deny { retry_after_ns, .. } = verdict.decision {
@@ -326,7 +324,7 @@ impl Proxy {
                         resp,
                         reservation,
                         request,
-                        rule,
+                        tariff,
                         tunables,
                         model,
                     };
@@ -413,7 +411,8 @@ struct Sent {
     resp: Response<Incoming>,
     reservation: Reservation,
     request: RequestFacts,
-    rule: PriceRule,
+    /// What prices the request: a queued job keeps it until it is settled.
+    tariff: Tariff,
     /// The settings the request was admitted under; it is settled under them too.
     tunables: Arc<Tunables>,
     /// The model path that was priced.

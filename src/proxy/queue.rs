@@ -2,8 +2,9 @@
 //! becomes a job owned by the submitting account; status, result and cancel
 //! are polls on that job, refused with 404 to anyone else. The job is charged
 //! when its result is first obtained (by its owner, or by the reconciler),
-//! released when it fails or is cancelled. fal's queue URLs in its answers
-//! are rewritten to point at this proxy.
+//! released when fal reports that it ended without one (failed, or
+//! cancelled: a cancel is only a request, and a running job may complete
+//! anyway). fal's queue URLs in its answers are rewritten to point at this proxy.
 
 use std::sync::Arc;
 
@@ -16,10 +17,12 @@ use super::body::Body;
 use super::headers;
 use super::path::Canonical;
 use super::respond::{
-    billed_json, billing, billing_headers, collect_bounded, read_object, spliceable, Collected,
+    billed_json, billed_stream, billing, collect_bounded, read_answer, read_object, spliceable,
+    Answer, Collected,
 };
 use super::{Conn, Proxy, Trace};
 use crate::billing::json;
+use crate::billing::pricing::Tariff;
 use crate::error::ApiError;
 use crate::jobs::Job;
 use crate::keys::ApiKey;
@@ -179,9 +182,10 @@ impl Proxy {
         let jobs = Arc::clone(&self.jobs);
         let (fal_base, base) = (self.upstream.queue_base().to_owned(), base.to_owned());
         self.forward_billed(req, model, uri, key, request_id, trace, |sent| async move {
-            let (reservation, request, limit) = (
+            let (reservation, request, tariff, limit) = (
                 sent.reservation,
                 sent.request,
+                sent.tariff,
                 sent.tunables.max_json_response_bytes,
             );
             let status = sent.resp.status();
@@ -203,7 +207,7 @@ impl Proxy {
                 reservation.release(Some(status.as_u16()));
                 return Err(ApiError::UpstreamFailed(StatusCode::BAD_GATEWAY));
             };
-            jobs.submitted(&fal_id, &app, request, reservation.detach());
+            jobs.submitted(&fal_id, &app, request, tariff, reservation.detach());
             Ok(rewritten(parts, &bytes, &fal_base, &base))
         })
         .await
@@ -242,12 +246,9 @@ impl Proxy {
         match action {
             // Server-sent events go through as they come, never buffered.
             Action::StatusStream => Ok(Response::from_parts(parts, Body::Stream(incoming))),
-            Action::Cancel => {
-                if status.is_success() {
-                    self.jobs.release(job, Some(status.as_u16()));
-                }
-                Ok(Response::from_parts(parts, Body::Stream(incoming)))
-            }
+            // fal's 202 asks a runner to stop; the job stays held until its
+            // status says how it ended (a running job may still complete).
+            Action::Cancel => Ok(Response::from_parts(parts, Body::Stream(incoming))),
             Action::Status => {
                 if !spliceable(&parts.headers, limit) {
                     return Ok(Response::from_parts(parts, Body::Stream(incoming)));
@@ -263,6 +264,13 @@ impl Proxy {
                 Ok(rewritten(parts, &bytes, self.upstream.queue_base(), base))
             }
             Action::Result if !status.is_success() => {
+                // No result: not ready yet, or the job ended without one
+                // (cancelled, failed). Only fal's status tells which.
+                if job.is_pending() {
+                    if let Err(e) = self.check_status(job).await {
+                        tracing::debug!(request_id = %job.request_id, error = ?e, "status after a refused result");
+                    }
+                }
                 Ok(Response::from_parts(parts, Body::Stream(incoming)))
             }
             Action::Result => self.result(job, parts, incoming, status).await,
@@ -270,42 +278,56 @@ impl Proxy {
     }
 
     /// fal's result: the job is charged on the first one, and every fetch
-    /// carries the same `_billing`.
+    /// carries the same figures. A result too large to read is passed on
+    /// untouched and charged its hold.
     async fn result(
         &self,
         job: &Job,
-        mut parts: http::response::Parts,
+        parts: http::response::Parts,
         incoming: Incoming,
         status: StatusCode,
     ) -> Result<Response<Body>, ApiError> {
         let tunables = self.tunables.load_full();
-        if !spliceable(&parts.headers, tunables.max_json_response_bytes) {
-            let settled = self.charge_job(job, None, status);
-            billing_headers(&mut parts.headers, settled);
-            return Ok(Response::from_parts(parts, Body::Stream(incoming)));
-        }
-        let bytes = whole(incoming, tunables.max_json_response_bytes).await?;
+        let limit = tunables.max_json_response_bytes;
+        let bytes = match read_answer(&parts.headers, incoming, limit).await {
+            Ok(Answer::Read(bytes)) => bytes,
+            Ok(Answer::Unread(body)) => {
+                let settled = self.charge_job(job, None, status);
+                return Ok(billed_stream(parts, settled, body));
+            }
+            // Broke off: not a result the client has; a later fetch (or the reconciler) charges it.
+            Err(_) => return Err(ApiError::UpstreamUnreachable),
+        };
         let answer = read_object(&bytes);
         let settled = self.charge_job(job, answer.as_ref(), status);
-        let figures = billing(&tunables.prices, &job.model, settled);
+        let terms = self
+            .tariff_of(job)
+            .map_or_else(|| tunables.prices.terms(), |t| t.terms);
+        let figures = billing(&terms, &job.model, settled);
         Ok(billed_json(parts, bytes, answer.is_some(), &figures))
     }
 
-    /// The actual cost from the answer where there is one and a rule still
-    /// prices the model; else the hold.
+    /// The actual cost from the answer where there is one, priced as the
+    /// job was admitted; else the hold.
     fn charge_job(
         &self,
         job: &Job,
         answer: Option<&crate::billing::facts::ResponseFacts>,
         status: StatusCode,
     ) -> crate::billing::ledger::Settled {
-        let prices = &self.tunables.load_full().prices;
-        let quote = match (prices.rule(&job.model), answer) {
-            (Some(rule), Some(facts)) => prices.actual(rule, &job.request, facts),
-            (Some(rule), None) => prices.estimate(rule, &job.request).ok(),
-            (None, _) => None,
-        };
+        let quote = self
+            .tariff_of(job)
+            .zip(answer)
+            .and_then(|(tariff, facts)| tariff.actual(&job.request, facts));
         self.jobs.charge(job, quote, status.as_u16())
+    }
+
+    /// What prices the job: the tariff it was admitted under; for a job
+    /// stored before jobs kept theirs, the table in force.
+    fn tariff_of(&self, job: &Job) -> Option<Tariff> {
+        job.tariff
+            .clone()
+            .or_else(|| self.tunables.load().prices.tariff(&job.model))
     }
 
     /// Settles the jobs nobody fetched: asks fal about each pending one,
@@ -319,7 +341,9 @@ impl Proxy {
         }
     }
 
-    async fn reconcile_job(&self, job: &Job, give_up_after_ms: i64) -> Result<(), ApiError> {
+    /// Asks fal how the job stands, and releases it if it ended without a
+    /// result. fal's status code and the job's state.
+    async fn check_status(&self, job: &Job) -> Result<(StatusCode, String), ApiError> {
         let status_uri = self
             .upstream
             .queue
@@ -328,16 +352,20 @@ impl Proxy {
         let code = resp.status();
         let limit = self.tunables.load().max_json_response_bytes;
         let bytes = whole(resp.into_body(), limit).await?;
+        let state = string_field(&bytes, "status").unwrap_or_default();
+        if failed(&state) {
+            self.jobs.release(job, Some(code.as_u16()));
+        }
+        Ok((code, state))
+    }
+
+    async fn reconcile_job(&self, job: &Job, give_up_after_ms: i64) -> Result<(), ApiError> {
+        let (code, state) = self.check_status(job).await?;
         if code == StatusCode::NOT_FOUND {
             if crate::store::now_ms() - job.created_at_ms > give_up_after_ms {
                 tracing::warn!(request_id = %job.request_id, "fal no longer knows this job: released");
                 self.jobs.release(job, Some(404));
             }
-            return Ok(());
-        }
-        let state = string_field(&bytes, "status").unwrap_or_default();
-        if failed(&state) {
-            self.jobs.release(job, Some(code.as_u16()));
             return Ok(());
         }
         if state != "COMPLETED" {
@@ -357,8 +385,14 @@ impl Proxy {
             self.jobs.release(job, Some(code.as_u16()));
             return Ok(());
         }
-        let bytes = whole(resp.into_body(), limit).await?;
-        let answer = read_object(&bytes);
+        let (parts, incoming) = resp.into_parts();
+        let limit = self.tunables.load().max_json_response_bytes;
+        let answer = match read_answer(&parts.headers, incoming, limit).await {
+            Ok(Answer::Read(bytes)) => read_object(&bytes),
+            // Too large to price from: its hold, without downloading the rest.
+            Ok(Answer::Unread(_)) => None,
+            Err(_) => return Err(ApiError::UpstreamUnreachable),
+        };
         self.charge_job(job, answer.as_ref(), code);
         Ok(())
     }

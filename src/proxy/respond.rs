@@ -12,14 +12,14 @@ use super::headers::{self, is_json};
 use crate::billing::facts::{RequestFacts, ResponseFacts};
 use crate::billing::json;
 use crate::billing::ledger::{Reservation, Settled};
-use crate::billing::pricing::{PriceRule, PriceTable};
+use crate::billing::pricing::{Tariff, Terms};
 use crate::billing::splice::{splice, Billing};
 use crate::error::ApiError;
 
 /// Everything the settlement needs besides fal's answer.
 pub struct Billed<'a> {
-    pub prices: &'a PriceTable,
-    pub rule: &'a PriceRule,
+    /// What prices the request, as it was when the request was admitted.
+    pub tariff: &'a Tariff,
     pub model: &'a str,
     pub request: RequestFacts,
     pub max_json_bytes: usize,
@@ -60,6 +60,30 @@ pub(super) fn spliceable(headers: &HeaderMap, limit: usize) -> bool {
     is_json(headers) && identity && declared_ok
 }
 
+/// fal's answer, as far as billing reads it.
+pub(super) enum Answer {
+    /// JSON read whole within the limit: priced from what it says.
+    Read(Bytes),
+    /// Not JSON, compressed, or over the limit: priced at its hold and passed
+    /// on untouched (what was read of it, then the rest).
+    Unread(Body),
+}
+
+/// Reads fal's answer when billing can use it, never more than `limit` bytes of it.
+pub(super) async fn read_answer(
+    headers: &HeaderMap,
+    incoming: Incoming,
+    limit: usize,
+) -> Result<Answer, hyper::Error> {
+    if !spliceable(headers, limit) {
+        return Ok(Answer::Unread(Body::Stream(incoming)));
+    }
+    Ok(match collect_bounded(incoming, limit).await? {
+        Collected::Whole(bytes) => Answer::Read(bytes),
+        Collected::Overflow(prefix, rest) => Answer::Unread(Body::Chained(Some(prefix), rest)),
+    })
+}
+
 /// What fal's JSON answer says, if it is a JSON object.
 pub(super) fn read_object(bytes: &[u8]) -> Option<ResponseFacts> {
     json::read(bytes, |v| v.is_object().then(|| ResponseFacts::read(v))).ok()?
@@ -77,29 +101,17 @@ impl Billed<'_> {
         headers::strip_hop_by_hop(&mut parts.headers);
         let status = parts.status;
 
-        if !spliceable(&parts.headers, self.max_json_bytes) {
-            let settled = self.settle(reservation, status, None);
-            billing_headers(&mut parts.headers, settled);
-            return Ok(Response::from_parts(parts, Body::Stream(incoming)));
-        }
-        let collected = match collect_bounded(incoming, self.max_json_bytes).await {
-            Ok(c) => c,
+        let bytes = match read_answer(&parts.headers, incoming, self.max_json_bytes).await {
+            Ok(Answer::Read(bytes)) => bytes,
+            Ok(Answer::Unread(body)) => {
+                let settled = self.settle(reservation, status, None);
+                return Ok(billed_stream(parts, settled, body));
+            }
             Err(e) => {
                 // fal's answer broke off: the client gets nothing usable, so nothing is charged.
                 tracing::warn!(error = %e, "fal's response body broke off");
                 reservation.release(Some(status.as_u16()));
                 return Err(ApiError::UpstreamUnreachable);
-            }
-        };
-        let bytes = match collected {
-            Collected::Whole(bytes) => bytes,
-            Collected::Overflow(prefix, rest) => {
-                let settled = self.settle(reservation, status, None);
-                billing_headers(&mut parts.headers, settled);
-                return Ok(Response::from_parts(
-                    parts,
-                    Body::Chained(Some(prefix), rest),
-                ));
             }
         };
         let answer = read_object(&bytes);
@@ -108,7 +120,7 @@ impl Billed<'_> {
             parts,
             bytes,
             answer.is_some(),
-            &billing(self.prices, self.model, settled),
+            &billing(&self.tariff.terms, self.model, settled),
         ))
     }
 
@@ -123,17 +135,17 @@ impl Billed<'_> {
         if !status.is_success() {
             return reservation.release(Some(status.as_u16()));
         }
-        let quote = answer.and_then(|facts| self.prices.actual(self.rule, &self.request, facts));
+        let quote = answer.and_then(|facts| self.tariff.actual(&self.request, facts));
         reservation.charge(quote, status.as_u16())
     }
 }
 
 /// The `_billing` figures for `settled` work on `model`.
-pub(super) fn billing<'a>(prices: &PriceTable, model: &'a str, settled: Settled) -> Billing<'a> {
+pub(super) fn billing<'a>(terms: &Terms, model: &'a str, settled: Settled) -> Billing<'a> {
     Billing {
         model,
         credits_used: settled.credits_used,
-        cost_usd: prices.cost_usd(settled.credits_used),
+        cost_usd: terms.cost_usd(settled.credits_used),
         balance_remaining: settled.balance_remaining,
     }
 }
@@ -148,6 +160,16 @@ pub(super) fn billing_headers(headers: &mut HeaderMap, settled: Settled) {
         headers::X_BILLING_BALANCE_REMAINING,
         HeaderValue::from(settled.balance_remaining),
     );
+}
+
+/// fal's answer passed on untouched, with the figures in headers.
+pub(super) fn billed_stream(
+    mut parts: http::response::Parts,
+    settled: Settled,
+    body: Body,
+) -> Response<Body> {
+    billing_headers(&mut parts.headers, settled);
+    Response::from_parts(parts, body)
 }
 
 /// fal's buffered JSON answer with the figures: spliced in when it is an

@@ -27,6 +27,41 @@ pub struct CreatedKey {
     pub new_account: bool,
 }
 
+/// The most credits an account may hold: 10^15 (a trillion dollars at the
+/// default $0.001 a credit), far below where sums of balances, holds and
+/// top-ups could overflow an i64.
+pub const MAX_BALANCE: i64 = 1_000_000_000_000_000;
+
+/// An opening balance: zero or more, and within [`MAX_BALANCE`].
+fn check_opening(credits: i64) -> Result<(), Error> {
+    if credits < 0 {
+        return Err(Error::Usage("credits cannot be negative".into()));
+    }
+    if credits > MAX_BALANCE {
+        return Err(Error::Usage(format!(
+            "an opening balance may not exceed {MAX_BALANCE} credits"
+        )));
+    }
+    Ok(())
+}
+
+/// A top-up: positive, and leaving `account` within [`MAX_BALANCE`].
+fn check_topup(account: &AccountRow, credits: i64) -> Result<(), Error> {
+    if credits <= 0 {
+        return Err(Error::Usage(
+            "a top-up must be a positive number of credits".into(),
+        ));
+    }
+    let room = MAX_BALANCE.saturating_sub(account.balance).max(0);
+    if credits > room {
+        return Err(Error::Usage(format!(
+            "a balance may not exceed {MAX_BALANCE} credits: account {:?} has {}, so it takes a top-up of at most {room}",
+            account.name, account.balance
+        )));
+    }
+    Ok(())
+}
+
 fn write_tx(conn: &mut Connection) -> Result<Transaction<'_>, Error> {
     Ok(conn.transaction_with_behavior(TransactionBehavior::Immediate)?)
 }
@@ -60,11 +95,10 @@ pub fn create_account(
     credits: i64,
     plan: &str,
 ) -> Result<AccountRow, Error> {
-    if name.trim().is_empty() || credits < 0 {
-        return Err(Error::Usage(
-            "an account needs a name and credits >= 0".into(),
-        ));
+    if name.trim().is_empty() {
+        return Err(Error::Usage("an account needs a name".into()));
     }
+    check_opening(credits)?;
     let tx = write_tx(conn)?;
     if find_account(&tx, name)?.is_some() {
         return Err(Error::Usage(format!("account {name:?} exists")));
@@ -91,9 +125,7 @@ pub fn create_key(
     if account.trim().is_empty() {
         return Err(Error::Usage("an account name cannot be empty".into()));
     }
-    if credits < 0 {
-        return Err(Error::Usage("credits cannot be negative".into()));
-    }
+    check_opening(credits)?;
     let new = secret::generate().map_err(|e| Error::Usage(format!("no OS randomness: {e}")))?;
     let tx = write_tx(conn)?;
     let (account, new_account) = match find_account(&tx, account)? {
@@ -171,13 +203,11 @@ pub fn set_key_disabled(conn: &mut Connection, id: i64, disabled: bool) -> Resul
 
 /// Adds `credits` to the balance; returns the account as it is afterwards.
 pub fn topup(conn: &mut Connection, name: &str, credits: i64) -> Result<AccountRow, Error> {
-    if credits <= 0 {
-        return Err(Error::Usage(
-            "a top-up must be a positive number of credits".into(),
-        ));
-    }
     let tx = write_tx(conn)?;
     let account = require_account(&tx, name)?;
+    // Against the stored balance, which is never below the server's (its
+    // charges reach SQLite after they are made): never too lenient.
+    check_topup(&account, credits)?;
     tx.execute(
         "UPDATE accounts SET balance = balance + ?1 WHERE id = ?2",
         params![credits, account.id],

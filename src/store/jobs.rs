@@ -6,6 +6,7 @@ use rusqlite::{params, Connection, Transaction};
 use super::ledger;
 use crate::billing::facts::RequestFacts;
 use crate::billing::journal::HoldRecord;
+use crate::billing::pricing::Tariff;
 
 /// A job as submitted.
 #[derive(Debug, Clone)]
@@ -18,6 +19,8 @@ pub struct JobRecord {
     pub hold: HoldRecord,
     pub estimate_units: u64,
     pub facts: RequestFacts,
+    /// What prices it; `None` in rows written before jobs kept it.
+    pub tariff: Option<Tariff>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,8 +48,8 @@ pub struct StoredJob {
 pub fn insert(tx: &Transaction, job: &JobRecord) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "INSERT OR IGNORE INTO jobs (request_id, hold_id, account_id, key_id, app, model, held,
-            estimate_units, facts, state, created_at_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'pending', ?10)",
+            estimate_units, facts, state, created_at_ms, tariff)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'pending', ?10, ?11)",
     )?
     .execute(params![
         job.request_id,
@@ -58,7 +61,8 @@ pub fn insert(tx: &Transaction, job: &JobRecord) -> rusqlite::Result<()> {
         job.hold.credits,
         job.estimate_units,
         job.facts.encode(),
-        job.hold.created_at_ms
+        job.hold.created_at_ms,
+        job.tariff.as_ref().map(Tariff::encode)
     ])?;
     Ok(())
 }
@@ -92,7 +96,7 @@ pub fn load(conn: &Connection, since_ms: i64) -> rusqlite::Result<Vec<StoredJob>
     let mut stmt = conn.prepare(
         "SELECT j.request_id, j.app, j.hold_id, j.account_id, j.key_id, j.held, j.created_at_ms,
                 j.model, j.estimate_units, j.facts, j.state, j.credits_used, j.balance_remaining,
-                c.outcome, c.credits, a.balance
+                c.outcome, c.credits, a.balance, j.tariff
          FROM jobs j
          JOIN accounts a ON a.id = j.account_id
          LEFT JOIN charges c ON c.id = j.hold_id
@@ -105,6 +109,9 @@ pub fn load(conn: &Connection, since_ms: i64) -> rusqlite::Result<Vec<StoredJob>
             hold: ledger::hold_row(r, 2)?,
             estimate_units: r.get(8)?,
             facts: RequestFacts::decode(&r.get::<_, String>(9)?),
+            tariff: r
+                .get::<_, Option<String>>(16)?
+                .and_then(|t| Tariff::decode(&t)),
         };
         let state: String = r.get(10)?;
         let charge: Option<(String, u64)> = match r.get::<_, Option<String>>(13)? {

@@ -78,7 +78,10 @@ const MIGRATIONS: &[&str] = &[
         settled_at_ms INTEGER
     );
     CREATE INDEX jobs_state ON jobs(state, created_at_ms);",
-    // 4: ledger entries SQLite refused, set aside for an operator with the
+    // 4: what prices a queued job (`Tariff::encode`), fixed when it was
+    // admitted. NULL in rows from before: those are priced by the table in force.
+    "ALTER TABLE jobs ADD COLUMN tariff TEXT;",
+    // 5: ledger entries SQLite refused, set aside for an operator with the
     // reason, so that one bad entry never stops the writer.
     "CREATE TABLE ledger_rejects (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -97,4 +100,53 @@ pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
         tx.pragma_update(None, "user_version", i + 1)?;
     }
     tx.commit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::billing::pricing::PriceTable;
+    use crate::config::Config;
+    use crate::store::jobs;
+
+    /// A pending job written before jobs kept their tariff loads after the
+    /// migration without one (it is priced by the table in force); a job
+    /// written after keeps its own.
+    #[test]
+    fn a_job_table_from_before_tariffs_migrates() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for sql in &MIGRATIONS[..3] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 3).unwrap();
+        conn.execute_batch(
+            "INSERT INTO accounts (id, name, plan, balance, created_at) VALUES (1, 'acme', 'free', 100, 0);
+             INSERT INTO jobs (request_id, hold_id, account_id, key_id, app, model, held,
+                 estimate_units, facts, state, created_at_ms)
+             VALUES ('old', 'h1', 1, 1, 'fal-ai/flux', 'fal-ai/flux/dev', 28, 1000, ',,,', 'pending', 0);",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+
+        let config = Config::parse(crate::config::EMBEDDED_DEFAULT).unwrap();
+        let tariff = PriceTable::new(&config.billing, &config.pricing)
+            .unwrap()
+            .tariff("fal-ai/flux/dev");
+        let mut record = jobs::load(&conn, 0).unwrap().remove(0).record;
+        assert_eq!(
+            (record.request_id.as_str(), record.tariff.as_ref()),
+            ("old", None)
+        );
+        (record.request_id, record.hold.id, record.tariff) = ("new".into(), "h2".into(), tariff);
+        let tx = conn.transaction().unwrap();
+        jobs::insert(&tx, &record).unwrap();
+        tx.commit().unwrap();
+        let loaded = jobs::load(&conn, 0).unwrap();
+        let new = loaded
+            .iter()
+            .find(|j| j.record.request_id == "new")
+            .unwrap();
+        assert!(new.record.tariff.is_some());
+        assert_eq!(new.record.tariff, record.tariff);
+    }
 }

@@ -435,6 +435,17 @@ pub async fn assert_error(resp: Response<Incoming>, status: u16, error_type: &st
     detail
 }
 
+/// `POST /admin/reload` on the server's admin listener: the status and the JSON answer.
+pub async fn reload(server: &Server) -> (u16, simd_json::OwnedValue) {
+    let req = Request::post(format!("http://{}/admin/reload", server.admin.unwrap()))
+        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .body(Full::default())
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    (status, json(&body(resp).await))
+}
+
 /// Polls `check` every 50 ms until it holds or `within` passes.
 /// POSTs `json` to `path` with `key`, as a client would.
 pub async fn call(server: &Server, key: &str, path: &str, json: &str) -> Response<Incoming> {
@@ -586,4 +597,63 @@ pub async fn drive(mut cmd: Command) -> simd_json::OwnedValue {
         )
     });
     json(line.as_bytes())
+}
+
+/// One account's books, from SQLite: credits put in (opening balance and
+/// top-ups, as the change feed records them), credits charged, the balance,
+/// and credits still held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Books {
+    pub deposited: i64,
+    pub charged: i64,
+    pub balance: i64,
+    pub held: i64,
+}
+
+impl Books {
+    /// Every credit accounted for: what went in, less what was charged, is the balance.
+    pub fn balance(&self) -> bool {
+        self.deposited - self.charged == self.balance && self.held == 0
+    }
+}
+
+/// Every account's books, by name.
+pub fn books(server: &Server) -> Vec<(String, Books)> {
+    let db = server.db();
+    let mut stmt = db
+        .prepare(
+            "SELECT a.name,
+                (SELECT COALESCE(SUM(balance_delta), 0) FROM changes WHERE account_id = a.id),
+                (SELECT COALESCE(SUM(credits), 0) FROM charges WHERE account_id = a.id),
+                a.balance,
+                (SELECT COALESCE(SUM(credits), 0) FROM holds WHERE account_id = a.id)
+             FROM accounts a ORDER BY a.name",
+        )
+        .unwrap();
+    let rows = stmt.query_map([], |r| {
+        let books = Books {
+            deposited: r.get(1)?,
+            charged: r.get(2)?,
+            balance: r.get(3)?,
+            held: r.get(4)?,
+        };
+        Ok((r.get(0)?, books))
+    });
+    rows.unwrap().map(Result::unwrap).collect()
+}
+
+/// Waits (up to 10 s) for the ledger writer until every account's books
+/// balance and each account was charged what `charged` says (0 if not named).
+pub async fn books_close(server: &Server, charged: &[(&str, i64)]) -> bool {
+    let closed = eventually(Duration::from_secs(10), || async {
+        books(server).iter().all(|(name, b)| {
+            let want = charged.iter().find(|(n, _)| n == name).map_or(0, |c| c.1);
+            b.balance() && b.charged == want
+        })
+    })
+    .await;
+    if !closed {
+        eprintln!("books did not close: {:?}", books(server));
+    }
+    closed
 }
