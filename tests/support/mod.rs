@@ -460,53 +460,6 @@ pub async fn call(server: &Server, key: &str, path: &str, json: &str) -> Respons
         .unwrap()
 }
 
-/// The accounts whose books do not balance in SQLite once the ledger writer
-/// has caught up (waiting up to 10 s): opening credits and top-ups (the
-/// change feed's deltas) less every charge must equal the balance, with no
-/// hold left. Empty when every account balances.
-pub async fn unbalanced_books(server: &Server) -> Vec<String> {
-    let check = || {
-        let db = server.db();
-        let mut stmt = db
-            .prepare(
-                "SELECT a.name, a.balance,
-                    (SELECT COALESCE(SUM(balance_delta), 0) FROM changes WHERE account_id = a.id),
-                    (SELECT COALESCE(SUM(credits), 0) FROM charges WHERE account_id = a.id),
-                    (SELECT COUNT(*) FROM holds WHERE account_id = a.id)
-                 FROM accounts a ORDER BY a.name",
-            )
-            .unwrap();
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, i64>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, i64>(4)?,
-                ))
-            })
-            .unwrap()
-            .map(Result::unwrap)
-            .filter(|(_, balance, credited, charged, holds)| {
-                credited - charged != *balance || *holds != 0
-            })
-            .map(|(name, balance, credited, charged, holds)| {
-                format!("{name}: balance {balance}, credited {credited}, charged {charged}, holds {holds}")
-            })
-            .collect::<Vec<_>>();
-        rows
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let bad = check();
-        if bad.is_empty() || Instant::now() >= deadline {
-            return bad;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
 where
     F: FnMut() -> Fut,
