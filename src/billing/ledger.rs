@@ -241,3 +241,64 @@ impl Drop for Reservation {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::billing::journal::Entry;
+    use crate::keys::Registry;
+    use crate::store::{self, admin, snapshot};
+
+    /// A ledger on a fresh database with one key of an account holding `credits`.
+    fn ledger(dir: &std::path::Path, credits: i64) -> (Arc<Ledger>, Arc<ApiKey>) {
+        let db = dir.join("abhiapi.db");
+        let mut conn = store::open(&db).unwrap();
+        let created = admin::create_key(&mut conn, "acme", credits, "free").unwrap();
+        let registry = Registry::from_snapshot(&snapshot::load(&mut conn).unwrap());
+        let key = registry.authenticate(&created.secret).unwrap();
+        let journal = Arc::new(Journal::open(&dir.join("holds"), false).unwrap());
+        let metrics = Arc::new(Metrics::default());
+        let (writer, _thread) =
+            StoreWriter::spawn(conn, Arc::clone(&journal), Arc::clone(&metrics));
+        (Arc::new(Ledger::new(writer, journal, metrics)), key)
+    }
+
+    const QUOTE: Quote = Quote {
+        units_milli: 1000,
+        credits: 28,
+    };
+
+    /// The request's future dropped at any point after the hold: memory is
+    /// whole again and the journal says how the hold ended, in the same
+    /// step, with nothing left to await.
+    #[tokio::test]
+    async fn a_dropped_reservation_settles_in_memory_and_the_journal_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ledger, key) = ledger(dir.path(), 100);
+        let before_fal = ledger.reserve(&key, "m", "req_a", QUOTE).await.unwrap();
+        assert_eq!((key.account.available(), key.account.held()), (72, 28));
+        drop(before_fal);
+        assert_eq!((key.account.available(), key.account.held()), (100, 0));
+
+        let mut answered = ledger.reserve(&key, "m", "req_b", QUOTE).await.unwrap();
+        answered.answered();
+        drop(answered);
+        assert_eq!((key.account.balance(), key.account.held()), (72, 0));
+
+        let settled: Vec<(String, Outcome, u64)> = Journal::read_all(&dir.path().join("holds"))
+            .unwrap()
+            .into_iter()
+            .filter_map(|e| match e {
+                Entry::Settle(c) => Some((c.id, c.outcome, c.credits)),
+                Entry::Hold(_) => None,
+            })
+            .collect();
+        assert_eq!(
+            settled,
+            [
+                ("req_a".to_owned(), Outcome::Released, 0),
+                ("req_b".to_owned(), Outcome::Charged, 28)
+            ]
+        );
+    }
+}
