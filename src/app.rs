@@ -232,7 +232,13 @@ pub async fn serve(
         shutdown.await;
         let _ = stopping.send(true);
     };
-    let drained = server::run(listeners, proxy, (&config.server).into(), shutdown).await;
+    let drained = server::run(
+        listeners,
+        Arc::clone(&proxy),
+        (&config.server).into(),
+        shutdown,
+    )
+    .await;
     if let Some(task) = admin_task {
         let _ = task.await;
     }
@@ -243,7 +249,9 @@ pub async fn serve(
     // Connections that outlived the grace period are cut when the runtime
     // ends; their holds stay in the journal and are recovered at next start.
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
-    core.stop(drained, grace).await?;
+    // Calls whose clients hung up are still fal's work to settle.
+    let settled = proxy.detached_settled(grace).await;
+    core.stop(drained && settled, grace).await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -79,6 +79,15 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// fal got the request and did not say how it went: it may have done
+    /// the work (a 5xx after taking it, an answer that never came in time).
+    pub fn may_have_been_served(&self) -> bool {
+        matches!(
+            self,
+            ApiError::UpstreamFailed(_) | ApiError::UpstreamTimeout
+        )
+    }
+
     pub fn status(&self) -> StatusCode {
         use ApiError::*;
         match self {

@@ -3,6 +3,7 @@
 //! released when it fails or is cancelled); every later look at it sees the
 //! same figures.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -45,11 +46,22 @@ pub struct Job {
     /// Ending a job is synchronous under this lock: the hold's settlement and
     /// the job's end are queued together, and a second look sees the end.
     state: Mutex<JobState>,
+    /// fal has reported the job COMPLETED: it did the work and bills it, so
+    /// the job is never released for want of a result fal no longer gives.
+    completed: AtomicBool,
 }
 
 impl Job {
     pub fn is_pending(&self) -> bool {
         matches!(*self.state.lock(), JobState::Pending(_))
+    }
+
+    pub fn saw_completed(&self) {
+        self.completed.store(true, Ordering::Release);
+    }
+
+    pub fn was_completed(&self) -> bool {
+        self.completed.load(Ordering::Acquire)
     }
 }
 
@@ -97,6 +109,7 @@ impl Jobs {
                 tariff: r.tariff,
                 created_at_ms: r.hold.created_at_ms,
                 state: Mutex::new(state),
+                completed: AtomicBool::new(false),
             };
             by_id.insert(r.request_id, Arc::new(job));
         }
@@ -124,7 +137,7 @@ impl Jobs {
             facts: request,
             tariff: Some(tariff.clone()),
         };
-        self.writer.send_now(WriteOp::JobSubmitted(record));
+        self.ledger.record_job(record);
         let job = Arc::new(Job {
             request_id: request_id.to_owned(),
             account_id: hold.account.id,
@@ -134,6 +147,7 @@ impl Jobs {
             tariff: Some(tariff),
             created_at_ms: hold.record.created_at_ms,
             state: Mutex::new(JobState::Pending(hold)),
+            completed: AtomicBool::new(false),
         });
         self.by_id.insert(request_id.to_owned(), Arc::clone(&job));
         job

@@ -46,6 +46,13 @@ async fn charge_of(server: &Server, request_id: &str) -> Option<(String, i64, i6
     read()
 }
 
+async fn call_url(url: &str, key: &str) -> http::Response<hyper::body::Incoming> {
+    client()
+        .request(post(url, Some(key), "application/json", "{}".to_owned()))
+        .await
+        .unwrap()
+}
+
 fn request_id(resp: &http::Response<hyper::body::Incoming>) -> String {
     resp.headers()["x-request-id"].to_str().unwrap().to_owned()
 }
@@ -335,4 +342,85 @@ async fn a_second_server_on_the_same_database_exits_and_touches_nothing() {
     // The CLI works beside a running server.
     assert!(server.cli(&["accounts", "show", "acme"]).status.success());
     assert!(books_close(&server, &[("acme", 2)]).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_waits_for_a_call_whose_client_hung_up_and_charges_it() {
+    let (mock, mut server, key) = start("acme", 1000).await;
+    let url = server.url("/mock/slow/1500");
+    let hung_up = tokio::time::timeout(Duration::from_millis(300), call_url(&url, &key)).await;
+    assert!(hung_up.is_err(), "the client leaves before fal answers");
+    server.signal("TERM");
+    let status = tokio::task::spawn_blocking(move || {
+        let status = server.wait();
+        (server, status)
+    });
+    let (mut server, status) = status.await.unwrap();
+    assert!(status.success());
+    assert!(mock.seen().iter().any(|s| s.target == "/mock/slow/1500"));
+    // Settled as it ended, before the exit: nothing left to recover.
+    server.restart();
+    let outcomes: Vec<(String, i64)> = server
+        .db()
+        .prepare("SELECT outcome, credits FROM charges")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(outcomes, [("charged".to_owned(), 2)]);
+    assert!(books_close(&server, &[("acme", 2)]).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_fal_accepted_survives_a_sigkill_before_it_reached_sqlite() {
+    let (_mock, mut server, key) = start("acme", 1000).await;
+    let lock = lock_database(&server);
+    let resp = call(&server, &key, "/queue/fal-ai/flux/dev", "{}").await;
+    assert_eq!(resp.status(), 200);
+    let job = json(&body(resp).await);
+    let fal_id = job.get_str("request_id").unwrap().to_owned();
+    server.kill();
+    drop(lock);
+    server.restart();
+    // Still the owner's pending job, its hold kept, not charged as an orphan.
+    let status = format!("/fal-ai/queue/requests/{fal_id}");
+    let resp = client()
+        .request(get(&server.url(&status), Some(&key)))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202, "the job was lost");
+    let (state, held): (String, i64) = server
+        .db()
+        .query_row(
+            "SELECT state, held FROM jobs WHERE request_id = ?1",
+            [&fal_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((state.as_str(), held), ("pending", 28));
+    let recovered: i64 = server
+        .db()
+        .query_row("SELECT COUNT(*) FROM charges", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(recovered, 0);
+    // Its result is charged once, as any job's.
+    let result = format!("/queue/fal-ai/flux/requests/{fal_id}");
+    let mut charged = None;
+    for _ in 0..5 {
+        let resp = client()
+            .request(get(&server.url(&result), Some(&key)))
+            .await
+            .unwrap();
+        if resp.status() == 200 {
+            charged = resp.headers().get("x-billing-credits-used").cloned();
+            break;
+        }
+        let _ = client()
+            .request(get(&server.url(&status), Some(&key)))
+            .await
+            .unwrap();
+    }
+    assert_eq!(charged.unwrap(), "28");
+    assert!(books_close(&server, &[("acme", 28)]).await);
 }

@@ -663,3 +663,69 @@ async fn a_job_is_priced_as_admitted_across_a_reload_and_a_restart() {
     body(resp).await;
     assert!(books_close(&server, &[("acme", 2 * COST + 55)]).await);
 }
+
+/// fal's race: status COMPLETED, then the result 404 once (its result store
+/// lags). fal did the work, so the reconciler must not release the job: it
+/// asks again and charges it, and the owner's fetch shows the same figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completed_job_whose_result_is_missing_once_is_charged_not_released() {
+    let mock = MockFal::start(None).await.unwrap();
+    let mut opts = Options::new(mock.url(false));
+    opts.reconcile_interval_secs = 1;
+    let (server, key) = Server::start_with_key(opts, "acme", 1000);
+    let resp = send(
+        Method::POST,
+        &server.url("/queue/fal-ai/flux/dev"),
+        &key,
+        r#"{"prompt":"a fox","image_size":"square_hd","mock_result_404_once":true}"#,
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let job = json(&body(resp).await);
+    let id = str_of(&job, "request_id").to_owned();
+    assert!(
+        ledger_settles(&server, &id, (1000 - COST, 0, Some((COST, "charged")))).await,
+        "{:?}",
+        job_ledger(&server, &id)
+    );
+    let resp = send(Method::GET, str_of(&job, "response_url"), &key, "").await;
+    assert_eq!(resp.status(), 200);
+    let (_, billing) = unsplice(&body(resp).await);
+    assert_eq!(billing.get_i64("credits_used"), Some(COST));
+    assert!(books_close(&server, &[("acme", COST)]).await);
+}
+
+/// fal's ingress answers 502 after it queued the job. With the client's own
+/// `fal_webhook`, fal delivers the output to the client directly: the
+/// submission is charged its hold. Without one, nobody can have the output,
+/// and it costs nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_fal_queued_but_answered_5xx_is_charged_its_hold_when_it_names_a_webhook() {
+    let mock = MockFal::start(None).await.unwrap();
+    let (server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 1000);
+    let other = server.create_key("other", 1000);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            get_json(&server.url("/v1/account"), &other).await.0 == 200
+        })
+        .await
+    );
+    let input = r#"{"prompt":"a fox","image_size":"square_hd","mock_submit_status":502}"#;
+    let with_hook = "/queue/fal-ai/flux/dev?fal_webhook=https://client.example/hook";
+    let resp = send(Method::POST, &server.url(with_hook), &key, input).await;
+    assert_eq!(resp.status(), 502);
+    assert_eq!(resp.headers()["x-fal-error-type"], "upstream_error");
+    // The escaped spelling of the same parameter, as fal decodes it.
+    let escaped = "/queue/fal-ai/flux/dev?fal%5Fwebhook=https://client.example/hook";
+    let resp = send(Method::POST, &server.url(escaped), &key, input).await;
+    assert_eq!(resp.status(), 502);
+    let resp = send(
+        Method::POST,
+        &server.url("/queue/fal-ai/flux/dev"),
+        &other,
+        input,
+    )
+    .await;
+    assert_eq!(resp.status(), 502);
+    assert!(books_close(&server, &[("acme", 2 * COST), ("other", 0)]).await);
+}

@@ -23,6 +23,9 @@ use std::sync::atomic::{fence, Ordering};
 use memmap2::MmapMut;
 use parking_lot::Mutex;
 
+use crate::billing::facts::RequestFacts;
+use crate::billing::pricing::Tariff;
+use crate::store::jobs::JobRecord;
 use crate::store::ledger::{ChargeRecord, Outcome};
 
 /// Each segment's size, reserved on disk when it is created.
@@ -71,10 +74,71 @@ impl HoldRecord {
 pub enum Entry {
     Hold(HoldRecord),
     Settle(ChargeRecord),
+    /// fal accepted a queued job: from then on the job owns its hold.
+    Job(JobRecord),
 }
 
 /// Settlement lines start with this, which no request id does.
 const SETTLE_MARK: &str = "=";
+/// So do job lines.
+const JOB_MARK: &str = "J";
+
+fn job_line(j: &JobRecord) -> String {
+    let h = &j.hold;
+    let tariff = j.tariff.as_ref().map_or(String::new(), Tariff::encode);
+    let mut line = String::with_capacity(j.request_id.len() + h.model.len() + tariff.len() + 160);
+    let _ = writeln!(
+        line,
+        "{JOB_MARK}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{tariff}\t{}",
+        j.request_id,
+        j.app,
+        j.estimate_units,
+        j.facts.encode(),
+        h.id,
+        h.account_id,
+        h.key_id,
+        h.credits,
+        h.created_at_ms,
+        h.model
+    );
+    line
+}
+
+fn parse_job(line: &str) -> Option<JobRecord> {
+    let mut f = line.splitn(12, '\t');
+    (f.next()? == JOB_MARK).then_some(())?;
+    let request_id = f.next()?.to_owned();
+    let app = f.next()?.to_owned();
+    let estimate_units = f.next()?.parse().ok()?;
+    let facts = RequestFacts::decode(f.next()?);
+    let (id, account_id, key_id, credits, created_at_ms) = (
+        f.next()?.to_owned(),
+        f.next()?.parse().ok()?,
+        f.next()?.parse().ok()?,
+        f.next()?.parse().ok()?,
+        f.next()?.parse().ok()?,
+    );
+    let tariff = match f.next()? {
+        "" => None,
+        text => Some(Tariff::decode(text)?),
+    };
+    let hold = HoldRecord {
+        id,
+        account_id,
+        key_id,
+        credits,
+        created_at_ms,
+        model: f.next()?.to_owned(),
+    };
+    Some(JobRecord {
+        request_id,
+        app,
+        hold,
+        estimate_units,
+        facts,
+        tariff,
+    })
+}
 
 fn settle_line(c: &ChargeRecord) -> String {
     let mut line = String::with_capacity(c.id.len() + c.model.len() + 160);
@@ -123,6 +187,8 @@ impl Entry {
     fn parse(line: &str) -> Option<Self> {
         if line.starts_with(SETTLE_MARK) {
             parse_settle(line).map(Entry::Settle)
+        } else if line.starts_with(JOB_MARK) {
+            parse_job(line).map(Entry::Job)
         } else {
             HoldRecord::parse(line).map(Entry::Hold)
         }
@@ -243,6 +309,11 @@ impl Journal {
     /// Appends a hold; returns the segment it went to.
     pub fn append(&self, hold: &HoldRecord) -> io::Result<u64> {
         self.append_line(&hold.line())
+    }
+
+    /// Appends a job fal accepted; returns the segment it went to.
+    pub fn append_job(&self, job: &JobRecord) -> io::Result<u64> {
+        self.append_line(&job_line(job))
     }
 
     /// Appends how a hold ended; returns the segment it went to.
@@ -390,7 +461,7 @@ mod tests {
     }
 
     #[test]
-    fn settlements_are_read_back_after_their_holds() {
+    fn jobs_and_settlements_are_read_back_after_their_holds() {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(dir.path(), false).unwrap();
         j.append(&hold("a")).unwrap();
@@ -414,12 +485,26 @@ mod tests {
             outcome: Outcome::Released,
             ..charge.clone()
         };
+        let job = JobRecord {
+            request_id: "fal-1".into(),
+            app: "fal-ai/flux".into(),
+            hold: hold("a"),
+            estimate_units: 1000,
+            facts: RequestFacts {
+                image_size: Some((1024, 768)),
+                num_images: Some(2),
+                duration_milli: None,
+            },
+            tariff: None,
+        };
+        j.append_job(&job).unwrap();
         j.append_settle(&charge).unwrap();
         j.append_settle(&released).unwrap();
         assert_eq!(
             Journal::read_all(dir.path()).unwrap(),
             vec![
                 Entry::Hold(hold("a")),
+                Entry::Job(job),
                 Entry::Settle(charge),
                 Entry::Settle(released)
             ]

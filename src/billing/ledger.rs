@@ -13,6 +13,7 @@ use super::pricing::Quote;
 use crate::error::ApiError;
 use crate::keys::{Account, ApiKey};
 use crate::metrics::Metrics;
+use crate::store::jobs::JobRecord;
 use crate::store::ledger::{ChargeRecord, Outcome};
 use crate::store::now_ms;
 use crate::store::writer::{StoreWriter, WriteOp};
@@ -106,6 +107,17 @@ impl Ledger {
             }),
             answered: false,
         })
+    }
+
+    /// A job fal accepted, owning `hold` from now on: journalled and queued
+    /// in one step, so that a crash never leaves the hold without its job.
+    pub fn record_job(&self, job: JobRecord) {
+        let segment = self
+            .journal
+            .append_job(&job)
+            .inspect_err(|e| tracing::error!(error = %e, "cannot journal a job"))
+            .ok();
+        self.writer.send_now(WriteOp::JobSubmitted { job, segment });
     }
 
     /// A hold that outlived its process (a queued job's), taken again in memory at start-up.
@@ -290,7 +302,7 @@ mod tests {
             .into_iter()
             .filter_map(|e| match e {
                 Entry::Settle(c) => Some((c.id, c.outcome, c.credits)),
-                Entry::Hold(_) => None,
+                Entry::Hold(_) | Entry::Job(_) => None,
             })
             .collect();
         assert_eq!(

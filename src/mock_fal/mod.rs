@@ -34,7 +34,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Notify};
 use tokio_rustls::TlsAcceptor;
 
-use crate::proxy::path::escaped_byte;
+use crate::proxy::path::percent_decoded;
 use crate::upstream::ServeInMemory;
 
 pub use input::Input;
@@ -211,26 +211,6 @@ async fn answer(state: Arc<State>, req: Request<Incoming>) -> Response<MockBody>
         }
         _ => model_output(&path, &body),
     }
-}
-
-/// The path as fal routes it: every escape decoded (`/x/%70ro` is `/x/pro`).
-fn percent_decoded(path: &str) -> String {
-    let bytes = path.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match escaped_byte(&bytes[i..]) {
-            Some(byte) => {
-                out.push(byte);
-                i += 3;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Bodies counted, not kept: the sink, and file bytes sent to storage

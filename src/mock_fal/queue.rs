@@ -9,6 +9,11 @@
 //! error), while a job already IN_PROGRESS always loses the race and
 //! completes, its result served as if nobody had asked. A completed job
 //! answers 400 `ALREADY_COMPLETED`.
+//!
+//! Two of fal's races, on request: `"mock_result_404_once": true` makes the
+//! first result fetch after COMPLETED a 404 (fal's result store lagging its
+//! status), and `"mock_submit_status": 502` queues the job but answers the
+//! submission with that status (fal's ingress failing after the job was taken).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +43,8 @@ struct Job {
     step: u8,
     fails: bool,
     cancelled: bool,
+    /// The next result fetch after COMPLETED is a 404.
+    result_404_once: bool,
 }
 
 impl Job {
@@ -103,13 +110,16 @@ fn submit(state: &State, path: &[&str], body: Bytes) -> Response<MockBody> {
     let n = state.queue.next.fetch_add(1, Ordering::Relaxed);
     let id = format!("mock-{n:08x}-0000-4000-8000-000000000000");
     let app = path[..2].join("/");
-    let fails = {
+    let flags = {
         let mut copy = body.to_vec();
-        simd_json::to_owned_value(&mut copy)
-            .ok()
-            .and_then(|v| v.get_bool("mock_fail"))
-            .unwrap_or(false)
+        simd_json::to_owned_value(&mut copy).ok()
     };
+    let flag = |name: &str| flags.as_ref().and_then(|v| v.get_bool(name)) == Some(true);
+    let (fails, result_404_once) = (flag("mock_fail"), flag("mock_result_404_once"));
+    let submit_status = flags
+        .as_ref()
+        .and_then(|v| v.get_u64("mock_submit_status"))
+        .and_then(|c| StatusCode::from_u16(u16::try_from(c).ok()?).ok());
     let body = format!(
         r#"{{"request_id":"{id}",{},"queue_position":0}}"#,
         urls(state, &app, &id)
@@ -123,8 +133,12 @@ fn submit(state: &State, path: &[&str], body: Bytes) -> Response<MockBody> {
             step: 0,
             fails,
             cancelled: false,
+            result_404_once,
         },
     );
+    if let Some(code) = submit_status {
+        return status_json(code, "ingress error after the job was queued");
+    }
     json_response(StatusCode::OK, Bytes::from(body))
 }
 
@@ -211,6 +225,12 @@ fn result(state: &State, app: &str, id: &str) -> Response<MockBody> {
     let Some(job) = job(state, app, id) else {
         return not_found();
     };
+    if job.status() == "COMPLETED" && job.result_404_once {
+        if let Some(j) = state.queue.jobs.lock().get_mut(id) {
+            j.result_404_once = false;
+        }
+        return not_found();
+    }
     match job.status() {
         "COMPLETED" => model_output(&job.model, &job.input),
         "FAILED" => status_json(StatusCode::UNPROCESSABLE_ENTITY, "mock job failed"),

@@ -4,6 +4,7 @@
 mod account;
 pub mod body;
 mod credentials;
+mod detached;
 mod fal_proxy;
 pub mod headers;
 pub mod json_body;
@@ -50,6 +51,8 @@ pub struct Proxy {
     /// For the dashboard's endpoints; never on the proxying path.
     db: Db,
     metrics: Arc<Metrics>,
+    /// Billed calls running on their own tasks, for shutdown to wait for.
+    detached: Arc<detached::Detached>,
     /// Believe `x-forwarded-proto`/`-host` (behind a trusted load balancer).
     trust_forwarded: bool,
 }
@@ -130,6 +133,7 @@ impl Proxy {
             jobs: w.jobs,
             db: w.db,
             metrics: w.metrics,
+            detached: Arc::default(),
             trust_forwarded: config.server.trust_forwarded_headers,
         })
     }
@@ -243,15 +247,25 @@ impl Proxy {
     ) -> Result<Response<Body>, ApiError> {
         let uri = self.upstream.run.uri(&target.forwarded(""))?;
         let model = &target.path()[1..];
-        self.forward_billed(req, model, uri, key, request_id, trace, |sent| async move {
-            let billed = Billed {
-                tariff: &sent.tariff,
-                model: &sent.model,
-                request: sent.request,
-                max_json_bytes: sent.tunables.max_json_response_bytes,
-            };
-            billed.respond(sent.resp, sent.reservation).await
-        })
+        let unanswered = Unanswered::Release;
+        self.forward_billed(
+            req,
+            model,
+            uri,
+            key,
+            request_id,
+            trace,
+            unanswered,
+            |sent| async move {
+                let billed = Billed {
+                    tariff: &sent.tariff,
+                    model: &sent.model,
+                    request: sent.request,
+                    max_json_bytes: sent.tunables.max_json_response_bytes,
+                };
+                billed.respond(sent.resp, sent.reservation).await
+            },
+        )
         .await
     }
 
@@ -271,6 +285,7 @@ impl Proxy {
         key: &ApiKey,
         request_id: &str,
         trace: &mut Trace,
+        unanswered: Unanswered,
         finish: F,
     ) -> Result<Response<Body>, ApiError>
     where
@@ -331,18 +346,25 @@ impl Proxy {
                     finish(sent).await
                 }
                 Err((e, status)) => {
-                    reservation.release(status);
+                    if unanswered == Unanswered::ChargeHold && e.may_have_been_served() {
+                        reservation.charge(None, status.unwrap_or(504));
+                    } else {
+                        reservation.release(status);
+                    }
                     Err(e)
                 }
             };
             (answer, took)
         };
-        let (answer, took) = match tokio::spawn(work).await {
-            Ok(done) => done,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
-        };
+        let (answer, took) = self.detached.run(work).await;
         trace.upstream = Some(took);
         answer
+    }
+
+    /// Waits, at most `within`, for billed calls that run on after their
+    /// clients left; true once none does.
+    pub async fn detached_settled(&self, within: Duration) -> bool {
+        self.detached.settled(within).await
     }
 
     /// The poll allowance: status, result, cancel, and storage calls.
@@ -404,6 +426,16 @@ async fn send(
         return Err((ApiError::UpstreamFailed(status), Some(status.as_u16())));
     }
     Ok(resp)
+}
+
+/// What a billed call that fal did not answer (a 5xx, a timeout) costs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unanswered {
+    /// Nothing: fal bills only outputs it delivers, and it delivered none.
+    Release,
+    /// Its hold: fal may have taken the work and deliver it elsewhere (a
+    /// queue submission with the client's own `fal_webhook`).
+    ChargeHold,
 }
 
 /// Work fal has answered, still holding its estimated cost.

@@ -82,6 +82,27 @@ fn decode_unreserved(path: &str) -> Result<String, ApiError> {
     String::from_utf8(out).map_err(|_| ApiError::InvalidPath)
 }
 
+/// Text with every `%XX` escape decoded, as fal's server reads a path or a
+/// query parameter's name (`/x/%70ro` is `/x/pro`).
+pub(crate) fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match escaped_byte(&bytes[i..]) {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// The byte a `%XX` escape at the start of `bytes` stands for: two hex
 /// digits exactly (`u8::from_str_radix` would also take `%+1`).
 pub(crate) fn escaped_byte(bytes: &[u8]) -> Option<u8> {

@@ -15,13 +15,14 @@ use simd_json::prelude::*;
 
 use super::body::Body;
 use super::headers;
-use super::path::Canonical;
+use super::path::{self, Canonical};
 use super::respond::{
     billed_json, billed_stream, billing, collect_bounded, read_answer, read_object, spliceable,
     Answer, Collected,
 };
-use super::{Conn, Proxy, Trace};
+use super::{Conn, Proxy, Trace, Unanswered};
 use crate::billing::json;
+use crate::billing::ledger::Reservation;
 use crate::billing::pricing::Tariff;
 use crate::error::ApiError;
 use crate::jobs::Job;
@@ -181,35 +182,57 @@ impl Proxy {
         let uri = self.upstream.queue.uri(&target.forwarded("/queue"))?;
         let jobs = Arc::clone(&self.jobs);
         let (fal_base, base) = (self.upstream.queue_base().to_owned(), base.to_owned());
-        self.forward_billed(req, model, uri, key, request_id, trace, |sent| async move {
-            let (reservation, request, tariff, limit) = (
-                sent.reservation,
-                sent.request,
-                sent.tariff,
-                sent.tunables.max_json_response_bytes,
-            );
-            let status = sent.resp.status();
-            let (mut parts, incoming) = sent.resp.into_parts();
-            headers::strip_hop_by_hop(&mut parts.headers);
-            if !status.is_success() {
-                reservation.release(Some(status.as_u16()));
-                return Ok(Response::from_parts(parts, Body::Stream(incoming)));
-            }
-            let bytes = match collect_bounded(incoming, limit).await {
-                Ok(Collected::Whole(bytes)) => bytes,
-                Ok(Collected::Overflow(..)) | Err(_) => {
+        // With the client's own webhook, fal delivers the output to the
+        // client directly: a submission fal may have queued is paid for even
+        // when its answer did not come through.
+        let unanswered = if has_webhook(target.query()) {
+            Unanswered::ChargeHold
+        } else {
+            Unanswered::Release
+        };
+        self.forward_billed(
+            req,
+            model,
+            uri,
+            key,
+            request_id,
+            trace,
+            unanswered,
+            move |sent| async move {
+                let (reservation, request, tariff, limit) = (
+                    sent.reservation,
+                    sent.request,
+                    sent.tariff,
+                    sent.tunables.max_json_response_bytes,
+                );
+                let status = sent.resp.status();
+                let (mut parts, incoming) = sent.resp.into_parts();
+                headers::strip_hop_by_hop(&mut parts.headers);
+                if !status.is_success() {
                     reservation.release(Some(status.as_u16()));
-                    return Err(ApiError::UpstreamUnreachable);
+                    return Ok(Response::from_parts(parts, Body::Stream(incoming)));
                 }
-            };
-            let Some(fal_id) = string_field(&bytes, "request_id") else {
-                tracing::error!("fal's queue accepted a job without a request_id");
-                reservation.release(Some(status.as_u16()));
-                return Err(ApiError::UpstreamFailed(StatusCode::BAD_GATEWAY));
-            };
-            jobs.submitted(&fal_id, &app, request, tariff, reservation.detach());
-            Ok(rewritten(parts, &bytes, &fal_base, &base))
-        })
+                // fal took the job but its answer cannot be read: no job to track.
+                let untracked = move |reservation: Reservation| match unanswered {
+                    Unanswered::ChargeHold => reservation.charge(None, status.as_u16()),
+                    Unanswered::Release => reservation.release(Some(status.as_u16())),
+                };
+                let bytes = match collect_bounded(incoming, limit).await {
+                    Ok(Collected::Whole(bytes)) => bytes,
+                    Ok(Collected::Overflow(..)) | Err(_) => {
+                        untracked(reservation);
+                        return Err(ApiError::UpstreamUnreachable);
+                    }
+                };
+                let Some(fal_id) = string_field(&bytes, "request_id") else {
+                    tracing::error!("fal's queue accepted a job without a request_id");
+                    untracked(reservation);
+                    return Err(ApiError::UpstreamFailed(StatusCode::BAD_GATEWAY));
+                };
+                jobs.submitted(&fal_id, &app, request, tariff, reservation.detach());
+                Ok(rewritten(parts, &bytes, &fal_base, &base))
+            },
+        )
         .await
     }
 
@@ -254,13 +277,7 @@ impl Proxy {
                     return Ok(Response::from_parts(parts, Body::Stream(incoming)));
                 }
                 let bytes = whole(incoming, limit).await?;
-                if status.is_success()
-                    && string_field(&bytes, "status")
-                        .as_deref()
-                        .is_some_and(failed)
-                {
-                    self.jobs.release(job, Some(status.as_u16()));
-                }
+                self.observe_status(job, status, &bytes);
                 Ok(rewritten(parts, &bytes, self.upstream.queue_base(), base))
             }
             Action::Result if !status.is_success() => {
@@ -352,19 +369,43 @@ impl Proxy {
         let code = resp.status();
         let limit = self.tunables.load().max_json_response_bytes;
         let bytes = whole(resp.into_body(), limit).await?;
-        let state = string_field(&bytes, "status").unwrap_or_default();
+        let state = self.observe_status(job, code, &bytes);
+        Ok((code, state))
+    }
+
+    /// What fal's status answer says of the job, acted on: a job that ended
+    /// without a result is released; one that completed is noted as such.
+    fn observe_status(&self, job: &Job, code: StatusCode, bytes: &[u8]) -> String {
+        if !code.is_success() {
+            return String::new();
+        }
+        let state = string_field(bytes, "status").unwrap_or_default();
         if failed(&state) {
             self.jobs.release(job, Some(code.as_u16()));
+        } else if state == "COMPLETED" {
+            job.saw_completed();
         }
-        Ok((code, state))
+        state
+    }
+
+    /// A job fal no longer knows, past `give_up_after_secs`: one it reported
+    /// COMPLETED is charged its hold (fal did the work, and billed it);
+    /// any other is released.
+    fn give_up(&self, job: &Job) {
+        if job.was_completed() {
+            tracing::warn!(request_id = %job.request_id, "fal no longer knows this completed job: charged its hold");
+            self.jobs.charge(job, None, 200);
+        } else {
+            tracing::warn!(request_id = %job.request_id, "fal no longer knows this job: released");
+            self.jobs.release(job, Some(404));
+        }
     }
 
     async fn reconcile_job(&self, job: &Job, give_up_after_ms: i64) -> Result<(), ApiError> {
         let (code, state) = self.check_status(job).await?;
         if code == StatusCode::NOT_FOUND {
             if crate::store::now_ms() - job.created_at_ms > give_up_after_ms {
-                tracing::warn!(request_id = %job.request_id, "fal no longer knows this job: released");
-                self.jobs.release(job, Some(404));
+                self.give_up(job);
             }
             return Ok(());
         }
@@ -380,8 +421,13 @@ impl Proxy {
         if code.is_server_error() {
             return Err(ApiError::UpstreamFailed(code));
         }
+        if code == StatusCode::NOT_FOUND {
+            // COMPLETED, yet no result (yet, or any more): fal did the work.
+            // Asked again next round; if fal forgets the job, its hold is charged.
+            return Ok(());
+        }
         if !code.is_success() {
-            // Completed without a result: the job failed at fal.
+            // Completed with the model's error instead of a result: fal bills nothing.
             self.jobs.release(job, Some(code.as_u16()));
             return Ok(());
         }
@@ -396,6 +442,17 @@ impl Proxy {
         self.charge_job(job, answer.as_ref(), code);
         Ok(())
     }
+}
+
+/// Whether a submission's query names a `fal_webhook` (its name as fal
+/// reads it, percent-escapes decoded).
+fn has_webhook(query: Option<&str>) -> bool {
+    query.is_some_and(|q| {
+        q.split('&').any(|pair| {
+            let name = pair.split('=').next().unwrap_or("");
+            path::percent_decoded(name) == "fal_webhook"
+        })
+    })
 }
 
 /// fal's JSON with its queue URLs (on `fal_base`) pointing at us (`our_base`) instead.

@@ -9,7 +9,7 @@ use crate::billing::journal::HoldRecord;
 use crate::billing::pricing::Tariff;
 
 /// A job as submitted.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct JobRecord {
     /// fal's request id.
     pub request_id: String,

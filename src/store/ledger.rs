@@ -133,8 +133,8 @@ pub struct Recovered {
 }
 
 /// Settles what a process that did not stop cleanly left behind. The
-/// journal's settlements are recorded as they happened (each once: an id
-/// already in `charges` is left alone). A hold with no recorded outcome,
+/// journal's jobs are recorded, and its settlements as they happened (each
+/// once: an id already in `charges` is left alone). A hold with no recorded outcome,
 /// in `holds` or only in the journal, may have been served by fal, so it is
 /// charged its held amount, which the balance covered when it was taken; a
 /// pending queued job keeps its hold (the job settles it).
@@ -149,6 +149,8 @@ pub fn recover(
         match entry {
             Entry::Hold(h) => insert_hold(&tx, h)?,
             Entry::Settle(c) => done.settled += u64::from(insert_charge(&tx, c)?),
+            // Pending again, with its hold: the job settles it, not recovery.
+            Entry::Job(j) => super::jobs::insert(&tx, j)?,
         }
     }
     let orphans: Vec<HoldRecord> = tx

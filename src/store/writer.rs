@@ -43,8 +43,12 @@ pub enum WriteOp {
         charge: ChargeRecord,
         segment: Option<u64>,
     },
-    /// A job accepted by fal's queue, carrying its hold.
-    JobSubmitted(JobRecord),
+    /// A job accepted by fal's queue, carrying its hold; journalled in
+    /// `segment` (`None` if the journal could not take it).
+    JobSubmitted {
+        job: JobRecord,
+        segment: Option<u64>,
+    },
     /// A job ended; its charge (or release) is a `Settle` of its hold.
     JobEnded {
         request_id: String,
@@ -62,7 +66,7 @@ impl WriteOp {
     fn segment(&self) -> Option<u64> {
         match self {
             WriteOp::Hold { segment, .. } => Some(*segment),
-            WriteOp::Settle { segment, .. } => *segment,
+            WriteOp::Settle { segment, .. } | WriteOp::JobSubmitted { segment, .. } => *segment,
             _ => None,
         }
     }
@@ -72,7 +76,7 @@ impl WriteOp {
         match self {
             WriteOp::Hold { hold, .. } => Some(&hold.id),
             WriteOp::Settle { charge, .. } => Some(&charge.id),
-            WriteOp::JobSubmitted(job) => Some(&job.request_id),
+            WriteOp::JobSubmitted { job, .. } => Some(&job.request_id),
             WriteOp::JobEnded { request_id, .. } => Some(request_id),
             WriteOp::KeyUsed { .. } | WriteOp::Close => None,
         }
@@ -410,7 +414,7 @@ fn commit(conn: &mut Connection, batch: &[WriteOp]) -> rusqlite::Result<()> {
                         ledger::delete_hold(&tx, &charge.id)?;
                     }
                 }
-                WriteOp::JobSubmitted(job) => jobs::insert(&tx, job)?,
+                WriteOp::JobSubmitted { job, .. } => jobs::insert(&tx, job)?,
                 WriteOp::JobEnded {
                     request_id,
                     end,
