@@ -122,6 +122,11 @@ impl Upstream {
         })
     }
 
+    /// The longest wait for fal: for its headers, and for each part of a body it streams.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Sends `req` (its URI already built from a [`Target`]) with the
     /// operator's key, and waits at most `timeout` for fal's response headers.
     pub async fn send(&self, mut req: Request<Body>) -> Result<Response<Incoming>, ApiError> {

@@ -507,7 +507,7 @@ async fn sigkill_under_load_never_loses_or_doubles_a_charge() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn json_answers_over_the_buffer_limit_stream_unchanged_with_headers() {
+async fn json_answers_over_the_buffer_limit_stream_unchanged_and_are_charged_all_the_same() {
     let mock = MockFal::start(None).await.unwrap();
     let mut opts = Options::new(mock.url(false));
     opts.pricing = TEST_PRICING.replace(
@@ -520,7 +520,9 @@ async fn json_answers_over_the_buffer_limit_stream_unchanged_with_headers() {
     for (sent, spliced) in [(small, true), (large, false)] {
         let resp = call(&server, &key, "/mock/echo", &sent).await;
         assert_eq!(resp.status(), 200);
-        assert_eq!(resp.headers()["x-billing-credits-used"], "2");
+        // A large answer is priced once it has passed: its headers cannot say.
+        let figures = resp.headers().get("x-billing-credits-used").cloned();
+        assert_eq!(figures, spliced.then(|| http::HeaderValue::from(2)));
         let got = body(resp).await;
         if spliced {
             assert_eq!(unsplice(&got).0, sent.as_bytes());
@@ -532,25 +534,44 @@ async fn json_answers_over_the_buffer_limit_stream_unchanged_with_headers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_oversized_answer_streams_unchanged_and_is_charged_its_estimate() {
+async fn an_oversized_answer_streams_unchanged_and_is_charged_what_it_returned() {
     let mock = MockFal::start(None).await.unwrap();
     let mut opts = Options::new(mock.url(false));
-    opts.pricing = TEST_PRICING.replace(
-        "margin = 0.10",
-        "margin = 0.10\nmax_json_response_bytes = 4096",
+    opts.pricing = format!(
+        "{}\n[[pricing]]\nmodel = \"fal-ai/some-upscaler\"\nunit = \"megapixel\"\nusd = 0.025\n",
+        TEST_PRICING.replace(
+            "margin = 0.10",
+            "margin = 0.10\nmax_json_response_bytes = 4096",
+        )
     );
     let (server, key) = Server::start_with_key(opts, "acme", 1000);
-    // Two square_hd images: 2 MP × $0.025 × 1.1 = 55 credits held, each
-    // padded the way sync_mode's base64 images are, about 200 kB in all.
+    // Two square_hd images: 2 MP × $0.025 × 1.1 = 55 credits, each padded
+    // the way sync_mode's base64 images are, about 200 kB in all.
     let input =
         r#"{"prompt":"a fox","image_size":"square_hd","num_images":2,"mock_result_bytes":200000}"#;
-    let resp = call(&server, &key, "/fal-ai/flux/dev", input).await;
-    assert_eq!(resp.status(), 200);
-    assert_eq!(resp.headers()["x-billing-credits-used"], "55");
-    assert_eq!(resp.headers()["x-billing-balance-remaining"], "945");
-    let got = body(resp).await;
-    let sent = direct(&mock, "/fal-ai/flux/dev", input).await;
-    assert!(sent.len() > 190_000, "{}", sent.len());
-    assert!(got == sent, "a large answer was altered");
-    assert!(books_close(&server, &[("acme", 55)]).await);
+    // An upscaler, held at fal's default 1 MP (28 credits), returns one
+    // 2048×2048 image: 4 MP, 110 credits, however large its answer is made.
+    let upscale = r#"{"mock_result_bytes":300000}"#;
+    for (path, input, cost, balance) in [
+        ("/fal-ai/flux/dev", input, 55, 945),
+        ("/fal-ai/some-upscaler", upscale, 110, 835),
+    ] {
+        let resp = call(&server, &key, path, input).await;
+        assert_eq!(resp.status(), 200);
+        assert!(resp.headers().get("x-billing-credits-used").is_none());
+        let id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+        let got = body(resp).await;
+        let sent = direct(&mock, path, input).await;
+        assert!(sent.len() > 190_000, "{}", sent.len());
+        assert!(got == sent, "a large answer was altered");
+        assert!(settles_to(&server, "acme", balance).await, "{path}");
+        let charged: i64 = server
+            .db()
+            .query_row("SELECT credits FROM charges WHERE id = ?1", [&id], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(charged, cost, "{path}");
+    }
+    assert!(books_close(&server, &[("acme", 55 + 110)]).await);
 }

@@ -1,6 +1,7 @@
 //! Money: what a request costs ([`pricing`]), what it is read from
 //! ([`facts`], parsed by [`json`]), how credits are held and settled ([`ledger`], [`journal`]),
-//! and how the figures reach the client ([`splice`]).
+//! also from answers too large to buffer ([`stream_facts`]), and how the
+//! figures reach the client ([`splice`]).
 
 pub mod decimal;
 pub mod facts;
@@ -10,3 +11,4 @@ pub mod lax;
 pub mod ledger;
 pub mod pricing;
 pub mod splice;
+pub mod stream_facts;

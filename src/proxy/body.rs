@@ -13,6 +13,9 @@ pub enum Body {
     Stream(Incoming),
     /// Bytes already read from a stream, then the rest of it.
     Chained(Option<Bytes>, Incoming),
+    /// A stream read by a task of ours (that meters it) and handed on chunk
+    /// by chunk; an error in it reaches the client as the stream's error.
+    Relay(tokio::sync::mpsc::Receiver<Result<Bytes, hyper::Error>>),
 }
 
 impl Body {
@@ -40,6 +43,9 @@ impl http_body::Body for Body {
                 Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
                 None => Pin::new(incoming).poll_frame(cx),
             },
+            Body::Relay(rx) => rx
+                .poll_recv(cx)
+                .map(|chunk| chunk.map(|r| r.map(Frame::data))),
         }
     }
 
@@ -48,6 +54,7 @@ impl http_body::Body for Body {
             Body::Full(bytes) => bytes.is_none(),
             Body::Stream(incoming) => incoming.is_end_stream(),
             Body::Chained(prefix, incoming) => prefix.is_none() && incoming.is_end_stream(),
+            Body::Relay(_) => false,
         }
     }
 
@@ -66,6 +73,7 @@ impl http_body::Body for Body {
                 }
                 hint
             }
+            Body::Relay(_) => SizeHint::new(),
         }
     }
 }

@@ -34,16 +34,24 @@ impl Detached {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        self.running.fetch_add(1, Ordering::AcqRel);
-        let running = Running(Arc::clone(self));
-        let task = tokio::spawn(async move {
-            let _running = running;
-            work.await
-        });
-        match task.await {
+        match self.spawn(work).await {
             Ok(out) => out,
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         }
+    }
+
+    /// Runs `work` on a task of its own, counted until it ends.
+    pub fn spawn<F>(self: &Arc<Self>, work: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.running.fetch_add(1, Ordering::AcqRel);
+        let running = Running(Arc::clone(self));
+        tokio::spawn(async move {
+            let _running = running;
+            work.await
+        })
     }
 
     /// Waits until no work runs, for at most `within`; true if none does.

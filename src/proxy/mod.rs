@@ -8,6 +8,7 @@ mod detached;
 mod fal_proxy;
 pub mod headers;
 pub mod json_body;
+mod meter;
 pub(crate) mod path;
 mod queue;
 mod request_id;
@@ -248,6 +249,7 @@ impl Proxy {
         let uri = self.upstream.run.uri(&target.forwarded(""))?;
         let model = &target.path()[1..];
         let unanswered = Unanswered::Release;
+        let (detached, idle) = (Arc::clone(&self.detached), self.upstream.timeout());
         self.forward_billed(
             req,
             model,
@@ -256,12 +258,14 @@ impl Proxy {
             request_id,
             trace,
             unanswered,
-            |sent| async move {
+            move |sent| async move {
                 let billed = Billed {
                     tariff: &sent.tariff,
                     model: &sent.model,
                     request: sent.request,
                     max_json_bytes: sent.tunables.max_json_response_bytes,
+                    detached: &detached,
+                    idle,
                 };
                 billed.respond(sent.resp, sent.reservation).await
             },

@@ -20,7 +20,7 @@ use super::respond::{
     billed_json, billed_stream, billing, collect_bounded, read_answer, read_object, spliceable,
     Answer, Collected,
 };
-use super::{Conn, Proxy, Trace, Unanswered};
+use super::{meter, Conn, Proxy, Trace, Unanswered};
 use crate::billing::json;
 use crate::billing::ledger::Reservation;
 use crate::billing::pricing::Tariff;
@@ -239,7 +239,7 @@ impl Proxy {
     async fn poll(
         &self,
         req: Request<Incoming>,
-        job: &Job,
+        job: &Arc<Job>,
         action: Action,
         query: Option<&str>,
         base: &str,
@@ -295,11 +295,12 @@ impl Proxy {
     }
 
     /// fal's result: the job is charged on the first one, and every fetch
-    /// carries the same figures. A result too large to read is passed on
-    /// untouched and charged its hold.
+    /// carries the same figures. A result too large to buffer is passed on
+    /// untouched and priced as it streams past; one that is not JSON is
+    /// charged its hold.
     async fn result(
         &self,
-        job: &Job,
+        job: &Arc<Job>,
         parts: http::response::Parts,
         incoming: Incoming,
         status: StatusCode,
@@ -308,6 +309,19 @@ impl Proxy {
         let limit = tunables.max_json_response_bytes;
         let bytes = match read_answer(&parts.headers, incoming, limit).await {
             Ok(Answer::Read(bytes)) => bytes,
+            Ok(Answer::TooLarge(prefix, rest)) => {
+                // Priced when it has passed: no figures in its headers.
+                let (jobs, job) = (Arc::clone(&self.jobs), Arc::clone(job));
+                let tariff = self.tariff_of(&job);
+                let idle = self.upstream.timeout();
+                let body = meter::metered(&self.detached, prefix, rest, idle, move |facts| {
+                    let quote = tariff
+                        .zip(facts)
+                        .and_then(|(tariff, facts)| tariff.actual(&job.request, &facts));
+                    jobs.charge(&job, quote, status.as_u16());
+                });
+                return Ok(Response::from_parts(parts, body));
+            }
             Ok(Answer::Unread(body)) => {
                 let settled = self.charge_job(job, None, status);
                 return Ok(billed_stream(parts, settled, body));
@@ -435,7 +449,10 @@ impl Proxy {
         let limit = self.tunables.load().max_json_response_bytes;
         let answer = match read_answer(&parts.headers, incoming, limit).await {
             Ok(Answer::Read(bytes)) => read_object(&bytes),
-            // Too large to price from: its hold, without downloading the rest.
+            Ok(Answer::TooLarge(prefix, rest)) => {
+                meter::read_through(prefix, rest, self.upstream.timeout()).await
+            }
+            // Not JSON: its hold, without downloading it.
             Ok(Answer::Unread(_)) => None,
             Err(_) => return Err(ApiError::UpstreamUnreachable),
         };

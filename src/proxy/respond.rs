@@ -1,14 +1,20 @@
 //! The answer to a billed request: settle the reservation, then give the
 //! client fal's answer with the figures. A JSON object is buffered (bounded)
-//! to splice `_billing` in; anything else streams with billing headers.
+//! to splice `_billing` in; a larger one is priced as it streams past; anything
+//! else streams with billing headers.
 
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use super::body::Body;
+use super::detached::Detached;
 use super::headers::{self, is_json};
+use super::meter;
 use crate::billing::facts::{RequestFacts, ResponseFacts};
 use crate::billing::json;
 use crate::billing::ledger::{Reservation, Settled};
@@ -23,6 +29,10 @@ pub struct Billed<'a> {
     pub model: &'a str,
     pub request: RequestFacts,
     pub max_json_bytes: usize,
+    /// Where an answer too large to buffer is read on, and how long fal may
+    /// pause within it.
+    pub detached: &'a Arc<Detached>,
+    pub idle: Duration,
 }
 
 /// A body read up to a bound.
@@ -48,24 +58,34 @@ pub(super) async fn collect_bounded(
     Ok(Collected::Whole(buf.freeze()))
 }
 
-/// A body we can splice into: JSON, not compressed, not declared too large.
-pub(super) fn spliceable(headers: &HeaderMap, limit: usize) -> bool {
+/// A body we can read: JSON, not compressed.
+fn readable(headers: &HeaderMap) -> bool {
     let identity = headers
         .get(header::CONTENT_ENCODING)
         .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"identity"));
-    let declared_ok = headers
+    is_json(headers) && identity
+}
+
+/// The length fal declares, if it does.
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-        .is_none_or(|n| n <= limit as u64);
-    is_json(headers) && identity && declared_ok
+}
+
+/// A body we can splice into: JSON, not compressed, not declared too large.
+pub(super) fn spliceable(headers: &HeaderMap, limit: usize) -> bool {
+    readable(headers) && declared_length(headers).is_none_or(|n| n <= limit as u64)
 }
 
 /// fal's answer, as far as billing reads it.
 pub(super) enum Answer {
     /// JSON read whole within the limit: priced from what it says.
     Read(Bytes),
-    /// Not JSON, compressed, or over the limit: priced at its hold and passed
-    /// on untouched (what was read of it, then the rest).
+    /// JSON over the limit: what was read of it (perhaps nothing), and the
+    /// rest, to be priced from what it says as it streams past ([`meter`]).
+    TooLarge(Bytes, Incoming),
+    /// Not JSON, or compressed: priced at its hold and passed on untouched.
     Unread(Body),
 }
 
@@ -75,12 +95,15 @@ pub(super) async fn read_answer(
     incoming: Incoming,
     limit: usize,
 ) -> Result<Answer, hyper::Error> {
-    if !spliceable(headers, limit) {
+    if !readable(headers) {
         return Ok(Answer::Unread(Body::Stream(incoming)));
+    }
+    if declared_length(headers).is_some_and(|n| n > limit as u64) {
+        return Ok(Answer::TooLarge(Bytes::new(), incoming));
     }
     Ok(match collect_bounded(incoming, limit).await? {
         Collected::Whole(bytes) => Answer::Read(bytes),
-        Collected::Overflow(prefix, rest) => Answer::Unread(Body::Chained(Some(prefix), rest)),
+        Collected::Overflow(prefix, rest) => Answer::TooLarge(prefix, rest),
     })
 }
 
@@ -103,6 +126,23 @@ impl Billed<'_> {
 
         let bytes = match read_answer(&parts.headers, incoming, self.max_json_bytes).await {
             Ok(Answer::Read(bytes)) => bytes,
+            Ok(Answer::TooLarge(prefix, rest)) if status.is_success() => {
+                // Priced when it has passed: no figures in its headers.
+                let (tariff, request) = (self.tariff.clone(), self.request);
+                let body = meter::metered(self.detached, prefix, rest, self.idle, move |facts| {
+                    let quote = facts.and_then(|f| tariff.actual(&request, &f));
+                    reservation.charge(quote, status.as_u16());
+                });
+                return Ok(Response::from_parts(parts, body));
+            }
+            Ok(Answer::TooLarge(prefix, rest)) => {
+                let settled = self.settle(reservation, status, None);
+                return Ok(billed_stream(
+                    parts,
+                    settled,
+                    Body::Chained(Some(prefix), rest),
+                ));
+            }
             Ok(Answer::Unread(body)) => {
                 let settled = self.settle(reservation, status, None);
                 return Ok(billed_stream(parts, settled, body));
