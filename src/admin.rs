@@ -351,11 +351,12 @@ impl Admin {
     async fn create_key(&self, new: NewKey) -> Result<Response<Body>, ApiError> {
         self.find(&new.account).await?;
         let account = new.account.clone();
+        let origin = admin::KeyOrigin::operator(&self.reloader.config());
         let (created, row) = self
             .w
             .db
             .run(move |conn| {
-                let created = admin::create_key(conn, &account, 0, DEFAULT_PLAN)?;
+                let created = admin::create_key(conn, &account, 0, DEFAULT_PLAN, origin)?;
                 let row = snapshot::key_by_id(conn, created.id)?;
                 Ok((created, row))
             })

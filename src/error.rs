@@ -19,6 +19,9 @@ pub enum Error {
     Tls(String),
     #[error("{0}")]
     Usage(String),
+    /// The account has as many live keys as `[limits] max_keys_per_account` allows.
+    #[error("account {account:?} has {max} live keys, the most it may have: disable one first")]
+    KeyLimit { account: String, max: u64 },
 }
 
 /// Everything a single request can fail with. Each variant knows its status
@@ -64,6 +67,14 @@ pub enum ApiError {
         retry_after: u64,
         by_account: bool,
     },
+    /// The account has as many live keys as it may have.
+    KeyLimit {
+        max: u64,
+    },
+    /// The account created keys faster than `[limits] key_creations_per_minute`.
+    KeyCreationLimited {
+        retry_after: u64,
+    },
     InsufficientCredits {
         needed: u64,
         available: i64,
@@ -89,12 +100,12 @@ impl ApiError {
             JobNotFound | NotFound => StatusCode::NOT_FOUND,
             AdminUnauthorized => StatusCode::UNAUTHORIZED,
             Invalid(_) => StatusCode::BAD_REQUEST,
-            Conflict(_) => StatusCode::CONFLICT,
+            Conflict(_) | KeyLimit { .. } => StatusCode::CONFLICT,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             UnpricedModel(_) => StatusCode::NOT_FOUND,
             InsufficientCredits { .. } => StatusCode::PAYMENT_REQUIRED,
-            RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            RateLimited { .. } | KeyCreationLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             LedgerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamUnreachable | UpstreamFailed(_) | UpstreamAuth => StatusCode::BAD_GATEWAY,
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -130,6 +141,8 @@ impl ApiError {
             RateLimited {
                 by_account: true, ..
             } => "account_rate_limited",
+            KeyLimit { .. } => "key_limit_reached",
+            KeyCreationLimited { .. } => "key_creation_rate_limited",
             LedgerUnavailable => "ledger_unavailable",
             UpstreamUnreachable => "upstream_unreachable",
             UpstreamTimeout => "upstream_timeout",
@@ -167,6 +180,12 @@ impl ApiError {
                 "Rate limit exceeded for this {}; retry in {retry_after} s.",
                 if *by_account { "account" } else { "key" }
             ),
+            KeyLimit { max } => format!(
+                "This account has {max} live keys, the most it may have; revoke one first."
+            ),
+            KeyCreationLimited { retry_after } => format!(
+                "Keys are being created too fast for this account; retry in {retry_after} s."
+            ),
             UpstreamUnreachable => "fal could not be reached.".into(),
             UpstreamTimeout => "fal did not answer in time.".into(),
             UpstreamFailed(s) => format!("fal answered with an error ({}).", s.as_u16()),
@@ -188,8 +207,12 @@ impl ApiError {
             "x-fal-error-type",
             HeaderValue::from_static(self.error_type()),
         );
-        if let ApiError::RateLimited { retry_after, .. } = self {
-            h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+        match self {
+            ApiError::RateLimited { retry_after, .. }
+            | ApiError::KeyCreationLimited { retry_after } => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+            }
+            _ => {}
         }
         resp
     }
@@ -207,6 +230,9 @@ fn json_error(detail: &str, error_type: &str) -> Bytes {
 
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
+        if let Error::KeyLimit { max, .. } = e {
+            return ApiError::KeyLimit { max };
+        }
         tracing::error!(error = %e, "request failed on our side");
         ApiError::Internal
     }

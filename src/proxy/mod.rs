@@ -91,6 +91,7 @@ pub struct Tunables {
     pub limits: RateLimits,
     pub max_json_body_bytes: usize,
     pub max_json_response_bytes: usize,
+    pub max_keys_per_account: u64,
 }
 
 impl Tunables {
@@ -100,6 +101,7 @@ impl Tunables {
             limits: RateLimits::new(config),
             max_json_body_bytes: config.limits.max_json_body_bytes,
             max_json_response_bytes: config.billing.max_json_response_bytes,
+            max_keys_per_account: config.limits.max_keys_per_account,
         })
     }
 }

@@ -114,13 +114,34 @@ pub fn create_account(
     Ok(row)
 }
 
+/// Who asks for a key, and how many live keys its account may have.
+#[derive(Clone, Copy)]
+pub struct KeyOrigin {
+    /// The key it is created with (the dashboard's); `None` for the operator's.
+    pub created_by: Option<i64>,
+    /// `[limits] max_keys_per_account`.
+    pub max_keys: u64,
+}
+
+impl KeyOrigin {
+    /// The operator's: the CLI and the admin API.
+    pub fn operator(config: &crate::config::Config) -> Self {
+        Self {
+            created_by: None,
+            max_keys: config.limits.max_keys_per_account,
+        }
+    }
+}
+
 /// Creates a key for `account`, creating the account first if it is new
-/// (with `credits` and `plan`). For an existing account those two are left as they are.
+/// (with `credits` and `plan`). For an existing account those two are left
+/// as they are. Refused when the account already has `origin.max_keys` live keys.
 pub fn create_key(
     conn: &mut Connection,
     account: &str,
     credits: i64,
     plan: &str,
+    origin: KeyOrigin,
 ) -> Result<CreatedKey, Error> {
     if account.trim().is_empty() {
         return Err(Error::Usage("an account name cannot be empty".into()));
@@ -142,9 +163,29 @@ pub fn create_key(
             (require_account(&tx, account)?, true)
         }
     };
+    // Counted in the same write transaction as the insert: concurrent
+    // creations cannot together pass the cap.
+    let live: u64 = tx.query_row(
+        "SELECT COUNT(*) FROM api_keys WHERE account_id = ?1 AND disabled = 0",
+        [account.id],
+        |r| r.get(0),
+    )?;
+    if live >= origin.max_keys {
+        return Err(Error::KeyLimit {
+            account: account.name,
+            max: origin.max_keys,
+        });
+    }
     tx.execute(
-        "INSERT INTO api_keys (account_id, hash, display_prefix, created_at) VALUES (?1, ?2, ?3, ?4)",
-        params![account.id, &new.hash[..], new.display_prefix, now_secs()],
+        "INSERT INTO api_keys (account_id, hash, display_prefix, created_at, created_by)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            account.id,
+            &new.hash[..],
+            new.display_prefix,
+            now_secs(),
+            origin.created_by
+        ],
     )?;
     let id = tx.last_insert_rowid();
     record_change(&tx, Some(account.id), Some(id), 0)?;
@@ -199,6 +240,31 @@ pub fn set_key_disabled(conn: &mut Connection, id: i64, disabled: bool) -> Resul
     )?;
     record_change(&tx, Some(account_id), Some(id), 0)?;
     Ok(tx.commit()?)
+}
+
+/// Disables key `id` of account `account_id` and every key created with it,
+/// and with those, down the line: a leaked key's offspring go with it.
+/// Returns the ids disabled (`id` first), or none when `id` is not the account's.
+pub fn revoke_key(conn: &mut Connection, id: i64, account_id: i64) -> Result<Vec<i64>, Error> {
+    let tx = write_tx(conn)?;
+    let ids = {
+        let mut stmt = tx.prepare(
+            "WITH RECURSIVE tree(id) AS (
+                 SELECT id FROM api_keys WHERE id = ?1 AND account_id = ?2
+                 UNION SELECT k.id FROM api_keys k JOIN tree t ON k.created_by = t.id
+                 WHERE k.account_id = ?2
+             )
+             SELECT id FROM tree ORDER BY id",
+        )?;
+        let ids = stmt.query_map(params![id, account_id], |r| r.get::<_, i64>(0))?;
+        ids.collect::<Result<Vec<_>, _>>()?
+    };
+    for &key in &ids {
+        tx.execute("UPDATE api_keys SET disabled = 1 WHERE id = ?1", [key])?;
+        record_change(&tx, Some(account_id), Some(key), 0)?;
+    }
+    tx.commit()?;
+    Ok(ids)
 }
 
 /// Adds `credits` to the balance; returns the account as it is afterwards.

@@ -44,6 +44,8 @@ pub struct Options {
     pub admin: bool,
     /// `tls_cert` and `tls_key`; the embedded dev certificate when `None`.
     pub tls_files: Option<(PathBuf, PathBuf)>,
+    /// More `[limits]` lines, as TOML.
+    pub limits: String,
 }
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
@@ -96,6 +98,7 @@ impl Options {
             plans: UNLIMITED_PLANS.to_owned(),
             admin: false,
             tls_files: None,
+            limits: String::new(),
         }
     }
 
@@ -133,6 +136,7 @@ reconcile_interval_secs = {reconcile}
 
 [limits]
 max_json_body_bytes = {max_json}
+{limits}
 {pricing}
 {plans}
 "#,
@@ -158,6 +162,7 @@ max_json_body_bytes = {max_json}
             timeout = self.timeout_secs,
             db = dir.join("abhiapi.db").display(),
             max_json = self.max_json_body_bytes,
+            limits = self.limits,
             pricing = self.pricing,
             plans = self.plans,
         )
