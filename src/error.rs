@@ -58,6 +58,10 @@ pub enum ApiError {
     Conflict(String),
     /// A `Host` we could not put into the URLs we hand back.
     InvalidHost,
+    /// A method fal's APIs do not use (`CONNECT`, `TRACE`, …).
+    MethodNotAllowed,
+    /// A protocol upgrade (a WebSocket handshake): fal's APIs are plain HTTP.
+    UpgradeRefused,
     /// An `x-fal-target-url` that is missing or not one of fal's hosts.
     InvalidTarget,
     /// No `[[pricing]]` rule covers this model: the gateway does not offer it.
@@ -96,7 +100,8 @@ impl ApiError {
             MissingKey | MalformedKey | UnknownKey => StatusCode::UNAUTHORIZED,
             KeyDisabled | AccountSuspended => StatusCode::FORBIDDEN,
             MalformedJson(_) | InvalidInput(_) | ClientBody | InvalidPath | InvalidHost
-            | InvalidTarget => StatusCode::BAD_REQUEST,
+            | InvalidTarget | UpgradeRefused => StatusCode::BAD_REQUEST,
+            MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             JobNotFound | NotFound => StatusCode::NOT_FOUND,
             AdminUnauthorized => StatusCode::UNAUTHORIZED,
             Invalid(_) => StatusCode::BAD_REQUEST,
@@ -126,6 +131,8 @@ impl ApiError {
             ClientBody => "request_body_incomplete",
             InvalidPath => "invalid_path",
             InvalidHost => "invalid_host",
+            MethodNotAllowed => "method_not_allowed",
+            UpgradeRefused => "upgrade_not_supported",
             InvalidTarget => "invalid_target_url",
             JobNotFound => "job_not_found",
             NotFound => "not_found",
@@ -165,6 +172,8 @@ impl ApiError {
             ClientBody => "The request body ended before it was complete.".into(),
             InvalidPath => "Invalid path.".into(),
             InvalidHost => "Invalid Host header.".into(),
+            MethodNotAllowed => "Method not allowed: fal's APIs take GET, HEAD, POST, PUT, PATCH, DELETE and OPTIONS.".into(),
+            UpgradeRefused => "Protocol upgrades (WebSocket) are not supported.".into(),
             InvalidTarget => "x-fal-target-url must name fal.run, queue.fal.run or fal's storage upload endpoint.".into(),
             JobNotFound => "Request not found.".into(),
             NotFound => "Not found.".into(),
@@ -211,6 +220,12 @@ impl ApiError {
             ApiError::RateLimited { retry_after, .. }
             | ApiError::KeyCreationLimited { retry_after } => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+            }
+            ApiError::MethodNotAllowed => {
+                h.insert(
+                    header::ALLOW,
+                    HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+                );
             }
             _ => {}
         }

@@ -1,7 +1,11 @@
 //! A client that turns the proxy against its operator: minting keys to
-//! multiply its allowance.
+//! multiply its allowance, methods and upgrades fal has no use for, and paths
+//! that could slip past a route into a billed call.
 
 mod support;
+
+use std::io::{Read, Write};
+use std::time::Duration;
 
 use http::{Method, Request};
 use http_body_util::Full;
@@ -153,4 +157,105 @@ async fn the_default_free_plan_caps_an_account_however_many_keys_it_has() {
         assert_error(echo(&server, k).await, 429, "account_rate_limited").await;
     }
     assert_eq!(mock.seen().len(), 30);
+}
+
+/// Sends `head` (a request without a body) on a fresh connection and reads
+/// the answer until the server closes it.
+fn raw(server: std::net::SocketAddr, head: &str) -> String {
+    let mut conn = std::net::TcpStream::connect(server).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(head.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    let _ = conn.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// The status and `error_type` of a raw answer.
+fn refusal(answer: &str) -> (u16, String) {
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {answer:?}"));
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or("");
+    let error_type = json(body.as_bytes())
+        .get_str("error_type")
+        .unwrap_or_default()
+        .to_owned();
+    (status, error_type)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_trace_and_upgrades_are_refused_before_fal() {
+    let mock = MockFal::start(None).await.unwrap();
+    // A catch-all price rule: anything forwarded would be billed.
+    let (server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 1_000);
+    let cases = [
+        (
+            format!("CONNECT fal.run:443 HTTP/1.1\r\nhost: fal.run:443\r\nx-api-key: {key}\r\nconnection: close\r\n\r\n"),
+            405,
+            "method_not_allowed",
+        ),
+        (
+            format!("TRACE /mock/echo HTTP/1.1\r\nhost: x\r\nx-api-key: {key}\r\nconnection: close\r\n\r\n"),
+            405,
+            "method_not_allowed",
+        ),
+        (
+            format!(
+                "GET /mock/echo HTTP/1.1\r\nhost: x\r\nx-api-key: {key}\r\nconnection: upgrade, close\r\n\
+                 upgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            ),
+            400,
+            "upgrade_not_supported",
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (head, status, error_type) in cases {
+        let (addr, sent) = (server.plain, head.clone());
+        let answer = tokio::task::spawn_blocking(move || raw(addr, &sent))
+            .await
+            .unwrap();
+        if refusal(&answer) != (status, error_type.to_owned()) {
+            wrong.push(format!("{head:?} answered {answer:?}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    assert!(mock.seen().is_empty(), "fal was contacted");
+    assert!(books_close(&server, &[]).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_route_with_a_trailing_slash_is_never_a_billed_call() {
+    let mock = MockFal::start(None).await.unwrap();
+    let (server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 1_000);
+    let resp = call(&server, &key, "/queue/fal-ai/flux/dev", r#"{"prompt":"x"}"#).await;
+    assert_eq!(resp.status(), 200);
+    let id = json(&body(resp).await)
+        .get_str("request_id")
+        .unwrap()
+        .to_owned();
+    let seen = mock.seen().len();
+    for path in [
+        format!("/queue/fal-ai/flux/requests/{id}/"),
+        format!("/queue/fal-ai/flux/requests/{id}/status/"),
+        format!("/fal-ai/queue/requests/{id}/"),
+    ] {
+        let resp = client()
+            .request(get(&server.url(&path), Some(&key)))
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        assert!(matches!(status, 400 | 404), "{path}: {status}");
+        body(resp).await;
+    }
+    assert_eq!(mock.seen().len(), seen, "fal was contacted");
+    // The job is still pending: nothing was charged.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let charges: i64 = server
+        .db()
+        .query_row("SELECT COUNT(*) FROM charges", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(charges, 0);
 }

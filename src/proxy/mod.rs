@@ -2,6 +2,7 @@
 //! failure becomes a response in [`Proxy::handle`], nowhere else.
 
 mod account;
+mod admission;
 pub mod body;
 mod credentials;
 mod fal_proxy;
@@ -188,6 +189,7 @@ impl Proxy {
         request_id: &str,
         trace: &mut Trace,
     ) -> Result<Response<Body>, ApiError> {
+        admission::check(req.method(), req.headers())?;
         let path = req.uri().path().to_owned();
         trace.route = "healthz";
         if path == "/healthz" && req.method() == Method::GET {
