@@ -1,6 +1,7 @@
 //! A client that turns the proxy against its operator: minting keys to
-//! multiply its allowance, methods and upgrades fal has no use for, and paths
-//! that could slip past a route into a billed call.
+//! multiply its allowance, methods and upgrades fal has no use for, paths
+//! that could slip past a route into a billed call, and a page that could
+//! run script it was not shipped with.
 
 mod support;
 
@@ -258,4 +259,23 @@ async fn a_queue_route_with_a_trailing_slash_is_never_a_billed_call() {
         .query_row("SELECT COUNT(*) FROM charges", [], |r| r.get(0))
         .unwrap();
     assert_eq!(charges, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_allows_only_its_own_script_and_style_by_hash() {
+    let mock = MockFal::start(None).await.unwrap();
+    let server = Server::start(Options::new(mock.url(false)));
+    let resp = client()
+        .request(get(&server.url("/dashboard"), None))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let csp = resp.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(!csp.contains("unsafe-inline"), "{csp}");
+    for directive in ["script-src 'sha256-", "style-src 'sha256-"] {
+        assert!(csp.contains(directive), "{directive} missing from {csp}");
+    }
 }

@@ -5,6 +5,7 @@ mod account;
 mod admission;
 pub mod body;
 mod credentials;
+mod dashboard;
 mod fal_proxy;
 pub mod headers;
 pub mod json_body;
@@ -197,7 +198,7 @@ impl Proxy {
         }
         trace.route = "dashboard";
         if (path == "/dashboard" || path == "/dashboard/") && req.method() == Method::GET {
-            return Ok(dashboard());
+            return Ok(dashboard::page());
         }
         let target = path::Canonical::of(req.uri());
         let queue_route = target.as_ref().ok().and_then(queue::Route::parse);
@@ -439,23 +440,6 @@ fn rate_headers(map: &mut http::HeaderMap, verdict: Verdict) {
         headers::X_RATELIMIT_RESET,
         HeaderValue::from(ceil_secs(reset_ns)),
     );
-}
-
-/// The user dashboard: one page, its script and styles inline, nothing fetched from elsewhere.
-fn dashboard() -> Response<Body> {
-    let mut resp = Response::new(Body::full(include_str!("../dashboard/index.html")));
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    // The page holds a key: no framing, no other origins, no caching.
-    h.insert(
-        "content-security-policy",
-        HeaderValue::from_static("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self'; frame-ancestors 'none'"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    resp
 }
 
 /// `value` as a JSON answer (the admin API's and the dashboard's endpoints).
