@@ -191,6 +191,12 @@ impl Metrics {
                 "Ledger entries waiting for the writer.",
                 gauges.ledger_queue_depth as i64,
             ),
+            (
+                "abhiapi_log_lines_dropped_total",
+                "counter",
+                "Log lines dropped because stderr did not keep up (the requests were not held up).",
+                crate::log_output::dropped() as i64,
+            ),
         ];
         for (name, kind, help, value) in counters {
             let _ = writeln!(

@@ -200,7 +200,13 @@ impl Server {
 
     /// Starts on a config (and database) already prepared in `dir`.
     pub fn start_config(dir: tempfile::TempDir, config: PathBuf) -> Self {
-        let (child, plain, tls, admin) = launch(dir.path(), &config);
+        let stderr = log_file(dir.path());
+        Self::start_with_stderr(dir, config, stderr)
+    }
+
+    /// As [`Server::start_config`], with the server's stderr going to `stderr`.
+    pub fn start_with_stderr(dir: tempfile::TempDir, config: PathBuf, stderr: Stdio) -> Self {
+        let (child, plain, tls, admin) = launch(dir.path(), &config, stderr);
         Self {
             child,
             plain,
@@ -215,7 +221,8 @@ impl Server {
     /// exited or was killed); the ports are new.
     pub fn restart(&mut self) {
         self.kill();
-        let (child, plain, tls, admin) = launch(self.dir.path(), &self.config);
+        let stderr = log_file(self.dir.path());
+        let (child, plain, tls, admin) = launch(self.dir.path(), &self.config, stderr);
         (self.child, self.plain, self.tls, self.admin) = (child, plain, tls, admin);
     }
 
@@ -283,13 +290,22 @@ impl Drop for Server {
     }
 }
 
-/// Starts `abhiapi serve` and reads the addresses it announces.
-fn launch(dir: &Path, config: &Path) -> (Child, SocketAddr, SocketAddr, Option<SocketAddr>) {
-    let log = std::fs::OpenOptions::new()
+/// `stderr.log` in `dir`, appended to.
+fn log_file(dir: &Path) -> Stdio {
+    std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("stderr.log"))
-        .unwrap();
+        .unwrap()
+        .into()
+}
+
+/// Starts `abhiapi serve` and reads the addresses it announces.
+fn launch(
+    dir: &Path,
+    config: &Path,
+    stderr: Stdio,
+) -> (Child, SocketAddr, SocketAddr, Option<SocketAddr>) {
     let mut child = Command::new(BIN)
         .arg("serve")
         .arg("--config")
@@ -297,7 +313,7 @@ fn launch(dir: &Path, config: &Path) -> (Child, SocketAddr, SocketAddr, Option<S
         .env("ABHIAPI_TEST_FAL_KEY", FAL_KEY)
         .env("ABHIAPI_TEST_ADMIN_TOKEN", ADMIN_TOKEN)
         .stdout(Stdio::piped())
-        .stderr(log)
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let (tx, rx) = mpsc::channel();
@@ -312,7 +328,7 @@ fn launch(dir: &Path, config: &Path) -> (Child, SocketAddr, SocketAddr, Option<S
     while plain.is_none() || tls.is_none() {
         let left = deadline.saturating_duration_since(Instant::now());
         let line = rx.recv_timeout(left).unwrap_or_else(|_| {
-            let log = std::fs::read_to_string(dir.join("stderr.log")).unwrap();
+            let log = std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
             panic!("server did not announce its listeners; stderr:\n{log}")
         });
         let addr = |prefix: &str| {
