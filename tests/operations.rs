@@ -1,14 +1,18 @@
-//! The server on a bad day: a log pipe nobody drains, and files other users
-//! of the machine must not read.
+//! The server on a bad day, or after many: a log pipe nobody drains, a fal
+//! that never answers while it stops, jobs that ended long ago, and files
+//! other users of the machine must not read.
 
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Stdio;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use http::Request;
 use http_body_util::Full;
+use simd_json::prelude::*;
 use support::*;
 
 async fn metric(server: &Server, name: &str) -> f64 {
@@ -49,6 +53,88 @@ async fn a_stalled_stderr_does_not_stall_requests_and_dropped_lines_are_counted(
     }
     let dropped = metric(&server, "abhiapi_log_lines_dropped_total").await;
     assert!(dropped > 0.0, "no log line was counted as dropped");
+}
+
+/// A queue host that accepts connections and never answers.
+fn hanging_fal() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    std::thread::spawn(move || {
+        let mut open = Vec::new();
+        for conn in listener.incoming().map_while(Result::ok) {
+            count.fetch_add(1, Ordering::SeqCst);
+            open.push(conn);
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_reconciler_pass_against_a_hanging_fal_exits_within_the_grace() {
+    let mock = MockFal::start(None).await.unwrap();
+    let mut opts = Options::new(mock.url(false));
+    let (mut server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 10_000);
+    for _ in 0..3 {
+        let resp = call(&server, &key, "/queue/fal-ai/flux/dev", r#"{"prompt":"x"}"#).await;
+        assert_eq!(resp.status(), 200);
+        body(resp).await;
+    }
+    server.signal("TERM");
+    assert!(server.wait().success());
+
+    // The pending jobs are checked every second with a queue host that
+    // would keep each status call for `timeout_secs`.
+    let (hang, accepted) = hanging_fal();
+    opts.queue = format!("http://{hang}");
+    opts.reconcile_interval_secs = 1;
+    opts.timeout_secs = 300;
+    std::fs::write(&server.config, opts.render(server.dir.path())).unwrap();
+    server.restart();
+    let pass_started = eventually(Duration::from_secs(10), || async {
+        accepted.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    assert!(pass_started, "the reconciler never asked fal");
+
+    let asked = Instant::now();
+    server.signal("TERM");
+    assert!(server.wait().success());
+    // `shutdown_grace_secs` is 10 in the tests' config.
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "exit took {:?}",
+        asked.elapsed()
+    );
+}
+
+/// With `keep_ended_jobs_days = 0`, a job is forgotten by the reconciler's
+/// next pass once it has ended: a long run holds only what a restart would load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_jobs_are_forgotten_while_the_server_runs() {
+    let mock = MockFal::start(None).await.unwrap();
+    let mut opts = Options::new(mock.url(false));
+    opts.reconcile_interval_secs = 1;
+    opts.keep_ended_jobs_days = 0;
+    let (server, key) = Server::start_with_key(opts, "acme", 10_000);
+    let resp = call(&server, &key, "/queue/fal-ai/flux/dev", r#"{"prompt":"x"}"#).await;
+    assert_eq!(resp.status(), 200);
+    let job = json(&body(resp).await);
+    let result = server.url(&format!(
+        "/queue/fal-ai/flux/requests/{}",
+        job.get_str("request_id").unwrap()
+    ));
+    // The reconciler completes and charges the job (three status polls), then forgets it.
+    assert!(books_close(&server, &[("acme", 28)]).await);
+    let forgotten = eventually(Duration::from_secs(10), || async {
+        let resp = client().request(get(&result, Some(&key))).await.unwrap();
+        let status = resp.status();
+        body(resp).await;
+        status == 404
+    })
+    .await;
+    assert!(forgotten, "the ended job is still served from memory");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

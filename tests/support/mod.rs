@@ -31,6 +31,7 @@ pub struct Options {
     /// fal's queue host: the mock's `/_queue` prefix.
     pub queue: String,
     pub reconcile_interval_secs: u64,
+    pub keep_ended_jobs_days: u64,
     pub timeout_secs: u64,
     pub header_read_timeout_secs: u64,
     pub tls_handshake_timeout_secs: u64,
@@ -89,6 +90,7 @@ impl Options {
             queue: format!("{upstream}/_queue"),
             upstream,
             reconcile_interval_secs: 3600,
+            keep_ended_jobs_days: 7,
             timeout_secs: 5,
             header_read_timeout_secs: 5,
             tls_handshake_timeout_secs: 5,
@@ -133,6 +135,7 @@ refresh_interval_ms = 250
 {admin}
 [queue]
 reconcile_interval_secs = {reconcile}
+keep_ended_jobs_days = {keep}
 
 [limits]
 max_json_body_bytes = {max_json}
@@ -145,6 +148,7 @@ max_json_body_bytes = {max_json}
             up = self.upstream,
             queue = self.queue,
             reconcile = self.reconcile_interval_secs,
+            keep = self.keep_ended_jobs_days,
             tls = self
                 .tls_files
                 .as_ref()
