@@ -542,7 +542,7 @@ pub fn installed(
         }
     });
     if let Err(e) = result {
-        panic!("installing test dependencies failed (needs the npm and PyPI registries):\n{e}");
+        panic!("installing test dependencies failed (needs the npm, PyPI or apt sources, and root for apt):\n{e}");
     }
 }
 
