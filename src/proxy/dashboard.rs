@@ -13,7 +13,7 @@ const PAGE: &str = include_str!("../dashboard/index.html");
 /// `sha256-` of the page's one `<script>` and one `<style>`; the unit test
 /// below fails when the page changes and these do not.
 const CSP: &str = "default-src 'none'; \
-    script-src 'sha256-6jFZ//JlDgT8czO5U02oNeuOxjHfsd2voWmiJJNGM30='; \
+    script-src 'sha256-vyADS5710xCKOsWOSBZpI8UJLTLN5fA9GnPO+A/V4MY='; \
     style-src 'sha256-St3PWlU9vQCGACjRqrUh8h384XAsGzdAv2e/5o8kptE='; \
     connect-src 'self'; img-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
 
