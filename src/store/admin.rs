@@ -311,3 +311,61 @@ pub fn account(conn: &mut Connection, name: &str) -> Result<AccountRow, Error> {
     let tx = conn.transaction()?;
     require_account(&tx, name)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn origin(created_by: Option<i64>) -> KeyOrigin {
+        KeyOrigin {
+            created_by,
+            max_keys: 4,
+        }
+    }
+
+    /// Revoking follows `created_by` down, within the account, and nowhere else.
+    #[test]
+    fn revoking_takes_the_keys_made_with_a_key_and_no_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open(&dir.path().join("a.db")).unwrap();
+        let mut key = |by| create_key(&mut conn, "acme", 0, "free", origin(by)).unwrap();
+        let owner = key(None);
+        let leaked = key(Some(owner.id));
+        let child = key(Some(leaked.id));
+        let sibling = key(Some(owner.id));
+        let account = owner.account.id;
+
+        assert!(revoke_key(&mut conn, leaked.id, account + 1)
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            revoke_key(&mut conn, leaked.id, account).unwrap(),
+            [leaked.id, child.id]
+        );
+        let live: Vec<i64> = list_keys(&conn, Some("acme"))
+            .unwrap()
+            .iter()
+            .filter(|k| !k.disabled)
+            .map(|k| k.id)
+            .collect();
+        assert_eq!(live, [owner.id, sibling.id]);
+    }
+
+    /// Live keys count against the cap; disabled ones do not.
+    #[test]
+    fn the_cap_counts_live_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open(&dir.path().join("a.db")).unwrap();
+        let ids: Vec<i64> = (0..4)
+            .map(|_| {
+                create_key(&mut conn, "acme", 0, "free", origin(None))
+                    .unwrap()
+                    .id
+            })
+            .collect();
+        let refused = create_key(&mut conn, "acme", 0, "free", origin(None));
+        assert!(matches!(refused, Err(Error::KeyLimit { max: 4, .. })));
+        set_key_disabled(&mut conn, ids[0], true).unwrap();
+        create_key(&mut conn, "acme", 0, "free", origin(None)).unwrap();
+    }
+}
