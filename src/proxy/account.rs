@@ -11,11 +11,11 @@ use super::body::Body;
 use super::json;
 use super::{Proxy, Trace};
 use crate::error::ApiError;
-use crate::keys::ApiKey;
+use crate::keys::{issue, ApiKey};
 use crate::ratelimit::{ceil_secs, Decision};
 use crate::store::admin::{self, KeyListing, KeyOrigin};
 use crate::store::ledger::{self, ChargeRow, DailyUsage};
-use crate::store::{now_ms, snapshot};
+use crate::store::now_ms;
 
 pub(super) const PREFIX: &str = "/v1/";
 const MAX_DAYS: i64 = 90;
@@ -141,19 +141,14 @@ impl Proxy {
             created_by: Some(key.id),
             max_keys: tunables.max_keys_per_account,
         };
-        let account = key.account.name.clone();
-        let plan = key.account.plan.load().to_string();
-        let (created, row) = self
-            .db
-            .run(move |conn| {
-                let created = admin::create_key(conn, &account, 0, &plan, origin)?;
-                let row = snapshot::key_by_id(conn, created.id)?;
-                Ok((created, row))
-            })
-            .await?;
-        if let Some(row) = row {
-            self.registry.key_changed(&row);
-        }
+        let created = issue::create(
+            &self.db,
+            &self.registry,
+            key.account.name.clone(),
+            key.account.plan.load().to_string(),
+            origin,
+        )
+        .await?;
         let view = NewKey {
             id: created.id,
             key: created.secret,
@@ -165,23 +160,9 @@ impl Proxy {
     /// Disables one of the caller's account's keys, and the keys created
     /// with it (down the line), at once.
     async fn revoke_key(&self, key: &ApiKey, id: i64) -> Result<Response<Body>, ApiError> {
-        let account_id = key.account.id;
-        let rows = self
-            .db
-            .run(move |conn| {
-                let ids = admin::revoke_key(conn, id, account_id)?;
-                let rows = ids
-                    .iter()
-                    .map(|&id| snapshot::key_by_id(conn, id))
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok(rows.into_iter().flatten().collect::<Vec<_>>())
-            })
-            .await?;
-        if rows.is_empty() {
+        let revoked = issue::revoke(&self.db, &self.registry, id, key.account.id).await?;
+        if revoked.is_empty() {
             return Err(ApiError::NotFound);
-        }
-        for row in &rows {
-            self.registry.key_changed(row);
         }
         #[derive(Serialize)]
         struct Revoked {
@@ -195,7 +176,7 @@ impl Proxy {
             &Revoked {
                 id,
                 state: "disabled",
-                revoked: rows.iter().map(|r| r.id).collect(),
+                revoked,
             },
         )
     }
