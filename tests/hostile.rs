@@ -87,7 +87,9 @@ async fn an_account_has_at_most_max_keys_per_account_live_keys_however_made() {
 async fn the_dashboard_creates_at_most_key_creations_per_minute_keys() {
     let mock = MockFal::start(None).await.unwrap();
     // The default: 5 a minute, 5 at once.
-    let (server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 1_000);
+    let mut opts = Options::new(mock.url(false));
+    opts.admin = true;
+    let (server, key) = Server::start_with_key(opts, "acme", 1_000);
     let mut minted = Vec::new();
     for _ in 0..5 {
         minted.push(mint(&server, &key).await.1);
@@ -103,6 +105,16 @@ async fn the_dashboard_creates_at_most_key_creations_per_minute_keys() {
         .query_row("SELECT COUNT(*) FROM api_keys", [], |r| r.get(0))
         .unwrap();
     assert_eq!(keys, 6);
+    let req = Request::get(format!("http://{}/metrics", server.admin.unwrap()))
+        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .body(Full::default())
+        .unwrap();
+    let metrics = body(client().request(req).await.unwrap()).await;
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        metrics.contains(r#"abhiapi_rate_limit_denials_total{scope="key_creation"} 2"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,7 @@ use super::json;
 use super::{Proxy, Trace};
 use crate::error::ApiError;
 use crate::keys::{issue, ApiKey};
+use crate::metrics::Denial;
 use crate::ratelimit::{ceil_secs, Decision};
 use crate::store::admin::{self, KeyListing, KeyOrigin};
 use crate::store::ledger::{self, ChargeRow, DailyUsage};
@@ -133,6 +134,7 @@ impl Proxy {
             .limits
             .key_creation(&key.account, self.clock.now_ns());
         if let Decision::Deny { retry_after_ns, .. } = decision {
+            self.metrics.denied(Denial::KeyCreation);
             return Err(ApiError::KeyCreationLimited {
                 retry_after: ceil_secs(retry_after_ns),
             });
