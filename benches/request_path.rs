@@ -102,9 +102,15 @@ fn bench(c: &mut Criterion) {
     let mock = runtime.block_on(MockFal::start(None)).unwrap();
     let config = Config::parse(&common::config_toml(&mock, &dir.path().join("bench.db"))).unwrap();
     let mut conn = store::open(&config.store.path).unwrap();
-    let key = admin::create_key(&mut conn, "bench", 1_000_000_000_000, "free")
-        .unwrap()
-        .secret;
+    let key = admin::create_key(
+        &mut conn,
+        "bench",
+        1_000_000_000_000,
+        "free",
+        admin::KeyOrigin::operator(&config),
+    )
+    .unwrap()
+    .secret;
     let upstream = Upstream::in_memory(&config.upstream, "bench:bench", mock.in_memory()).unwrap();
     let core = {
         let _entered = runtime.enter();

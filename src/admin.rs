@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::billing::pricing::PriceTable;
 use crate::config::{BillingConfig, PriceRuleConfig, DEFAULT_PLAN};
 use crate::error::{ApiError, Error};
+use crate::keys::issue;
 use crate::keys::refresh::RefreshWaker;
 use crate::keys::Registry;
 use crate::metrics::{Gauges, Metrics};
@@ -350,19 +351,15 @@ impl Admin {
 
     async fn create_key(&self, new: NewKey) -> Result<Response<Body>, ApiError> {
         self.find(&new.account).await?;
-        let account = new.account.clone();
-        let (created, row) = self
-            .w
-            .db
-            .run(move |conn| {
-                let created = admin::create_key(conn, &account, 0, DEFAULT_PLAN)?;
-                let row = snapshot::key_by_id(conn, created.id)?;
-                Ok((created, row))
-            })
-            .await?;
-        if let Some(row) = row {
-            self.w.registry.key_changed(&row);
-        }
+        let origin = admin::KeyOrigin::operator(&self.reloader.config());
+        let created = issue::create(
+            &self.w.db,
+            &self.w.registry,
+            new.account.clone(),
+            DEFAULT_PLAN.into(),
+            origin,
+        )
+        .await?;
         let view = CreatedKey {
             id: created.id,
             account: new.account,

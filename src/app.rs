@@ -187,7 +187,8 @@ pub async fn serve(
 
     let core = Core::start(&config, upstream, clock)?;
     let proxy = Arc::clone(&core.proxy);
-    let (stop_reconciler, reconciler) = spawn_reconciler(Arc::clone(&proxy), &config);
+    let (stopping, stop) = tokio::sync::watch::channel(false);
+    let background = spawn_background(Arc::clone(&proxy), &config, stop.clone());
     let reloader = Arc::new(Reloader::new(
         config_path,
         config.clone(),
@@ -217,7 +218,6 @@ pub async fn serve(
     };
 
     on_ready(&bound);
-    let (stopping, stop) = tokio::sync::watch::channel(false);
     let admin_task = admin.map(|(listener, admin)| {
         let mut stop = stop.clone();
         let timeouts = (&config.server).into();
@@ -242,8 +242,8 @@ pub async fn serve(
     if let Some(task) = admin_task {
         let _ = task.await;
     }
-    let _ = stop_reconciler.send(true);
-    let _ = reconciler.await;
+    // Stopped with the listeners, at the signal: its pass is cancelled there.
+    let _ = background.await;
     sighup.abort();
 
     // Connections that outlived the grace period are cut when the runtime
@@ -285,26 +285,33 @@ async fn admin_listener(config: &Config) -> Result<Option<(TcpListener, String)>
     }
 }
 
-/// Asks fal about jobs nobody has fetched, every `reconcile_interval_secs`.
-fn spawn_reconciler(
+/// The periodic work off the request path, every `reconcile_interval_secs`:
+/// asks fal about jobs nobody has fetched, then forgets ended jobs older
+/// than `keep_ended_jobs_days`. Ends as soon as `stop` turns true, in the
+/// middle of a pass if need be: a pass can wait on fal for `timeout_secs`
+/// per job, and a job whose check is cut off stays pending (in memory and
+/// in SQLite) for the next pass or the next start.
+fn spawn_background(
     proxy: Arc<Proxy>,
     config: &Config,
-) -> (
-    tokio::sync::watch::Sender<bool>,
-    tokio::task::JoinHandle<()>,
-) {
-    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
     let every = Duration::from_secs(config.queue.reconcile_interval_secs.max(1));
     let give_up_ms = config.queue.give_up_after_secs as i64 * 1000;
-    let task = tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = stopped.changed() => return,
-                _ = tokio::time::sleep(every) => proxy.reconcile(give_up_ms).await,
+    let keep_ms = config.queue.keep_ended_jobs_days as i64 * 86_400_000;
+    tokio::spawn(async move {
+        let passes = async {
+            loop {
+                tokio::time::sleep(every).await;
+                proxy.reconcile(give_up_ms).await;
+                proxy.forget_ended_jobs(store::now_ms() - keep_ms);
             }
+        };
+        tokio::select! {
+            _ = stop.wait_for(|stopping| *stopping) => {}
+            _ = passes => {}
         }
-    });
-    (stop, task)
+    })
 }
 
 /// Settles holds that a process which did not stop cleanly left behind,

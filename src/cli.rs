@@ -110,7 +110,13 @@ pub fn run_admin(config: &Config, command: Command) -> Result<String, Error> {
             plan,
         }) => {
             known_plan(config, &plan)?;
-            let k = admin::create_key(&mut conn, &account, credits, &plan)?;
+            let k = admin::create_key(
+                &mut conn,
+                &account,
+                credits,
+                &plan,
+                admin::KeyOrigin::operator(config),
+            )?;
             let mut out = String::new();
             if k.new_account {
                 out += &format!(

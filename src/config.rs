@@ -84,7 +84,7 @@ impl Default for QueueConfig {
 /// The plan an account gets unless told otherwise, and must exist.
 pub const DEFAULT_PLAN: &str = "free";
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PlanConfig {
     /// Generation requests (sync runs, queue submissions) a key may send per minute.
@@ -95,11 +95,13 @@ pub struct PlanConfig {
     pub account_requests_per_minute: Option<u64>,
 }
 
+/// As `config.toml` has them: each capped per account at its per-key rate,
+/// so that more keys never mean more allowance.
 fn default_plans() -> BTreeMap<String, PlanConfig> {
     let plan = |rpm| PlanConfig {
         requests_per_minute: rpm,
         burst: None,
-        account_requests_per_minute: None,
+        account_requests_per_minute: Some(rpm),
     };
     BTreeMap::from([("free".into(), plan(30)), ("pro".into(), plan(600))])
 }
@@ -204,6 +206,12 @@ pub struct LimitsConfig {
     pub max_json_body_bytes: usize,
     /// Per-key allowance for polling jobs (status, result, cancel), apart from generation.
     pub poll_requests_per_second: u64,
+    /// Live keys one account may have, however they were made: each key
+    /// carries its own allowances, so keys must not be free to multiply.
+    pub max_keys_per_account: u64,
+    /// Keys an account may create through the dashboard per minute (and at
+    /// once), so that a leaked key cannot mint faster than its owner revokes.
+    pub key_creations_per_minute: u64,
 }
 
 impl Default for LimitsConfig {
@@ -211,6 +219,8 @@ impl Default for LimitsConfig {
         Self {
             max_json_body_bytes: 10 * 1024 * 1024,
             poll_requests_per_second: 10,
+            max_keys_per_account: 20,
+            key_creations_per_minute: 5,
         }
     }
 }
@@ -346,10 +356,15 @@ impl Config {
                 )));
             }
         }
-        if self.limits.poll_requests_per_second == 0 {
-            return Err(Error::Config(
-                "[limits] poll_requests_per_second must be positive".into(),
-            ));
+        let l = &self.limits;
+        for (name, n) in [
+            ("poll_requests_per_second", l.poll_requests_per_second),
+            ("max_keys_per_account", l.max_keys_per_account),
+            ("key_creations_per_minute", l.key_creations_per_minute),
+        ] {
+            if n == 0 {
+                return Err(Error::Config(format!("[limits] {name} must be positive")));
+            }
         }
         if self.upstream.timeout_secs == 0 || self.upstream.connect_timeout_secs == 0 {
             return Err(Error::Config("[upstream] timeouts must be positive".into()));
@@ -404,6 +419,17 @@ mod tests {
         let c = Config::parse(EMBEDDED_DEFAULT).unwrap();
         assert_eq!(c.upstream.run, "https://fal.run");
         assert_eq!(c.upstream.fal_key_env, "FAL_KEY");
+    }
+
+    /// A config without `[plans]` gets the plans `config.toml` documents.
+    #[test]
+    fn built_in_plans_are_the_documented_ones() {
+        let documented = Config::parse(EMBEDDED_DEFAULT).unwrap().plans;
+        let bare = Config::parse("[server]\nplain_listen = \"127.0.0.1:1\"").unwrap();
+        assert_eq!(bare.plans, documented);
+        assert!(documented
+            .values()
+            .all(|p| p.account_requests_per_minute.is_some()));
     }
 
     #[test]

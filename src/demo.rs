@@ -30,7 +30,13 @@ pub async fn prepare(config: &mut Config) -> Result<Demo, Error> {
     std::fs::create_dir_all(&dir)?;
     config.store.path = dir.join("demo.db");
     let mut conn = store::open(&config.store.path)?;
-    let created = admin::create_key(&mut conn, ACCOUNT, CREDITS, "free")?;
+    let created = admin::create_key(
+        &mut conn,
+        ACCOUNT,
+        CREDITS,
+        "free",
+        admin::KeyOrigin::operator(config),
+    )?;
     Ok(Demo {
         mock,
         key: created.secret,

@@ -19,6 +19,9 @@ pub enum Error {
     Tls(String),
     #[error("{0}")]
     Usage(String),
+    /// The account has as many live keys as `[limits] max_keys_per_account` allows.
+    #[error("account {account:?} has {max} live keys, the most it may have: disable one first")]
+    KeyLimit { account: String, max: u64 },
 }
 
 /// Everything a single request can fail with. Each variant knows its status
@@ -55,6 +58,10 @@ pub enum ApiError {
     Conflict(String),
     /// A `Host` we could not put into the URLs we hand back.
     InvalidHost,
+    /// A method fal's APIs do not use (`CONNECT`, `TRACE`, …).
+    MethodNotAllowed,
+    /// A protocol upgrade (a WebSocket handshake): fal's APIs are plain HTTP.
+    UpgradeRefused,
     /// An `x-fal-target-url` that is missing or not one of fal's hosts.
     InvalidTarget,
     /// No `[[pricing]]` rule covers this model: the gateway does not offer it.
@@ -63,6 +70,14 @@ pub enum ApiError {
     RateLimited {
         retry_after: u64,
         by_account: bool,
+    },
+    /// The account has as many live keys as it may have.
+    KeyLimit {
+        max: u64,
+    },
+    /// The account created keys faster than `[limits] key_creations_per_minute`.
+    KeyCreationLimited {
+        retry_after: u64,
     },
     InsufficientCredits {
         needed: u64,
@@ -94,16 +109,17 @@ impl ApiError {
             MissingKey | MalformedKey | UnknownKey => StatusCode::UNAUTHORIZED,
             KeyDisabled | AccountSuspended => StatusCode::FORBIDDEN,
             MalformedJson(_) | InvalidInput(_) | ClientBody | InvalidPath | InvalidHost
-            | InvalidTarget => StatusCode::BAD_REQUEST,
+            | InvalidTarget | UpgradeRefused => StatusCode::BAD_REQUEST,
+            MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             JobNotFound | NotFound => StatusCode::NOT_FOUND,
             AdminUnauthorized => StatusCode::UNAUTHORIZED,
             Invalid(_) => StatusCode::BAD_REQUEST,
-            Conflict(_) => StatusCode::CONFLICT,
+            Conflict(_) | KeyLimit { .. } => StatusCode::CONFLICT,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             UnpricedModel(_) => StatusCode::NOT_FOUND,
             InsufficientCredits { .. } => StatusCode::PAYMENT_REQUIRED,
-            RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            RateLimited { .. } | KeyCreationLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             LedgerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamUnreachable | UpstreamFailed(_) | UpstreamAuth => StatusCode::BAD_GATEWAY,
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -124,6 +140,8 @@ impl ApiError {
             ClientBody => "request_body_incomplete",
             InvalidPath => "invalid_path",
             InvalidHost => "invalid_host",
+            MethodNotAllowed => "method_not_allowed",
+            UpgradeRefused => "upgrade_not_supported",
             InvalidTarget => "invalid_target_url",
             JobNotFound => "job_not_found",
             NotFound => "not_found",
@@ -139,6 +157,8 @@ impl ApiError {
             RateLimited {
                 by_account: true, ..
             } => "account_rate_limited",
+            KeyLimit { .. } => "key_limit_reached",
+            KeyCreationLimited { .. } => "key_creation_rate_limited",
             LedgerUnavailable => "ledger_unavailable",
             UpstreamUnreachable => "upstream_unreachable",
             UpstreamTimeout => "upstream_timeout",
@@ -161,6 +181,8 @@ impl ApiError {
             ClientBody => "The request body ended before it was complete.".into(),
             InvalidPath => "Invalid path.".into(),
             InvalidHost => "Invalid Host header.".into(),
+            MethodNotAllowed => "Method not allowed: fal's APIs take GET, HEAD, POST, PUT, PATCH, DELETE and OPTIONS.".into(),
+            UpgradeRefused => "Protocol upgrades (WebSocket) are not supported.".into(),
             InvalidTarget => "x-fal-target-url must name fal.run, queue.fal.run or fal's storage upload endpoint.".into(),
             JobNotFound => "Request not found.".into(),
             NotFound => "Not found.".into(),
@@ -175,6 +197,12 @@ impl ApiError {
             RateLimited { retry_after, by_account } => format!(
                 "Rate limit exceeded for this {}; retry in {retry_after} s.",
                 if *by_account { "account" } else { "key" }
+            ),
+            KeyLimit { max } => format!(
+                "This account has {max} live keys, the most it may have; revoke one first."
+            ),
+            KeyCreationLimited { retry_after } => format!(
+                "Keys are being created too fast for this account; retry in {retry_after} s."
             ),
             UpstreamUnreachable => "fal could not be reached.".into(),
             UpstreamTimeout => "fal did not answer in time.".into(),
@@ -197,8 +225,18 @@ impl ApiError {
             "x-fal-error-type",
             HeaderValue::from_static(self.error_type()),
         );
-        if let ApiError::RateLimited { retry_after, .. } = self {
-            h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+        match self {
+            ApiError::RateLimited { retry_after, .. }
+            | ApiError::KeyCreationLimited { retry_after } => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+            }
+            ApiError::MethodNotAllowed => {
+                h.insert(
+                    header::ALLOW,
+                    HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+                );
+            }
+            _ => {}
         }
         resp
     }
@@ -216,6 +254,9 @@ fn json_error(detail: &str, error_type: &str) -> Bytes {
 
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
+        if let Error::KeyLimit { max, .. } = e {
+            return ApiError::KeyLimit { max };
+        }
         tracing::error!(error = %e, "request failed on our side");
         ApiError::Internal
     }

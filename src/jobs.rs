@@ -162,6 +162,13 @@ impl Jobs {
             .map(|j| Arc::clone(j.value()))
     }
 
+    /// Forgets ended jobs submitted before `before_ms`: the same jobs
+    /// [`Jobs::load`] leaves out after a restart. Pending ones stay, whatever their age.
+    pub fn forget_ended(&self, before_ms: i64) {
+        self.by_id
+            .retain(|_, job| job.created_at_ms >= before_ms || job.is_pending());
+    }
+
     pub fn pending(&self) -> Vec<Arc<Job>> {
         self.by_id
             .iter()

@@ -64,6 +64,8 @@ pub enum Denial {
     Key,
     Account,
     Poll,
+    /// `POST /v1/keys` beyond the account's `key_creations_per_minute`.
+    KeyCreation,
 }
 
 #[derive(Default)]
@@ -79,7 +81,7 @@ pub struct Metrics {
     /// Credits charged beyond what balances held: owed by accounts now in debt.
     credits_shortfall: AtomicU64,
     holds_open: AtomicU64,
-    denials: [AtomicU64; 3],
+    denials: [AtomicU64; 4],
 }
 
 /// What a scrape reads from elsewhere in the server at that moment.
@@ -191,6 +193,12 @@ impl Metrics {
                 "Ledger entries waiting for the writer.",
                 gauges.ledger_queue_depth as i64,
             ),
+            (
+                "abhiapi_log_lines_dropped_total",
+                "counter",
+                "Log lines dropped because stderr did not keep up (the requests were not held up).",
+                crate::log_output::dropped() as i64,
+            ),
         ];
         for (name, kind, help, value) in counters {
             let _ = writeln!(
@@ -199,7 +207,10 @@ impl Metrics {
             );
         }
         out.push_str("# HELP abhiapi_rate_limit_denials_total Requests refused with 429, by limit.\n# TYPE abhiapi_rate_limit_denials_total counter\n");
-        for (scope, n) in ["key", "account", "poll"].iter().zip(&self.denials) {
+        for (scope, n) in ["key", "account", "poll", "key_creation"]
+            .iter()
+            .zip(&self.denials)
+        {
             let _ = writeln!(
                 out,
                 "abhiapi_rate_limit_denials_total{{scope=\"{scope}\"}} {}",

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::config::{Config, DEFAULT_PLAN};
-use crate::keys::ApiKey;
+use crate::keys::{Account, ApiKey};
 
 /// One limit: `burst` requests at once, then one every `interval_ns`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +122,8 @@ pub struct RateLimits {
     plans: HashMap<String, Plan>,
     poll: Gcra,
     poll_per_second: u64,
+    /// Keys an account may create through the dashboard.
+    key_creation: Gcra,
 }
 
 impl RateLimits {
@@ -148,6 +150,10 @@ impl RateLimits {
             plans,
             poll: Gcra::per_second(per_second, per_second),
             poll_per_second: per_second,
+            key_creation: {
+                let n = config.limits.key_creations_per_minute;
+                Gcra::per_minute(n, n)
+            },
         }
     }
 
@@ -195,6 +201,11 @@ impl RateLimits {
             decision: self.poll.check(&key.poll_tat, now),
             by_account: false,
         }
+    }
+
+    /// A key created through the dashboard, counted against its account.
+    pub fn key_creation(&self, account: &Account, now: u64) -> Decision {
+        self.key_creation.check(&account.key_creation_tat, now)
     }
 }
 

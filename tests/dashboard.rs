@@ -39,13 +39,29 @@ async fn charges_written(server: &Server, n: i64) -> bool {
     .await
 }
 
+/// The browser: `$CHROMIUM`, or Debian's chromium, installed on first use
+/// (as root, from the machine's apt sources) like the npm packages that drive it.
+fn chromium_ready() -> String {
+    if let Ok(path) = std::env::var("CHROMIUM") {
+        return path;
+    }
+    const DEBIAN: &str = "/usr/bin/chromium";
+    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+    installed(&DONE, DEBIAN.into(), || {
+        let mut c = Command::new("sh");
+        c.args([
+            "-c",
+            "apt-get update -qq && apt-get install -y -qq chromium >/dev/null",
+        ])
+        .env("DEBIAN_FRONTEND", "noninteractive");
+        c
+    });
+    DEBIAN.into()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_signs_in_reads_the_chart_creates_and_revokes_a_key_in_a_browser() {
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    assert!(
-        std::path::Path::new(&chromium).exists(),
-        "this test needs Debian's chromium ({chromium}); .ci/run installs it (apt-get install chromium)"
-    );
+    let chromium = chromium_ready();
     static DONE: OnceLock<Result<(), String>> = OnceLock::new();
     let dir = repo_path("tests/browser");
     npm_ready(&DONE, &dir, "playwright-core");

@@ -8,7 +8,12 @@ use abhiapi::store::{self, admin};
 /// A database at `path` with `keys` keys on one account; returns one of the secrets.
 pub fn populated(path: &Path, keys: usize) -> (rusqlite::Connection, String) {
     let mut conn = store::open(path).unwrap();
-    let first = admin::create_key(&mut conn, "bench", 1_000_000_000, "free").unwrap();
+    // The operator's first key; the rest go in by SQL, past the per-account cap.
+    let origin = admin::KeyOrigin {
+        created_by: None,
+        max_keys: 1,
+    };
+    let first = admin::create_key(&mut conn, "bench", 1_000_000_000, "free", origin).unwrap();
     let tx = conn.transaction().unwrap();
     {
         let mut insert = tx

@@ -17,6 +17,7 @@ use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{fence, Ordering};
 
@@ -273,7 +274,12 @@ impl Journal {
 
     /// Starts a fresh segment after any that exist.
     pub fn open(dir: &Path, fsync: bool) -> io::Result<Self> {
-        fs::create_dir_all(dir)?;
+        // Who paid for what is the operator's business alone.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
         let number = segment_numbers(dir)?.last().map_or(1, |n| n + 1);
         Ok(Self {
             dir: dir.to_owned(),
@@ -289,6 +295,7 @@ impl Journal {
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&path)?;
         // SAFETY: the file was created just now and is only ever appended
         // to through this map; nothing truncates it while it is mapped.

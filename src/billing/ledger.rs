@@ -265,7 +265,11 @@ mod tests {
     fn ledger(dir: &std::path::Path, credits: i64) -> (Arc<Ledger>, Arc<ApiKey>) {
         let db = dir.join("abhiapi.db");
         let mut conn = store::open(&db).unwrap();
-        let created = admin::create_key(&mut conn, "acme", credits, "free").unwrap();
+        let origin = admin::KeyOrigin {
+            created_by: None,
+            max_keys: 20,
+        };
+        let created = admin::create_key(&mut conn, "acme", credits, "free", origin).unwrap();
         let registry = Registry::from_snapshot(&snapshot::load(&mut conn).unwrap());
         let key = registry.authenticate(&created.secret).unwrap();
         let journal = Arc::new(Journal::open(&dir.join("holds"), false).unwrap());

@@ -1,6 +1,7 @@
 //! Who is calling: the key secrets, and the in-memory accounts and keys the
 //! hot path authenticates against.
 
+pub mod issue;
 pub mod refresh;
 pub mod registry;
 pub mod secret;

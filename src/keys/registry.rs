@@ -27,6 +27,8 @@ pub struct Account {
     held: AtomicI64,
     /// GCRA state of the plan's account-wide cap, if it has one.
     pub rate_tat: AtomicU64,
+    /// GCRA state of `[limits] key_creations_per_minute`.
+    pub key_creation_tat: AtomicU64,
 }
 
 impl Account {
@@ -40,6 +42,7 @@ impl Account {
             available: AtomicI64::new(balance),
             held: AtomicI64::new(0),
             rate_tat: AtomicU64::new(0),
+            key_creation_tat: AtomicU64::new(0),
         }
     }
 

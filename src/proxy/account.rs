@@ -11,10 +11,12 @@ use super::body::Body;
 use super::json;
 use super::{Proxy, Trace};
 use crate::error::ApiError;
-use crate::keys::ApiKey;
-use crate::store::admin::{self, KeyListing};
+use crate::keys::{issue, ApiKey};
+use crate::metrics::Denial;
+use crate::ratelimit::{ceil_secs, Decision};
+use crate::store::admin::{self, KeyListing, KeyOrigin};
 use crate::store::ledger::{self, ChargeRow, DailyUsage};
-use crate::store::{now_ms, snapshot};
+use crate::store::now_ms;
 
 pub(super) const PREFIX: &str = "/v1/";
 const MAX_DAYS: i64 = 90;
@@ -123,21 +125,32 @@ impl Proxy {
         )
     }
 
-    /// A new key on the caller's account, live at once; shown only in this answer.
+    /// A new key on the caller's account, live at once; shown only in this
+    /// answer. Recorded as created by the caller's key, so that revoking that
+    /// key revokes this one too.
     async fn create_key(&self, key: &ApiKey) -> Result<Response<Body>, ApiError> {
-        let account = key.account.name.clone();
-        let plan = key.account.plan.load().to_string();
-        let (created, row) = self
-            .db
-            .run(move |conn| {
-                let created = admin::create_key(conn, &account, 0, &plan)?;
-                let row = snapshot::key_by_id(conn, created.id)?;
-                Ok((created, row))
-            })
-            .await?;
-        if let Some(row) = row {
-            self.registry.key_changed(&row);
+        let tunables = self.tunables.load();
+        let decision = tunables
+            .limits
+            .key_creation(&key.account, self.clock.now_ns());
+        if let Decision::Deny { retry_after_ns, .. } = decision {
+            self.metrics.denied(Denial::KeyCreation);
+            return Err(ApiError::KeyCreationLimited {
+                retry_after: ceil_secs(retry_after_ns),
+            });
         }
+        let origin = KeyOrigin {
+            created_by: Some(key.id),
+            max_keys: tunables.max_keys_per_account,
+        };
+        let created = issue::create(
+            &self.db,
+            &self.registry,
+            key.account.name.clone(),
+            key.account.plan.load().to_string(),
+            origin,
+        )
+        .await?;
         let view = NewKey {
             id: created.id,
             key: created.secret,
@@ -146,31 +159,26 @@ impl Proxy {
         json(StatusCode::CREATED, &view)
     }
 
-    /// Disables one of the caller's account's keys, at once.
+    /// Disables one of the caller's account's keys, and the keys created
+    /// with it (down the line), at once.
     async fn revoke_key(&self, key: &ApiKey, id: i64) -> Result<Response<Body>, ApiError> {
-        let account_id = key.account.id;
-        let row = self
-            .db
-            .run(move |conn| {
-                if admin::key_account(conn, id)? != Some(account_id) {
-                    return Ok(None);
-                }
-                admin::set_key_disabled(conn, id, true)?;
-                Ok(snapshot::key_by_id(conn, id)?)
-            })
-            .await?
-            .ok_or(ApiError::NotFound)?;
-        self.registry.key_changed(&row);
+        let revoked = issue::revoke(&self.db, &self.registry, id, key.account.id).await?;
+        if revoked.is_empty() {
+            return Err(ApiError::NotFound);
+        }
         #[derive(Serialize)]
         struct Revoked {
             id: i64,
             state: &'static str,
+            /// Every key disabled: `id` and the keys created with it.
+            revoked: Vec<i64>,
         }
         json(
             StatusCode::OK,
             &Revoked {
                 id,
                 state: "disabled",
+                revoked,
             },
         )
     }

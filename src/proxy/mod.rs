@@ -2,8 +2,10 @@
 //! failure becomes a response in [`Proxy::handle`], nowhere else.
 
 mod account;
+mod admission;
 pub mod body;
 mod credentials;
+mod dashboard;
 mod detached;
 mod fal_proxy;
 pub mod headers;
@@ -95,6 +97,7 @@ pub struct Tunables {
     pub limits: RateLimits,
     pub max_json_body_bytes: usize,
     pub max_json_response_bytes: usize,
+    pub max_keys_per_account: u64,
 }
 
 impl Tunables {
@@ -104,6 +107,7 @@ impl Tunables {
             limits: RateLimits::new(config),
             max_json_body_bytes: config.limits.max_json_body_bytes,
             max_json_response_bytes: config.billing.max_json_response_bytes,
+            max_keys_per_account: config.limits.max_keys_per_account,
         })
     }
 }
@@ -191,6 +195,7 @@ impl Proxy {
         request_id: &str,
         trace: &mut Trace,
     ) -> Result<Response<Body>, ApiError> {
+        admission::check(req.method(), req.headers())?;
         let path = req.uri().path().to_owned();
         trace.route = "healthz";
         if path == "/healthz" && req.method() == Method::GET {
@@ -198,7 +203,7 @@ impl Proxy {
         }
         trace.route = "dashboard";
         if (path == "/dashboard" || path == "/dashboard/") && req.method() == Method::GET {
-            return Ok(dashboard());
+            return Ok(dashboard::page());
         }
         let target = path::Canonical::of(req.uri());
         let queue_route = target.as_ref().ok().and_then(queue::Route::parse);
@@ -471,23 +476,6 @@ fn rate_headers(map: &mut http::HeaderMap, verdict: Verdict) {
         headers::X_RATELIMIT_RESET,
         HeaderValue::from(ceil_secs(reset_ns)),
     );
-}
-
-/// The user dashboard: one page, its script and styles inline, nothing fetched from elsewhere.
-fn dashboard() -> Response<Body> {
-    let mut resp = Response::new(Body::full(include_str!("../dashboard/index.html")));
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    // The page holds a key: no framing, no other origins, no caching.
-    h.insert(
-        "content-security-policy",
-        HeaderValue::from_static("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self'; frame-ancestors 'none'"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    resp
 }
 
 /// `value` as a JSON answer (the admin API's and the dashboard's endpoints).

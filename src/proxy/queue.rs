@@ -364,6 +364,12 @@ impl Proxy {
     /// Settles the jobs nobody fetched: asks fal about each pending one,
     /// charges those with a result, releases those that failed, and gives up
     /// on those fal no longer knows after `give_up_after_ms`.
+    /// Drops from memory the ended jobs submitted before `before_ms`, as a
+    /// restart would not load them: a long run keeps no more than a short one.
+    pub fn forget_ended_jobs(&self, before_ms: i64) {
+        self.jobs.forget_ended(before_ms);
+    }
+
     pub async fn reconcile(&self, give_up_after_ms: i64) {
         for job in self.jobs.pending() {
             if let Err(e) = self.reconcile_job(&job, give_up_after_ms).await {

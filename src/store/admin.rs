@@ -114,13 +114,34 @@ pub fn create_account(
     Ok(row)
 }
 
+/// Who asks for a key, and how many live keys its account may have.
+#[derive(Clone, Copy)]
+pub struct KeyOrigin {
+    /// The key it is created with (the dashboard's); `None` for the operator's.
+    pub created_by: Option<i64>,
+    /// `[limits] max_keys_per_account`.
+    pub max_keys: u64,
+}
+
+impl KeyOrigin {
+    /// The operator's: the CLI and the admin API.
+    pub fn operator(config: &crate::config::Config) -> Self {
+        Self {
+            created_by: None,
+            max_keys: config.limits.max_keys_per_account,
+        }
+    }
+}
+
 /// Creates a key for `account`, creating the account first if it is new
-/// (with `credits` and `plan`). For an existing account those two are left as they are.
+/// (with `credits` and `plan`). For an existing account those two are left
+/// as they are. Refused when the account already has `origin.max_keys` live keys.
 pub fn create_key(
     conn: &mut Connection,
     account: &str,
     credits: i64,
     plan: &str,
+    origin: KeyOrigin,
 ) -> Result<CreatedKey, Error> {
     if account.trim().is_empty() {
         return Err(Error::Usage("an account name cannot be empty".into()));
@@ -142,9 +163,29 @@ pub fn create_key(
             (require_account(&tx, account)?, true)
         }
     };
+    // Counted in the same write transaction as the insert: concurrent
+    // creations cannot together pass the cap.
+    let live: u64 = tx.query_row(
+        "SELECT COUNT(*) FROM api_keys WHERE account_id = ?1 AND disabled = 0",
+        [account.id],
+        |r| r.get(0),
+    )?;
+    if live >= origin.max_keys {
+        return Err(Error::KeyLimit {
+            account: account.name,
+            max: origin.max_keys,
+        });
+    }
     tx.execute(
-        "INSERT INTO api_keys (account_id, hash, display_prefix, created_at) VALUES (?1, ?2, ?3, ?4)",
-        params![account.id, &new.hash[..], new.display_prefix, now_secs()],
+        "INSERT INTO api_keys (account_id, hash, display_prefix, created_at, created_by)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            account.id,
+            &new.hash[..],
+            new.display_prefix,
+            now_secs(),
+            origin.created_by
+        ],
     )?;
     let id = tx.last_insert_rowid();
     record_change(&tx, Some(account.id), Some(id), 0)?;
@@ -201,6 +242,31 @@ pub fn set_key_disabled(conn: &mut Connection, id: i64, disabled: bool) -> Resul
     Ok(tx.commit()?)
 }
 
+/// Disables key `id` of account `account_id` and every key created with it,
+/// and with those, down the line: a leaked key's offspring go with it.
+/// Returns the ids disabled (`id` first), or none when `id` is not the account's.
+pub fn revoke_key(conn: &mut Connection, id: i64, account_id: i64) -> Result<Vec<i64>, Error> {
+    let tx = write_tx(conn)?;
+    let ids = {
+        let mut stmt = tx.prepare(
+            "WITH RECURSIVE tree(id) AS (
+                 SELECT id FROM api_keys WHERE id = ?1 AND account_id = ?2
+                 UNION SELECT k.id FROM api_keys k JOIN tree t ON k.created_by = t.id
+                 WHERE k.account_id = ?2
+             )
+             SELECT id FROM tree ORDER BY id",
+        )?;
+        let ids = stmt.query_map(params![id, account_id], |r| r.get::<_, i64>(0))?;
+        ids.collect::<Result<Vec<_>, _>>()?
+    };
+    for &key in &ids {
+        tx.execute("UPDATE api_keys SET disabled = 1 WHERE id = ?1", [key])?;
+        record_change(&tx, Some(account_id), Some(key), 0)?;
+    }
+    tx.commit()?;
+    Ok(ids)
+}
+
 /// Adds `credits` to the balance; returns the account as it is afterwards.
 pub fn topup(conn: &mut Connection, name: &str, credits: i64) -> Result<AccountRow, Error> {
     let tx = write_tx(conn)?;
@@ -244,4 +310,62 @@ pub fn set_plan(conn: &mut Connection, name: &str, plan: &str) -> Result<(), Err
 pub fn account(conn: &mut Connection, name: &str) -> Result<AccountRow, Error> {
     let tx = conn.transaction()?;
     require_account(&tx, name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn origin(created_by: Option<i64>) -> KeyOrigin {
+        KeyOrigin {
+            created_by,
+            max_keys: 4,
+        }
+    }
+
+    /// Revoking follows `created_by` down, within the account, and nowhere else.
+    #[test]
+    fn revoking_takes_the_keys_made_with_a_key_and_no_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open(&dir.path().join("a.db")).unwrap();
+        let mut key = |by| create_key(&mut conn, "acme", 0, "free", origin(by)).unwrap();
+        let owner = key(None);
+        let leaked = key(Some(owner.id));
+        let child = key(Some(leaked.id));
+        let sibling = key(Some(owner.id));
+        let account = owner.account.id;
+
+        assert!(revoke_key(&mut conn, leaked.id, account + 1)
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            revoke_key(&mut conn, leaked.id, account).unwrap(),
+            [leaked.id, child.id]
+        );
+        let live: Vec<i64> = list_keys(&conn, Some("acme"))
+            .unwrap()
+            .iter()
+            .filter(|k| !k.disabled)
+            .map(|k| k.id)
+            .collect();
+        assert_eq!(live, [owner.id, sibling.id]);
+    }
+
+    /// Live keys count against the cap; disabled ones do not.
+    #[test]
+    fn the_cap_counts_live_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open(&dir.path().join("a.db")).unwrap();
+        let ids: Vec<i64> = (0..4)
+            .map(|_| {
+                create_key(&mut conn, "acme", 0, "free", origin(None))
+                    .unwrap()
+                    .id
+            })
+            .collect();
+        let refused = create_key(&mut conn, "acme", 0, "free", origin(None));
+        assert!(matches!(refused, Err(Error::KeyLimit { max: 4, .. })));
+        set_key_disabled(&mut conn, ids[0], true).unwrap();
+        create_key(&mut conn, "acme", 0, "free", origin(None)).unwrap();
+    }
 }

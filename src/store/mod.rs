@@ -10,6 +10,7 @@ mod schema;
 pub mod snapshot;
 pub mod writer;
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -22,6 +23,7 @@ pub fn open(path: &Path) -> Result<Connection, Error> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
+    create_private(path)?;
     let mut conn = Connection::open(path)?;
     // The CLI may write while the server's threads hold the database: wait, don't fail.
     conn.busy_timeout(Duration::from_secs(10))?;
@@ -30,6 +32,23 @@ pub fn open(path: &Path) -> Result<Connection, Error> {
     conn.pragma_update(None, "foreign_keys", "ON")?;
     schema::migrate(&mut conn)?;
     Ok(conn)
+}
+
+/// Creates the database file, empty, readable by the operator only (keys'
+/// hashes, every account's money); SQLite gives its WAL and shared-memory
+/// files the same mode. An existing file is not opened here: closing any
+/// descriptor of a database drops the POSIX locks the process's SQLite
+/// connections hold on it.
+fn create_private(path: &Path) -> Result<(), Error> {
+    let created = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path);
+    match created {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 pub fn now_secs() -> i64 {

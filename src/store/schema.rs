@@ -90,6 +90,10 @@ const MIGRATIONS: &[&str] = &[
         reason TEXT NOT NULL,
         at_ms INTEGER NOT NULL
     );",
+    // 6: the key a key was created with (through the dashboard), so that
+    // revoking a leaked key also revokes what it minted. NULL for keys the
+    // operator created (the CLI, the admin API) and for keys from before.
+    "ALTER TABLE api_keys ADD COLUMN created_by INTEGER REFERENCES api_keys(id);",
 ];
 
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {

@@ -31,6 +31,7 @@ pub struct Options {
     /// fal's queue host: the mock's `/_queue` prefix.
     pub queue: String,
     pub reconcile_interval_secs: u64,
+    pub keep_ended_jobs_days: u64,
     pub timeout_secs: u64,
     pub header_read_timeout_secs: u64,
     pub tls_handshake_timeout_secs: u64,
@@ -44,6 +45,8 @@ pub struct Options {
     pub admin: bool,
     /// `tls_cert` and `tls_key`; the embedded dev certificate when `None`.
     pub tls_files: Option<(PathBuf, PathBuf)>,
+    /// More `[limits]` lines, as TOML.
+    pub limits: String,
 }
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
@@ -87,6 +90,7 @@ impl Options {
             queue: format!("{upstream}/_queue"),
             upstream,
             reconcile_interval_secs: 3600,
+            keep_ended_jobs_days: 7,
             timeout_secs: 5,
             header_read_timeout_secs: 5,
             tls_handshake_timeout_secs: 5,
@@ -96,6 +100,7 @@ impl Options {
             plans: UNLIMITED_PLANS.to_owned(),
             admin: false,
             tls_files: None,
+            limits: String::new(),
         }
     }
 
@@ -130,9 +135,11 @@ refresh_interval_ms = 250
 {admin}
 [queue]
 reconcile_interval_secs = {reconcile}
+keep_ended_jobs_days = {keep}
 
 [limits]
 max_json_body_bytes = {max_json}
+{limits}
 {pricing}
 {plans}
 "#,
@@ -141,6 +148,7 @@ max_json_body_bytes = {max_json}
             up = self.upstream,
             queue = self.queue,
             reconcile = self.reconcile_interval_secs,
+            keep = self.keep_ended_jobs_days,
             tls = self
                 .tls_files
                 .as_ref()
@@ -158,6 +166,7 @@ max_json_body_bytes = {max_json}
             timeout = self.timeout_secs,
             db = dir.join("abhiapi.db").display(),
             max_json = self.max_json_body_bytes,
+            limits = self.limits,
             pricing = self.pricing,
             plans = self.plans,
         )
@@ -195,7 +204,13 @@ impl Server {
 
     /// Starts on a config (and database) already prepared in `dir`.
     pub fn start_config(dir: tempfile::TempDir, config: PathBuf) -> Self {
-        let (child, plain, tls, admin) = launch(dir.path(), &config);
+        let stderr = log_file(dir.path());
+        Self::start_with_stderr(dir, config, stderr)
+    }
+
+    /// As [`Server::start_config`], with the server's stderr going to `stderr`.
+    pub fn start_with_stderr(dir: tempfile::TempDir, config: PathBuf, stderr: Stdio) -> Self {
+        let (child, plain, tls, admin) = launch(dir.path(), &config, stderr);
         Self {
             child,
             plain,
@@ -210,7 +225,8 @@ impl Server {
     /// exited or was killed); the ports are new.
     pub fn restart(&mut self) {
         self.kill();
-        let (child, plain, tls, admin) = launch(self.dir.path(), &self.config);
+        let stderr = log_file(self.dir.path());
+        let (child, plain, tls, admin) = launch(self.dir.path(), &self.config, stderr);
         (self.child, self.plain, self.tls, self.admin) = (child, plain, tls, admin);
     }
 
@@ -278,13 +294,22 @@ impl Drop for Server {
     }
 }
 
-/// Starts `abhiapi serve` and reads the addresses it announces.
-fn launch(dir: &Path, config: &Path) -> (Child, SocketAddr, SocketAddr, Option<SocketAddr>) {
-    let log = std::fs::OpenOptions::new()
+/// `stderr.log` in `dir`, appended to.
+fn log_file(dir: &Path) -> Stdio {
+    std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("stderr.log"))
-        .unwrap();
+        .unwrap()
+        .into()
+}
+
+/// Starts `abhiapi serve` and reads the addresses it announces.
+fn launch(
+    dir: &Path,
+    config: &Path,
+    stderr: Stdio,
+) -> (Child, SocketAddr, SocketAddr, Option<SocketAddr>) {
     let mut child = Command::new(BIN)
         .arg("serve")
         .arg("--config")
@@ -292,7 +317,7 @@ fn launch(dir: &Path, config: &Path) -> (Child, SocketAddr, SocketAddr, Option<S
         .env("ABHIAPI_TEST_FAL_KEY", FAL_KEY)
         .env("ABHIAPI_TEST_ADMIN_TOKEN", ADMIN_TOKEN)
         .stdout(Stdio::piped())
-        .stderr(log)
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let (tx, rx) = mpsc::channel();
@@ -307,7 +332,7 @@ fn launch(dir: &Path, config: &Path) -> (Child, SocketAddr, SocketAddr, Option<S
     while plain.is_none() || tls.is_none() {
         let left = deadline.saturating_duration_since(Instant::now());
         let line = rx.recv_timeout(left).unwrap_or_else(|_| {
-            let log = std::fs::read_to_string(dir.join("stderr.log")).unwrap();
+            let log = std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
             panic!("server did not announce its listeners; stderr:\n{log}")
         });
         let addr = |prefix: &str| {
@@ -517,7 +542,7 @@ pub fn installed(
         }
     });
     if let Err(e) = result {
-        panic!("installing test dependencies failed (needs the npm and PyPI registries):\n{e}");
+        panic!("installing test dependencies failed (needs the npm, PyPI or apt sources, and root for apt):\n{e}");
     }
 }
 

@@ -1,0 +1,177 @@
+//! The server on a bad day, or after many: a log pipe nobody drains, a fal
+//! that never answers while it stops, jobs that ended long ago, and files
+//! other users of the machine must not read.
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::Request;
+use http_body_util::Full;
+use simd_json::prelude::*;
+use support::*;
+
+async fn metric(server: &Server, name: &str) -> f64 {
+    let req = Request::get(format!("http://{}/metrics", server.admin.unwrap()))
+        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .body(Full::default())
+        .unwrap();
+    let text = body(client().request(req).await.unwrap()).await;
+    let text = String::from_utf8(text.to_vec()).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_stderr_does_not_stall_requests_and_dropped_lines_are_counted() {
+    let mock = MockFal::start(None).await.unwrap();
+    let mut opts = Options::new(mock.url(false));
+    opts.admin = true;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, opts.render(dir.path())).unwrap();
+    // A pipe that is never read: it fills after some 64 KiB of log lines.
+    let server = Server::start_with_stderr(dir, config, Stdio::piped());
+
+    let client = client();
+    for i in 0..4000 {
+        let answered = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.request(get(&server.url("/healthz"), None)),
+        )
+        .await;
+        let resp = answered
+            .unwrap_or_else(|_| panic!("request {i} stalled"))
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        body(resp).await;
+    }
+    let dropped = metric(&server, "abhiapi_log_lines_dropped_total").await;
+    assert!(dropped > 0.0, "no log line was counted as dropped");
+}
+
+/// A queue host that accepts connections and never answers.
+fn hanging_fal() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    std::thread::spawn(move || {
+        let mut open = Vec::new();
+        for conn in listener.incoming().map_while(Result::ok) {
+            count.fetch_add(1, Ordering::SeqCst);
+            open.push(conn);
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_reconciler_pass_against_a_hanging_fal_exits_within_the_grace() {
+    let mock = MockFal::start(None).await.unwrap();
+    let mut opts = Options::new(mock.url(false));
+    let (mut server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 10_000);
+    for _ in 0..3 {
+        let resp = call(&server, &key, "/queue/fal-ai/flux/dev", r#"{"prompt":"x"}"#).await;
+        assert_eq!(resp.status(), 200);
+        body(resp).await;
+    }
+    server.signal("TERM");
+    assert!(server.wait().success());
+
+    // The pending jobs are checked every second with a queue host that
+    // would keep each status call for `timeout_secs`.
+    let (hang, accepted) = hanging_fal();
+    opts.queue = format!("http://{hang}");
+    opts.reconcile_interval_secs = 1;
+    opts.timeout_secs = 300;
+    std::fs::write(&server.config, opts.render(server.dir.path())).unwrap();
+    server.restart();
+    let pass_started = eventually(Duration::from_secs(10), || async {
+        accepted.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    assert!(pass_started, "the reconciler never asked fal");
+
+    let asked = Instant::now();
+    server.signal("TERM");
+    assert!(server.wait().success());
+    // `shutdown_grace_secs` is 10 in the tests' config.
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "exit took {:?}",
+        asked.elapsed()
+    );
+}
+
+/// With `keep_ended_jobs_days = 0`, a job is forgotten by the reconciler's
+/// next pass once it has ended: a long run holds only what a restart would load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_jobs_are_forgotten_while_the_server_runs() {
+    let mock = MockFal::start(None).await.unwrap();
+    let mut opts = Options::new(mock.url(false));
+    opts.reconcile_interval_secs = 1;
+    opts.keep_ended_jobs_days = 0;
+    let (server, key) = Server::start_with_key(opts, "acme", 10_000);
+    let resp = call(&server, &key, "/queue/fal-ai/flux/dev", r#"{"prompt":"x"}"#).await;
+    assert_eq!(resp.status(), 200);
+    let job = json(&body(resp).await);
+    let result = server.url(&format!(
+        "/queue/fal-ai/flux/requests/{}",
+        job.get_str("request_id").unwrap()
+    ));
+    // The reconciler completes and charges the job (three status polls), then forgets it.
+    assert!(books_close(&server, &[("acme", 28)]).await);
+    let forgotten = eventually(Duration::from_secs(10), || async {
+        let resp = client().request(get(&result, Some(&key))).await.unwrap();
+        let status = resp.status();
+        body(resp).await;
+        status == 404
+    })
+    .await;
+    assert!(forgotten, "the ended job is still served from memory");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_journal_and_lock_are_readable_by_their_owner_only() {
+    let mock = MockFal::start(None).await.unwrap();
+    let (server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 10_000);
+    // A billed call: a hold in the journal, a charge in the WAL.
+    let resp = call(&server, &key, "/mock/echo", "{}").await;
+    assert_eq!(resp.status(), 200);
+    body(resp).await;
+    assert!(
+        books_close(&server, &[("acme", 2)]).await,
+        "{}",
+        server.stderr_log()
+    );
+
+    let mode = |p: &std::path::Path| {
+        let mode = std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        format!("{mode:o}")
+    };
+    let dir = server.dir.path();
+    for name in [
+        "abhiapi.db",
+        "abhiapi.db-wal",
+        "abhiapi.db-shm",
+        "abhiapi.db.lock",
+    ] {
+        assert_eq!(mode(&dir.join(name)), "600", "{name}");
+    }
+    let journal = dir.join("abhiapi.db.holds");
+    assert_eq!(mode(&journal), "700", "the journal's folder");
+    let segments: Vec<_> = std::fs::read_dir(&journal)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(!segments.is_empty());
+    for segment in segments {
+        assert_eq!(mode(&segment), "600", "{}", segment.display());
+    }
+}
