@@ -220,12 +220,12 @@ pub async fn serve(
     let (stopping, stop) = tokio::sync::watch::channel(false);
     let admin_task = admin.map(|(listener, admin)| {
         let mut stop = stop.clone();
-        let timeouts = (&config.server).into();
+        let limits = (&config.server).into();
         tokio::spawn(async move {
             let stopped = async move {
                 let _ = stop.changed().await;
             };
-            server::run(vec![listener], admin, timeouts, stopped).await
+            server::run(vec![listener], admin, limits, stopped).await
         })
     });
     let shutdown = async move {

@@ -114,8 +114,22 @@ pub struct ServerConfig {
     /// PEM chain and key; when both are absent the embedded dev certificate is used.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// A connection with no request in progress is closed after this long:
+    /// from accept (after the TLS handshake), or from its last response.
+    /// Silent connections would otherwise hold a descriptor each, forever.
+    pub idle_timeout_secs: u64,
+    /// A request's head must be complete this long after its first byte.
     pub header_read_timeout_secs: u64,
     pub tls_handshake_timeout_secs: u64,
+    /// Open connections allowed; beyond it, a new connection closes the
+    /// one idle the longest, or is refused when none is idle. Also kept
+    /// to half the descriptor limit, leaving one for each upstream call.
+    pub max_connections: usize,
+    /// HTTP/2 keep-alive: a ping after this long without a frame from the
+    /// client, and the connection is closed if it goes unanswered as long.
+    pub http2_keepalive_interval_secs: u64,
+    /// Streams (requests) one HTTP/2 connection may have open at once.
+    pub http2_max_concurrent_streams: u32,
     /// How long in-flight requests get to finish after SIGTERM.
     pub shutdown_grace_secs: u64,
     /// Take the client's scheme and host from `x-forwarded-proto` and
@@ -130,8 +144,12 @@ impl Default for ServerConfig {
             plain_listen: None,
             tls_cert: None,
             tls_key: None,
+            idle_timeout_secs: 30,
             header_read_timeout_secs: 10,
             tls_handshake_timeout_secs: 10,
+            max_connections: 10_000,
+            http2_keepalive_interval_secs: 20,
+            http2_max_concurrent_streams: 100,
             shutdown_grace_secs: 30,
             trust_forwarded_headers: false,
         }
@@ -349,6 +367,17 @@ impl Config {
         if self.limits.poll_requests_per_second == 0 {
             return Err(Error::Config(
                 "[limits] poll_requests_per_second must be positive".into(),
+            ));
+        }
+        if s.idle_timeout_secs == 0
+            || s.header_read_timeout_secs == 0
+            || s.http2_keepalive_interval_secs == 0
+        {
+            return Err(Error::Config("[server] timeouts must be positive".into()));
+        }
+        if s.max_connections == 0 || s.http2_max_concurrent_streams == 0 {
+            return Err(Error::Config(
+                "[server] max_connections and http2_max_concurrent_streams must be positive".into(),
             ));
         }
         if self.upstream.timeout_secs == 0 || self.upstream.connect_timeout_secs == 0 {
