@@ -157,6 +157,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
     let _serving = store::lock::acquire(&config.store.path)?;
+    return_large_buffers_to_the_os();
     let upstream = Upstream::new(&config.upstream, fal_key)?;
     let mut listeners = Vec::new();
     let mut bound = Bound {
@@ -246,6 +247,21 @@ pub async fn serve(
     core.stop(drained, grace).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Request bodies are buffered up to `max_json_body_bytes` each. glibc
+/// serves such sizes with mmap at first, but after the first is freed it
+/// raises its threshold to that size and serves the next ones from heaps it
+/// seldom shrinks: a burst of stalled bodies then kept its memory after
+/// the clients left. A fixed threshold turns that adjustment off, so a
+/// large buffer is always its own mapping, returned whole when freed.
+fn return_large_buffers_to_the_os() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes glibc's allocation policy; called once,
+    // before the server allocates request buffers.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
 }
 
 /// Reloads the config on every SIGHUP.

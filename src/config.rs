@@ -121,6 +121,13 @@ pub struct ServerConfig {
     /// A request's head must be complete this long after its first byte.
     pub header_read_timeout_secs: u64,
     pub tls_handshake_timeout_secs: u64,
+    /// A request body that sends nothing for this long is cut off (408);
+    /// also the grace before `min_body_bytes_per_sec` is enforced.
+    pub body_timeout_secs: u64,
+    /// After `body_timeout_secs`, a body must have averaged at least this
+    /// rate since it began, or it is cut off (408): a trickle holds a
+    /// connection and a buffer as long as a stall does.
+    pub min_body_bytes_per_sec: u64,
     /// Open connections allowed; beyond it, a new connection closes the
     /// one idle the longest, or is refused when none is idle. Also kept
     /// to half the descriptor limit, leaving one for each upstream call.
@@ -147,6 +154,8 @@ impl Default for ServerConfig {
             idle_timeout_secs: 30,
             header_read_timeout_secs: 10,
             tls_handshake_timeout_secs: 10,
+            body_timeout_secs: 30,
+            min_body_bytes_per_sec: 4096,
             max_connections: 10_000,
             http2_keepalive_interval_secs: 20,
             http2_max_concurrent_streams: 100,
@@ -220,6 +229,10 @@ impl Default for StoreConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     pub max_json_body_bytes: usize,
+    /// Bytes of billable bodies one account may have buffered at once
+    /// (being read, or held until fal has them); beyond it 429. Unset:
+    /// four of the largest, see [`LimitsConfig::buffered_body_bytes_per_account`].
+    pub max_buffered_body_bytes_per_account: Option<usize>,
     /// Per-key allowance for polling jobs (status, result, cancel), apart from generation.
     pub poll_requests_per_second: u64,
 }
@@ -228,8 +241,17 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_json_body_bytes: 10 * 1024 * 1024,
+            max_buffered_body_bytes_per_account: None,
             poll_requests_per_second: 10,
         }
+    }
+}
+
+impl LimitsConfig {
+    /// Enough for a few large bodies at once, not for a flood of them.
+    pub fn buffered_body_bytes_per_account(&self) -> usize {
+        self.max_buffered_body_bytes_per_account
+            .unwrap_or(self.max_json_body_bytes.saturating_mul(4))
     }
 }
 
@@ -371,13 +393,22 @@ impl Config {
         }
         if s.idle_timeout_secs == 0
             || s.header_read_timeout_secs == 0
+            || s.body_timeout_secs == 0
             || s.http2_keepalive_interval_secs == 0
         {
             return Err(Error::Config("[server] timeouts must be positive".into()));
         }
-        if s.max_connections == 0 || s.http2_max_concurrent_streams == 0 {
+        if s.min_body_bytes_per_sec == 0
+            || s.max_connections == 0
+            || s.http2_max_concurrent_streams == 0
+        {
             return Err(Error::Config(
-                "[server] max_connections and http2_max_concurrent_streams must be positive".into(),
+                "[server] min_body_bytes_per_sec, max_connections and http2_max_concurrent_streams must be positive".into(),
+            ));
+        }
+        if self.limits.buffered_body_bytes_per_account() < self.limits.max_json_body_bytes {
+            return Err(Error::Config(
+                "[limits] max_buffered_body_bytes_per_account must hold at least one max_json_body_bytes body".into(),
             ));
         }
         if self.upstream.timeout_secs == 0 || self.upstream.connect_timeout_secs == 0 {

@@ -7,6 +7,7 @@ mod credentials;
 mod fal_proxy;
 pub mod headers;
 pub mod json_body;
+pub mod pace;
 pub(crate) mod path;
 mod queue;
 mod request_id;
@@ -52,6 +53,8 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     /// Believe `x-forwarded-proto`/`-host` (behind a trusted load balancer).
     trust_forwarded: bool,
+    /// How slowly a billable body may arrive.
+    body_pace: pace::BodyPace,
 }
 
 /// What the request's connection says about how the client reached us.
@@ -90,6 +93,7 @@ pub struct Tunables {
     pub prices: PriceTable,
     pub limits: RateLimits,
     pub max_json_body_bytes: usize,
+    pub max_buffered_body_bytes_per_account: usize,
     pub max_json_response_bytes: usize,
 }
 
@@ -99,6 +103,7 @@ impl Tunables {
             prices: PriceTable::new(&config.billing, &config.pricing)?,
             limits: RateLimits::new(config),
             max_json_body_bytes: config.limits.max_json_body_bytes,
+            max_buffered_body_bytes_per_account: config.limits.buffered_body_bytes_per_account(),
             max_json_response_bytes: config.billing.max_json_response_bytes,
         })
     }
@@ -131,6 +136,7 @@ impl Proxy {
             db: w.db,
             metrics: w.metrics,
             trust_forwarded: config.server.trust_forwarded_headers,
+            body_pace: (&config.server).into(),
         })
     }
 
@@ -283,8 +289,14 @@ impl Proxy {
             .tariff(model)
             .ok_or_else(|| ApiError::UnpricedModel(model.to_owned()))?;
         let (parts, incoming) = req.into_parts();
+        let limits = json_body::BodyLimits {
+            max_bytes: tunables.max_json_body_bytes,
+            account_bytes: tunables.max_buffered_body_bytes_per_account,
+            pace: self.body_pace,
+        };
+        let mut buffered = json_body::Buffered::new(&key.account, limits.account_bytes);
         let (bytes, request) =
-            json_body::read(incoming, &parts.headers, tunables.max_json_body_bytes).await?;
+            json_body::read(incoming, &parts.headers, limits, &mut buffered).await?;
         trace.model = Some(Arc::clone(&tariff.rule.pattern));
         let estimate = tariff.estimate(&request)?;
         let verdict = tunables.limits.generation(key, self.clock.now_ns());
@@ -314,6 +326,8 @@ impl Proxy {
         let work = async move {
             let started = Instant::now();
             let sent = send(&upstream, parts, Body::full(bytes), uri).await;
+            // fal has the body (or will never get it): its bytes are freed.
+            drop(buffered);
             let took = started.elapsed();
             let answer = match sent {
                 Ok(resp) => {
