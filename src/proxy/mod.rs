@@ -32,7 +32,7 @@ use crate::error::{ApiError, Error};
 use crate::jobs::Jobs;
 use crate::keys::{ApiKey, Registry};
 use crate::metrics::{Denial, Metrics};
-use crate::ratelimit::{ceil_secs, Decision, RateLimits, Verdict};
+use crate::ratelimit::{ceil_secs, Allowance, Decision, RateLimits, Verdict};
 use crate::store::{db::Db, now_secs, writer::StoreWriter};
 use crate::upstream::Upstream;
 use arc_swap::ArcSwap;
@@ -261,13 +261,17 @@ impl Proxy {
         .await
     }
 
-    /// Work that costs: a price rule for `model`, the body read and its cost
-    /// fields validated, the generation allowance, the hold; then fal at
-    /// `uri`, and `finish` with fal's answer. Whatever keeps fal from doing
-    /// the work releases the hold; a success marks the reservation answered.
-    /// From the hold on, the work runs on a task of its own: a client that
-    /// leaves does not cancel fal's call, which runs to its answer and is
-    /// settled as if the client were still there.
+    /// Work that costs, refused as early as it can be: a price rule for
+    /// `model`, the generation allowance, and available credits for the
+    /// cheapest request the rule could price, all from the headers; only
+    /// then the body, read within the account's buffer allowance, and its
+    /// cost fields validated; then the hold, fal at `uri`, and `finish`
+    /// with fal's answer. Whatever keeps fal from doing the work releases
+    /// the hold (and gives the allowance back if it was refused before
+    /// fal); a success marks the reservation answered. From the hold on,
+    /// the work runs on a task of its own: a client that leaves does not
+    /// cancel fal's call, which runs to its answer and is settled as if
+    /// the client were still there.
     #[allow(clippy::too_many_arguments)]
     async fn forward_billed<F, Fut>(
         &self,
@@ -288,6 +292,16 @@ impl Proxy {
             .prices
             .tariff(model)
             .ok_or_else(|| ApiError::UnpricedModel(model.to_owned()))?;
+        trace.model = Some(Arc::clone(&tariff.rule.pattern));
+        let allowance = self.allow_generation(&tunables, key, trace)?;
+        let cheapest = tariff.cheapest();
+        let available = key.account.available();
+        if available < i64::try_from(cheapest).unwrap_or(i64::MAX) {
+            return Err(ApiError::InsufficientCredits {
+                needed: cheapest,
+                available,
+            });
+        }
         let (parts, incoming) = req.into_parts();
         let limits = json_body::BodyLimits {
             max_bytes: tunables.max_json_body_bytes,
@@ -297,30 +311,12 @@ impl Proxy {
         let mut buffered = json_body::Buffered::new(&key.account, limits.account_bytes);
         let (bytes, request) =
             json_body::read(incoming, &parts.headers, limits, &mut buffered).await?;
-        trace.model = Some(Arc::clone(&tariff.rule.pattern));
         let estimate = tariff.estimate(&request)?;
-        let verdict = tunables.limits.generation(key, self.clock.now_ns());
-        trace.rate = Some(verdict);
-        if let Decision::Deny { retry_after_ns, .. } = verdict.decision {
-            let by = if verdict.by_account {
-                Denial::Account
-            } else {
-                Denial::Key
-            };
-            self.metrics.denied(by);
-            return Err(ApiError::RateLimited {
-                retry_after: ceil_secs(retry_after_ns),
-                by_account: verdict.by_account,
-            });
-        }
-        let mut reservation = match self.ledger.reserve(key, model, request_id, estimate).await {
-            Ok(r) => r,
-            Err(e) => {
-                // Refused before fal: the request did not use its allowance.
-                tunables.limits.refund_generation(key);
-                return Err(e);
-            }
-        };
+        let mut reservation = self
+            .ledger
+            .reserve(key, model, request_id, estimate)
+            .await?;
+        allowance.spent();
         let upstream = Arc::clone(&self.upstream);
         let model = model.to_owned();
         let work = async move {
@@ -357,6 +353,30 @@ impl Proxy {
         };
         trace.upstream = Some(took);
         answer
+    }
+
+    /// The generation allowance, taken once per request; 429 when spent.
+    fn allow_generation<'a>(
+        &self,
+        tunables: &'a Tunables,
+        key: &'a ApiKey,
+        trace: &mut Trace,
+    ) -> Result<Allowance<'a>, ApiError> {
+        let verdict = tunables.limits.generation(key, self.clock.now_ns());
+        trace.rate = Some(verdict);
+        if let Decision::Deny { retry_after_ns, .. } = verdict.decision {
+            let by = if verdict.by_account {
+                Denial::Account
+            } else {
+                Denial::Key
+            };
+            self.metrics.denied(by);
+            return Err(ApiError::RateLimited {
+                retry_after: ceil_secs(retry_after_ns),
+                by_account: verdict.by_account,
+            });
+        }
+        Ok(Allowance::taken(&tunables.limits, key))
     }
 
     /// The poll allowance: status, result, cancel, and storage calls.
