@@ -19,6 +19,7 @@ use crate::error::Error;
 use crate::jobs::Jobs;
 use crate::keys::refresh::Refresher;
 use crate::keys::Registry;
+use crate::memory;
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, Wiring};
 use crate::reload::Reloader;
@@ -157,7 +158,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
     let _serving = store::lock::acquire(&config.store.path)?;
-    return_large_buffers_to_the_os();
+    memory::unmap_large_buffers();
     let upstream = Upstream::new(&config.upstream, fal_key)?;
     let mut listeners = Vec::new();
     let mut bound = Bound {
@@ -196,6 +197,7 @@ pub async fn serve(
         tls_slot,
     ));
     let sighup = spawn_sighup(Arc::clone(&reloader))?;
+    let trimmer = memory::spawn_trimmer();
 
     let admin = match admin_listener(&config).await? {
         Some((tcp, token)) => {
@@ -240,6 +242,7 @@ pub async fn serve(
     let _ = stop_reconciler.send(true);
     let _ = reconciler.await;
     sighup.abort();
+    trimmer.abort();
 
     // Connections that outlived the grace period are cut when the runtime
     // ends; their holds stay in the journal and are recovered at next start.
@@ -247,21 +250,6 @@ pub async fn serve(
     core.stop(drained, grace).await?;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Request bodies are buffered up to `max_json_body_bytes` each. glibc
-/// serves such sizes with mmap at first, but after the first is freed it
-/// raises its threshold to that size and serves the next ones from heaps it
-/// seldom shrinks: a burst of stalled bodies then kept its memory after
-/// the clients left. A fixed threshold turns that adjustment off, so a
-/// large buffer is always its own mapping, returned whole when freed.
-fn return_large_buffers_to_the_os() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes glibc's allocation policy; called once,
-    // before the server allocates request buffers.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
-    }
 }
 
 /// Reloads the config on every SIGHUP.
