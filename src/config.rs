@@ -467,6 +467,31 @@ mod tests {
     }
 
     #[test]
+    fn connection_and_body_limits_default_sanely_and_must_be_positive() {
+        let c = Config::parse(EMBEDDED_DEFAULT).unwrap();
+        assert_eq!(c.server.idle_timeout_secs, 30);
+        assert_eq!(c.server.max_connections, 10_000);
+        // Four of the largest bodies, and following the body limit when it moves.
+        assert_eq!(c.limits.buffered_body_bytes_per_account(), 40 << 20);
+        let listen = "[server]\nplain_listen = \"127.0.0.1:1\"\n";
+        let bigger = format!("{listen}[limits]\nmax_json_body_bytes = 100\n");
+        let c = Config::parse(&bigger).unwrap();
+        assert_eq!(c.limits.buffered_body_bytes_per_account(), 400);
+        for bad in [
+            "idle_timeout_secs = 0",
+            "body_timeout_secs = 0",
+            "min_body_bytes_per_sec = 0",
+            "max_connections = 0",
+        ] {
+            assert!(Config::parse(&format!("{listen}{bad}\n")).is_err(), "{bad}");
+        }
+        let small = format!(
+            "{listen}[limits]\nmax_json_body_bytes = 100\nmax_buffered_body_bytes_per_account = 99\n"
+        );
+        assert!(Config::parse(&small).is_err());
+    }
+
+    #[test]
     fn refuses_unknown_keys_and_bad_upstreams() {
         assert!(Config::parse("[server]\nlisten = \"127.0.0.1:1\"\nlistne = 1").is_err());
         let bad = "[server]\nplain_listen = \"127.0.0.1:1\"\n[upstream]\nrun = \"ftp://x\"";
