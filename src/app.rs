@@ -19,6 +19,7 @@ use crate::error::Error;
 use crate::jobs::Jobs;
 use crate::keys::refresh::Refresher;
 use crate::keys::Registry;
+use crate::memory;
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, Wiring};
 use crate::reload::Reloader;
@@ -157,6 +158,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
     let _serving = store::lock::acquire(&config.store.path)?;
+    memory::unmap_large_buffers();
     let upstream = Upstream::new(&config.upstream, fal_key)?;
     let mut listeners = Vec::new();
     let mut bound = Bound {
@@ -196,6 +198,7 @@ pub async fn serve(
         tls_slot,
     ));
     let sighup = spawn_sighup(Arc::clone(&reloader))?;
+    let trimmer = memory::spawn_trimmer();
 
     let admin = match admin_listener(&config).await? {
         Some((tcp, token)) => {
@@ -220,12 +223,12 @@ pub async fn serve(
     on_ready(&bound);
     let admin_task = admin.map(|(listener, admin)| {
         let mut stop = stop.clone();
-        let timeouts = (&config.server).into();
+        let limits = (&config.server).into();
         tokio::spawn(async move {
             let stopped = async move {
                 let _ = stop.changed().await;
             };
-            server::run(vec![listener], admin, timeouts, stopped).await
+            server::run(vec![listener], admin, limits, stopped).await
         })
     });
     let shutdown = async move {
@@ -245,6 +248,7 @@ pub async fn serve(
     // Stopped with the listeners, at the signal: its pass is cancelled there.
     let _ = background.await;
     sighup.abort();
+    trimmer.abort();
 
     // Connections that outlived the grace period are cut when the runtime
     // ends; their holds stay in the journal and are recovered at next start.

@@ -116,8 +116,29 @@ pub struct ServerConfig {
     /// PEM chain and key; when both are absent the embedded dev certificate is used.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// A connection with no request in progress is closed after this long:
+    /// from accept (after the TLS handshake), or from its last response.
+    /// Silent connections would otherwise hold a descriptor each, forever.
+    pub idle_timeout_secs: u64,
+    /// A request's head must be complete this long after its first byte.
     pub header_read_timeout_secs: u64,
     pub tls_handshake_timeout_secs: u64,
+    /// A request body that sends nothing for this long is cut off (408);
+    /// also the grace before `min_body_bytes_per_sec` is enforced.
+    pub body_timeout_secs: u64,
+    /// After `body_timeout_secs`, a body must have averaged at least this
+    /// rate since it began, or it is cut off (408): a trickle holds a
+    /// connection and a buffer as long as a stall does.
+    pub min_body_bytes_per_sec: u64,
+    /// Open connections allowed; beyond it, a new connection closes the
+    /// one idle the longest, or is refused when none is idle. Also kept
+    /// to half the descriptor limit, leaving one for each upstream call.
+    pub max_connections: usize,
+    /// HTTP/2 keep-alive: a ping after this long without a frame from the
+    /// client, and the connection is closed if it goes unanswered as long.
+    pub http2_keepalive_interval_secs: u64,
+    /// Streams (requests) one HTTP/2 connection may have open at once.
+    pub http2_max_concurrent_streams: u32,
     /// How long in-flight requests get to finish after SIGTERM.
     pub shutdown_grace_secs: u64,
     /// Take the client's scheme and host from `x-forwarded-proto` and
@@ -132,8 +153,14 @@ impl Default for ServerConfig {
             plain_listen: None,
             tls_cert: None,
             tls_key: None,
+            idle_timeout_secs: 30,
             header_read_timeout_secs: 10,
             tls_handshake_timeout_secs: 10,
+            body_timeout_secs: 30,
+            min_body_bytes_per_sec: 4096,
+            max_connections: 10_000,
+            http2_keepalive_interval_secs: 20,
+            http2_max_concurrent_streams: 100,
             shutdown_grace_secs: 30,
             trust_forwarded_headers: false,
         }
@@ -204,6 +231,10 @@ impl Default for StoreConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     pub max_json_body_bytes: usize,
+    /// Bytes of billable bodies one account may have buffered at once
+    /// (being read, or held until fal has them); beyond it 429. Unset:
+    /// four of the largest, see [`LimitsConfig::buffered_body_bytes_per_account`].
+    pub max_buffered_body_bytes_per_account: Option<usize>,
     /// Per-key allowance for polling jobs (status, result, cancel), apart from generation.
     pub poll_requests_per_second: u64,
     /// Live keys one account may have, however they were made: each key
@@ -218,10 +249,19 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_json_body_bytes: 10 * 1024 * 1024,
+            max_buffered_body_bytes_per_account: None,
             poll_requests_per_second: 10,
             max_keys_per_account: 20,
             key_creations_per_minute: 5,
         }
+    }
+}
+
+impl LimitsConfig {
+    /// Enough for a few large bodies at once, not for a flood of them.
+    pub fn buffered_body_bytes_per_account(&self) -> usize {
+        self.max_buffered_body_bytes_per_account
+            .unwrap_or(self.max_json_body_bytes.saturating_mul(4))
     }
 }
 
@@ -366,6 +406,26 @@ impl Config {
                 return Err(Error::Config(format!("[limits] {name} must be positive")));
             }
         }
+        if s.idle_timeout_secs == 0
+            || s.header_read_timeout_secs == 0
+            || s.body_timeout_secs == 0
+            || s.http2_keepalive_interval_secs == 0
+        {
+            return Err(Error::Config("[server] timeouts must be positive".into()));
+        }
+        if s.min_body_bytes_per_sec == 0
+            || s.max_connections == 0
+            || s.http2_max_concurrent_streams == 0
+        {
+            return Err(Error::Config(
+                "[server] min_body_bytes_per_sec, max_connections and http2_max_concurrent_streams must be positive".into(),
+            ));
+        }
+        if self.limits.buffered_body_bytes_per_account() < self.limits.max_json_body_bytes {
+            return Err(Error::Config(
+                "[limits] max_buffered_body_bytes_per_account must hold at least one max_json_body_bytes body".into(),
+            ));
+        }
         if self.upstream.timeout_secs == 0 || self.upstream.connect_timeout_secs == 0 {
             return Err(Error::Config("[upstream] timeouts must be positive".into()));
         }
@@ -430,6 +490,31 @@ mod tests {
         assert!(documented
             .values()
             .all(|p| p.account_requests_per_minute.is_some()));
+    }
+
+    #[test]
+    fn connection_and_body_limits_default_sanely_and_must_be_positive() {
+        let c = Config::parse(EMBEDDED_DEFAULT).unwrap();
+        assert_eq!(c.server.idle_timeout_secs, 30);
+        assert_eq!(c.server.max_connections, 10_000);
+        // Four of the largest bodies, and following the body limit when it moves.
+        assert_eq!(c.limits.buffered_body_bytes_per_account(), 40 << 20);
+        let listen = "[server]\nplain_listen = \"127.0.0.1:1\"\n";
+        let bigger = format!("{listen}[limits]\nmax_json_body_bytes = 100\n");
+        let c = Config::parse(&bigger).unwrap();
+        assert_eq!(c.limits.buffered_body_bytes_per_account(), 400);
+        for bad in [
+            "idle_timeout_secs = 0",
+            "body_timeout_secs = 0",
+            "min_body_bytes_per_sec = 0",
+            "max_connections = 0",
+        ] {
+            assert!(Config::parse(&format!("{listen}{bad}\n")).is_err(), "{bad}");
+        }
+        let small = format!(
+            "{listen}[limits]\nmax_json_body_bytes = 100\nmax_buffered_body_bytes_per_account = 99\n"
+        );
+        assert!(Config::parse(&small).is_err());
     }
 
     #[test]

@@ -43,6 +43,12 @@ pub enum ApiError {
     },
     /// The client's request body broke off before it was read.
     ClientBody,
+    /// The client's request body stalled, or came slower than the minimum rate.
+    BodyTimeout,
+    /// The account already has as many body bytes in memory as it may.
+    BodyBufferFull {
+        limit: usize,
+    },
     InvalidPath,
     /// A queued job that does not exist or is not the caller's: the same answer for both.
     JobNotFound,
@@ -117,6 +123,8 @@ impl ApiError {
             Conflict(_) | KeyLimit { .. } => StatusCode::CONFLICT,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            BodyBufferFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             UnpricedModel(_) => StatusCode::NOT_FOUND,
             InsufficientCredits { .. } => StatusCode::PAYMENT_REQUIRED,
             RateLimited { .. } | KeyCreationLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -138,6 +146,8 @@ impl ApiError {
             InvalidInput(_) => "invalid_input",
             BodyTooLarge { .. } => "body_too_large",
             ClientBody => "request_body_incomplete",
+            BodyTimeout => "request_body_timeout",
+            BodyBufferFull { .. } => "account_body_buffer_full",
             InvalidPath => "invalid_path",
             InvalidHost => "invalid_host",
             MethodNotAllowed => "method_not_allowed",
@@ -179,6 +189,10 @@ impl ApiError {
             InvalidInput(why) => format!("Invalid input: {why}."),
             BodyTooLarge { limit } => format!("Request body larger than the {limit}-byte limit."),
             ClientBody => "The request body ended before it was complete.".into(),
+            BodyTimeout => "The request body stalled or arrived too slowly.".into(),
+            BodyBufferFull { limit } => format!(
+                "This account already has {limit} bytes of request bodies in flight, the most allowed; retry once some have finished."
+            ),
             InvalidPath => "Invalid path.".into(),
             InvalidHost => "Invalid Host header.".into(),
             MethodNotAllowed => "Method not allowed: fal's APIs take GET, HEAD, POST, PUT, PATCH, DELETE and OPTIONS.".into(),

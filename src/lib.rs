@@ -16,6 +16,7 @@ pub mod error;
 pub mod jobs;
 pub mod keys;
 pub mod log_output;
+pub mod memory;
 pub mod metrics;
 pub mod mock_fal;
 pub mod proxy;

@@ -186,7 +186,7 @@ impl RateLimits {
     }
 
     /// Gives back an allowed generation request that did not reach fal after all.
-    pub fn refund_generation(&self, key: &ApiKey) {
+    fn refund_generation(&self, key: &ApiKey) {
         let plan = self.plan(key);
         plan.key.refund(&key.generation_tat);
         if let Some(cap) = plan.account {
@@ -206,6 +206,39 @@ impl RateLimits {
     /// A key created through the dashboard, counted against its account.
     pub fn key_creation(&self, account: &Account, now: u64) -> Decision {
         self.key_creation.check(&account.key_creation_tat, now)
+    }
+}
+
+/// A generation request the limits allowed. Dropped before it is
+/// [`spent`](Allowance::spent) (the request was refused after all, or its
+/// client left), it is given back: only requests that reach fal count.
+pub struct Allowance<'a> {
+    limits: &'a RateLimits,
+    key: &'a ApiKey,
+    spent: bool,
+}
+
+impl<'a> Allowance<'a> {
+    /// For a request [`RateLimits::generation`] allowed.
+    pub fn taken(limits: &'a RateLimits, key: &'a ApiKey) -> Self {
+        Self {
+            limits,
+            key,
+            spent: false,
+        }
+    }
+
+    /// The request goes to fal: it keeps its place in the allowance.
+    pub fn spent(mut self) {
+        self.spent = true;
+    }
+}
+
+impl Drop for Allowance<'_> {
+    fn drop(&mut self) {
+        if !self.spent {
+            self.limits.refund_generation(self.key);
+        }
     }
 }
 

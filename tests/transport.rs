@@ -110,16 +110,6 @@ async fn responses_stream_before_fal_has_finished() {
     assert_eq!(rest.as_ref(), b"last");
 }
 
-/// Peak resident memory of a process, from /proc (Linux).
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_bodies_stream_both_ways_with_flat_memory() {
     let (mock, server, key) = setup().await;
@@ -179,7 +169,7 @@ async fn large_bodies_stream_both_ways_with_flat_memory() {
     assert_eq!(mock.seen().len(), 2);
 
     // 256 MiB went each way; had either been buffered, the peak would show it.
-    let peak = peak_rss_kib(server.pid());
+    let peak = proc_status_kib(server.pid(), "VmHWM:");
     assert!(
         peak < 96 * 1024,
         "proxy peak RSS {peak} KiB: bodies are being buffered"

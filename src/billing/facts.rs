@@ -94,6 +94,15 @@ fn invalid(name: &str, expected: &str) -> ApiError {
 }
 
 impl RequestFacts {
+    /// Every cost field at the smallest value fal's validation (and ours)
+    /// accepts: no request can be held for less, bar one with defaults
+    /// that are smaller still.
+    pub const SMALLEST: RequestFacts = RequestFacts {
+        image_size: Some((1, 1)),
+        num_images: Some(1),
+        duration_milli: Some(1),
+    };
+
     /// A compact text form (`width,height,num_images,duration_milli`, empty
     /// for absent) for a queued job's row: its price is decided later.
     pub fn encode(&self) -> String {

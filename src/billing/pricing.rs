@@ -157,6 +157,18 @@ impl Tariff {
         })
     }
 
+    /// The least any request can be held for under this tariff: with every
+    /// cost field at its default or at its smallest legal value. An account
+    /// that cannot cover it is refused before its body is read.
+    pub fn cheapest(&self) -> u64 {
+        [RequestFacts::default(), RequestFacts::SMALLEST]
+            .iter()
+            .filter_map(|req| self.terms.quote(&self.rule, req, None))
+            .map(|q| q.credits)
+            .min()
+            .unwrap_or(0)
+    }
+
     /// What an answer costs: images as returned, the rest from the request;
     /// `None` if fal's figures are too large to work out (the caller charges the hold).
     pub fn actual(&self, req: &RequestFacts, resp: &ResponseFacts) -> Option<Quote> {
@@ -390,6 +402,23 @@ mod tests {
             88
         );
         assert_eq!(t.cost_usd(165), "0.165");
+    }
+
+    #[test]
+    fn the_cheapest_request_bounds_every_estimate_from_below() {
+        let t = table(0.1, true);
+        let cheapest = |model| t.tariff(model).unwrap().cheapest();
+        // A 1×1 image is still a whole megapixel when fal rounds each image.
+        assert_eq!(cheapest("fal-ai/flux/dev"), 28);
+        // One thousandth of a second of video, not the 5 s default.
+        assert_eq!(cheapest("fal-ai/kling-video/v2/master"), 1);
+        assert_eq!(cheapest("fal-ai/other"), 11);
+        let unrounded = table(0.1, false).tariff("fal-ai/flux/dev").unwrap();
+        assert_eq!(unrounded.cheapest(), 1);
+        let flux = t.tariff("fal-ai/flux/dev").unwrap();
+        for req in [RequestFacts::default(), RequestFacts::SMALLEST] {
+            assert!(flux.estimate(&req).unwrap().credits >= flux.cheapest());
+        }
     }
 
     #[test]

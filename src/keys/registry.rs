@@ -2,7 +2,7 @@
 //! with the CLI arrive through [`Registry::apply`] and change the shared
 //! entries in place, so a request that already holds a key sees them too.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -29,6 +29,9 @@ pub struct Account {
     pub rate_tat: AtomicU64,
     /// GCRA state of `[limits] key_creations_per_minute`.
     pub key_creation_tat: AtomicU64,
+    /// Bytes of billable request bodies read into memory and not yet sent
+    /// on: capped, so that one account's stalled bodies cannot fill RAM.
+    buffered: AtomicUsize,
 }
 
 impl Account {
@@ -43,6 +46,7 @@ impl Account {
             held: AtomicI64::new(0),
             rate_tat: AtomicU64::new(0),
             key_creation_tat: AtomicU64::new(0),
+            buffered: AtomicUsize::new(0),
         }
     }
 
@@ -88,6 +92,19 @@ impl Account {
             return 0;
         }
         (-delta).min(-after)
+    }
+
+    /// Counts `bytes` more as buffered if that keeps the account within `cap`.
+    pub fn try_buffer(&self, bytes: usize, cap: usize) -> bool {
+        self.buffered
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                b.checked_add(bytes).filter(|total| *total <= cap)
+            })
+            .is_ok()
+    }
+
+    pub fn unbuffer(&self, bytes: usize) {
+        self.buffered.fetch_sub(bytes, Ordering::AcqRel);
     }
 
     pub fn is_suspended(&self) -> bool {

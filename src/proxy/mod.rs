@@ -11,6 +11,7 @@ mod fal_proxy;
 pub mod headers;
 pub mod json_body;
 mod meter;
+pub mod pace;
 pub(crate) mod path;
 mod queue;
 mod request_id;
@@ -35,7 +36,7 @@ use crate::error::{ApiError, Error};
 use crate::jobs::Jobs;
 use crate::keys::{ApiKey, Registry};
 use crate::metrics::{Denial, Metrics};
-use crate::ratelimit::{ceil_secs, Decision, RateLimits, Verdict};
+use crate::ratelimit::{ceil_secs, Allowance, Decision, RateLimits, Verdict};
 use crate::store::{db::Db, now_secs, writer::StoreWriter};
 use crate::upstream::Upstream;
 use arc_swap::ArcSwap;
@@ -58,6 +59,8 @@ pub struct Proxy {
     detached: Arc<detached::Detached>,
     /// Believe `x-forwarded-proto`/`-host` (behind a trusted load balancer).
     trust_forwarded: bool,
+    /// How slowly a billable body may arrive.
+    body_pace: pace::BodyPace,
 }
 
 /// What the request's connection says about how the client reached us.
@@ -96,6 +99,7 @@ pub struct Tunables {
     pub prices: PriceTable,
     pub limits: RateLimits,
     pub max_json_body_bytes: usize,
+    pub max_buffered_body_bytes_per_account: usize,
     pub max_json_response_bytes: usize,
     pub max_keys_per_account: u64,
 }
@@ -106,6 +110,7 @@ impl Tunables {
             prices: PriceTable::new(&config.billing, &config.pricing)?,
             limits: RateLimits::new(config),
             max_json_body_bytes: config.limits.max_json_body_bytes,
+            max_buffered_body_bytes_per_account: config.limits.buffered_body_bytes_per_account(),
             max_json_response_bytes: config.billing.max_json_response_bytes,
             max_keys_per_account: config.limits.max_keys_per_account,
         })
@@ -140,6 +145,7 @@ impl Proxy {
             metrics: w.metrics,
             detached: Arc::default(),
             trust_forwarded: config.server.trust_forwarded_headers,
+            body_pace: (&config.server).into(),
         })
     }
 
@@ -278,13 +284,17 @@ impl Proxy {
         .await
     }
 
-    /// Work that costs: a price rule for `model`, the body read and its cost
-    /// fields validated, the generation allowance, the hold; then fal at
-    /// `uri`, and `finish` with fal's answer. Whatever keeps fal from doing
-    /// the work releases the hold; a success marks the reservation answered.
-    /// From the hold on, the work runs on a task of its own: a client that
-    /// leaves does not cancel fal's call, which runs to its answer and is
-    /// settled as if the client were still there.
+    /// Work that costs, refused as early as it can be: a price rule for
+    /// `model`, the generation allowance, and available credits for the
+    /// cheapest request the rule could price, all from the headers; only
+    /// then the body, read within the account's buffer allowance, and its
+    /// cost fields validated; then the hold, fal at `uri`, and `finish`
+    /// with fal's answer. Whatever keeps fal from doing the work releases
+    /// the hold (and gives the allowance back if it was refused before
+    /// fal); a success marks the reservation answered. From the hold on,
+    /// the work runs on a task of its own: a client that leaves does not
+    /// cancel fal's call, which runs to its answer and is settled as if
+    /// the client were still there.
     #[allow(clippy::too_many_arguments)]
     async fn forward_billed<F, Fut>(
         &self,
@@ -306,38 +316,38 @@ impl Proxy {
             .prices
             .tariff(model)
             .ok_or_else(|| ApiError::UnpricedModel(model.to_owned()))?;
-        let (parts, incoming) = req.into_parts();
-        let (bytes, request) =
-            json_body::read(incoming, &parts.headers, tunables.max_json_body_bytes).await?;
         trace.model = Some(Arc::clone(&tariff.rule.pattern));
-        let estimate = tariff.estimate(&request)?;
-        let verdict = tunables.limits.generation(key, self.clock.now_ns());
-        trace.rate = Some(verdict);
-        if let Decision::Deny { retry_after_ns, .. } = verdict.decision {
-            let by = if verdict.by_account {
-                Denial::Account
-            } else {
-                Denial::Key
-            };
-            self.metrics.denied(by);
-            return Err(ApiError::RateLimited {
-                retry_after: ceil_secs(retry_after_ns),
-                by_account: verdict.by_account,
+        let allowance = self.allow_generation(&tunables, key, trace)?;
+        let cheapest = tariff.cheapest();
+        let available = key.account.available();
+        if available < i64::try_from(cheapest).unwrap_or(i64::MAX) {
+            return Err(ApiError::InsufficientCredits {
+                needed: cheapest,
+                available,
             });
         }
-        let mut reservation = match self.ledger.reserve(key, model, request_id, estimate).await {
-            Ok(r) => r,
-            Err(e) => {
-                // Refused before fal: the request did not use its allowance.
-                tunables.limits.refund_generation(key);
-                return Err(e);
-            }
+        let (parts, incoming) = req.into_parts();
+        let limits = json_body::BodyLimits {
+            max_bytes: tunables.max_json_body_bytes,
+            account_bytes: tunables.max_buffered_body_bytes_per_account,
+            pace: self.body_pace,
         };
+        let mut buffered = json_body::Buffered::new(&key.account, limits.account_bytes);
+        let (bytes, request) =
+            json_body::read(incoming, &parts.headers, limits, &mut buffered).await?;
+        let estimate = tariff.estimate(&request)?;
+        let mut reservation = self
+            .ledger
+            .reserve(key, model, request_id, estimate)
+            .await?;
+        allowance.spent();
         let upstream = Arc::clone(&self.upstream);
         let model = model.to_owned();
         let work = async move {
             let started = Instant::now();
             let sent = send(&upstream, parts, Body::full(bytes), uri).await;
+            // fal has the body (or will never get it): its bytes are freed.
+            drop(buffered);
             let took = started.elapsed();
             let answer = match sent {
                 Ok(resp) => {
@@ -374,6 +384,30 @@ impl Proxy {
     /// clients left; true once none does.
     pub async fn detached_settled(&self, within: Duration) -> bool {
         self.detached.settled(within).await
+    }
+
+    /// The generation allowance, taken once per request; 429 when spent.
+    fn allow_generation<'a>(
+        &self,
+        tunables: &'a Tunables,
+        key: &'a ApiKey,
+        trace: &mut Trace,
+    ) -> Result<Allowance<'a>, ApiError> {
+        let verdict = tunables.limits.generation(key, self.clock.now_ns());
+        trace.rate = Some(verdict);
+        if let Decision::Deny { retry_after_ns, .. } = verdict.decision {
+            let by = if verdict.by_account {
+                Denial::Account
+            } else {
+                Denial::Key
+            };
+            self.metrics.denied(by);
+            return Err(ApiError::RateLimited {
+                retry_after: ceil_secs(retry_after_ns),
+                by_account: verdict.by_account,
+            });
+        }
+        Ok(Allowance::taken(&tunables.limits, key))
     }
 
     /// The poll allowance: status, result, cancel, and storage calls.

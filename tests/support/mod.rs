@@ -35,6 +35,10 @@ pub struct Options {
     pub timeout_secs: u64,
     pub header_read_timeout_secs: u64,
     pub tls_handshake_timeout_secs: u64,
+    pub idle_timeout_secs: u64,
+    pub body_timeout_secs: u64,
+    pub min_body_bytes_per_sec: u64,
+    pub max_connections: usize,
     pub max_json_body_bytes: usize,
     pub ca_file: Option<PathBuf>,
     /// `[billing]` and `[[pricing]]`, as TOML.
@@ -94,6 +98,11 @@ impl Options {
             timeout_secs: 5,
             header_read_timeout_secs: 5,
             tls_handshake_timeout_secs: 5,
+            // Longer than any test keeps a pooled connection idle.
+            idle_timeout_secs: 60,
+            body_timeout_secs: 5,
+            min_body_bytes_per_sec: 1024,
+            max_connections: 1000,
             max_json_body_bytes: 64 * 1024,
             ca_file: None,
             pricing: TEST_PRICING.to_owned(),
@@ -118,6 +127,10 @@ plain_listen = "127.0.0.1:0"
 {tls}
 header_read_timeout_secs = {hrt}
 tls_handshake_timeout_secs = {tht}
+idle_timeout_secs = {idle}
+body_timeout_secs = {body}
+min_body_bytes_per_sec = {rate}
+max_connections = {conns}
 shutdown_grace_secs = 10
 
 [upstream]
@@ -145,6 +158,10 @@ max_json_body_bytes = {max_json}
 "#,
             hrt = self.header_read_timeout_secs,
             tht = self.tls_handshake_timeout_secs,
+            idle = self.idle_timeout_secs,
+            body = self.body_timeout_secs,
+            rate = self.min_body_bytes_per_sec,
+            conns = self.max_connections,
             up = self.upstream,
             queue = self.queue,
             reconcile = self.reconcile_interval_secs,
@@ -285,6 +302,18 @@ impl Server {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// The server's resident memory now, in KiB (Linux).
+    pub fn rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmRSS:")
+    }
+
+    /// Descriptors the server has open (Linux).
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .count()
+    }
 }
 
 impl Drop for Server {
@@ -292,6 +321,16 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A `kB` field of /proc/PID/status (`VmRSS:`, `VmHWM:`).
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
 }
 
 /// `stderr.log` in `dir`, appended to.

@@ -1,6 +1,11 @@
 //! Accepting connections: TCP, then TLS where configured, then HTTP/1.1 or
 //! HTTP/2 (ALPN, or h2c prior knowledge on the plain listener), and a
-//! bounded drain on shutdown.
+//! bounded drain on shutdown. Every connection is watched from accept
+//! ([`activity`]): closed when idle past its deadline, or to make room
+//! beyond the cap.
+
+mod activity;
+mod descriptors;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -16,6 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
+use self::activity::{Activity, Connections, IdleDeadlines, InFlight, Watched};
 use crate::config::ServerConfig;
 use crate::proxy::body::Body;
 use crate::proxy::{Conn, Proxy};
@@ -47,39 +53,55 @@ pub struct Listener {
     pub tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
 }
 
+/// What bounds a connection: its deadlines and how many may be open.
 #[derive(Clone, Copy)]
-pub struct Timeouts {
-    pub header_read: Duration,
+pub struct ConnectionLimits {
+    pub idle: IdleDeadlines,
     pub tls_handshake: Duration,
     pub grace: Duration,
+    pub max_connections: usize,
+    pub http2_keepalive: Duration,
+    pub http2_max_streams: u32,
 }
 
-impl From<&ServerConfig> for Timeouts {
+impl From<&ServerConfig> for ConnectionLimits {
     fn from(c: &ServerConfig) -> Self {
         Self {
-            header_read: Duration::from_secs(c.header_read_timeout_secs),
+            idle: IdleDeadlines {
+                idle: Duration::from_secs(c.idle_timeout_secs),
+                head: Duration::from_secs(c.header_read_timeout_secs),
+            },
             tls_handshake: Duration::from_secs(c.tls_handshake_timeout_secs),
             grace: Duration::from_secs(c.shutdown_grace_secs),
+            max_connections: c.max_connections,
+            http2_keepalive: Duration::from_secs(c.http2_keepalive_interval_secs),
+            http2_max_streams: c.http2_max_concurrent_streams,
         }
     }
 }
 
 /// Serves until `shutdown` resolves, then stops accepting and gives
-/// in-flight requests up to `timeouts.grace` to finish. True when every
+/// in-flight requests up to `limits.grace` to finish. True when every
 /// connection finished within the grace period.
 pub async fn run<H: Handler>(
     listeners: Vec<Listener>,
     handler: Arc<H>,
-    timeouts: Timeouts,
+    limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,
 ) -> bool {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(timeouts.header_read);
-    builder.http2().timer(TokioTimer::new());
+        .header_read_timeout(limits.idle.head);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(limits.http2_keepalive)
+        .keep_alive_timeout(limits.http2_keepalive)
+        .max_concurrent_streams(limits.http2_max_streams);
     let builder = Arc::new(builder);
+    let connections = Connections::new(descriptors::cap(limits.max_connections));
 
     let graceful = Arc::new(GracefulShutdown::new());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -91,7 +113,8 @@ pub async fn run<H: Handler>(
                 Arc::clone(&handler),
                 Arc::clone(&builder),
                 Arc::clone(&graceful),
-                timeouts,
+                Arc::clone(&connections),
+                limits,
                 stop_rx.clone(),
             ))
         })
@@ -107,7 +130,7 @@ pub async fn run<H: Handler>(
     let Ok(graceful) = Arc::try_unwrap(graceful) else {
         unreachable!("accept loops hold no graceful handle after they end")
     };
-    let drained = tokio::time::timeout(timeouts.grace, graceful.shutdown())
+    let drained = tokio::time::timeout(limits.grace, graceful.shutdown())
         .await
         .is_ok();
     if !drained {
@@ -121,7 +144,8 @@ async fn accept_loop<H: Handler>(
     handler: Arc<H>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     graceful: Arc<GracefulShutdown>,
-    timeouts: Timeouts,
+    connections: Arc<Connections>,
+    limits: ConnectionLimits,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -137,33 +161,63 @@ async fn accept_loop<H: Handler>(
                 }
             },
         };
+        // Over the cap with every connection busy: closing this one at once
+        // keeps descriptors for the requests in progress.
+        let Some(activity) = connections.admit() else {
+            tracing::debug!(%peer, open = connections.open(), "connection refused: at the cap, none idle");
+            continue;
+        };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(connection(
+        let serve = connection(
             stream,
             listener.tls.as_ref().map(|t| t.load_full()),
             Arc::clone(&handler),
             Arc::clone(&builder),
             graceful.watcher(),
-            timeouts,
+            Arc::clone(&activity),
+            limits,
             peer,
-        ));
+        );
+        tokio::spawn(async move {
+            tokio::select! {
+                () = serve => {}
+                () = activity.expired(limits.idle) => {
+                    tracing::debug!(%peer, "closing an idle connection");
+                }
+            }
+        });
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn connection<H: Handler>(
     stream: TcpStream,
     tls: Option<Arc<rustls::ServerConfig>>,
     handler: Arc<H>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     watcher: Watcher,
-    timeouts: Timeouts,
+    activity: Arc<Activity>,
+    limits: ConnectionLimits,
     peer: std::net::SocketAddr,
 ) {
     let conn = Conn { tls: tls.is_some() };
-    let service = service_fn(move |req| {
-        let handler = Arc::clone(&handler);
-        async move { Ok::<_, Infallible>(handler.handle(req, conn).await) }
-    });
+    let service = {
+        let activity = Arc::clone(&activity);
+        service_fn(move |req| {
+            let handler = Arc::clone(&handler);
+            // Taken before the handler runs, so that a request cut off
+            // midway ends too; released once its response is written.
+            let in_flight = activity.request_started();
+            async move {
+                let resp = handler.handle(req, conn).await;
+                Ok::<_, Infallible>(resp.map(|body| Answer {
+                    body,
+                    _in_flight: in_flight,
+                }))
+            }
+        })
+    };
+    let stream = Watched::new(stream, Arc::clone(&activity));
     let result = match tls {
         None => {
             let conn = builder.serve_connection(TokioIo::new(stream), service);
@@ -172,7 +226,7 @@ async fn connection<H: Handler>(
         Some(config) => {
             let acceptor = TlsAcceptor::from(config);
             let tls_stream =
-                match tokio::time::timeout(timeouts.tls_handshake, acceptor.accept(stream)).await {
+                match tokio::time::timeout(limits.tls_handshake, acceptor.accept(stream)).await {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
                         tracing::debug!(%peer, error = %e, "tls handshake failed");
@@ -183,11 +237,39 @@ async fn connection<H: Handler>(
                         return;
                     }
                 };
+            activity.restart_idle();
             let conn = builder.serve_connection(TokioIo::new(tls_stream), service);
             watcher.watch(conn).await
         }
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// A response body that keeps its request counted as in progress until
+/// hyper has written it (or dropped it with the connection).
+struct Answer {
+    body: Body,
+    _in_flight: InFlight,
+}
+
+impl http_body::Body for Answer {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
