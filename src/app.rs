@@ -231,9 +231,17 @@ pub async fn serve(
             server::run(vec![listener], admin, limits, stopped).await
         })
     });
-    let shutdown = async move {
-        shutdown.await;
-        let _ = stopping.send(true);
+    let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+    // One deadline for the whole stop: connections, detached calls and the
+    // ledger writer share the grace from the signal on.
+    let deadline = Arc::new(std::sync::OnceLock::new());
+    let shutdown = {
+        let deadline = Arc::clone(&deadline);
+        async move {
+            shutdown.await;
+            let _ = deadline.set(tokio::time::Instant::now() + grace);
+            let _ = stopping.send(true);
+        }
     };
     let drained = server::run(
         listeners,
@@ -252,10 +260,18 @@ pub async fn serve(
 
     // Connections that outlived the grace period are cut when the runtime
     // ends; their holds stay in the journal and are recovered at next start.
-    let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+    let left = || {
+        let deadline = deadline
+            .get()
+            .copied()
+            .unwrap_or_else(tokio::time::Instant::now);
+        deadline.saturating_duration_since(tokio::time::Instant::now())
+    };
     // Calls whose clients hung up are still fal's work to settle.
-    let settled = proxy.detached_settled(grace).await;
-    core.stop(drained && settled, grace).await?;
+    let settled = proxy.detached_settled(left()).await;
+    // The writer gets what is left, and a moment for a last commit.
+    let writer_time = left().max(Duration::from_secs(1));
+    core.stop(drained && settled, writer_time).await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -92,9 +92,16 @@ pub enum ApiError {
     /// The hold journal cannot be written: no request may reach fal unrecorded.
     LedgerUnavailable,
     UpstreamUnreachable,
-    UpstreamTimeout,
-    /// fal answered 5xx.
-    UpstreamFailed(StatusCode),
+    /// No answer in time; `reached` unless it was the connection that timed out.
+    UpstreamTimeout {
+        reached: bool,
+    },
+    /// fal answered 5xx; `reached` when the answer came from fal's app (it
+    /// carries `x-fal-request-id`), not from its ingress.
+    UpstreamFailed {
+        status: StatusCode,
+        reached: bool,
+    },
     /// fal refused the operator's key: an operator problem, never shown as the client's.
     UpstreamAuth,
 }
@@ -105,7 +112,8 @@ impl ApiError {
     pub fn may_have_been_served(&self) -> bool {
         matches!(
             self,
-            ApiError::UpstreamFailed(_) | ApiError::UpstreamTimeout
+            ApiError::UpstreamFailed { reached: true, .. }
+                | ApiError::UpstreamTimeout { reached: true }
         )
     }
 
@@ -129,8 +137,8 @@ impl ApiError {
             InsufficientCredits { .. } => StatusCode::PAYMENT_REQUIRED,
             RateLimited { .. } | KeyCreationLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             LedgerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            UpstreamUnreachable | UpstreamFailed(_) | UpstreamAuth => StatusCode::BAD_GATEWAY,
-            UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            UpstreamUnreachable | UpstreamFailed { .. } | UpstreamAuth => StatusCode::BAD_GATEWAY,
+            UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -171,8 +179,8 @@ impl ApiError {
             KeyCreationLimited { .. } => "key_creation_rate_limited",
             LedgerUnavailable => "ledger_unavailable",
             UpstreamUnreachable => "upstream_unreachable",
-            UpstreamTimeout => "upstream_timeout",
-            UpstreamFailed(_) => "upstream_error",
+            UpstreamTimeout { .. } => "upstream_timeout",
+            UpstreamFailed { .. } => "upstream_error",
             UpstreamAuth => "upstream_auth_failed",
         }
     }
@@ -219,8 +227,10 @@ impl ApiError {
                 "Keys are being created too fast for this account; retry in {retry_after} s."
             ),
             UpstreamUnreachable => "fal could not be reached.".into(),
-            UpstreamTimeout => "fal did not answer in time.".into(),
-            UpstreamFailed(s) => format!("fal answered with an error ({}).", s.as_u16()),
+            UpstreamTimeout { .. } => "fal did not answer in time.".into(),
+            UpstreamFailed { status, .. } => {
+                format!("fal answered with an error ({}).", status.as_u16())
+            }
             UpstreamAuth => "The gateway's fal credentials were refused; the operator has been alerted.".into(),
         }
     }

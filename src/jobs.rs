@@ -56,8 +56,9 @@ impl Job {
         matches!(*self.state.lock(), JobState::Pending(_))
     }
 
-    pub fn saw_completed(&self) {
-        self.completed.store(true, Ordering::Release);
+    /// Notes that fal reported the job COMPLETED; true the first time.
+    fn saw_completed(&self) -> bool {
+        !self.completed.swap(true, Ordering::AcqRel)
     }
 
     pub fn was_completed(&self) -> bool {
@@ -109,7 +110,7 @@ impl Jobs {
                 tariff: r.tariff,
                 created_at_ms: r.hold.created_at_ms,
                 state: Mutex::new(state),
-                completed: AtomicBool::new(false),
+                completed: AtomicBool::new(stored.completed),
             };
             by_id.insert(r.request_id, Arc::new(job));
         }
@@ -182,6 +183,13 @@ impl Jobs {
     /// fetched again shows the same `_billing`.
     pub fn charge(&self, job: &Job, actual: Option<Quote>, fal_status: u16) -> Settled {
         self.end(job, JobEnd::Charged, actual, Some(fal_status))
+    }
+
+    /// fal reported the job COMPLETED: remembered, across restarts too.
+    pub fn completed(&self, job: &Job) {
+        if job.saw_completed() {
+            self.ledger.record_completed(&job.request_id);
+        }
     }
 
     /// Releases the job's hold if it is still pending (it failed or was cancelled).

@@ -136,9 +136,11 @@ impl Upstream {
         // client's version from forcing h2 onto a plain-HTTP upstream.
         *req.version_mut() = Version::HTTP_11;
         match tokio::time::timeout(self.timeout, self.client.request(req)).await {
-            Err(_) => Err(ApiError::UpstreamTimeout),
+            Err(_) => Err(ApiError::UpstreamTimeout { reached: true }),
             Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) if timed_out(&e) => Err(ApiError::UpstreamTimeout),
+            Ok(Err(e)) if timed_out(&e) => Err(ApiError::UpstreamTimeout {
+                reached: !e.is_connect(),
+            }),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, source = ?e.source(), "upstream request failed");
                 Err(ApiError::UpstreamUnreachable)

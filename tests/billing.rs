@@ -575,3 +575,59 @@ async fn an_oversized_answer_streams_unchanged_and_is_charged_what_it_returned()
     }
     assert!(books_close(&server, &[("acme", 55 + 110)]).await);
 }
+
+/// A client that reads the head of a large answer and then stops reading:
+/// the answer is still read through from fal (the client's stream ends
+/// short once it has not taken a chunk for `timeout_secs`) and charged
+/// what it returned, and SIGTERM does not wait on the stalled client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_a_large_answer_still_pays_what_it_returned() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mock = MockFal::start(None).await.unwrap();
+    let mut opts = Options::new(mock.url(false));
+    opts.pricing = format!(
+        "{}\n[[pricing]]\nmodel = \"fal-ai/some-upscaler\"\nunit = \"megapixel\"\nusd = 0.025\n",
+        TEST_PRICING.replace(
+            "margin = 0.10",
+            "margin = 0.10\nmax_json_response_bytes = 4096",
+        )
+    );
+    let (mut server, key) = Server::start_with_key(opts, "acme", 1000);
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut stream = sock.connect(server.plain).await.unwrap();
+    let input = r#"{"mock_result_bytes":40000000}"#;
+    let req = format!(
+        "POST /fal-ai/some-upscaler HTTP/1.1\r\nhost: x\r\nx-api-key: {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{input}",
+        input.len()
+    );
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut head = vec![0u8; 1024];
+    let n = stream.read(&mut head).await.unwrap();
+    assert!(head[..n].starts_with(b"HTTP/1.1 200"));
+    // 2048×2048 returned: 4 MP × $0.025 × 1.1 = 110 credits, not the 28 held.
+    let stalled_for = Duration::from_secs(5 + 10);
+    assert!(
+        eventually(stalled_for, || async {
+            ledger_of(&server, "acme") == (890, 0, 110)
+        })
+        .await,
+        "{:?}",
+        ledger_of(&server, "acme")
+    );
+    let asked = std::time::Instant::now();
+    server.signal("TERM");
+    let server = tokio::task::spawn_blocking(move || {
+        server.wait();
+        server
+    })
+    .await
+    .unwrap();
+    assert!(
+        asked.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        asked.elapsed()
+    );
+    drop(stream);
+    assert!(books_close(&server, &[("acme", 110)]).await);
+}

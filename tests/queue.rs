@@ -725,3 +725,127 @@ async fn a_submission_fal_queued_but_answered_5xx_is_charged_its_hold_when_it_na
     assert_eq!(resp.status(), 502);
     assert!(books_close(&server, &[("acme", 2 * COST), ("other", 0)]).await);
 }
+
+/// After COMPLETED, a result fetch fal refuses for now (429 at its
+/// concurrency limit, 400 while its result store lags) is asked again,
+/// never taken for a failure: the job is charged once the result comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completed_job_whose_result_fetch_is_refused_for_now_is_charged_not_released() {
+    let mock = MockFal::start(None).await.unwrap();
+    let mut opts = Options::new(mock.url(false));
+    opts.reconcile_interval_secs = 1;
+    let (server, key) = Server::start_with_key(opts, "acme", 1000);
+    let mut ids = Vec::new();
+    for code in [429, 400] {
+        let input = format!(
+            r#"{{"prompt":"a fox","image_size":"square_hd","mock_result_status_once":{code}}}"#
+        );
+        let job = submit_input(&server, &key, &input).await;
+        ids.push(str_of(&job, "request_id").to_owned());
+    }
+    assert!(books_close(&server, &[("acme", 2 * COST)]).await);
+    for id in &ids {
+        assert_eq!(job_ledger(&server, id).2, Some((COST, "charged".into())));
+    }
+}
+
+/// fal reported the job COMPLETED, its result was not there yet, and the
+/// proxy restarted. That fal did the work is remembered across the
+/// restart: when fal no longer knows the job, it is charged its hold,
+/// never released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completed_job_that_fal_forgets_after_a_restart_is_charged_its_hold() {
+    let mock = MockFal::start(None).await.unwrap();
+    let (mut server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 1000);
+    let input = r#"{"prompt":"a fox","image_size":"square_hd","mock_result_404_once":true}"#;
+    let job = submit_input(&server, &key, input).await;
+    let id = str_of(&job, "request_id").to_owned();
+    assert_eq!(poll_status(&job, &key, 3).await, "COMPLETED");
+    let resp = send(Method::GET, str_of(&job, "response_url"), &key, "").await;
+    assert_eq!(resp.status(), 404);
+
+    // Back on a fal that does not know the job, giving up on it at once.
+    let other = MockFal::start(None).await.unwrap();
+    let mut opts = Options::new(other.url(false));
+    opts.reconcile_interval_secs = 1;
+    let text = opts
+        .render(server.dir.path())
+        .replace("[queue]\n", "[queue]\ngive_up_after_secs = 0\n");
+    std::fs::write(&server.config, text).unwrap();
+    server.restart();
+    assert!(
+        ledger_settles(&server, &id, (1000 - COST, 0, Some((COST, "charged")))).await,
+        "{:?}",
+        job_ledger(&server, &id)
+    );
+    assert!(books_close(&server, &[("acme", COST)]).await);
+}
+
+/// A listener whose accept queue is full: a connect to it hangs, so
+/// nothing reaches "fal" behind it.
+async fn black_hole() -> (tokio::net::TcpListener, Vec<tokio::net::TcpStream>, String) {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = sock.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fill = Vec::new();
+    for _ in 0..4 {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        match tokio::time::timeout(Duration::from_millis(300), s.connect(addr)).await {
+            Ok(Ok(c)) => fill.push(c),
+            _ => break,
+        }
+    }
+    (listener, fill, format!("http://{addr}"))
+}
+
+/// fal's ingress answering 503 itself (no `x-fal-request-id`: no app saw it).
+async fn failing_ingress() -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ingress = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = ingress.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = ingress.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let _ = s.read(&mut buf).await;
+                let page =
+                    "<html><body><h1>503 Service Temporarily Unavailable</h1>nginx</body></html>";
+                let resp = format!(
+                    "HTTP/1.1 503 Service Temporarily Unavailable\r\nserver: nginx\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{page}",
+                    page.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// A submission that certainly never reached fal's app (no connection in
+/// time; fal's ingress refusing it) costs nothing, webhook or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_submission_that_never_reached_fal_costs_nothing() {
+    let mock = MockFal::start(None).await.unwrap();
+    let (_listener, _fill, hole) = black_hole().await;
+    let with_hook = "/queue/fal-ai/flux/dev?fal_webhook=https://client.example/hook";
+    for queue in [hole, failing_ingress().await] {
+        let mut opts = Options::new(mock.url(false));
+        opts.queue = queue;
+        let (server, key) = Server::start_with_key(opts, "acme", 1000);
+        let resp = send(Method::POST, &server.url(with_hook), &key, FLUX).await;
+        assert!(resp.status().is_server_error(), "{}", resp.status());
+        let released = || -> i64 {
+            server
+                .db()
+                .query_row(
+                    "SELECT COUNT(*) FROM charges WHERE outcome = 'released' AND credits = 0",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap()
+        };
+        assert!(eventually(Duration::from_secs(10), || async { released() == 1 }).await);
+        assert!(books_close(&server, &[("acme", 0)]).await);
+    }
+}

@@ -77,12 +77,15 @@ pub enum Entry {
     Settle(ChargeRecord),
     /// fal accepted a queued job: from then on the job owns its hold.
     Job(JobRecord),
+    /// fal reported the job (by fal's request id) COMPLETED: it is paid for.
+    Completed(String),
 }
 
 /// Settlement lines start with this, which no request id does.
 const SETTLE_MARK: &str = "=";
-/// So do job lines.
+/// So do job lines, and completion lines.
 const JOB_MARK: &str = "J";
+const COMPLETED_MARK: &str = "C";
 
 fn job_line(j: &JobRecord) -> String {
     let h = &j.hold;
@@ -190,6 +193,9 @@ impl Entry {
             parse_settle(line).map(Entry::Settle)
         } else if line.starts_with(JOB_MARK) {
             parse_job(line).map(Entry::Job)
+        } else if let Some(id) = line.strip_prefix(COMPLETED_MARK) {
+            let id = id.strip_prefix('\t')?;
+            (!id.is_empty()).then(|| Entry::Completed(id.to_owned()))
         } else {
             HoldRecord::parse(line).map(Entry::Hold)
         }
@@ -321,6 +327,11 @@ impl Journal {
     /// Appends a job fal accepted; returns the segment it went to.
     pub fn append_job(&self, job: &JobRecord) -> io::Result<u64> {
         self.append_line(&job_line(job))
+    }
+
+    /// Appends that fal reported a job COMPLETED; returns the segment it went to.
+    pub fn append_completed(&self, request_id: &str) -> io::Result<u64> {
+        self.append_line(&format!("{COMPLETED_MARK}\t{request_id}\n"))
     }
 
     /// Appends how a hold ended; returns the segment it went to.
@@ -505,6 +516,7 @@ mod tests {
             tariff: None,
         };
         j.append_job(&job).unwrap();
+        j.append_completed("fal-1").unwrap();
         j.append_settle(&charge).unwrap();
         j.append_settle(&released).unwrap();
         assert_eq!(
@@ -512,6 +524,7 @@ mod tests {
             vec![
                 Entry::Hold(hold("a")),
                 Entry::Job(job),
+                Entry::Completed("fal-1".into()),
                 Entry::Settle(charge),
                 Entry::Settle(released)
             ]

@@ -120,6 +120,20 @@ impl Ledger {
         self.writer.send_now(WriteOp::JobSubmitted { job, segment });
     }
 
+    /// fal reported a job COMPLETED: from then on its hold is charged, never
+    /// released, across a crash too.
+    pub fn record_completed(&self, request_id: &str) {
+        let segment = self
+            .journal
+            .append_completed(request_id)
+            .inspect_err(|e| tracing::error!(error = %e, "cannot journal a completion"))
+            .ok();
+        self.writer.send_now(WriteOp::JobCompleted {
+            request_id: request_id.to_owned(),
+            segment,
+        });
+    }
+
     /// A hold that outlived its process (a queued job's), taken again in memory at start-up.
     pub fn restore(&self, account: Arc<Account>, record: HoldRecord, estimate: Quote) -> Hold {
         account.restore_hold(record.credits as i64);
@@ -306,7 +320,7 @@ mod tests {
             .into_iter()
             .filter_map(|e| match e {
                 Entry::Settle(c) => Some((c.id, c.outcome, c.credits)),
-                Entry::Hold(_) | Entry::Job(_) => None,
+                Entry::Hold(_) | Entry::Job(_) | Entry::Completed(_) => None,
             })
             .collect();
         assert_eq!(

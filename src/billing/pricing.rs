@@ -94,6 +94,12 @@ impl PriceTable {
         };
         for r in rules {
             let what = format!("[[pricing]] {:?}", r.model);
+            // Patterns go into journal lines, tab-separated, one a line.
+            if r.model.chars().any(char::is_control) {
+                return Err(Error::Config(format!(
+                    "{what}: a model may not contain control characters"
+                )));
+            }
             let rule = PriceRule {
                 pattern: Arc::from(r.model.as_str()),
                 unit: r.unit,
@@ -478,6 +484,11 @@ mod tests {
             usd_per_credit: 0.0,
             ..BillingConfig::default()
         };
-        assert!(PriceTable::new(&zero, &[rule]).is_err());
+        assert!(PriceTable::new(&zero, std::slice::from_ref(&rule)).is_err());
+        let tab = PriceRuleConfig {
+            model: "fal-ai/x\t/*".into(),
+            ..rule
+        };
+        assert!(PriceTable::new(&billing, &[tab]).is_err());
     }
 }

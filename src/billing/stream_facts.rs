@@ -213,10 +213,20 @@ impl FactScanner {
             self.broken = true;
             return;
         }
-        // An element of `images` that is not an object is an image of unknown size.
+        // An element of `images` that is not an object is an image of
+        // unknown size (an array opening here says so by `container` being
+        // set while the frame to come is no object: see `open`).
         if !container && !f.object && f.role == Role::Images {
             if let Some(list) = &mut self.images {
                 list.push(None);
+            }
+        }
+        // A size given again counts as its last value, read or not.
+        if f.object && f.role == Role::Image {
+            match f.key {
+                Key::Width => f.width = None,
+                Key::Height => f.height = None,
+                _ => {}
             }
         }
         // A repeated key counts as its last occurrence.
@@ -233,6 +243,11 @@ impl FactScanner {
         self.value_starts(true);
         if self.broken {
             return;
+        }
+        if !object && self.stack.last().is_some_and(|f| f.role == Role::Images) {
+            if let Some(list) = &mut self.images {
+                list.push(None);
+            }
         }
         let role = match self.stack.last() {
             None if object => Role::Root,
@@ -339,6 +354,9 @@ mod tests {
             r#" { "images" : [ { "height" : 768 , "width" : 1024 } ] , "has_nsfw_concepts" : [ false ] , "ok" : true } "#,
             r#"{"other":{"images":[{"width":9,"height":9}]}}"#,
             r#"{"images":[{"width":-4,"height":2e3}],"\u0077idth":1}"#,
+            r#"{"images":[[1,2],{"width":1,"height":1},[]]}"#,
+            r#"{"images":[{"width":1024,"height":1024,"width":"big"}]}"#,
+            r#"{"image":{"width":1024,"width":null,"height":2}}"#,
         ];
         for doc in docs {
             let expected = whole(doc);

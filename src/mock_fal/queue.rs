@@ -10,10 +10,12 @@
 //! completes, its result served as if nobody had asked. A completed job
 //! answers 400 `ALREADY_COMPLETED`.
 //!
-//! Two of fal's races, on request: `"mock_result_404_once": true` makes the
-//! first result fetch after COMPLETED a 404 (fal's result store lagging its
-//! status), and `"mock_submit_status": 502` queues the job but answers the
-//! submission with that status (fal's ingress failing after the job was taken).
+//! fal's races and refusals, on request: `"mock_result_404_once": true`
+//! makes the first result fetch after COMPLETED a 404 (fal's result store
+//! lagging its status), `"mock_result_status_once": 429` answers it with
+//! that status instead (fal's concurrency limit, say), and
+//! `"mock_submit_status": 502` queues the job but answers the submission
+//! with that status, from fal's app (with its `x-fal-request-id`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,6 +47,8 @@ struct Job {
     cancelled: bool,
     /// The next result fetch after COMPLETED is a 404.
     result_404_once: bool,
+    /// The next result fetch after COMPLETED answers this status.
+    result_status_once: Option<StatusCode>,
 }
 
 impl Job {
@@ -116,16 +120,20 @@ fn submit(state: &State, path: &[&str], body: Bytes) -> Response<MockBody> {
     };
     let flag = |name: &str| flags.as_ref().and_then(|v| v.get_bool(name)) == Some(true);
     let (fails, result_404_once) = (flag("mock_fail"), flag("mock_result_404_once"));
-    let submit_status = flags
-        .as_ref()
-        .and_then(|v| v.get_u64("mock_submit_status"))
-        .and_then(|c| StatusCode::from_u16(u16::try_from(c).ok()?).ok());
+    let status_flag = |name: &str| {
+        flags
+            .as_ref()
+            .and_then(|v| v.get_u64(name))
+            .and_then(|c| StatusCode::from_u16(u16::try_from(c).ok()?).ok())
+    };
+    let submit_status = status_flag("mock_submit_status");
+    let result_status_once = status_flag("mock_result_status_once");
     let body = format!(
         r#"{{"request_id":"{id}",{},"queue_position":0}}"#,
         urls(state, &app, &id)
     );
     state.queue.jobs.lock().insert(
-        id,
+        id.clone(),
         Job {
             app,
             model: format!("/{}", path.join("/")),
@@ -134,10 +142,16 @@ fn submit(state: &State, path: &[&str], body: Bytes) -> Response<MockBody> {
             fails,
             cancelled: false,
             result_404_once,
+            result_status_once,
         },
     );
     if let Some(code) = submit_status {
-        return status_json(code, "ingress error after the job was queued");
+        // From fal's app (it carries fal's request id), after queueing.
+        let mut resp = status_json(code, "error after the job was queued");
+        if let Ok(id) = http::HeaderValue::from_str(&id) {
+            resp.headers_mut().insert("x-fal-request-id", id);
+        }
+        return resp;
     }
     json_response(StatusCode::OK, Bytes::from(body))
 }
@@ -230,6 +244,12 @@ fn result(state: &State, app: &str, id: &str) -> Response<MockBody> {
             j.result_404_once = false;
         }
         return not_found();
+    }
+    if let (Some(code), "COMPLETED") = (job.result_status_once, job.status()) {
+        if let Some(j) = state.queue.jobs.lock().get_mut(id) {
+            j.result_status_once = None;
+        }
+        return status_json(code, "not now");
     }
     match job.status() {
         "COMPLETED" => model_output(&job.model, &job.input),

@@ -22,7 +22,8 @@ const RELAY_CHUNKS: usize = 4;
 
 /// `prefix` then `rest` for the client, and `settle` with what the answer
 /// says (`None` if it is not one whole JSON object, or broke off) once it
-/// has ended. `idle` bounds the wait for each chunk from fal.
+/// has ended. `idle` bounds the wait for each chunk from fal, and for the
+/// client to take each one.
 pub(super) fn metered(
     detached: &Arc<Detached>,
     prefix: Bytes,
@@ -59,8 +60,10 @@ async fn relay(
         if let Some(chunk) = next.take() {
             scan.feed(&chunk);
             if let Some(tx) = &client {
-                // The client left: go on reading for the price alone.
-                if tx.send(Ok(chunk)).await.is_err() {
+                // The client left, or stopped reading: go on reading for the
+                // price alone (its stream ends short, as the sender goes).
+                let sent = tokio::time::timeout(idle, tx.send(Ok(chunk))).await;
+                if !matches!(sent, Ok(Ok(()))) {
                     client = None;
                 }
             }

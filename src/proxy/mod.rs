@@ -466,7 +466,13 @@ async fn send(
         return Err((ApiError::UpstreamAuth, Some(status.as_u16())));
     }
     if status.is_server_error() {
-        return Err((ApiError::UpstreamFailed(status), Some(status.as_u16())));
+        // Only fal's app gives a request id: a 5xx without one is its
+        // ingress, which never handed the request on.
+        let reached = resp.headers().contains_key(headers::X_FAL_REQUEST_ID);
+        return Err((
+            ApiError::UpstreamFailed { status, reached },
+            Some(status.as_u16()),
+        ));
     }
     Ok(resp)
 }

@@ -227,7 +227,10 @@ impl Proxy {
                 let Some(fal_id) = string_field(&bytes, "request_id") else {
                     tracing::error!("fal's queue accepted a job without a request_id");
                     untracked(reservation);
-                    return Err(ApiError::UpstreamFailed(StatusCode::BAD_GATEWAY));
+                    return Err(ApiError::UpstreamFailed {
+                        status: StatusCode::BAD_GATEWAY,
+                        reached: true,
+                    });
                 };
                 jobs.submitted(&fal_id, &app, request, tariff, reservation.detach());
                 Ok(rewritten(parts, &bytes, &fal_base, &base))
@@ -403,7 +406,7 @@ impl Proxy {
         if failed(&state) {
             self.jobs.release(job, Some(code.as_u16()));
         } else if state == "COMPLETED" {
-            job.saw_completed();
+            self.jobs.completed(job);
         }
         state
     }
@@ -439,16 +442,20 @@ impl Proxy {
         let resp = self.upstream.get(result_uri).await?;
         let code = resp.status();
         if code.is_server_error() {
-            return Err(ApiError::UpstreamFailed(code));
+            return Err(ApiError::UpstreamFailed {
+                status: code,
+                reached: true,
+            });
         }
-        if code == StatusCode::NOT_FOUND {
-            // COMPLETED, yet no result (yet, or any more): fal did the work.
-            // Asked again next round; if fal forgets the job, its hold is charged.
+        if code == StatusCode::UNPROCESSABLE_ENTITY {
+            // Completed with the model's error instead of a result: fal bills nothing.
+            self.jobs.release(job, Some(code.as_u16()));
             return Ok(());
         }
         if !code.is_success() {
-            // Completed with the model's error instead of a result: fal bills nothing.
-            self.jobs.release(job, Some(code.as_u16()));
+            // COMPLETED, yet no result now (not there yet, gone, or fal
+            // refusing us for a while): fal did the work. Asked again next
+            // round; if fal forgets the job, its hold is charged.
             return Ok(());
         }
         let (parts, incoming) = resp.into_parts();

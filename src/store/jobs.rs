@@ -41,6 +41,8 @@ impl JobEnd {
 /// A job as loaded at start-up.
 pub struct StoredJob {
     pub record: JobRecord,
+    /// fal reported it COMPLETED.
+    pub completed: bool,
     /// `None` while pending; else how it ended, what it cost and the balance left.
     pub ended: Option<(JobEnd, u64, i64)>,
 }
@@ -89,6 +91,13 @@ pub fn settle(
     Ok(())
 }
 
+/// Notes that fal reported the job COMPLETED.
+pub fn completed(tx: &Transaction, request_id: &str) -> rusqlite::Result<()> {
+    tx.prepare_cached("UPDATE jobs SET completed = 1 WHERE request_id = ?1")?
+        .execute([request_id])?;
+    Ok(())
+}
+
 /// Every pending job, and the ended ones created since `since_ms`. A pending
 /// job whose charge was written but whose end was not (a crash between the
 /// two) comes back ended, from its charge.
@@ -96,7 +105,7 @@ pub fn load(conn: &Connection, since_ms: i64) -> rusqlite::Result<Vec<StoredJob>
     let mut stmt = conn.prepare(
         "SELECT j.request_id, j.app, j.hold_id, j.account_id, j.key_id, j.held, j.created_at_ms,
                 j.model, j.estimate_units, j.facts, j.state, j.credits_used, j.balance_remaining,
-                c.outcome, c.credits, a.balance, j.tariff
+                c.outcome, c.credits, a.balance, j.tariff, j.completed
          FROM jobs j
          JOIN accounts a ON a.id = j.account_id
          LEFT JOIN charges c ON c.id = j.hold_id
@@ -130,7 +139,11 @@ pub fn load(conn: &Connection, since_ms: i64) -> rusqlite::Result<Vec<StoredJob>
             ("pending", Some((outcome, credits))) => Some((end(&outcome), credits, r.get(15)?)),
             (state, _) => Some((end(state), r.get(11)?, r.get(12)?)),
         };
-        Ok(StoredJob { record, ended })
+        Ok(StoredJob {
+            record,
+            completed: r.get(17)?,
+            ended,
+        })
     })?;
     rows.collect()
 }

@@ -151,6 +151,7 @@ pub fn recover(
             Entry::Settle(c) => done.settled += u64::from(insert_charge(&tx, c)?),
             // Pending again, with its hold: the job settles it, not recovery.
             Entry::Job(j) => super::jobs::insert(&tx, j)?,
+            Entry::Completed(id) => super::jobs::completed(&tx, id)?,
         }
     }
     let orphans: Vec<HoldRecord> = tx

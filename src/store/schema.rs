@@ -94,6 +94,9 @@ const MIGRATIONS: &[&str] = &[
     // revoking a leaked key also revokes what it minted. NULL for keys the
     // operator created (the CLI, the admin API) and for keys from before.
     "ALTER TABLE api_keys ADD COLUMN created_by INTEGER REFERENCES api_keys(id);",
+    // 7: fal reported the job COMPLETED: it did the work, so the job is
+    // charged, never released, even if its result is gone by the time we ask.
+    "ALTER TABLE jobs ADD COLUMN completed INTEGER NOT NULL DEFAULT 0;",
 ];
 
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {

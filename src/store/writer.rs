@@ -49,6 +49,12 @@ pub enum WriteOp {
         job: JobRecord,
         segment: Option<u64>,
     },
+    /// fal reported a pending job COMPLETED: from then on it is never
+    /// released; journalled in `segment` (`None` if the journal could not take it).
+    JobCompleted {
+        request_id: String,
+        segment: Option<u64>,
+    },
     /// A job ended; its charge (or release) is a `Settle` of its hold.
     JobEnded {
         request_id: String,
@@ -66,7 +72,9 @@ impl WriteOp {
     fn segment(&self) -> Option<u64> {
         match self {
             WriteOp::Hold { segment, .. } => Some(*segment),
-            WriteOp::Settle { segment, .. } | WriteOp::JobSubmitted { segment, .. } => *segment,
+            WriteOp::Settle { segment, .. }
+            | WriteOp::JobSubmitted { segment, .. }
+            | WriteOp::JobCompleted { segment, .. } => *segment,
             _ => None,
         }
     }
@@ -77,7 +85,9 @@ impl WriteOp {
             WriteOp::Hold { hold, .. } => Some(&hold.id),
             WriteOp::Settle { charge, .. } => Some(&charge.id),
             WriteOp::JobSubmitted { job, .. } => Some(&job.request_id),
-            WriteOp::JobEnded { request_id, .. } => Some(request_id),
+            WriteOp::JobEnded { request_id, .. } | WriteOp::JobCompleted { request_id, .. } => {
+                Some(request_id)
+            }
             WriteOp::KeyUsed { .. } | WriteOp::Close => None,
         }
     }
@@ -415,6 +425,7 @@ fn commit(conn: &mut Connection, batch: &[WriteOp]) -> rusqlite::Result<()> {
                     }
                 }
                 WriteOp::JobSubmitted { job, .. } => jobs::insert(&tx, job)?,
+                WriteOp::JobCompleted { request_id, .. } => jobs::completed(&tx, request_id)?,
                 WriteOp::JobEnded {
                     request_id,
                     end,
