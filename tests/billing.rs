@@ -359,7 +359,7 @@ async fn answers(workers: Vec<tokio::task::JoinHandle<Vec<Answer>>>) -> Vec<Answ
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn top_ups_during_load_and_sigterm_lose_nothing() {
     let mock = MockFal::start(None).await.unwrap();
-    let (mut server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 1_000);
+    let (server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 1_000);
     let stop = Arc::new(AtomicBool::new(false));
     let workers = load(&server, &key, 6, &stop);
     // Top-ups land while requests are being charged: neither overwrites the other.
@@ -381,9 +381,7 @@ async fn top_ups_during_load_and_sigterm_lose_nothing() {
     );
 
     server.signal("TERM");
-    let (status, server) = tokio::task::spawn_blocking(move || (server.wait(), server))
-        .await
-        .unwrap();
+    let (status, server) = server.exited().await;
     assert!(status.success());
     // Stopped: everything is on disk, nothing held, the journal is gone.
     let (balance, held, charged) = ledger_of(&server, "acme");
@@ -430,13 +428,7 @@ async fn sigkill_under_load_never_loses_or_doubles_a_charge() {
         .into_iter()
         .filter(|a| a.status == 200)
         .collect();
-    let mut server = tokio::task::spawn_blocking(move || {
-        let mut server = server;
-        server.wait();
-        server
-    })
-    .await
-    .unwrap();
+    let (_, mut server) = server.exited().await;
     slow.abort();
     let served = mock
         .seen()
@@ -533,17 +525,24 @@ async fn json_answers_over_the_buffer_limit_stream_unchanged_and_are_charged_all
     assert!(settles_to(&server, "acme", 996).await);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_oversized_answer_streams_unchanged_and_is_charged_what_it_returned() {
-    let mock = MockFal::start(None).await.unwrap();
-    let mut opts = Options::new(mock.url(false));
-    opts.pricing = format!(
+/// The tests' prices with a 4 KiB answer buffer, and an upscaler priced per
+/// megapixel: the mock's upscaler returns one 2048×2048 image (4 MP) however
+/// little was held for it.
+fn large_answer_pricing() -> String {
+    format!(
         "{}\n[[pricing]]\nmodel = \"fal-ai/some-upscaler\"\nunit = \"megapixel\"\nusd = 0.025\n",
         TEST_PRICING.replace(
             "margin = 0.10",
             "margin = 0.10\nmax_json_response_bytes = 4096",
         )
-    );
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_answer_streams_unchanged_and_is_charged_what_it_returned() {
+    let mock = MockFal::start(None).await.unwrap();
+    let mut opts = Options::new(mock.url(false));
+    opts.pricing = large_answer_pricing();
     let (server, key) = Server::start_with_key(opts, "acme", 1000);
     // Two square_hd images: 2 MP × $0.025 × 1.1 = 55 credits, each padded
     // the way sync_mode's base64 images are, about 200 kB in all.
@@ -585,14 +584,8 @@ async fn a_client_that_stops_reading_a_large_answer_still_pays_what_it_returned(
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mock = MockFal::start(None).await.unwrap();
     let mut opts = Options::new(mock.url(false));
-    opts.pricing = format!(
-        "{}\n[[pricing]]\nmodel = \"fal-ai/some-upscaler\"\nunit = \"megapixel\"\nusd = 0.025\n",
-        TEST_PRICING.replace(
-            "margin = 0.10",
-            "margin = 0.10\nmax_json_response_bytes = 4096",
-        )
-    );
-    let (mut server, key) = Server::start_with_key(opts, "acme", 1000);
+    opts.pricing = large_answer_pricing();
+    let (server, key) = Server::start_with_key(opts, "acme", 1000);
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
     let mut stream = sock.connect(server.plain).await.unwrap();
@@ -617,12 +610,7 @@ async fn a_client_that_stops_reading_a_large_answer_still_pays_what_it_returned(
     );
     let asked = std::time::Instant::now();
     server.signal("TERM");
-    let server = tokio::task::spawn_blocking(move || {
-        server.wait();
-        server
-    })
-    .await
-    .unwrap();
+    let (_, server) = server.exited().await;
     assert!(
         asked.elapsed() < Duration::from_secs(15),
         "{:?}",

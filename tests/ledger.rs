@@ -346,16 +346,12 @@ async fn a_second_server_on_the_same_database_exits_and_touches_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_waits_for_a_call_whose_client_hung_up_and_charges_it() {
-    let (mock, mut server, key) = start("acme", 1000).await;
+    let (mock, server, key) = start("acme", 1000).await;
     let url = server.url("/mock/slow/1500");
     let hung_up = tokio::time::timeout(Duration::from_millis(300), call_url(&url, &key)).await;
     assert!(hung_up.is_err(), "the client leaves before fal answers");
     server.signal("TERM");
-    let status = tokio::task::spawn_blocking(move || {
-        let status = server.wait();
-        (server, status)
-    });
-    let (mut server, status) = status.await.unwrap();
+    let (status, mut server) = server.exited().await;
     assert!(status.success());
     assert!(mock.seen().iter().any(|s| s.target == "/mock/slow/1500"));
     // Settled as it ended, before the exit: nothing left to recover.

@@ -355,17 +355,12 @@ async fn ownership_and_pending_holds_survive_a_restart() {
     std::fs::write(&config, Options::new(mock.url(false)).render(dir.path())).unwrap();
     let key = create_key(&config, "acme", 1000);
     let stranger = create_key(&config, "other", 1000);
-    let mut server = Server::start_config(dir, config);
+    let server = Server::start_config(dir, config);
     let id = str_of(&submit(&server, &key, "").await, "request_id").to_owned();
     assert!(ledger_settles(&server, &id, (1000, COST, None)).await);
 
     server.signal("TERM");
-    let mut server = tokio::task::spawn_blocking(move || {
-        server.wait();
-        server
-    })
-    .await
-    .unwrap();
+    let (_, mut server) = server.exited().await;
     server.restart();
     // Still held after the restart, not recovered as an orphan.
     assert_eq!(job_ledger(&server, &id), (1000, COST, None));
@@ -500,14 +495,9 @@ async fn cancel_once_running(job: &simd_json::OwnedValue, key: &str) {
 }
 
 /// Stops the server with SIGTERM and starts it again, on its config file as it is now.
-async fn restart(mut server: Server) -> Server {
+async fn restart(server: Server) -> Server {
     server.signal("TERM");
-    let mut server = tokio::task::spawn_blocking(move || {
-        server.wait();
-        server
-    })
-    .await
-    .unwrap();
+    let (_, mut server) = server.exited().await;
     server.restart();
     server
 }
@@ -545,11 +535,7 @@ async fn a_running_job_that_completes_despite_a_cancel_is_charged_by_the_reconci
     opts.reconcile_interval_secs = 1;
     std::fs::write(&server.config, opts.render(server.dir.path())).unwrap();
     let server = restart(server).await;
-    assert!(
-        ledger_settles(&server, &id, (1000 - COST, 0, Some((COST, "charged")))).await,
-        "{:?}",
-        job_ledger(&server, &id)
-    );
+    assert_charged_once(&server, &id).await;
     assert!(books_close(&server, &[("acme", COST)]).await);
 }
 
@@ -562,6 +548,16 @@ fn oversized(mock: &MockFal) -> (Options, &'static str) {
     );
     let input = r#"{"prompt":"a fox","image_size":"square_hd","mock_result_bytes":200000}"#;
     (opts, input)
+}
+
+/// The job ends charged its cost, once, on an account that had 1000 credits.
+async fn assert_charged_once(server: &Server, request_id: &str) {
+    let want = (1000 - COST, 0, Some((COST, "charged")));
+    assert!(
+        ledger_settles(server, request_id, want).await,
+        "{:?}",
+        job_ledger(server, request_id)
+    );
 }
 
 /// The job's result as the mock serves it, fetched from the mock itself.
@@ -602,11 +598,7 @@ async fn an_oversized_result_nobody_fetched_is_charged_what_it_returned_by_the_r
     let (server, key) = Server::start_with_key(opts, "acme", 1000);
     let job = submit_input(&server, &key, input).await;
     let id = str_of(&job, "request_id").to_owned();
-    assert!(
-        ledger_settles(&server, &id, (1000 - COST, 0, Some((COST, "charged")))).await,
-        "{:?}",
-        job_ledger(&server, &id)
-    );
+    assert_charged_once(&server, &id).await;
     // Fetched afterwards: the same bytes, no second charge.
     let resp = send(Method::GET, str_of(&job, "response_url"), &key, "").await;
     assert_eq!(resp.status(), 200);
@@ -679,11 +671,7 @@ async fn a_completed_job_whose_result_is_missing_once_is_charged_not_released() 
     assert_eq!(resp.status(), 200);
     let job = json(&body(resp).await);
     let id = str_of(&job, "request_id").to_owned();
-    assert!(
-        ledger_settles(&server, &id, (1000 - COST, 0, Some((COST, "charged")))).await,
-        "{:?}",
-        job_ledger(&server, &id)
-    );
+    assert_charged_once(&server, &id).await;
     let resp = send(Method::GET, str_of(&job, "response_url"), &key, "").await;
     assert_eq!(resp.status(), 200);
     let (_, billing) = unsplice(&body(resp).await);
@@ -773,11 +761,7 @@ async fn a_completed_job_that_fal_forgets_after_a_restart_is_charged_its_hold() 
         .replace("[queue]\n", "[queue]\ngive_up_after_secs = 0\n");
     std::fs::write(&server.config, text).unwrap();
     server.restart();
-    assert!(
-        ledger_settles(&server, &id, (1000 - COST, 0, Some((COST, "charged")))).await,
-        "{:?}",
-        job_ledger(&server, &id)
-    );
+    assert_charged_once(&server, &id).await;
     assert!(books_close(&server, &[("acme", COST)]).await);
 }
 

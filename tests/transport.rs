@@ -208,7 +208,7 @@ async fn slow_clients_are_cut_off() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
-    let (mock, mut server, key) = setup().await;
+    let (mock, server, key) = setup().await;
     let url = server.url("/mock/slow/1500");
     let in_flight = tokio::spawn({
         let key = key.clone();
@@ -229,12 +229,7 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
         json(&body(resp).await).get_str("detail"),
         Some("slept 1500 ms")
     );
-    let status = tokio::task::spawn_blocking(move || {
-        let status = server.wait();
-        (status, server)
-    })
-    .await
-    .unwrap();
+    let status = server.exited().await;
     assert!(status.0.success(), "exit status {:?}", status.0);
     assert!(
         TcpStream::connect(status.1.plain).await.is_err(),

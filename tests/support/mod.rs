@@ -287,6 +287,13 @@ impl Server {
         let _ = self.child.wait();
     }
 
+    /// Waits (up to 30 s) for the process to exit, off the async runtime.
+    pub async fn exited(mut self) -> (ExitStatus, Self) {
+        tokio::task::spawn_blocking(move || (self.wait(), self))
+            .await
+            .unwrap()
+    }
+
     /// Waits (up to 30 s) for the process to exit.
     pub fn wait(&mut self) -> ExitStatus {
         let deadline = Instant::now() + Duration::from_secs(30);
