@@ -214,6 +214,10 @@ struct Segment {
 pub struct Journal {
     dir: PathBuf,
     current: Mutex<Segment>,
+    /// The next segment, created ahead by the writer's thread, so that the
+    /// append that fills a segment does not create, reserve and map a file
+    /// on a request's thread.
+    spare: Mutex<Option<Segment>>,
     /// Full segments, for the writer to delete once their holds are committed.
     sealed: Mutex<Vec<Sealed>>,
     /// Flush every append to disk: survives power loss, at the cost of a disk flush per request.
@@ -290,6 +294,7 @@ impl Journal {
         Ok(Self {
             dir: dir.to_owned(),
             current: Mutex::new(Self::create(dir, number)?),
+            spare: Mutex::default(),
             sealed: Mutex::default(),
             fsync,
         })
@@ -349,7 +354,12 @@ impl Journal {
         }
         let mut seg = self.current.lock();
         if seg.len + bytes.len() > seg.map.len() {
-            let next = Self::create(&self.dir, seg.number + 1)?;
+            let spare = self.spare.lock().take();
+            let next = match spare {
+                Some(next) => next,
+                // The writer has not made one yet: made here, once.
+                None => Self::create(&self.dir, seg.number + 1)?,
+            };
             let full = std::mem::replace(&mut *seg, next);
             self.sealed.lock().push(Sealed {
                 number: full.number,
@@ -368,6 +378,21 @@ impl Journal {
         seg.len += bytes.len();
         seg.entries += 1;
         Ok(seg.number)
+    }
+
+    /// Makes the next segment ahead of need; for the writer's thread.
+    pub fn prepare_next(&self) {
+        let next = self.current.lock().number + 1;
+        let mut spare = self.spare.lock();
+        if spare.is_some() {
+            return;
+        }
+        match Self::create(&self.dir, next) {
+            Ok(segment) => *spare = Some(segment),
+            // An append got there first (it made the file itself): next time.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => tracing::warn!(error = %e, "could not make the next journal segment ahead"),
+        }
     }
 
     /// The segments filled since the last call; they take no more appends.
@@ -465,6 +490,11 @@ mod tests {
     fn a_full_segment_is_sealed_and_appends_go_on_in_the_next() {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(dir.path(), false).unwrap();
+        // Made ahead, as the writer does; an empty segment reads as nothing.
+        j.prepare_next();
+        j.prepare_next();
+        assert!(dir.path().join("000000000002.holds").exists());
+        assert!(Journal::read_all(dir.path()).unwrap().is_empty());
         let mut n = 0u64;
         while j.append(&hold(&format!("h{n}"))).unwrap() == 1 {
             n += 1;

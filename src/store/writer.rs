@@ -244,6 +244,7 @@ impl Writer {
             self.metrics.ledger_flush.observe(started.elapsed());
             batch.clear();
             self.drop_committed_segments();
+            self.journal.prepare_next();
             if !done {
                 tracing::error!(
                     "shutting down with the ledger unwritable: the hold journal keeps what was not committed, for the next start"
