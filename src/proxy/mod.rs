@@ -343,7 +343,9 @@ impl Proxy {
         allowance.spent();
         let upstream = Arc::clone(&self.upstream);
         let model = model.to_owned();
-        let work = async move {
+        // Boxed where it is made: the future holds the whole answer's
+        // handling, and is moved into its task without being copied.
+        let work = Box::pin(async move {
             let started = Instant::now();
             let sent = send(&upstream, parts, Body::full(bytes), uri).await;
             // fal has the body (or will never get it): its bytes are freed.
@@ -374,7 +376,7 @@ impl Proxy {
                 }
             };
             (answer, took)
-        };
+        });
         let (answer, took) = self.detached.run(work).await;
         trace.upstream = Some(took);
         answer
