@@ -429,15 +429,32 @@ fn start_proxy(bin: &Path, config: &Path, log: &Path) -> Proxy {
     Proxy { child }
 }
 
-fn rss_and_fds(pid: u32) -> (f64, usize) {
+/// RSS and its anonymous part (the heap: RSS also counts the binary and
+/// the hold journal's mapped segment), in MiB, and open descriptors.
+fn rss_and_fds(pid: u32) -> (f64, f64, usize) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(f64::NAN);
+    let mib = |field: &str| {
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(f64::NAN);
+        kib / 1024.0
+    };
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
-    (kib / 1024.0, fds)
+    (mib("VmRSS:"), mib("RssAnon:"), fds)
+}
+
+impl Tally {
+    /// Queue jobs fal accepted so far: each stays in the proxy's memory for
+    /// `keep_ended_jobs_days`.
+    fn jobs(&self) -> u64 {
+        self.0
+            .lock()
+            .get(&("queue_submit", "200".to_string()))
+            .copied()
+            .unwrap_or(0)
+    }
 }
 
 /// `abhiapi_holds_outstanding` and `abhiapi_credits_held` from the admin listener.
@@ -469,15 +486,20 @@ fn main() {
         .unwrap_or(10)
         .clamp(1, 120);
     let dir = PathBuf::from(arg_text("--dir").expect("--dir DIR"));
+    // `[queue] keep_ended_jobs_days`: 7 as by default; 0 forgets ended jobs
+    // at each reconciler pass, to tell their memory from any other growth.
+    let keep_days: u64 = arg_text("--keep-ended-jobs-days")
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(7);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(soak(minutes, &dir));
+    rt.block_on(soak(minutes, keep_days, &dir));
 }
 
-async fn soak(minutes: u64, dir: &Path) {
+async fn soak(minutes: u64, keep_days: u64, dir: &Path) {
     let bin = release_binary();
     let mock = MockFal::start(None).await.unwrap();
     let (addr, admin) = (free_port(), free_port());
@@ -501,6 +523,7 @@ timeout_secs = 15
 path = "{db}"
 [queue]
 reconcile_interval_secs = 5
+keep_ended_jobs_days = {keep_days}
 [limits]
 max_keys_per_account = 20
 [plans.free]
@@ -587,10 +610,10 @@ usd = 0.001
         stalled: tokio::sync::Semaphore::new(STALLED_MAX),
     });
 
-    let (rss, fds) = rss_and_fds(pid.load(Ordering::Relaxed));
-    println!("\n| minute | proxy pid | RSS MiB | open fds | our open conns | conns opened so far |\n| --- | --- | --- | --- | --- | --- |");
+    let (rss, anon, fds) = rss_and_fds(pid.load(Ordering::Relaxed));
+    println!("\n| minute | proxy pid | RSS MiB | of it anonymous | open fds | our open conns | conns opened so far | jobs accepted so far |\n| --- | --- | --- | --- | --- | --- | --- | --- |");
     println!(
-        "| start (idle) | {} | {rss:.1} | {fds} | 0 | 0 |",
+        "| start (idle) | {} | {rss:.1} | {anon:.1} | {fds} | 0 | 0 | 0 |",
         pid.load(Ordering::Relaxed)
     );
 
@@ -621,19 +644,20 @@ usd = 0.001
             pid.store(p.child.id(), Ordering::Relaxed);
             restart_secs = t.elapsed().as_secs_f64();
             println!(
-                "| {:.1} | SIGKILL {old}, restarted as {} in {restart_secs:.2} s | | | | |",
+                "| {:.1} | SIGKILL {old}, restarted as {} in {restart_secs:.2} s | | | | | | |",
                 second as f64 / 60.0,
                 p.child.id()
             );
         }
         if second % 60 == 0 {
             let p = pid.load(Ordering::Relaxed);
-            let (rss, fds) = rss_and_fds(p);
+            let (rss, anon, fds) = rss_and_fds(p);
             println!(
-                "| {} | {p} | {rss:.1} | {fds} | {} | {} |",
+                "| {} | {p} | {rss:.1} | {anon:.1} | {fds} | {} | {} | {} |",
                 second / 60,
                 shared.conns.now.load(Ordering::Relaxed),
-                shared.conns.total.load(Ordering::Relaxed)
+                shared.conns.total.load(Ordering::Relaxed),
+                shared.tally.jobs()
             );
             for _ in 0..3 {
                 let name = format!("poor-{:02}", topped % POOR);
@@ -652,12 +676,13 @@ usd = 0.001
     for t in tasks {
         let _ = t.await;
     }
-    let (rss, fds) = rss_and_fds(pid.load(Ordering::Relaxed));
+    let (rss, anon, fds) = rss_and_fds(pid.load(Ordering::Relaxed));
     println!(
-        "| end of load | {} | {rss:.1} | {fds} | {} | {} |",
+        "| end of load | {} | {rss:.1} | {anon:.1} | {fds} | {} | {} | {} |",
         pid.load(Ordering::Relaxed),
         shared.conns.now.load(Ordering::Relaxed),
-        shared.conns.total.load(Ordering::Relaxed)
+        shared.conns.total.load(Ordering::Relaxed),
+        shared.tally.jobs()
     );
 
     // Stalled clients still waiting are let go; then every hold must settle
@@ -671,9 +696,9 @@ usd = 0.001
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let (rss, fds) = rss_and_fds(pid.load(Ordering::Relaxed));
+    let (rss, anon, fds) = rss_and_fds(pid.load(Ordering::Relaxed));
     println!(
-        "| settled ({outstanding:?} holds, credits held) | {} | {rss:.1} | {fds} | {} | |",
+        "| settled ({outstanding:?} holds, credits held) | {} | {rss:.1} | {anon:.1} | {fds} | {} | | |",
         pid.load(Ordering::Relaxed),
         shared.conns.now.load(Ordering::Relaxed)
     );

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The soak test, one command, loopback only:
-#   bash benches/soak.sh [--minutes 10]
+#   bash benches/soak.sh [--minutes 10] [--keep-ended-jobs-days 7]
 # Builds the release binary, then runs benches/soak.rs: a mock fal, the proxy
 # on its own config and database in a temporary folder, ~44 accounts and ~100
 # keys, and N minutes of mixed traffic (sync, queue, large answers, 402, 429,
@@ -13,20 +13,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MINUTES=10
+KEEP=7
 while [ $# -gt 0 ]; do
   case "$1" in
     --minutes) MINUTES="$2"; shift 2 ;;
-    *) echo "usage: bash benches/soak.sh [--minutes N]" >&2; exit 2 ;;
+    --keep-ended-jobs-days) KEEP="$2"; shift 2 ;;
+    *) echo "usage: bash benches/soak.sh [--minutes N] [--keep-ended-jobs-days D]" >&2; exit 2 ;;
   esac
 done
-case "$MINUTES" in ''|*[!0-9]*) echo "--minutes takes a whole number" >&2; exit 2 ;; esac
+case "$MINUTES$KEEP" in ''|*[!0-9]*) echo "--minutes takes a whole number" >&2; exit 2 ;; esac
 command -v sqlite3 >/dev/null || { echo "sqlite3 is needed for the books" >&2; exit 2; }
 
 DIR=$(mktemp -d /tmp/abhiapi-soak.XXXXXX)
 echo "soak: $MINUTES minutes, working folder $DIR (config, database, proxy log)"
 cargo build --release --quiet
 # Bounded: the load stops at N minutes, settling at 2 more, SIGTERM at 1 more.
-timeout $((MINUTES * 60 + 600)) cargo bench --quiet --bench soak -- --minutes "$MINUTES" --dir "$DIR"
+timeout $((MINUTES * 60 + 600)) cargo bench --quiet --bench soak -- --minutes "$MINUTES" --keep-ended-jobs-days "$KEEP" --dir "$DIR"
 
 DB="$DIR/abhiapi.db"
 echo
