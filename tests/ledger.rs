@@ -420,3 +420,35 @@ async fn a_job_fal_accepted_survives_a_sigkill_before_it_reached_sqlite() {
     assert_eq!(charged.unwrap(), "28");
     assert!(books_close(&server, &[("acme", 28)]).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_charged_just_before_a_sigkill_comes_back_ended() {
+    let (_mock, mut server, key) = start("acme", 1000).await;
+    let lock = lock_database(&server);
+    let resp = call(&server, &key, "/queue/fal-ai/flux/dev", "{}").await;
+    let fal_id = json(&body(resp).await)
+        .get_str("request_id")
+        .unwrap()
+        .to_owned();
+    let status = server.url(&format!("/fal-ai/queue/requests/{fal_id}"));
+    for _ in 0..3 {
+        let _ = client().request(get(&status, Some(&key))).await.unwrap();
+    }
+    let result = server.url(&format!("/queue/fal-ai/flux/requests/{fal_id}"));
+    let resp = client().request(get(&result, Some(&key))).await.unwrap();
+    assert_eq!(resp.headers()["x-billing-credits-used"], "28");
+    // Charged in memory and the journal; nothing of it in SQLite yet.
+    server.kill();
+    drop(lock);
+    server.restart();
+    let (state, credits): (String, i64) = server
+        .db()
+        .query_row(
+            "SELECT state, credits_used FROM jobs WHERE request_id = ?1",
+            [&fal_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((state.as_str(), credits), ("charged", 28));
+    assert!(books_close(&server, &[("acme", 28)]).await);
+}

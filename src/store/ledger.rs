@@ -182,6 +182,17 @@ pub fn recover(
             done.credits += charge.credits;
         }
     }
+    // A job whose charge was recorded but whose end was not (a kill between
+    // the two) is ended now, from its charge, so that it is not pending for ever.
+    tx.execute(
+        "UPDATE jobs SET
+            state = CASE c.outcome WHEN 'released' THEN 'released' ELSE 'charged' END,
+            credits_used = c.credits,
+            balance_remaining = (SELECT balance FROM accounts WHERE id = jobs.account_id),
+            settled_at_ms = c.settled_at_ms
+         FROM charges c WHERE c.id = jobs.hold_id AND jobs.state = 'pending'",
+        [],
+    )?;
     tx.commit()?;
     Ok(done)
 }
