@@ -18,7 +18,7 @@ pub(super) const ROUTE: &str = "/api/fal/proxy";
 const TARGET_HEADER: &str = "x-fal-target-url";
 /// The storage calls the SDK makes through the proxy; everything else on
 /// fal's REST host (tokens, account data) is refused.
-const STORAGE_PATHS: [&str; 3] = [
+pub(crate) const STORAGE_PATHS: [&str; 3] = [
     "/storage/upload/initiate",
     "/storage/upload/initiate-multipart",
     "/storage/upload/complete-multipart",
@@ -26,7 +26,7 @@ const STORAGE_PATHS: [&str; 3] = [
 
 /// Where a proxied call goes: a path of ours, or the storage upstream's path and query.
 #[derive(Debug, PartialEq, Eq)]
-enum Target {
+pub(crate) enum Target {
     Run(Canonical),
     /// Prefixed with `/queue`, as our own queue routes are.
     Queue(Canonical),
@@ -35,7 +35,7 @@ enum Target {
 
 /// Reads `x-fal-target-url`; anything but fal's hosts over https is refused
 /// here, before any connection is made, and so is a path that is not canonical.
-fn target(headers: &HeaderMap) -> Result<Target, ApiError> {
+pub(crate) fn target(headers: &HeaderMap) -> Result<Target, ApiError> {
     let raw = headers
         .get(TARGET_HEADER)
         .and_then(|v| v.to_str().ok())
