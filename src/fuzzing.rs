@@ -167,11 +167,13 @@ fn check_splice_with(body: &[u8], figures: &Figures, strict: StrictJson) {
     }
     assert!(object, "a JSON value that is not an object got `_billing`");
     assert!(strict(&out), "JSON object in, not JSON out");
+    // simd-json refuses some JSON (an integer beyond 64 bits); the bytes
+    // were compared above, the members are compared where it reads both.
     let (Ok(value), Ok(spliced)) = (
         simd_json::to_owned_value(&mut body.to_vec()),
         simd_json::to_owned_value(&mut out.to_vec()),
     ) else {
-        panic!("simd-json cannot read a JSON object, or it with `_billing`");
+        return;
     };
     let (before, after) = (value.as_object().unwrap(), spliced.as_object().unwrap());
     // Looked up on both sides alike and compared as written out again:
