@@ -42,8 +42,10 @@ pub(crate) fn target(headers: &HeaderMap) -> Result<Target, ApiError> {
         .ok_or(ApiError::InvalidTarget)?;
     let uri: Uri = raw.parse().map_err(|_| ApiError::InvalidTarget)?;
     let authority = uri.authority().ok_or(ApiError::InvalidTarget)?;
-    let default_port = authority.port_u16().is_none_or(|p| p == 443);
-    let plain_host = !authority.as_str().contains('@') && default_port;
+    // The host alone or with `:443`: `port_u16` reads a port that is no
+    // number (`fal.run:44l-ai`) as none, and `host` ignores user info.
+    let written = authority.as_str();
+    let plain_host = written == authority.host() || written == format!("{}:443", authority.host());
     if uri.scheme_str() != Some("https") || !plain_host {
         return Err(ApiError::InvalidTarget);
     }
@@ -143,6 +145,9 @@ mod tests {
             "http://fal.run/fal-ai/flux/dev",
             "https://fal.run:8443/x",
             "https://user@fal.run/x",
+            // A port that is no number (found by fuzz/target_url).
+            "https://fal.run:44l-ai/flux/d:/ev",
+            "https://fal.run:/x",
             "https://rest.fal.ai/tokens/",
             "https://127.0.0.1/x",
             "https://fal.run/fal-ai/flux/dev/",
