@@ -13,6 +13,8 @@ pub mod config;
 pub mod dates;
 pub mod demo;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod jobs;
 pub mod keys;
 pub mod log_output;

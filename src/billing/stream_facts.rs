@@ -29,6 +29,19 @@ enum Key {
     Other,
 }
 
+/// Where a string is in an escape (`\n`, `\u0077`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Escape {
+    None,
+    /// Right after the `\`.
+    Started,
+    /// In `\uXXXX`, with the hex digits read so far and their value.
+    Unicode {
+        digits: u8,
+        value: u32,
+    },
+}
+
 struct Frame {
     object: bool,
     role: Role,
@@ -48,7 +61,7 @@ const NUMBER_MAX: usize = 24;
 pub struct FactScanner {
     stack: Vec<Frame>,
     in_string: bool,
-    escaped: bool,
+    escape: Escape,
     string_is_key: bool,
     key: Vec<u8>,
     /// A number being read, if its value may matter.
@@ -67,7 +80,7 @@ impl Default for FactScanner {
         Self {
             stack: Vec::new(),
             in_string: false,
-            escaped: false,
+            escape: Escape::None,
             string_is_key: false,
             key: Vec::with_capacity(KEY_MAX),
             number: None,
@@ -168,16 +181,51 @@ impl FactScanner {
     }
 
     fn string_byte(&mut self, b: u8) {
-        if self.escaped {
-            self.escaped = false;
-            return;
+        match self.escape {
+            Escape::None => {}
+            Escape::Started => {
+                self.escape = Escape::None;
+                if b == b'u' {
+                    self.escape = Escape::Unicode {
+                        digits: 0,
+                        value: 0,
+                    };
+                } else {
+                    // `\"`, `\\`, `\/` and the control characters: never a letter.
+                    self.key_byte(b'\\');
+                }
+                return;
+            }
+            Escape::Unicode { digits, value } => {
+                let Some(digit) = (b as char).to_digit(16) else {
+                    // Not JSON; the byte is read as if the escape had ended.
+                    self.escape = Escape::None;
+                    self.key_byte(0x80);
+                    return self.string_byte(b);
+                };
+                let value = value << 4 | digit;
+                if digits < 3 {
+                    self.escape = Escape::Unicode {
+                        digits: digits + 1,
+                        value,
+                    };
+                } else {
+                    // A key is matched once unescaped, as simd-json (and fal)
+                    // unescape it: `\u0077idth` is `width`. Anything beyond
+                    // ASCII matches no key of ours.
+                    self.escape = Escape::None;
+                    self.key_byte(
+                        u8::try_from(value)
+                            .ok()
+                            .filter(u8::is_ascii)
+                            .unwrap_or(0x80),
+                    );
+                }
+                return;
+            }
         }
         match b {
-            b'\\' => {
-                self.escaped = true;
-                // An escaped key is never one of ours as written: read as other.
-                self.key.resize(KEY_MAX + 1, 0);
-            }
+            b'\\' => self.escape = Escape::Started,
             b'"' => {
                 self.in_string = false;
                 if self.string_is_key {
@@ -195,8 +243,15 @@ impl FactScanner {
                     }
                 }
             }
-            _ if self.string_is_key && self.key.len() <= KEY_MAX => self.key.push(b),
-            _ => {}
+            _ => self.key_byte(b),
+        }
+    }
+
+    /// A character of the key being read, unescaped; beyond `KEY_MAX` it
+    /// only matters that there are more.
+    fn key_byte(&mut self, b: u8) {
+        if self.string_is_key && self.key.len() <= KEY_MAX {
+            self.key.push(b);
         }
     }
 
@@ -356,6 +411,11 @@ mod tests {
             r#"{"images":[{"width":-4,"height":2e3}],"\u0077idth":1}"#,
             r#"{"images":[[1,2],{"width":1,"height":1},[]]}"#,
             r#"{"images":[{"width":1024,"height":1024,"width":"big"}]}"#,
+            // Keys as simd-json reads them: unescaped (found by fuzz/request_facts).
+            r#"{"images":[{"url":"x","\u0077idth":1024,"h\u0065ight":768}]}"#,
+            r#"{"imag\u0065s":[{"width":1,"height":1}],"\u0069mage":{"width":2,"height":3}}"#,
+            r#"{"images":[{"w\u00e9idth":1,"width":2,"wid\"th":3,"height":4,"\ud83d\ude00":5}]}"#,
+            r#"{"\u0000images":[{"width":1,"height":1}],"images\n":[]}"#,
             r#"{"image":{"width":1024,"width":null,"height":2}}"#,
         ];
         for doc in docs {

@@ -18,7 +18,7 @@ pub(super) const ROUTE: &str = "/api/fal/proxy";
 const TARGET_HEADER: &str = "x-fal-target-url";
 /// The storage calls the SDK makes through the proxy; everything else on
 /// fal's REST host (tokens, account data) is refused.
-const STORAGE_PATHS: [&str; 3] = [
+pub(crate) const STORAGE_PATHS: [&str; 3] = [
     "/storage/upload/initiate",
     "/storage/upload/initiate-multipart",
     "/storage/upload/complete-multipart",
@@ -26,7 +26,7 @@ const STORAGE_PATHS: [&str; 3] = [
 
 /// Where a proxied call goes: a path of ours, or the storage upstream's path and query.
 #[derive(Debug, PartialEq, Eq)]
-enum Target {
+pub(crate) enum Target {
     Run(Canonical),
     /// Prefixed with `/queue`, as our own queue routes are.
     Queue(Canonical),
@@ -35,15 +35,17 @@ enum Target {
 
 /// Reads `x-fal-target-url`; anything but fal's hosts over https is refused
 /// here, before any connection is made, and so is a path that is not canonical.
-fn target(headers: &HeaderMap) -> Result<Target, ApiError> {
+pub(crate) fn target(headers: &HeaderMap) -> Result<Target, ApiError> {
     let raw = headers
         .get(TARGET_HEADER)
         .and_then(|v| v.to_str().ok())
         .ok_or(ApiError::InvalidTarget)?;
     let uri: Uri = raw.parse().map_err(|_| ApiError::InvalidTarget)?;
     let authority = uri.authority().ok_or(ApiError::InvalidTarget)?;
-    let default_port = authority.port_u16().is_none_or(|p| p == 443);
-    let plain_host = !authority.as_str().contains('@') && default_port;
+    // The host alone or with `:443`: `port_u16` reads a port that is no
+    // number (`fal.run:44l-ai`) as none, and `host` ignores user info.
+    let written = authority.as_str();
+    let plain_host = written == authority.host() || written == format!("{}:443", authority.host());
     if uri.scheme_str() != Some("https") || !plain_host {
         return Err(ApiError::InvalidTarget);
     }
@@ -143,6 +145,9 @@ mod tests {
             "http://fal.run/fal-ai/flux/dev",
             "https://fal.run:8443/x",
             "https://user@fal.run/x",
+            // A port that is no number (found by fuzz/target_url).
+            "https://fal.run:44l-ai/flux/d:/ev",
+            "https://fal.run:/x",
             "https://rest.fal.ai/tokens/",
             "https://127.0.0.1/x",
             "https://fal.run/fal-ai/flux/dev/",

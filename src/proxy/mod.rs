@@ -7,7 +7,7 @@ pub mod body;
 mod credentials;
 mod dashboard;
 mod detached;
-mod fal_proxy;
+pub(crate) mod fal_proxy;
 pub mod headers;
 pub mod json_body;
 mod meter;

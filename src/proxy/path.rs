@@ -60,7 +60,9 @@ impl Canonical {
 /// `%XX` of an unreserved character (ALPHA DIGIT `-` `.` `_` `~`) becomes
 /// the character; other escapes stay as sent. A backslash, raw or encoded,
 /// and an encoded `/` are refused: servers disagree on whether they separate
-/// segments.
+/// segments. So is a decoded hex digit that would make a new escape with a
+/// `%` before it (`%%370ro` would become `%70ro`, which fal reads as
+/// `pro`): the result must read the same once fal decodes it.
 fn decode_unreserved(path: &str) -> Result<String, ApiError> {
     let bytes = path.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -69,6 +71,15 @@ fn decode_unreserved(path: &str) -> Result<String, ApiError> {
         match (bytes[i], escaped_byte(&bytes[i..])) {
             (b'\\', _) | (_, Some(b'/' | b'\\')) => return Err(ApiError::InvalidPath),
             (_, Some(c)) if c.is_ascii_alphanumeric() || b"-._~".contains(&c) => {
+                // After `%`, or `%` and a hex digit: a new escape, or half of one.
+                let after_percent = match out.as_slice() {
+                    [.., b'%'] => true,
+                    [.., b'%', d] => d.is_ascii_hexdigit(),
+                    _ => false,
+                };
+                if c.is_ascii_hexdigit() && after_percent {
+                    return Err(ApiError::InvalidPath);
+                }
                 out.push(c);
                 i += 3;
             }
@@ -131,6 +142,7 @@ mod tests {
             ("/a%20b/%25/%C3%A9/c..", "/a%20b/%25/%C3%A9/c.."),
             ("/a/%zz/%4", "/a/%zz/%4"),
             ("/a/%+1/%-2", "/a/%+1/%-2"),
+            ("/a/%25%34%31/%%2547/%%x%41", "/a/%2541/%%2547/%%xA"),
             ("/é/x?q=%70", "/é/x?q=%70"),
             ("http://evil.example/x?q", "/x?q"),
         ] {
@@ -151,6 +163,14 @@ mod tests {
             "/a/%2fb",
             "/a/%5cb",
             "/a/%5C..",
+            // Escapes that decoding would create (found by fuzz/path):
+            // `%70ro` is `pro` to fal, `%2e%2e` is `..`, `%2F` is `/`.
+            "/fal-ai/sora-2/text-to-video/%%370ro",
+            "/fal-ai/x/%%32e%%32e/y",
+            "/a/%%32F",
+            "/a/%2%46",
+            "/a/%%34%31",
+            "/fal-a3%AC/'fx.%%35Fdev",
             "/a\\b",
             "/a//b",
             "//evil.example/x",
