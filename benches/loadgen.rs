@@ -18,10 +18,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use abhiapi::mock_fal::MockFal;
+
+#[path = "common/process.rs"]
+mod process;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use process::{free_port, release_binary};
 use tokio::net::TcpStream;
 
 mod common;
@@ -239,18 +243,6 @@ async fn collect(
         run.cpu_secs = Some(cpu_secs(pids) - cpu_before);
     }
     run
-}
-
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-/// This tree's release binary, which `benches/load.sh` builds.
-fn release_binary() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/abhiapi")
 }
 
 /// Starts AbhiAPI (`bin`) in front of `mock`; returns it, its address and a key.

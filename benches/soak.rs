@@ -22,7 +22,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use abhiapi::mock_fal::MockFal;
+
+#[path = "common/process.rs"]
+mod process;
 use parking_lot::Mutex;
+use process::{free_port, release_binary};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -45,17 +49,6 @@ fn arg_text(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
     let i = args.iter().position(|a| a == name)?;
     args.get(i + 1).cloned()
-}
-
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn release_binary() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/abhiapi")
 }
 
 /// Requests made, by kind and outcome (a status code, or what the connection did).
