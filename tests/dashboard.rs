@@ -176,20 +176,11 @@ async fn the_account_endpoints_show_only_the_callers_account() {
         .unwrap();
     assert_error(resp, 401, "missing_api_key").await;
     // The page itself needs no key, and fetches nothing from elsewhere.
-    let resp = client()
-        .request(get(&server.url("/dashboard"), None))
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let csp = resp.headers()["content-security-policy"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let (csp, page) = dashboard_page(&server).await;
     assert!(
         csp.contains("default-src 'none'") && csp.contains("connect-src 'self'"),
         "{csp}"
     );
-    let page = String::from_utf8(body(resp).await.to_vec()).unwrap();
     assert!(
         !page.contains("http://") && !page.contains("https://"),
         "the page references another origin"

@@ -283,15 +283,7 @@ async fn a_queue_route_with_a_trailing_slash_is_never_a_billed_call() {
 async fn the_dashboard_allows_only_its_own_script_and_style_by_hash() {
     let mock = MockFal::start(None).await.unwrap();
     let server = Server::start(Options::new(mock.url(false)));
-    let resp = client()
-        .request(get(&server.url("/dashboard"), None))
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let csp = resp.headers()["content-security-policy"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let (csp, _) = dashboard_page(&server).await;
     assert!(!csp.contains("unsafe-inline"), "{csp}");
     for directive in ["script-src 'sha256-", "style-src 'sha256-"] {
         assert!(csp.contains(directive), "{directive} missing from {csp}");

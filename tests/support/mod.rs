@@ -518,6 +518,20 @@ pub async fn reload(server: &Server) -> (u16, simd_json::OwnedValue) {
 }
 
 /// Polls `check` every 50 ms until it holds or `within` passes.
+/// The dashboard page (it needs no key): its Content-Security-Policy and its text.
+pub async fn dashboard_page(server: &Server) -> (String, String) {
+    let resp = client()
+        .request(get(&server.url("/dashboard"), None))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let csp = resp.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    (csp, String::from_utf8(body(resp).await.to_vec()).unwrap())
+}
+
 /// POSTs `json` to `path` with `key`, as a client would.
 pub async fn call(server: &Server, key: &str, path: &str, json: &str) -> Response<Incoming> {
     client()
