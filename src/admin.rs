@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::billing::pricing::PriceTable;
 use crate::config::{BillingConfig, PriceRuleConfig, DEFAULT_PLAN};
 use crate::error::{ApiError, Error};
+use crate::jobs::Jobs;
 use crate::keys::issue;
 use crate::keys::refresh::RefreshWaker;
 use crate::keys::Registry;
@@ -49,6 +50,8 @@ pub struct AdminWiring {
     pub metrics: Arc<Metrics>,
     /// For the ledger queue's depth.
     pub writer: StoreWriter,
+    /// For the jobs held in memory.
+    pub jobs: Arc<Jobs>,
 }
 
 #[derive(Serialize)]
@@ -252,6 +255,7 @@ impl Admin {
         let gauges = Gauges {
             credits_held: self.w.registry.credits_held(),
             ledger_queue_depth: self.w.writer.queue_depth(),
+            jobs_in_memory: self.w.jobs.in_memory(),
         };
         let mut resp = Response::new(Body::full(self.w.metrics.render(gauges)));
         resp.headers_mut().insert(

@@ -16,7 +16,7 @@ use crate::billing::ledger::Ledger;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::Error;
-use crate::jobs::Jobs;
+use crate::jobs::{Jobs, Retention};
 use crate::keys::refresh::Refresher;
 use crate::keys::Registry;
 use crate::memory;
@@ -43,6 +43,7 @@ pub struct Bound {
 /// bench drives directly.
 pub struct Core {
     pub proxy: Arc<Proxy>,
+    pub jobs: Arc<Jobs>,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     pub writer: StoreWriter,
@@ -93,14 +94,13 @@ impl Core {
             Arc::clone(&journal),
             Arc::clone(&metrics),
         ));
-        let keep_ms = config.queue.keep_ended_jobs_days as i64 * 86_400_000;
-        let jobs = Jobs::load(
+        let jobs = Arc::new(Jobs::load(
             &store::open(&config.store.path)?,
             &registry,
             Arc::clone(&ledger),
             writer.clone(),
-            store::now_ms() - keep_ms,
-        )?;
+            Retention::of(&config.queue),
+        )?);
         let proxy = Arc::new(Proxy::new(
             config,
             Wiring {
@@ -109,13 +109,14 @@ impl Core {
                 writer: writer.clone(),
                 ledger: Arc::clone(&ledger),
                 clock,
-                jobs: Arc::new(jobs),
+                jobs: Arc::clone(&jobs),
                 db: Db::open(&config.store.path)?,
                 metrics: Arc::clone(&metrics),
             },
         )?);
         Ok(Self {
             proxy,
+            jobs,
             registry,
             metrics,
             writer,
@@ -212,6 +213,7 @@ pub async fn serve(
                     refresh: core.refresher.waker(),
                     metrics: Arc::clone(&core.metrics),
                     writer: core.writer.clone(),
+                    jobs: Arc::clone(&core.jobs),
                 },
             );
             let admin = Arc::new(admin);
@@ -306,8 +308,8 @@ async fn admin_listener(config: &Config) -> Result<Option<(TcpListener, String)>
 }
 
 /// The periodic work off the request path, every `reconcile_interval_secs`:
-/// asks fal about jobs nobody has fetched, then forgets ended jobs older
-/// than `keep_ended_jobs_days`. Ends as soon as `stop` turns true, in the
+/// asks fal about jobs nobody has fetched, then drops from memory the
+/// ended jobs it no longer keeps. Ends as soon as `stop` turns true, in the
 /// middle of a pass if need be: a pass can wait on fal for `timeout_secs`
 /// per job, and a job whose check is cut off stays pending (in memory and
 /// in SQLite) for the next pass or the next start.
@@ -318,13 +320,12 @@ fn spawn_background(
 ) -> tokio::task::JoinHandle<()> {
     let every = Duration::from_secs(config.queue.reconcile_interval_secs.max(1));
     let give_up_ms = config.queue.give_up_after_secs as i64 * 1000;
-    let keep_ms = config.queue.keep_ended_jobs_days as i64 * 86_400_000;
     tokio::spawn(async move {
         let passes = async {
             loop {
                 tokio::time::sleep(every).await;
                 proxy.reconcile(give_up_ms).await;
-                proxy.forget_ended_jobs(store::now_ms() - keep_ms);
+                proxy.forget_ended_jobs(store::now_ms());
             }
         };
         tokio::select! {

@@ -69,6 +69,10 @@ pub struct QueueConfig {
     pub give_up_after_secs: u64,
     /// Ended jobs stay readable by their owners (after a restart) this long.
     pub keep_ended_jobs_days: u64,
+    /// Ended jobs kept in memory, the most recent; older ones are read
+    /// from the store when their owner asks, so memory is bounded by count
+    /// and not by `keep_ended_jobs_days` times the submission rate.
+    pub max_ended_jobs_in_memory: usize,
 }
 
 impl Default for QueueConfig {
@@ -77,6 +81,7 @@ impl Default for QueueConfig {
             reconcile_interval_secs: 60,
             give_up_after_secs: 24 * 3600,
             keep_ended_jobs_days: 7,
+            max_ended_jobs_in_memory: 10_000,
         }
     }
 }

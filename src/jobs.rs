@@ -1,7 +1,8 @@
 //! Queued jobs in memory: who owns each one, and its hold until it ends.
 //! A job ends exactly once (charged when its result is first obtained,
 //! released when it fails or is cancelled); every later look at it sees the
-//! same figures.
+//! same figures. Every pending job is in memory; of the ended ones only the
+//! most recent, the rest are read back from the store when asked for.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,23 +13,55 @@ use parking_lot::Mutex;
 use crate::billing::facts::RequestFacts;
 use crate::billing::ledger::{Hold, Ledger, Settled};
 use crate::billing::pricing::{Quote, Tariff};
-use crate::error::Error;
+use crate::config::QueueConfig;
+use crate::error::{ApiError, Error};
 use crate::keys::Registry;
-use crate::store::jobs::{self, JobEnd, JobRecord};
+use crate::store::jobs::{self, JobEnd, JobRecord, StoredEnd, StoredJob};
 use crate::store::now_ms;
 use crate::store::writer::{StoreWriter, WriteOp};
 
 enum JobState {
     Pending(Hold),
-    Ended(Settled),
+    Ended { settled: Settled, at_ms: i64 },
 }
 
 /// What `std::mem::take` leaves for the moment a pending hold is taken out to be settled.
 impl Default for JobState {
     fn default() -> Self {
-        JobState::Ended(Settled::default())
+        JobState::Ended {
+            settled: Settled::default(),
+            at_ms: 0,
+        }
     }
 }
+
+/// How long ended jobs stay readable by their owners, and how many of them
+/// memory keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub keep_ms: i64,
+    pub max_ended_in_memory: usize,
+}
+
+impl Retention {
+    pub fn of(queue: &QueueConfig) -> Self {
+        Self {
+            keep_ms: i64::try_from(queue.keep_ended_jobs_days)
+                .unwrap_or(i64::MAX)
+                .saturating_mul(86_400_000),
+            max_ended_in_memory: queue.max_ended_jobs_in_memory,
+        }
+    }
+
+    /// Jobs submitted before this are no longer readable once ended.
+    pub fn readable_since(&self, now_ms: i64) -> i64 {
+        now_ms.saturating_sub(self.keep_ms)
+    }
+}
+
+/// An ended job stays in memory at least this long, whatever the cap: its
+/// end has then been committed, so the store answers for it as memory did.
+const ENDED_MIN_IN_MEMORY_MS: i64 = 2_000;
 
 pub struct Job {
     /// fal's request id.
@@ -56,6 +89,14 @@ impl Job {
         matches!(*self.state.lock(), JobState::Pending(_))
     }
 
+    /// When it ended; `None` while pending.
+    fn ended_at_ms(&self) -> Option<i64> {
+        match *self.state.lock() {
+            JobState::Pending(_) => None,
+            JobState::Ended { at_ms, .. } => Some(at_ms),
+        }
+    }
+
     /// Notes that fal reported the job COMPLETED; true the first time.
     fn saw_completed(&self) -> bool {
         !self.completed.swap(true, Ordering::AcqRel)
@@ -70,29 +111,28 @@ pub struct Jobs {
     by_id: DashMap<String, Arc<Job>>,
     ledger: Arc<Ledger>,
     writer: StoreWriter,
+    retention: Retention,
 }
 
 impl Jobs {
-    /// Loads pending jobs (taking their holds again) and those ended since
-    /// `since_ms` (so their owners can still read them).
+    /// Loads pending jobs (taking their holds again) and the most recent
+    /// ended ones (so their owners can still read them).
     pub fn load(
         conn: &rusqlite::Connection,
         registry: &Registry,
         ledger: Arc<Ledger>,
         writer: StoreWriter,
-        since_ms: i64,
+        retention: Retention,
     ) -> Result<Self, Error> {
         let by_id = DashMap::new();
-        for stored in jobs::load(conn, since_ms)? {
-            let r = stored.record;
+        let since_ms = retention.readable_since(now_ms());
+        for stored in jobs::load(conn, since_ms, retention.max_ended_in_memory)? {
+            let r = &stored.record;
             let Some(account) = registry.account(r.hold.account_id) else {
                 continue;
             };
             let state = match stored.ended {
-                Some((_, credits_used, balance_remaining)) => JobState::Ended(Settled {
-                    credits_used,
-                    balance_remaining,
-                }),
+                Some(end) => ended(end),
                 None => {
                     let estimate = Quote {
                         units_milli: r.estimate_units,
@@ -101,24 +141,27 @@ impl Jobs {
                     JobState::Pending(ledger.restore(account, r.hold.clone(), estimate))
                 }
             };
-            let job = Job {
-                request_id: r.request_id.clone(),
-                account_id: r.hold.account_id,
-                app: r.app,
-                model: r.hold.model,
-                request: r.facts,
-                tariff: r.tariff,
-                created_at_ms: r.hold.created_at_ms,
-                state: Mutex::new(state),
-                completed: AtomicBool::new(stored.completed),
-            };
-            by_id.insert(r.request_id, Arc::new(job));
+            by_id.insert(r.request_id.clone(), Arc::new(job(stored, state)));
         }
         Ok(Self {
             by_id,
             ledger,
             writer,
+            retention,
         })
+    }
+
+    pub fn retention(&self) -> Retention {
+        self.retention
+    }
+
+    /// A job read back from the store because memory no longer keeps it:
+    /// an ended one, seen as it ended. One the store still has pending is
+    /// an end not yet committed (every pending job is in memory), and is
+    /// refused for now rather than held again.
+    pub fn from_store(&self, stored: StoredJob) -> Result<Arc<Job>, ApiError> {
+        let end = stored.ended.ok_or(ApiError::LedgerUnavailable)?;
+        Ok(Arc::new(job(stored, ended(end))))
     }
 
     /// Records a job fal accepted; from now on it owns `hold`.
@@ -163,11 +206,34 @@ impl Jobs {
             .map(|j| Arc::clone(j.value()))
     }
 
-    /// Forgets ended jobs submitted before `before_ms`: the same jobs
-    /// [`Jobs::load`] leaves out after a restart. Pending ones stay, whatever their age.
-    pub fn forget_ended(&self, before_ms: i64) {
+    /// Drops from memory the ended jobs no longer readable, and the oldest
+    /// ended ones beyond the cap (those ended in the last seconds stay, so
+    /// that the store has their end). Pending ones stay, whatever their age.
+    pub fn forget_ended(&self, now_ms: i64) {
+        let since = self.retention.readable_since(now_ms);
         self.by_id
-            .retain(|_, job| job.created_at_ms >= before_ms || job.is_pending());
+            .retain(|_, job| job.created_at_ms >= since || job.is_pending());
+        let mut ended: Vec<(i64, String)> = self
+            .by_id
+            .iter()
+            .filter_map(|j| Some((j.ended_at_ms()?, j.key().clone())))
+            .collect();
+        let Some(excess) = ended.len().checked_sub(self.retention.max_ended_in_memory) else {
+            return;
+        };
+        ended.sort_unstable();
+        for (at_ms, id) in ended.into_iter().take(excess) {
+            if at_ms > now_ms - ENDED_MIN_IN_MEMORY_MS {
+                break;
+            }
+            self.by_id.remove(&id);
+        }
+    }
+
+    /// Jobs in memory: (pending, ended).
+    pub fn in_memory(&self) -> (usize, usize) {
+        let pending = self.by_id.iter().filter(|j| j.is_pending()).count();
+        (pending, self.by_id.len() - pending)
     }
 
     pub fn pending(&self) -> Vec<Arc<Job>> {
@@ -207,8 +273,8 @@ impl Jobs {
         let mut state = job.state.lock();
         let hold = match std::mem::take(&mut *state) {
             JobState::Pending(hold) => hold,
-            JobState::Ended(settled) => {
-                *state = JobState::Ended(settled);
+            JobState::Ended { settled, at_ms } => {
+                *state = JobState::Ended { settled, at_ms };
                 return settled;
             }
         };
@@ -219,14 +285,40 @@ impl Jobs {
             }
             JobEnd::Released => self.ledger.release(hold, fal_status),
         };
+        let at_ms = now_ms();
         self.writer.send_now(WriteOp::JobEnded {
             request_id: job.request_id.clone(),
             end,
             credits_used: settled.credits_used,
             balance_remaining: settled.balance_remaining,
-            at_ms: now_ms(),
+            at_ms,
         });
-        *state = JobState::Ended(settled);
+        *state = JobState::Ended { settled, at_ms };
         settled
+    }
+}
+
+fn ended(end: StoredEnd) -> JobState {
+    JobState::Ended {
+        settled: Settled {
+            credits_used: end.credits_used,
+            balance_remaining: end.balance_remaining,
+        },
+        at_ms: end.at_ms,
+    }
+}
+
+fn job(stored: StoredJob, state: JobState) -> Job {
+    let r = stored.record;
+    Job {
+        request_id: r.request_id,
+        account_id: r.hold.account_id,
+        app: r.app,
+        model: r.hold.model,
+        request: r.facts,
+        tariff: r.tariff,
+        created_at_ms: r.hold.created_at_ms,
+        state: Mutex::new(state),
+        completed: AtomicBool::new(stored.completed),
     }
 }

@@ -88,6 +88,8 @@ pub struct Metrics {
 pub struct Gauges {
     pub credits_held: i64,
     pub ledger_queue_depth: usize,
+    /// Queue jobs in memory: (pending, ended).
+    pub jobs_in_memory: (usize, usize),
 }
 
 fn escape(label: &str) -> String {
@@ -206,6 +208,11 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
             );
         }
+        let (pending, ended) = gauges.jobs_in_memory;
+        let _ = writeln!(
+            out,
+            "# HELP abhiapi_jobs_in_memory Queue jobs held in memory, by state (ended ones beyond [queue] max_ended_jobs_in_memory are read from the store).\n# TYPE abhiapi_jobs_in_memory gauge\nabhiapi_jobs_in_memory{{state=\"pending\"}} {pending}\nabhiapi_jobs_in_memory{{state=\"ended\"}} {ended}"
+        );
         out.push_str("# HELP abhiapi_rate_limit_denials_total Requests refused with 429, by limit.\n# TYPE abhiapi_rate_limit_denials_total counter\n");
         for (scope, n) in ["key", "account", "poll", "key_creation"]
             .iter()
@@ -237,6 +244,7 @@ mod tests {
         let text = m.render(Gauges {
             credits_held: 7,
             ledger_queue_depth: 0,
+            jobs_in_memory: (2, 3),
         });
         assert!(
             text.contains(

@@ -105,12 +105,7 @@ async fn the_dashboard_creates_at_most_key_creations_per_minute_keys() {
         .query_row("SELECT COUNT(*) FROM api_keys", [], |r| r.get(0))
         .unwrap();
     assert_eq!(keys, 6);
-    let req = Request::get(format!("http://{}/metrics", server.admin.unwrap()))
-        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
-        .body(Full::default())
-        .unwrap();
-    let metrics = body(client().request(req).await.unwrap()).await;
-    let metrics = String::from_utf8_lossy(&metrics);
+    let metrics = metrics(&server).await;
     assert!(
         metrics.contains(r#"abhiapi_rate_limit_denials_total{scope="key_creation"} 2"#),
         "{metrics}"

@@ -137,6 +137,70 @@ async fn ended_jobs_are_forgotten_while_the_server_runs() {
     assert!(forgotten, "the ended job is still served from memory");
 }
 
+/// Memory keeps only `max_ended_jobs_in_memory` ended jobs: the others are
+/// read back from the store, to their owner only, with the figures they
+/// ended with and no second charge, before and after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_jobs_beyond_the_cap_are_read_from_the_store() {
+    let mock = MockFal::start(None).await.unwrap();
+    let mut opts = Options::new(mock.url(false));
+    opts.reconcile_interval_secs = 1;
+    opts.max_ended_jobs_in_memory = 1;
+    opts.admin = true;
+    let (mut server, key) = Server::start_with_key(opts, "acme", 10_000);
+    let rival = server.create_key("rival", 10_000);
+    let mut results = Vec::new();
+    for _ in 0..3 {
+        let resp = call(&server, &key, "/queue/fal-ai/flux/dev", r#"{"prompt":"x"}"#).await;
+        assert_eq!(resp.status(), 200);
+        let job = json(&body(resp).await);
+        results.push(format!(
+            "/queue/fal-ai/flux/requests/{}",
+            job.get_str("request_id").unwrap()
+        ));
+    }
+    // The reconciler charges the three jobs, then keeps one in memory.
+    assert!(books_close(&server, &[("acme", 84)]).await);
+    let capped = eventually(Duration::from_secs(15), || async {
+        let metrics = metrics(&server).await;
+        metrics.contains(r#"abhiapi_jobs_in_memory{state="ended"} 1"#)
+            && metrics.contains(r#"abhiapi_jobs_in_memory{state="pending"} 0"#)
+    })
+    .await;
+    assert!(capped, "{}", metrics(&server).await);
+
+    for life in ["running", "restarted"] {
+        for result in &results {
+            let resp = client()
+                .request(get(&server.url(result), Some(&key)))
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200, "{life}: {result}");
+            let (_, billing) = unsplice(&body(resp).await);
+            assert_eq!(
+                billing.get_u64("credits_used"),
+                Some(28),
+                "{life}: {billing}"
+            );
+            let status = format!("{result}/status");
+            let resp = client()
+                .request(get(&server.url(&status), Some(&key)))
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200, "{life}: {status}");
+            body(resp).await;
+            // Another account's job is as unknown from the store as from memory.
+            let resp = client()
+                .request(get(&server.url(result), Some(&rival)))
+                .await
+                .unwrap();
+            assert_error(resp, 404, "job_not_found").await;
+        }
+        assert!(books_close(&server, &[("acme", 84)]).await, "{life}");
+        server.restart();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_database_journal_and_lock_are_readable_by_their_owner_only() {
     let mock = MockFal::start(None).await.unwrap();

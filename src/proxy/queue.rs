@@ -27,6 +27,7 @@ use crate::billing::pricing::Tariff;
 use crate::error::ApiError;
 use crate::jobs::Job;
 use crate::keys::ApiKey;
+use crate::store::{self, now_ms};
 
 /// A request on the queue's routes.
 #[derive(Debug, PartialEq, Eq)]
@@ -125,8 +126,8 @@ impl Proxy {
             } => {
                 // Another account's job, or one named under another app, is as unknown as none.
                 let job = self
-                    .jobs
-                    .owned(&id, key.account.id)
+                    .owned_job(&id, key.account.id)
+                    .await?
                     .filter(|j| app.as_deref().is_none_or(|a| a == j.app || a == j.model))
                     .ok_or(ApiError::JobNotFound)?;
                 self.check_poll(key, trace)?;
@@ -134,6 +135,21 @@ impl Proxy {
                     .await
             }
         }
+    }
+
+    /// The job `id` if `account_id` owns it: from memory, else (an ended
+    /// job memory no longer keeps) from the store, off the worker.
+    async fn owned_job(&self, id: &str, account_id: i64) -> Result<Option<Arc<Job>>, ApiError> {
+        if let Some(job) = self.jobs.owned(id, account_id) {
+            return Ok(Some(job));
+        }
+        let since = self.jobs.retention().readable_since(now_ms());
+        let id = id.to_owned();
+        self.db
+            .run(move |conn| Ok(store::jobs::find(conn, &id, account_id, since)?))
+            .await?
+            .map(|stored| self.jobs.from_store(stored))
+            .transpose()
     }
 
     /// Where the client reached us, for the URLs we hand back.
@@ -367,10 +383,10 @@ impl Proxy {
     /// Settles the jobs nobody fetched: asks fal about each pending one,
     /// charges those with a result, releases those that failed, and gives up
     /// on those fal no longer knows after `give_up_after_ms`.
-    /// Drops from memory the ended jobs submitted before `before_ms`, as a
-    /// restart would not load them: a long run keeps no more than a short one.
-    pub fn forget_ended_jobs(&self, before_ms: i64) {
-        self.jobs.forget_ended(before_ms);
+    /// Drops from memory the ended jobs a restart would not load: a long
+    /// run keeps no more than a short one.
+    pub fn forget_ended_jobs(&self, now_ms: i64) {
+        self.jobs.forget_ended(now_ms);
     }
 
     pub async fn reconcile(&self, give_up_after_ms: i64) {

@@ -1,7 +1,7 @@
 //! Queued jobs in SQLite: who owns each one, the hold it carries, and how it
 //! ended, so that ownership and pending holds survive a restart.
 
-use rusqlite::{params, Connection, Transaction};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use super::ledger;
 use crate::billing::facts::RequestFacts;
@@ -38,13 +38,24 @@ impl JobEnd {
     }
 }
 
-/// A job as loaded at start-up.
+/// A job as read back: at start-up, or when its owner asks for one no
+/// longer in memory.
 pub struct StoredJob {
     pub record: JobRecord,
     /// fal reported it COMPLETED.
     pub completed: bool,
-    /// `None` while pending; else how it ended, what it cost and the balance left.
-    pub ended: Option<(JobEnd, u64, i64)>,
+    /// `None` while pending.
+    pub ended: Option<StoredEnd>,
+}
+
+/// How a stored job ended, what it cost and the balance it left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredEnd {
+    pub end: JobEnd,
+    pub credits_used: u64,
+    pub balance_remaining: i64,
+    /// When it ended (its submission, for one whose end a crash cut off).
+    pub at_ms: i64,
 }
 
 pub fn insert(tx: &Transaction, job: &JobRecord) -> rusqlite::Result<()> {
@@ -98,52 +109,98 @@ pub fn completed(tx: &Transaction, request_id: &str) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Every pending job, and the ended ones created since `since_ms`. A pending
-/// job whose charge was written but whose end was not (a crash between the
-/// two) comes back ended, from its charge.
-pub fn load(conn: &Connection, since_ms: i64) -> rusqlite::Result<Vec<StoredJob>> {
-    let mut stmt = conn.prepare(
-        "SELECT j.request_id, j.app, j.hold_id, j.account_id, j.key_id, j.held, j.created_at_ms,
-                j.model, j.estimate_units, j.facts, j.state, j.credits_used, j.balance_remaining,
-                c.outcome, c.credits, a.balance, j.tariff, j.completed
-         FROM jobs j
-         JOIN accounts a ON a.id = j.account_id
-         LEFT JOIN charges c ON c.id = j.hold_id
-         WHERE j.state = 'pending' OR j.created_at_ms >= ?1",
-    )?;
-    let rows = stmt.query_map([since_ms], |r| {
-        let record = JobRecord {
-            request_id: r.get(0)?,
-            app: r.get(1)?,
-            hold: ledger::hold_row(r, 2)?,
-            estimate_units: r.get(8)?,
-            facts: RequestFacts::decode(&r.get::<_, String>(9)?),
-            tariff: r
-                .get::<_, Option<String>>(16)?
-                .and_then(|t| Tariff::decode(&t)),
-        };
-        let state: String = r.get(10)?;
-        let charge: Option<(String, u64)> = match r.get::<_, Option<String>>(13)? {
-            Some(outcome) => Some((outcome, r.get(14)?)),
-            None => None,
-        };
-        let end = |outcome: &str| {
-            if outcome == "charged" || outcome == "recovered" {
-                JobEnd::Charged
-            } else {
-                JobEnd::Released
-            }
-        };
-        let ended = match (state.as_str(), charge) {
-            ("pending", None) => None,
-            ("pending", Some((outcome, credits))) => Some((end(&outcome), credits, r.get(15)?)),
-            (state, _) => Some((end(state), r.get(11)?, r.get(12)?)),
-        };
-        Ok(StoredJob {
-            record,
-            completed: r.get(17)?,
-            ended,
-        })
-    })?;
-    rows.collect()
+/// What a job is read back from. A pending job whose charge was written
+/// but whose end was not (a crash between the two) comes back ended, from
+/// its charge.
+const SELECT: &str =
+    "SELECT j.request_id, j.app, j.hold_id, j.account_id, j.key_id, j.held, j.created_at_ms,
+        j.model, j.estimate_units, j.facts, j.state, j.credits_used, j.balance_remaining,
+        c.outcome, c.credits, a.balance, j.tariff, j.completed, j.settled_at_ms
+     FROM jobs j
+     JOIN accounts a ON a.id = j.account_id
+     LEFT JOIN charges c ON c.id = j.hold_id";
+
+/// Every pending job, and the `ended_limit` most recent ended ones created
+/// since `since_ms`.
+pub fn load(
+    conn: &Connection,
+    since_ms: i64,
+    ended_limit: usize,
+) -> rusqlite::Result<Vec<StoredJob>> {
+    let mut jobs = conn
+        .prepare(&format!("{SELECT} WHERE j.state = 'pending'"))?
+        .query_map([], stored)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let limit = i64::try_from(ended_limit).unwrap_or(i64::MAX);
+    let mut ended = conn.prepare(&format!(
+        "{SELECT} WHERE j.created_at_ms >= ?1 AND j.state <> 'pending'
+         ORDER BY j.created_at_ms DESC LIMIT ?2"
+    ))?;
+    for job in ended.query_map(params![since_ms, limit], stored)? {
+        jobs.push(job?);
+    }
+    Ok(jobs)
+}
+
+/// The job `request_id` if `account_id` owns it and it is pending or was
+/// created since `since_ms`.
+pub fn find(
+    conn: &Connection,
+    request_id: &str,
+    account_id: i64,
+    since_ms: i64,
+) -> rusqlite::Result<Option<StoredJob>> {
+    conn.prepare_cached(&format!(
+        "{SELECT} WHERE j.request_id = ?1 AND j.account_id = ?2
+           AND (j.state = 'pending' OR j.created_at_ms >= ?3)"
+    ))?
+    .query_row(params![request_id, account_id, since_ms], stored)
+    .optional()
+}
+
+fn stored(r: &rusqlite::Row) -> rusqlite::Result<StoredJob> {
+    let record = JobRecord {
+        request_id: r.get(0)?,
+        app: r.get(1)?,
+        hold: ledger::hold_row(r, 2)?,
+        estimate_units: r.get(8)?,
+        facts: RequestFacts::decode(&r.get::<_, String>(9)?),
+        tariff: r
+            .get::<_, Option<String>>(16)?
+            .and_then(|t| Tariff::decode(&t)),
+    };
+    let state: String = r.get(10)?;
+    let charge: Option<(String, u64)> = match r.get::<_, Option<String>>(13)? {
+        Some(outcome) => Some((outcome, r.get(14)?)),
+        None => None,
+    };
+    let end = |outcome: &str| {
+        if outcome == "charged" || outcome == "recovered" {
+            JobEnd::Charged
+        } else {
+            JobEnd::Released
+        }
+    };
+    let ended = match (state.as_str(), charge) {
+        ("pending", None) => None,
+        ("pending", Some((outcome, credits))) => Some(StoredEnd {
+            end: end(&outcome),
+            credits_used: credits,
+            balance_remaining: r.get(15)?,
+            at_ms: record.hold.created_at_ms,
+        }),
+        (state, _) => Some(StoredEnd {
+            end: end(state),
+            credits_used: r.get(11)?,
+            balance_remaining: r.get(12)?,
+            at_ms: r
+                .get::<_, Option<i64>>(18)?
+                .unwrap_or(record.hold.created_at_ms),
+        }),
+    };
+    Ok(StoredJob {
+        record,
+        completed: r.get(17)?,
+        ended,
+    })
 }

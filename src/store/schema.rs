@@ -97,6 +97,9 @@ const MIGRATIONS: &[&str] = &[
     // 7: fal reported the job COMPLETED: it did the work, so the job is
     // charged, never released, even if its result is gone by the time we ask.
     "ALTER TABLE jobs ADD COLUMN completed INTEGER NOT NULL DEFAULT 0;",
+    // 8: the most recent ended jobs are loaded at start-up, the older ones
+    // read one at a time when their owner asks.
+    "CREATE INDEX jobs_created ON jobs(created_at_ms);",
 ];
 
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
@@ -139,7 +142,7 @@ mod tests {
         let tariff = PriceTable::new(&config.billing, &config.pricing)
             .unwrap()
             .tariff("fal-ai/flux/dev");
-        let mut record = jobs::load(&conn, 0).unwrap().remove(0).record;
+        let mut record = jobs::load(&conn, 0, usize::MAX).unwrap().remove(0).record;
         assert_eq!(
             (record.request_id.as_str(), record.tariff.as_ref()),
             ("old", None)
@@ -148,7 +151,7 @@ mod tests {
         let tx = conn.transaction().unwrap();
         jobs::insert(&tx, &record).unwrap();
         tx.commit().unwrap();
-        let loaded = jobs::load(&conn, 0).unwrap();
+        let loaded = jobs::load(&conn, 0, usize::MAX).unwrap();
         let new = loaded
             .iter()
             .find(|j| j.record.request_id == "new")

@@ -32,6 +32,7 @@ pub struct Options {
     pub queue: String,
     pub reconcile_interval_secs: u64,
     pub keep_ended_jobs_days: u64,
+    pub max_ended_jobs_in_memory: usize,
     pub timeout_secs: u64,
     pub header_read_timeout_secs: u64,
     pub tls_handshake_timeout_secs: u64,
@@ -95,6 +96,7 @@ impl Options {
             upstream,
             reconcile_interval_secs: 3600,
             keep_ended_jobs_days: 7,
+            max_ended_jobs_in_memory: 10_000,
             timeout_secs: 5,
             header_read_timeout_secs: 5,
             tls_handshake_timeout_secs: 5,
@@ -149,6 +151,7 @@ refresh_interval_ms = 250
 [queue]
 reconcile_interval_secs = {reconcile}
 keep_ended_jobs_days = {keep}
+max_ended_jobs_in_memory = {max_ended}
 
 [limits]
 max_json_body_bytes = {max_json}
@@ -166,6 +169,7 @@ max_json_body_bytes = {max_json}
             queue = self.queue,
             reconcile = self.reconcile_interval_secs,
             keep = self.keep_ended_jobs_days,
+            max_ended = self.max_ended_jobs_in_memory,
             tls = self
                 .tls_files
                 .as_ref()
@@ -533,6 +537,17 @@ pub async fn dashboard_page(server: &Server) -> (String, String) {
 }
 
 /// POSTs `json` to `path` with `key`, as a client would.
+/// The admin listener's `/metrics` (the options must turn it on).
+pub async fn metrics(server: &Server) -> String {
+    let admin = server.admin.expect("the admin listener is off");
+    let req = Request::get(format!("http://{admin}/metrics"))
+        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .body(Full::default())
+        .unwrap();
+    let text = body(client().request(req).await.unwrap()).await;
+    String::from_utf8_lossy(&text).into_owned()
+}
+
 pub async fn call(server: &Server, key: &str, path: &str, json: &str) -> Response<Incoming> {
     client()
         .request(post(
