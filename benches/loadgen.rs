@@ -248,7 +248,12 @@ async fn collect(
 /// Starts AbhiAPI (`bin`) in front of `mock`; returns it, its address and a key.
 fn start_abhiapi(bin: &Path, dir: &Path, mock: &MockFal) -> (Child, SocketAddr, String) {
     let config = dir.join("abhiapi.toml");
-    std::fs::write(&config, common::config_toml(mock, &dir.join("abhiapi.db"))).unwrap();
+    let mut toml = common::config_toml(mock, &dir.join("abhiapi.db"));
+    // `--fsync`: every AbhiAPI started runs with `[store] fsync = true`.
+    if std::env::args().any(|a| a == "--fsync") {
+        toml = toml.replace("[store]\n", "[store]\nfsync = true\n");
+    }
+    std::fs::write(&config, toml).unwrap();
     let out = Command::new(bin)
         .args(["--config"])
         .arg(&config)

@@ -209,7 +209,8 @@ pub struct StoreConfig {
     /// How often the server looks for changes made by the CLI.
     pub refresh_interval_ms: u64,
     /// fsync each hold and each ledger batch, to survive power loss, not
-    /// only a killed process. Costs a disk flush per request.
+    /// only a killed process. A billed request waits for a disk flush
+    /// (shared with those beside it) before fal is called.
     pub fsync: bool,
 }
 

@@ -22,9 +22,14 @@ fn pricing() -> String {
 }
 
 async fn start(account: &str, credits: i64) -> (MockFal, Server, String) {
+    start_with_fsync(account, credits, false).await
+}
+
+async fn start_with_fsync(account: &str, credits: i64, fsync: bool) -> (MockFal, Server, String) {
     let mock = MockFal::start(None).await.unwrap();
     let mut opts = Options::new(mock.url(false));
     opts.pricing = pricing();
+    opts.fsync = fsync;
     let (server, key) = Server::start_with_key(opts, account, credits);
     (mock, server, key)
 }
@@ -119,7 +124,18 @@ async fn an_excess_over_the_hold_is_charged_whole_and_the_account_then_gets_402(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_sigkill_each_hold_is_settled_as_it_ended_not_at_its_hold() {
-    let (_mock, mut server, key) = start("acme", 10_000).await;
+    settled_as_ended_after_sigkill(false).await;
+}
+
+/// The same with `[store] fsync`, where holds reach the disk through the
+/// journal's flusher before fal is called.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_fsync_after_sigkill_each_hold_is_settled_as_it_ended() {
+    settled_as_ended_after_sigkill(true).await;
+}
+
+async fn settled_as_ended_after_sigkill(fsync: bool) {
+    let (_mock, mut server, key) = start_with_fsync("acme", 10_000, fsync).await;
     // Nothing reaches SQLite while this is held: every settlement below is
     // in memory and the journal only when the process is killed.
     let lock = lock_database(&server);

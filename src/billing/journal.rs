@@ -11,7 +11,8 @@
 //! `write(2)` (which cost about 6% of a request's time; BENCHMARKS.md). The
 //! pages are the file's page cache: a killed process leaves them to the
 //! kernel, which writes them out, exactly as it would have written what
-//! `write(2)` had handed it.
+//! `write(2)` had handed it. With `[store] fsync` they are also put on disk
+//! by the [`Flusher`]'s thread, never a request's.
 
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
@@ -20,9 +21,12 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
 
-use memmap2::MmapMut;
+use memmap2::MmapRaw;
 use parking_lot::Mutex;
+
+use super::flusher::Flusher;
 
 use crate::billing::facts::RequestFacts;
 use crate::billing::pricing::Tariff;
@@ -204,7 +208,9 @@ impl Entry {
 
 struct Segment {
     number: u64,
-    map: MmapMut,
+    /// Written only under the journal's lock, through [`Segment::write`];
+    /// shared with the flusher, which only flushes what was written.
+    map: Arc<MmapRaw>,
     /// Bytes appended: the next line starts here.
     len: usize,
     /// Entries appended to this segment so far.
@@ -220,8 +226,8 @@ pub struct Journal {
     spare: Mutex<Option<Segment>>,
     /// Full segments, for the writer to delete once their holds are committed.
     sealed: Mutex<Vec<Sealed>>,
-    /// Flush every append to disk: survives power loss, at the cost of a disk flush per request.
-    fsync: bool,
+    /// With `[store] fsync`: puts appends on disk, so that they survive power loss.
+    flusher: Option<Flusher>,
 }
 
 /// A segment that takes no more appends, and how many entries it has.
@@ -296,7 +302,7 @@ impl Journal {
             current: Mutex::new(Self::create(dir, number)?),
             spare: Mutex::default(),
             sealed: Mutex::default(),
-            fsync,
+            flusher: fsync.then(Flusher::spawn).transpose()?,
         })
     }
 
@@ -308,17 +314,14 @@ impl Journal {
             .create_new(true)
             .mode(0o600)
             .open(&path)?;
-        // SAFETY: the file was created just now and is only ever appended
-        // to through this map; nothing truncates it while it is mapped.
-        let mapped =
-            reserve(&file, SEGMENT_BYTES).and_then(|()| unsafe { MmapMut::map_mut(&file) });
+        let mapped = reserve(&file, SEGMENT_BYTES).and_then(|()| MmapRaw::map_raw(&file));
         let map = mapped.inspect_err(|_| {
             // Gone again, so that the next append (a full disk freed) can create it afresh.
             let _ = fs::remove_file(&path);
         })?;
         Ok(Segment {
             number,
-            map,
+            map: Arc::new(map),
             len: 0,
             entries: 0,
         })
@@ -368,16 +371,29 @@ impl Journal {
         }
         let at = seg.len;
         let (body, newline) = bytes.split_at(bytes.len() - 1);
-        seg.map[at..at + body.len()].copy_from_slice(body);
+        seg.write(at, body);
         // The newline strictly after the rest: recovery reads whole lines only.
         fence(Ordering::Release);
-        seg.map[at + body.len()] = newline[0];
-        if self.fsync {
-            seg.map.flush_range(at, bytes.len())?;
+        seg.write(at + body.len(), newline);
+        if let Some(flusher) = &self.flusher {
+            flusher.note(&seg.map, at, at + bytes.len());
         }
         seg.len += bytes.len();
         seg.entries += 1;
         Ok(seg.number)
+    }
+
+    /// Resolves once every entry appended so far is on disk: at once
+    /// without `[store] fsync`, where a killed process loses nothing the
+    /// kernel was handed. Dropping it leaves nothing behind.
+    pub fn flushed(&self) -> impl std::future::Future<Output = io::Result<()>> + 'static {
+        let flushed = self.flusher.as_ref().map(Flusher::flushed);
+        async move {
+            match flushed {
+                Some(flushed) => flushed.await,
+                None => Ok(()),
+            }
+        }
     }
 
     /// Makes the next segment ahead of need; for the writer's thread.
@@ -413,6 +429,26 @@ impl Journal {
         Self::clear(&self.dir)?;
         drop(current);
         Ok(())
+    }
+}
+
+impl Segment {
+    fn write(&mut self, at: usize, bytes: &[u8]) {
+        assert!(
+            at + bytes.len() <= self.map.len(),
+            "journal write beyond its segment"
+        );
+        // SAFETY: within the mapping (checked above), which lives as long as
+        // `self.map`; only the holder of the journal's lock (`&mut self`)
+        // writes, and only bytes past what was written before, so neither
+        // readers of the file nor the flusher see a byte change twice.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.map.as_mut_ptr().add(at),
+                bytes.len(),
+            );
+        }
     }
 }
 
@@ -478,7 +514,7 @@ mod tests {
         assert!(HoldRecord::parse(torn).is_some());
         let mut seg = j.current.lock();
         let at = seg.len;
-        seg.map[at..at + torn.len()].copy_from_slice(torn.as_bytes());
+        seg.write(at, torn.as_bytes());
         drop(seg);
         assert_eq!(
             Journal::read_all(dir.path()).unwrap(),

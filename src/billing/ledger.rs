@@ -58,9 +58,11 @@ impl Ledger {
 
     /// Holds `estimate.credits` on the key's account (402 if they are not
     /// available) and journals the hold before returning, so that fal is
-    /// never called for a hold a crash could forget. The one wait, for room
+    /// never called for a hold a crash could forget. The first wait, for room
     /// in the writer's queue, comes before anything changes: a client that
-    /// leaves during it leaves nothing behind.
+    /// leaves during it leaves nothing behind. The second, with `[store]
+    /// fsync`, for the hold to reach the disk, comes after it is journalled
+    /// and owned by the returned reservation's guard.
     pub async fn reserve(
         self: &Arc<Self>,
         key: &ApiKey,
@@ -98,7 +100,7 @@ impl Ledger {
             hold: record.clone(),
             segment,
         });
-        Ok(Reservation {
+        let reservation = Reservation {
             ledger: Arc::clone(self),
             hold: Some(Hold {
                 account,
@@ -106,7 +108,15 @@ impl Ledger {
                 estimate,
             }),
             answered: false,
-        })
+        };
+        // With `[store] fsync`, fal is not asked before the hold is on disk.
+        // A client that leaves during the wait drops the reservation, which
+        // releases the hold.
+        if let Err(e) = self.journal.flushed().await {
+            tracing::error!(error = %e, "cannot put a hold on disk: refusing the request");
+            return Err(ApiError::LedgerUnavailable);
+        }
+        Ok(reservation)
     }
 
     /// A job fal accepted, owning `hold` from now on: journalled and queued

@@ -33,6 +33,8 @@ pub struct Options {
     pub reconcile_interval_secs: u64,
     pub keep_ended_jobs_days: u64,
     pub max_ended_jobs_in_memory: usize,
+    /// `[store] fsync`.
+    pub fsync: bool,
     pub timeout_secs: u64,
     pub header_read_timeout_secs: u64,
     pub tls_handshake_timeout_secs: u64,
@@ -97,6 +99,7 @@ impl Options {
             reconcile_interval_secs: 3600,
             keep_ended_jobs_days: 7,
             max_ended_jobs_in_memory: 10_000,
+            fsync: false,
             timeout_secs: 5,
             header_read_timeout_secs: 5,
             tls_handshake_timeout_secs: 5,
@@ -146,6 +149,7 @@ connect_timeout_secs = 2
 [store]
 path = "{db}"
 refresh_interval_ms = 250
+fsync = {fsync}
 
 {admin}
 [queue]
@@ -170,6 +174,7 @@ max_json_body_bytes = {max_json}
             reconcile = self.reconcile_interval_secs,
             keep = self.keep_ended_jobs_days,
             max_ended = self.max_ended_jobs_in_memory,
+            fsync = self.fsync,
             tls = self
                 .tls_files
                 .as_ref()
