@@ -23,6 +23,7 @@ use crate::memory;
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, Wiring};
 use crate::reload::Reloader;
+use crate::server::threads::{Socketed, Threads};
 use crate::server::{self, Listener};
 use crate::store::{self, db::Db, ledger, snapshot, writer::StoreWriter};
 use crate::tls;
@@ -160,17 +161,21 @@ pub async fn serve(
 ) -> Result<(), Error> {
     let _serving = store::lock::acquire(&config.store.path)?;
     memory::unmap_large_buffers();
-    let upstream = Upstream::new(&config.upstream, fal_key)?;
-    let mut listeners = Vec::new();
+    let threads = server::threads::count(config.server.workers);
+    let upstream = Upstream::new(&config.upstream, fal_key, threads)?;
+    // Each request thread gets its own socket on every listening address.
+    let mut sockets: Vec<Vec<Socketed>> = (0..threads).map(|_| Vec::new()).collect();
     let mut bound = Bound {
         plain: None,
         tls: None,
         admin: None,
     };
     if let Some(addr) = config.server.plain_listen {
-        let tcp = TcpListener::bind(addr).await?;
-        bound.plain = Some(tcp.local_addr()?);
-        listeners.push(Listener { tcp, tls: None });
+        let (addr, own) = server::threads::bind(addr, threads)?;
+        bound.plain = Some(addr);
+        for (thread, tcp) in sockets.iter_mut().zip(own) {
+            thread.push(Socketed { tcp, tls: None });
+        }
     }
     let mut tls_slot = None;
     if let Some(addr) = config.server.listen {
@@ -178,14 +183,16 @@ pub async fn serve(
             config.server.tls_cert.as_deref(),
             config.server.tls_key.as_deref(),
         )?;
-        let tcp = TcpListener::bind(addr).await?;
-        bound.tls = Some(tcp.local_addr()?);
+        let (addr, own) = server::threads::bind(addr, threads)?;
+        bound.tls = Some(addr);
         let slot = Arc::new(ArcSwap::new(tls));
         tls_slot = Some(Arc::clone(&slot));
-        listeners.push(Listener {
-            tcp,
-            tls: Some(slot),
-        });
+        for (thread, tcp) in sockets.iter_mut().zip(own) {
+            thread.push(Socketed {
+                tcp,
+                tls: Some(Arc::clone(&slot)),
+            });
+        }
     }
 
     let core = Core::start(&config, upstream, clock)?;
@@ -222,36 +229,33 @@ pub async fn serve(
         None => None,
     };
 
+    let limits: server::ConnectionLimits = (&config.server).into();
+    let mut request_threads = Threads::spawn(
+        sockets,
+        Arc::clone(&proxy),
+        limits,
+        server::connections(&limits),
+        stop.clone(),
+    )?;
     on_ready(&bound);
     let admin_task = admin.map(|(listener, admin)| {
         let mut stop = stop.clone();
-        let limits = (&config.server).into();
         tokio::spawn(async move {
             let stopped = async move {
                 let _ = stop.changed().await;
             };
-            server::run(vec![listener], admin, limits, stopped).await
+            let connections = server::connections(&limits);
+            server::run(vec![listener], admin, limits, connections, stopped).await
         })
     });
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
     // One deadline for the whole stop: connections, detached calls and the
     // ledger writer share the grace from the signal on.
-    let deadline = Arc::new(std::sync::OnceLock::new());
-    let shutdown = {
-        let deadline = Arc::clone(&deadline);
-        async move {
-            shutdown.await;
-            let _ = deadline.set(tokio::time::Instant::now() + grace);
-            let _ = stopping.send(true);
-        }
-    };
-    let drained = server::run(
-        listeners,
-        Arc::clone(&proxy),
-        (&config.server).into(),
-        shutdown,
-    )
-    .await;
+    shutdown.await;
+    let deadline = tokio::time::Instant::now() + grace;
+    let _ = stopping.send(true);
+    tracing::info!("shutting down: no new connections, draining in-flight requests");
+    let drained = request_threads.drained().await;
     if let Some(task) = admin_task {
         let _ = task.await;
     }
@@ -262,15 +266,11 @@ pub async fn serve(
 
     // Connections that outlived the grace period are cut when the runtime
     // ends; their holds stay in the journal and are recovered at next start.
-    let left = || {
-        let deadline = deadline
-            .get()
-            .copied()
-            .unwrap_or_else(tokio::time::Instant::now);
-        deadline.saturating_duration_since(tokio::time::Instant::now())
-    };
-    // Calls whose clients hung up are still fal's work to settle.
+    let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
+    // Calls whose clients hung up are still fal's work to settle, on the
+    // request threads, which are then let go.
     let settled = proxy.detached_settled(left()).await;
+    request_threads.end().await;
     // The writer gets what is left, and a moment for a last commit.
     let writer_time = left().max(Duration::from_secs(1));
     core.stop(drained && settled, writer_time).await?;

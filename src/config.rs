@@ -149,6 +149,9 @@ pub struct ServerConfig {
     /// Take the client's scheme and host from `x-forwarded-proto` and
     /// `x-forwarded-host` (only behind a load balancer that sets them).
     pub trust_forwarded_headers: bool,
+    /// Request threads, each a single-threaded runtime with its own
+    /// listening sockets and upstream connections; 0 for one per core.
+    pub workers: usize,
 }
 
 impl Default for ServerConfig {
@@ -168,6 +171,7 @@ impl Default for ServerConfig {
             http2_max_concurrent_streams: 100,
             shutdown_grace_secs: 30,
             trust_forwarded_headers: false,
+            workers: 0,
         }
     }
 }
@@ -425,6 +429,12 @@ impl Config {
         {
             return Err(Error::Config(
                 "[server] min_body_bytes_per_sec, max_connections and http2_max_concurrent_streams must be positive".into(),
+            ));
+        }
+        // Each is a thread with its own sockets and upstream connections.
+        if s.workers > 1024 {
+            return Err(Error::Config(
+                "[server] workers must be at most 1024 (0 for one per core)".into(),
             ));
         }
         if self.limits.buffered_body_bytes_per_account() < self.limits.max_json_body_bytes {

@@ -1,5 +1,6 @@
-//! The pooled client that talks to fal, and the only place that decides
-//! which host a request goes to: always one configured in `[upstream]`.
+//! The pooled clients that talk to fal, one per request thread (and one for
+//! the work off them), and the only place that decides which host a request
+//! goes to: always one configured in `[upstream]`.
 
 mod connector;
 
@@ -20,6 +21,7 @@ pub use self::connector::ServeInMemory;
 use crate::config::UpstreamConfig;
 use crate::error::{ApiError, Error};
 use crate::proxy::body::Body;
+use crate::server::threads;
 use crate::tls;
 
 /// A configured fal base URL, split so that a request path can only ever
@@ -61,8 +63,12 @@ impl Target {
     }
 }
 
+type Pooled = Client<HttpsConnector<Connector>, Body>;
+
 pub struct Upstream {
-    client: Client<HttpsConnector<Connector>, Body>,
+    /// One per request thread, then one for the work off them: a thread's
+    /// connections are opened, driven and reused on its own runtime only.
+    clients: Vec<Pooled>,
     pub run: Target,
     pub queue: Target,
     pub storage: Target,
@@ -75,12 +81,13 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(cfg: &UpstreamConfig, fal_key: &str) -> Result<Self, Error> {
+    /// For `threads` request threads.
+    pub fn new(cfg: &UpstreamConfig, fal_key: &str, threads: usize) -> Result<Self, Error> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(Duration::from_secs(cfg.connect_timeout_secs)));
-        Self::build(cfg, fal_key, Connector::Tcp(http))
+        Self::build(cfg, fal_key, Connector::Tcp(http), threads)
     }
 
     /// Every connection is a pipe to `serve`, in this process; the
@@ -91,10 +98,15 @@ impl Upstream {
         fal_key: &str,
         serve: ServeInMemory,
     ) -> Result<Self, Error> {
-        Self::build(cfg, fal_key, Connector::Memory(serve))
+        Self::build(cfg, fal_key, Connector::Memory(serve), 0)
     }
 
-    fn build(cfg: &UpstreamConfig, fal_key: &str, inner: Connector) -> Result<Self, Error> {
+    fn build(
+        cfg: &UpstreamConfig,
+        fal_key: &str,
+        inner: Connector,
+        threads: usize,
+    ) -> Result<Self, Error> {
         let mut auth = HeaderValue::from_str(&format!("Key {fal_key}"))
             .map_err(|_| Error::Config("the fal key is not a valid header value".into()))?;
         auth.set_sensitive(true);
@@ -105,14 +117,18 @@ impl Upstream {
             .enable_http1()
             .enable_http2()
             .wrap_connector(inner);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector);
+        let clients = (0..=threads)
+            .map(|_| {
+                Client::builder(TokioExecutor::new())
+                    .pool_timer(TokioTimer::new())
+                    .timer(TokioTimer::new())
+                    .pool_idle_timeout(Duration::from_secs(90))
+                    .build(connector.clone())
+            })
+            .collect();
 
         Ok(Self {
-            client,
+            clients,
             run: Target::parse(&cfg.run).map_err(Error::Config)?,
             queue: Target::parse(&cfg.queue).map_err(Error::Config)?,
             queue_base: cfg.queue.trim_end_matches('/').to_owned(),
@@ -135,7 +151,7 @@ impl Upstream {
         // ALPN still picks h2 where fal offers it; this only stops an h2
         // client's version from forcing h2 onto a plain-HTTP upstream.
         *req.version_mut() = Version::HTTP_11;
-        match tokio::time::timeout(self.timeout, self.client.request(req)).await {
+        match tokio::time::timeout(self.timeout, self.client().request(req)).await {
             Err(_) => Err(ApiError::UpstreamTimeout { reached: true }),
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) if timed_out(&e) => Err(ApiError::UpstreamTimeout {
@@ -150,6 +166,15 @@ impl Upstream {
 }
 
 impl Upstream {
+    /// The calling thread's own client.
+    fn client(&self) -> &Pooled {
+        let off_threads = self.clients.len() - 1;
+        let i = threads::current()
+            .filter(|&i| i < off_threads)
+            .unwrap_or(off_threads);
+        &self.clients[i]
+    }
+
     pub fn queue_base(&self) -> &str {
         &self.queue_base
     }

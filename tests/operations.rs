@@ -201,6 +201,54 @@ async fn ended_jobs_beyond_the_cap_are_read_from_the_store() {
     }
 }
 
+/// `[server] workers` request threads, each on its own socket of the
+/// shared port: every connection is served, whichever thread the kernel
+/// gives it to, and SIGTERM stops them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_served_by_the_configured_request_threads() {
+    let mock = MockFal::start(None).await.unwrap();
+    let mut opts = Options::new(mock.url(false));
+    opts.workers = 3;
+    let (mut server, key) = Server::start_with_key(opts, "acme", 10_000);
+    // A thread names itself once it runs, which may be just after the
+    // server announced its (already listening) sockets.
+    let request_threads = || {
+        let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", server.pid()))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+            .map(|name| name.trim().to_owned())
+            .filter(|name| name.starts_with("request-"))
+            .collect();
+        names.sort();
+        names
+    };
+    let named = eventually(Duration::from_secs(5), || async {
+        request_threads() == ["request-0", "request-1", "request-2"]
+    })
+    .await;
+    assert!(named, "{:?}", request_threads());
+    // A new client, so a new connection, each: the kernel spreads them
+    // over the three sockets.
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..60 {
+        let (url, key) = (server.url("/mock/echo"), key.clone());
+        calls.spawn(async move {
+            let resp = client()
+                .request(post(&url, Some(&key), "application/json", "{}"))
+                .await
+                .unwrap();
+            let status = resp.status();
+            body(resp).await;
+            status
+        });
+    }
+    let statuses = calls.join_all().await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert!(books_close(&server, &[("acme", 120)]).await);
+    server.signal("TERM");
+    assert!(server.wait().success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_database_journal_and_lock_are_readable_by_their_owner_only() {
     let mock = MockFal::start(None).await.unwrap();

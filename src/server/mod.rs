@@ -2,10 +2,11 @@
 //! HTTP/2 (ALPN, or h2c prior knowledge on the plain listener), and a
 //! bounded drain on shutdown. Every connection is watched from accept
 //! ([`activity`]): closed when idle past its deadline, or to make room
-//! beyond the cap.
+//! beyond the cap. The proxy's listeners run on the request [`threads`].
 
 mod activity;
 mod descriptors;
+pub mod threads;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -21,7 +22,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use self::activity::{Activity, Connections, IdleDeadlines, InFlight, Watched};
+pub use self::activity::Connections;
+use self::activity::{Activity, IdleDeadlines, InFlight, Watched};
 use crate::config::ServerConfig;
 use crate::proxy::body::Body;
 use crate::proxy::{Conn, Proxy};
@@ -80,6 +82,11 @@ impl From<&ServerConfig> for ConnectionLimits {
     }
 }
 
+/// The cap on open connections that `limits` sets, for the listeners that share it.
+pub fn connections(limits: &ConnectionLimits) -> Arc<Connections> {
+    Connections::new(descriptors::cap(limits.max_connections))
+}
+
 /// Serves until `shutdown` resolves, then stops accepting and gives
 /// in-flight requests up to `limits.grace` to finish. True when every
 /// connection finished within the grace period.
@@ -87,6 +94,7 @@ pub async fn run<H: Handler>(
     listeners: Vec<Listener>,
     handler: Arc<H>,
     limits: ConnectionLimits,
+    connections: Arc<Connections>,
     shutdown: impl Future<Output = ()>,
 ) -> bool {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -101,7 +109,6 @@ pub async fn run<H: Handler>(
         .keep_alive_timeout(limits.http2_keepalive)
         .max_concurrent_streams(limits.http2_max_streams);
     let builder = Arc::new(builder);
-    let connections = Connections::new(descriptors::cap(limits.max_connections));
 
     let graceful = Arc::new(GracefulShutdown::new());
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -35,6 +35,8 @@ pub struct Options {
     pub max_ended_jobs_in_memory: usize,
     /// `[store] fsync`.
     pub fsync: bool,
+    /// `[server] workers`: request threads (0, one per core, by default).
+    pub workers: usize,
     pub timeout_secs: u64,
     pub header_read_timeout_secs: u64,
     pub tls_handshake_timeout_secs: u64,
@@ -100,6 +102,7 @@ impl Options {
             keep_ended_jobs_days: 7,
             max_ended_jobs_in_memory: 10_000,
             fsync: false,
+            workers: 0,
             timeout_secs: 5,
             header_read_timeout_secs: 5,
             tls_handshake_timeout_secs: 5,
@@ -133,6 +136,7 @@ plain_listen = "127.0.0.1:0"
 header_read_timeout_secs = {hrt}
 tls_handshake_timeout_secs = {tht}
 idle_timeout_secs = {idle}
+workers = {workers}
 body_timeout_secs = {body}
 min_body_bytes_per_sec = {rate}
 max_connections = {conns}
@@ -175,6 +179,7 @@ max_json_body_bytes = {max_json}
             keep = self.keep_ended_jobs_days,
             max_ended = self.max_ended_jobs_in_memory,
             fsync = self.fsync,
+            workers = self.workers,
             tls = self
                 .tls_files
                 .as_ref()
