@@ -7,6 +7,8 @@
 //!   (c) nginx `proxy_pass` with upstream keepalive, no auth, no billing,
 //!   (d) fal's own Node proxy, and, with `--baseline PATH`, (b0) another
 //!       AbhiAPI binary, for a before/after measured in the same run,
+//!   (r) a bare hyper reverse proxy threaded as AbhiAPI is (`reference`):
+//!       the floor of our own cost,
 //! over HTTP/1.1 and h2c: closed-loop throughput and p50/p99/p99.9 latency,
 //! CPU time per request of the proxy, a fixed-rate run for the latency AbhiAPI
 //! adds, and 1 GiB streamed each way with AbhiAPI's peak memory.
@@ -29,6 +31,7 @@ use process::{free_port, release_binary};
 use tokio::net::TcpStream;
 
 mod common;
+mod reference;
 
 use common::FLUX;
 
@@ -297,6 +300,19 @@ fn start_abhiapi(bin: &Path, dir: &Path, mock: &MockFal) -> (Child, SocketAddr, 
     (child, addr, key)
 }
 
+/// The bare hyper proxy (`reference`) in front of `mock`, as a child process.
+fn start_reference(mock: SocketAddr) -> (Child, SocketAddr) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--hyper-reference", &mock.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    let line = lines.next().unwrap().unwrap();
+    let addr = line.strip_prefix("listening ").unwrap().parse().unwrap();
+    (child, addr)
+}
+
 /// nginx with keepalive to the mock, on an h1 and an h2c port; returns its pids.
 fn start_nginx(
     dir: &Path,
@@ -476,6 +492,9 @@ fn spread(values: Vec<f64>) -> String {
 }
 
 fn main() {
+    if let Some(upstream) = arg_text("--hyper-reference") {
+        return reference::run(upstream.parse().expect("--hyper-reference ADDR"));
+    }
     if !std::env::args().any(|a| a == "--bench") {
         return; // `cargo test` builds and runs bench targets: nothing to do here.
     }
@@ -495,7 +514,9 @@ fn main() {
         let abhiapi = Target { name: "b abhiapi", h1: proxy_addr, h2: Some(proxy_addr), path: "/mock/canned", key: Some(key.clone()), target_url: None, pids: vec![proxy.id()] };
         let (nginx_h1, nginx_h2) = (free_port(), free_port());
         let nginx = start_nginx(dir.path(), mock.addr, nginx_h1, nginx_h2);
-        let mut targets = vec![direct.clone(), abhiapi.clone()];
+        let (mut hyper_ref, hyper_addr) = start_reference(mock.addr);
+        let reference = Target { name: "r hyper", h1: hyper_addr, h2: Some(hyper_addr), path: "/mock/canned", key: None, target_url: None, pids: vec![hyper_ref.id()] };
+        let mut targets = vec![direct.clone(), abhiapi.clone(), reference];
         if let Some((_, pids)) = &nginx {
             targets.push(Target { name: "c nginx", h1: nginx_h1, h2: Some(nginx_h2), path: "/mock/canned", key: None, target_url: None, pids: pids.clone() });
         }
@@ -542,6 +563,11 @@ fn main() {
         println!();
         for (h2, proto) in [(false, "HTTP/1.1"), (true, "h2c")] {
             println!("{proto}: throughput b/a = {}", spread(ratios("b abhiapi", "a direct", h2, rps)));
+            println!("{proto}: throughput b/r (AbhiAPI over the bare hyper proxy) = {}", spread(ratios("b abhiapi", "r hyper", h2, rps)));
+            println!("{proto}: CPU per request b/r = {}", spread(ratios("b abhiapi", "r hyper", h2, cpu)));
+            if let r @ [_, ..] = ratios("r hyper", "c nginx", h2, rps).as_slice() {
+                println!("{proto}: throughput r/c (the bare hyper proxy over nginx) = {}", spread(r.to_vec()));
+            }
             match ratios("b abhiapi", "c nginx", h2, rps) {
                 r if r.is_empty() => println!("{proto}: throughput b/c = n/a (nginx not installed)"),
                 r => println!("{proto}: throughput b/c = {}", spread(r)),
@@ -601,6 +627,7 @@ fn main() {
         println!("| upload | {direct_up:.0} | {proxy_up:.0} | {:.2} | {} |", proxy_up / direct_up, nginx_cells(nginx_rates.map(|r| r.1), direct_up));
         println!("\nAbhiAPI peak RSS while streaming: {:.1} MiB", peak_rss_mib(sproxy.id()));
         let _ = sproxy.kill();
+        let _ = hyper_ref.kill();
         if let Some((mut b0, _, _)) = baseline {
             let _ = b0.kill();
         }

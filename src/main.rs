@@ -61,7 +61,13 @@ fn run(cli: Cli) -> Result<(), Error> {
 }
 
 fn serve(mut config: Config, path: Option<PathBuf>, demo: bool) -> Result<(), Error> {
-    let runtime = tokio::runtime::Runtime::new()?;
+    // The work off the request threads (the admin API, the reconciler,
+    // signals, the demo's mock fal); the request threads run their own.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("background")
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         let demo = match demo {
             true => Some(demo::prepare(&mut config).await?),
