@@ -179,4 +179,26 @@ mod tests {
         flusher.flushed().await.unwrap();
         assert_eq!(*flusher.shared.flushed.borrow(), 3);
     }
+
+    /// A disk that keeps failing (EIO from `msync`) must not keep the
+    /// server from stopping: dropping the flusher at shutdown ends.
+    #[test]
+    fn a_flusher_whose_flushes_keep_failing_still_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let map = mapped(dir.path());
+        let flusher = Flusher::spawn().unwrap();
+        // A range reaching past the mapping: `msync` fails (ENOMEM) on
+        // every try, as it would with EIO on a failing disk.
+        flusher.note(&map, 0, 1 << 40);
+        std::thread::sleep(Duration::from_millis(50));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(flusher);
+            let _ = tx.send(());
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_secs(5)).is_ok(),
+            "dropping the flusher hangs while its flushes fail"
+        );
+    }
 }
