@@ -102,7 +102,7 @@ impl Flusher {
 }
 
 /// Flushes what was appended, whatever is outstanding at once, until closed
-/// with nothing left.
+/// with nothing left (or closed while flushes fail).
 fn run(shared: &Shared) {
     loop {
         let (dirty, through) = {
@@ -120,8 +120,14 @@ fn run(shared: &Shared) {
                 shared.flushed.send_replace(through);
             }
             Err(e) => {
-                tracing::error!(error = %e, "cannot flush the hold journal: trying again");
                 let mut queue = shared.queue.lock();
+                if queue.closed {
+                    // Stopping: the pages stay with the kernel, as without
+                    // `[store] fsync`; a stop must not wait on a failed disk.
+                    tracing::error!(error = %e, "cannot flush the hold journal at stop: left to the kernel");
+                    return;
+                }
+                tracing::error!(error = %e, "cannot flush the hold journal: trying again");
                 let later = std::mem::replace(&mut queue.dirty, dirty);
                 queue.dirty.extend(later);
                 drop(queue);
@@ -139,7 +145,8 @@ fn flush(dirty: &[Dirty]) -> std::io::Result<()> {
 }
 
 impl Drop for Flusher {
-    /// Flushes what is outstanding, then stops the thread.
+    /// Flushes what is outstanding (one more try if flushing fails), then
+    /// stops the thread.
     fn drop(&mut self) {
         self.shared.queue.lock().closed = true;
         self.shared.wake.notify_one();
