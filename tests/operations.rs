@@ -201,6 +201,52 @@ async fn ended_jobs_beyond_the_cap_are_read_from_the_store() {
     }
 }
 
+/// An ended job leaves memory only once the store can answer for it: while
+/// SQLite lags (here a lock another process holds; a slow disk, a long
+/// checkpoint or a CLI edit do the same), a charged job is still its
+/// owner's, with the figures it ended with, not a 404 or a 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ended_job_stays_readable_while_the_store_lags_behind() {
+    let mock = MockFal::start(None).await.unwrap();
+    let mut opts = Options::new(mock.url(false));
+    opts.reconcile_interval_secs = 1;
+    opts.max_ended_jobs_in_memory = 0;
+    let (server, key) = Server::start_with_key(opts, "acme", 10_000);
+    // Nothing reaches SQLite while this is held.
+    let lock = server.db();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let resp = call(&server, &key, "/queue/fal-ai/flux/dev", r#"{"prompt":"x"}"#).await;
+    assert_eq!(resp.status(), 200);
+    let job = json(&body(resp).await);
+    let result = server.url(&format!(
+        "/queue/fal-ai/flux/requests/{}",
+        job.get_str("request_id").unwrap()
+    ));
+    // The owner fetches the result once it is there: charged.
+    let fetched = eventually(Duration::from_secs(5), || async {
+        let resp = client().request(get(&result, Some(&key))).await.unwrap();
+        let ok = resp.status() == 200;
+        let bytes = body(resp).await;
+        ok && unsplice(&bytes).1.get_u64("credits_used") == Some(28)
+    })
+    .await;
+    assert!(fetched, "the result was never charged");
+    // Past the seconds an ended job is sure to stay, the reconciler runs again.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let resp = client().request(get(&result, Some(&key))).await.unwrap();
+    let status = resp.status();
+    let bytes = body(resp).await;
+    assert_eq!(
+        status,
+        200,
+        "the owner's charged job, its end not yet in SQLite: {}",
+        String::from_utf8_lossy(&bytes)
+    );
+    assert_eq!(unsplice(&bytes).1.get_u64("credits_used"), Some(28));
+    drop(lock);
+    assert!(books_close(&server, &[("acme", 28)]).await);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_database_journal_and_lock_are_readable_by_their_owner_only() {
     let mock = MockFal::start(None).await.unwrap();
