@@ -308,8 +308,9 @@ async fn admin_listener(config: &Config) -> Result<Option<(TcpListener, String)>
 }
 
 /// The periodic work off the request path, every `reconcile_interval_secs`:
-/// asks fal about jobs nobody has fetched, then drops from memory the
-/// ended jobs it no longer keeps. Ends as soon as `stop` turns true, in the
+/// asks fal about jobs nobody has fetched, and (apart, so that a long pass
+/// does not hold it up) drops from memory the ended jobs it no longer
+/// keeps. Ends as soon as `stop` turns true, in the
 /// middle of a pass if need be: a pass can wait on fal for `timeout_secs`
 /// per job, and a job whose check is cut off stays pending (in memory and
 /// in SQLite) for the next pass or the next start.
@@ -325,12 +326,20 @@ fn spawn_background(
             loop {
                 tokio::time::sleep(every).await;
                 proxy.reconcile(give_up_ms).await;
+            }
+        };
+        // On its own timer: a pass can wait on fal for long, and memory
+        // must not grow behind it.
+        let forgetting = async {
+            loop {
+                tokio::time::sleep(every).await;
                 proxy.forget_ended_jobs(store::now_ms());
             }
         };
         tokio::select! {
             _ = stop.wait_for(|stopping| *stopping) => {}
             _ = passes => {}
+            _ = forgetting => {}
         }
     })
 }

@@ -59,10 +59,6 @@ impl Retention {
     }
 }
 
-/// An ended job stays in memory at least this long, whatever the cap: its
-/// end has then been committed, so the store answers for it as memory did.
-const ENDED_MIN_IN_MEMORY_MS: i64 = 2_000;
-
 pub struct Job {
     /// fal's request id.
     pub request_id: String,
@@ -82,6 +78,9 @@ pub struct Job {
     /// fal has reported the job COMPLETED: it did the work and bills it, so
     /// the job is never released for want of a result fal no longer gives.
     completed: AtomicBool,
+    /// Its end is committed to the store, which from then on answers for
+    /// it as memory did; until then an ended job stays in memory.
+    end_stored: Arc<AtomicBool>,
 }
 
 impl Job {
@@ -95,6 +94,10 @@ impl Job {
             JobState::Pending(_) => None,
             JobState::Ended { at_ms, .. } => Some(at_ms),
         }
+    }
+
+    fn is_end_stored(&self) -> bool {
+        self.end_stored.load(Ordering::Acquire)
     }
 
     /// Notes that fal reported the job COMPLETED; true the first time.
@@ -192,6 +195,7 @@ impl Jobs {
             created_at_ms: hold.record.created_at_ms,
             state: Mutex::new(JobState::Pending(hold)),
             completed: AtomicBool::new(false),
+            end_stored: Arc::default(),
         });
         self.by_id.insert(request_id.to_owned(), Arc::clone(&job));
         job
@@ -207,25 +211,28 @@ impl Jobs {
     }
 
     /// Drops from memory the ended jobs no longer readable, and the oldest
-    /// ended ones beyond the cap (those ended in the last seconds stay, so
-    /// that the store has their end). Pending ones stay, whatever their age.
+    /// ended ones beyond the cap. Only jobs whose end the store has
+    /// committed go (until then the store would not answer for them as
+    /// memory does); pending ones stay, whatever their age.
     pub fn forget_ended(&self, now_ms: i64) {
         let since = self.retention.readable_since(now_ms);
         self.by_id
-            .retain(|_, job| job.created_at_ms >= since || job.is_pending());
-        let mut ended: Vec<(i64, String)> = self
-            .by_id
-            .iter()
-            .filter_map(|j| Some((j.ended_at_ms()?, j.key().clone())))
-            .collect();
-        let Some(excess) = ended.len().checked_sub(self.retention.max_ended_in_memory) else {
+            .retain(|_, job| job.created_at_ms >= since || !job.is_end_stored());
+        let mut ended = 0usize;
+        let mut stored: Vec<(i64, String)> = Vec::new();
+        for j in self.by_id.iter() {
+            if let Some(at_ms) = j.ended_at_ms() {
+                ended += 1;
+                if j.is_end_stored() {
+                    stored.push((at_ms, j.key().clone()));
+                }
+            }
+        }
+        let Some(excess) = ended.checked_sub(self.retention.max_ended_in_memory) else {
             return;
         };
-        ended.sort_unstable();
-        for (at_ms, id) in ended.into_iter().take(excess) {
-            if at_ms > now_ms - ENDED_MIN_IN_MEMORY_MS {
-                break;
-            }
+        stored.sort_unstable();
+        for (_, id) in stored.into_iter().take(excess) {
             self.by_id.remove(&id);
         }
     }
@@ -292,6 +299,7 @@ impl Jobs {
             credits_used: settled.credits_used,
             balance_remaining: settled.balance_remaining,
             at_ms,
+            stored: Arc::clone(&job.end_stored),
         });
         *state = JobState::Ended { settled, at_ms };
         settled
@@ -320,5 +328,6 @@ fn job(stored: StoredJob, state: JobState) -> Job {
         created_at_ms: r.hold.created_at_ms,
         state: Mutex::new(state),
         completed: AtomicBool::new(stored.completed),
+        end_stored: Arc::new(AtomicBool::new(stored.ended.is_some())),
     }
 }

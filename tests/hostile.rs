@@ -274,6 +274,37 @@ async fn a_queue_route_with_a_trailing_slash_is_never_a_billed_call() {
     assert_eq!(charges, 0);
 }
 
+/// A job not in memory is looked up in SQLite, on the one connection the
+/// dashboard's endpoints share: polls of ids nobody owns (guessed, or
+/// another account's) spend the poll allowance like any other, so that a
+/// key cannot turn them into unlimited database reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polls_of_unknown_jobs_spend_the_poll_allowance() {
+    let mock = MockFal::start(None).await.unwrap();
+    let opts = with_limits(&mock, "poll_requests_per_second = 2");
+    let (server, key) = Server::start_with_key(opts, "acme", 1_000);
+    let mut limited = false;
+    for n in 0..30 {
+        for path in [
+            format!("/fal-ai/queue/requests/guess-{n}"),
+            format!("/queue/fal-ai/flux/requests/guess-{n}/status"),
+        ] {
+            let resp = client()
+                .request(get(&server.url(&path), Some(&key)))
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            assert!(matches!(status, 404 | 429), "{path}: {status}");
+            limited |= status == 429;
+            body(resp).await;
+        }
+    }
+    assert!(
+        limited,
+        "60 polls of unknown jobs in a burst were never limited"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_allows_only_its_own_script_and_style_by_hash() {
     let mock = MockFal::start(None).await.unwrap();

@@ -249,6 +249,163 @@ async fn requests_are_served_by_the_configured_request_threads() {
     assert!(server.wait().success());
 }
 
+/// An ended job leaves memory only once the store can answer for it: while
+/// SQLite lags (here a lock another process holds; a slow disk, a long
+/// checkpoint or a CLI edit do the same), a charged job is still its
+/// owner's, with the figures it ended with, not a 404 or a 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ended_job_stays_readable_while_the_store_lags_behind() {
+    let mock = MockFal::start(None).await.unwrap();
+    let mut opts = Options::new(mock.url(false));
+    opts.reconcile_interval_secs = 1;
+    opts.max_ended_jobs_in_memory = 0;
+    let (server, key) = Server::start_with_key(opts, "acme", 10_000);
+    // Nothing reaches SQLite while this is held.
+    let lock = server.db();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let resp = call(&server, &key, "/queue/fal-ai/flux/dev", r#"{"prompt":"x"}"#).await;
+    assert_eq!(resp.status(), 200);
+    let job = json(&body(resp).await);
+    let result = server.url(&format!(
+        "/queue/fal-ai/flux/requests/{}",
+        job.get_str("request_id").unwrap()
+    ));
+    // The owner fetches the result once it is there: charged.
+    let fetched = eventually(Duration::from_secs(5), || async {
+        let resp = client().request(get(&result, Some(&key))).await.unwrap();
+        let ok = resp.status() == 200;
+        let bytes = body(resp).await;
+        ok && unsplice(&bytes).1.get_u64("credits_used") == Some(28)
+    })
+    .await;
+    assert!(fetched, "the result was never charged");
+    // Past the seconds an ended job is sure to stay, the reconciler runs again.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let resp = client().request(get(&result, Some(&key))).await.unwrap();
+    let status = resp.status();
+    let bytes = body(resp).await;
+    assert_eq!(
+        status,
+        200,
+        "the owner's charged job, its end not yet in SQLite: {}",
+        String::from_utf8_lossy(&bytes)
+    );
+    assert_eq!(unsplice(&bytes).1.get_u64("credits_used"), Some(28));
+    drop(lock);
+    assert!(books_close(&server, &[("acme", 28)]).await);
+}
+
+/// fal's queue host as the mock serves it, except that any call about the
+/// job whose id is put in the returned slot never answers (a status call
+/// that takes its full `timeout_secs`, as a slow fal's may).
+async fn fal_slow_on_one_job(queue: String) -> (String, Arc<parking_lot::Mutex<Option<String>>>) {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let slow: Arc<parking_lot::Mutex<Option<String>>> = Arc::default();
+    let slot = Arc::clone(&slow);
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (queue, slow) = (queue.clone(), Arc::clone(&slow));
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let (queue, slow) = (queue.clone(), Arc::clone(&slow));
+                        async move {
+                            let path = req.uri().path_and_query().unwrap().as_str().to_owned();
+                            if slow.lock().as_deref().is_some_and(|id| path.contains(id)) {
+                                std::future::pending::<()>().await;
+                            }
+                            let (parts, incoming) = req.into_parts();
+                            let bytes = incoming.collect().await.unwrap().to_bytes();
+                            let mut out = Request::builder()
+                                .method(parts.method)
+                                .uri(format!("{queue}{path}"));
+                            for (name, value) in &parts.headers {
+                                if name != http::header::HOST {
+                                    out = out.header(name, value);
+                                }
+                            }
+                            let resp = client()
+                                .request(out.body(Full::new(bytes)).unwrap())
+                                .await
+                                .unwrap();
+                            let (parts, incoming) = resp.into_parts();
+                            let bytes = incoming.collect().await.unwrap().to_bytes();
+                            Ok::<_, std::convert::Infallible>(http::Response::from_parts(
+                                parts,
+                                Full::new(bytes),
+                            ))
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (format!("http://{addr}"), slot)
+}
+
+/// The cap on ended jobs in memory holds while the reconciler's pass is
+/// long: a pass asks fal about every pending job in turn, each for up to
+/// `timeout_secs`, and ended jobs must not pile up behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_jobs_are_capped_while_a_reconciler_pass_waits_on_fal() {
+    let mock = MockFal::start(None).await.unwrap();
+    let mut opts = Options::new(mock.url(false));
+    let (front, slow) = fal_slow_on_one_job(opts.queue.clone()).await;
+    opts.queue = front;
+    opts.reconcile_interval_secs = 1;
+    opts.timeout_secs = 300;
+    opts.max_ended_jobs_in_memory = 1;
+    opts.admin = true;
+    let (server, key) = Server::start_with_key(opts, "acme", 10_000);
+    let submit = || async {
+        let resp = call(&server, &key, "/queue/fal-ai/flux/dev", r#"{"prompt":"x"}"#).await;
+        assert_eq!(resp.status(), 200);
+        json(&body(resp).await)
+            .get_str("request_id")
+            .unwrap()
+            .to_owned()
+    };
+    // A job fal takes its time to tell about: the next pass waits on it.
+    *slow.lock() = Some(submit().await);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Five jobs their owner runs to the end meanwhile.
+    for _ in 0..5 {
+        let id = submit().await;
+        let result = server.url(&format!("/queue/fal-ai/flux/requests/{id}"));
+        let charged = eventually(Duration::from_secs(5), || async {
+            let status = client()
+                .request(get(&format!("{result}/status"), Some(&key)))
+                .await
+                .unwrap();
+            body(status).await;
+            let resp = client().request(get(&result, Some(&key))).await.unwrap();
+            let ok = resp.status() == 200;
+            body(resp).await;
+            ok
+        })
+        .await;
+        assert!(charged, "{id} never ended");
+    }
+    let capped = eventually(Duration::from_secs(5), || async {
+        metrics(&server)
+            .await
+            .contains(r#"abhiapi_jobs_in_memory{state="ended"} 1"#)
+    })
+    .await;
+    let metrics = metrics(&server).await;
+    let line = metrics
+        .lines()
+        .find(|l| l.contains(r#"state="ended""#))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(capped, "{line}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_database_journal_and_lock_are_readable_by_their_owner_only() {
     let mock = MockFal::start(None).await.unwrap();

@@ -102,7 +102,7 @@ impl Flusher {
 }
 
 /// Flushes what was appended, whatever is outstanding at once, until closed
-/// with nothing left.
+/// with nothing left (or closed while flushes fail).
 fn run(shared: &Shared) {
     loop {
         let (dirty, through) = {
@@ -120,8 +120,14 @@ fn run(shared: &Shared) {
                 shared.flushed.send_replace(through);
             }
             Err(e) => {
-                tracing::error!(error = %e, "cannot flush the hold journal: trying again");
                 let mut queue = shared.queue.lock();
+                if queue.closed {
+                    // Stopping: the pages stay with the kernel, as without
+                    // `[store] fsync`; a stop must not wait on a failed disk.
+                    tracing::error!(error = %e, "cannot flush the hold journal at stop: left to the kernel");
+                    return;
+                }
+                tracing::error!(error = %e, "cannot flush the hold journal: trying again");
                 let later = std::mem::replace(&mut queue.dirty, dirty);
                 queue.dirty.extend(later);
                 drop(queue);
@@ -139,7 +145,8 @@ fn flush(dirty: &[Dirty]) -> std::io::Result<()> {
 }
 
 impl Drop for Flusher {
-    /// Flushes what is outstanding, then stops the thread.
+    /// Flushes what is outstanding (one more try if flushing fails), then
+    /// stops the thread.
     fn drop(&mut self) {
         self.shared.queue.lock().closed = true;
         self.shared.wake.notify_one();
@@ -178,5 +185,27 @@ mod tests {
         waiting.await.unwrap();
         flusher.flushed().await.unwrap();
         assert_eq!(*flusher.shared.flushed.borrow(), 3);
+    }
+
+    /// A disk that keeps failing (EIO from `msync`) must not keep the
+    /// server from stopping: dropping the flusher at shutdown ends.
+    #[test]
+    fn a_flusher_whose_flushes_keep_failing_still_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let map = mapped(dir.path());
+        let flusher = Flusher::spawn().unwrap();
+        // A range reaching past the mapping: `msync` fails (ENOMEM) on
+        // every try, as it would with EIO on a failing disk.
+        flusher.note(&map, 0, 1 << 40);
+        std::thread::sleep(Duration::from_millis(50));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(flusher);
+            let _ = tx.send(());
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_secs(5)).is_ok(),
+            "dropping the flusher hangs while its flushes fail"
+        );
     }
 }

@@ -124,13 +124,15 @@ impl Proxy {
                 action,
                 query,
             } => {
+                // Before the lookup, which may read the store: a poll of an
+                // unknown id costs its allowance like any other.
+                self.check_poll(key, trace)?;
                 // Another account's job, or one named under another app, is as unknown as none.
                 let job = self
                     .owned_job(&id, key.account.id)
                     .await?
                     .filter(|j| app.as_deref().is_none_or(|a| a == j.app || a == j.model))
                     .ok_or(ApiError::JobNotFound)?;
-                self.check_poll(key, trace)?;
                 self.poll(req, &job, action, query.as_deref(), &base, trace)
                     .await
             }

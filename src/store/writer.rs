@@ -62,6 +62,9 @@ pub enum WriteOp {
         credits_used: u64,
         balance_remaining: i64,
         at_ms: i64,
+        /// Set once this end is committed (or set aside): from then on the
+        /// store answers for the job, and memory may let it go.
+        stored: Arc<AtomicBool>,
     },
     /// Commit what came before and stop, even if senders remain.
     Close,
@@ -327,6 +330,11 @@ impl Writer {
     }
 
     fn mark_committed(&mut self, batch: &[WriteOp]) {
+        for op in batch {
+            if let WriteOp::JobEnded { stored, .. } = op {
+                stored.store(true, Ordering::Release);
+            }
+        }
         for segment in batch.iter().filter_map(WriteOp::segment) {
             *self.committed.entry(segment).or_default() += 1;
         }
@@ -433,6 +441,7 @@ fn commit(conn: &mut Connection, batch: &[WriteOp]) -> rusqlite::Result<()> {
                     credits_used,
                     balance_remaining,
                     at_ms,
+                    ..
                 } => jobs::settle(
                     &tx,
                     request_id,
