@@ -119,6 +119,18 @@ impl Ledger {
         Ok(reservation)
     }
 
+    /// Resolves once every entry journalled so far is on disk: at once
+    /// without `[store] fsync`. Awaited after a settlement and before its
+    /// answer goes out, so that a power cut after the client has its answer
+    /// cannot recover the hold as unsettled. A failed flush is logged (by
+    /// the flusher) and not the client's: the settlement stands in memory
+    /// and reaches SQLite with the writer.
+    pub async fn on_disk(&self) {
+        if let Err(e) = self.journal.flushed().await {
+            tracing::warn!(error = %e, "a settlement answered before it reached the disk");
+        }
+    }
+
     /// A job fal accepted, owning `hold` from now on: journalled and queued
     /// in one step, so that a crash never leaves the hold without its job.
     pub fn record_job(&self, job: JobRecord) {

@@ -341,7 +341,7 @@ impl Proxy {
             .reserve(key, model, request_id, estimate)
             .await?;
         allowance.spent();
-        let upstream = Arc::clone(&self.upstream);
+        let (upstream, ledger) = (Arc::clone(&self.upstream), Arc::clone(&self.ledger));
         let model = model.to_owned();
         // Boxed where it is made: the future holds the whole answer's
         // handling, and is moved into its task without being copied.
@@ -375,6 +375,9 @@ impl Proxy {
                     Err(e)
                 }
             };
+            // Settled (or, for a queued job, journalled as the job's): on
+            // disk before the client hears of it.
+            ledger.on_disk().await;
             (answer, took)
         });
         let (answer, took) = self.detached.run(work).await;
