@@ -15,6 +15,21 @@ use http_body_util::Full;
 use simd_json::prelude::*;
 use support::*;
 
+/// Submits a flux job to the queue; returns fal's request id for it.
+async fn submit_job(server: &Server, key: &str) -> String {
+    let resp = call(server, key, "/queue/fal-ai/flux/dev", r#"{"prompt":"x"}"#).await;
+    assert_eq!(resp.status(), 200);
+    json(&body(resp).await)
+        .get_str("request_id")
+        .unwrap()
+        .to_owned()
+}
+
+/// Where the job's result is fetched.
+fn result_path(request_id: &str) -> String {
+    format!("/queue/fal-ai/flux/requests/{request_id}")
+}
+
 async fn metric(server: &Server, name: &str) -> f64 {
     let req = Request::get(format!("http://{}/metrics", server.admin.unwrap()))
         .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
@@ -77,9 +92,7 @@ async fn sigterm_during_a_reconciler_pass_against_a_hanging_fal_exits_within_the
     let mut opts = Options::new(mock.url(false));
     let (mut server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 10_000);
     for _ in 0..3 {
-        let resp = call(&server, &key, "/queue/fal-ai/flux/dev", r#"{"prompt":"x"}"#).await;
-        assert_eq!(resp.status(), 200);
-        body(resp).await;
+        submit_job(&server, &key).await;
     }
     server.signal("TERM");
     assert!(server.wait().success());
@@ -118,13 +131,7 @@ async fn ended_jobs_are_forgotten_while_the_server_runs() {
     opts.reconcile_interval_secs = 1;
     opts.keep_ended_jobs_days = 0;
     let (server, key) = Server::start_with_key(opts, "acme", 10_000);
-    let resp = call(&server, &key, "/queue/fal-ai/flux/dev", r#"{"prompt":"x"}"#).await;
-    assert_eq!(resp.status(), 200);
-    let job = json(&body(resp).await);
-    let result = server.url(&format!(
-        "/queue/fal-ai/flux/requests/{}",
-        job.get_str("request_id").unwrap()
-    ));
+    let result = server.url(&result_path(&submit_job(&server, &key).await));
     // The reconciler completes and charges the job (three status polls), then forgets it.
     assert!(books_close(&server, &[("acme", 28)]).await);
     let forgotten = eventually(Duration::from_secs(10), || async {
@@ -151,13 +158,7 @@ async fn ended_jobs_beyond_the_cap_are_read_from_the_store() {
     let rival = server.create_key("rival", 10_000);
     let mut results = Vec::new();
     for _ in 0..3 {
-        let resp = call(&server, &key, "/queue/fal-ai/flux/dev", r#"{"prompt":"x"}"#).await;
-        assert_eq!(resp.status(), 200);
-        let job = json(&body(resp).await);
-        results.push(format!(
-            "/queue/fal-ai/flux/requests/{}",
-            job.get_str("request_id").unwrap()
-        ));
+        results.push(result_path(&submit_job(&server, &key).await));
     }
     // The reconciler charges the three jobs, then keeps one in memory.
     assert!(books_close(&server, &[("acme", 84)]).await);
@@ -263,13 +264,7 @@ async fn an_ended_job_stays_readable_while_the_store_lags_behind() {
     // Nothing reaches SQLite while this is held.
     let lock = server.db();
     lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
-    let resp = call(&server, &key, "/queue/fal-ai/flux/dev", r#"{"prompt":"x"}"#).await;
-    assert_eq!(resp.status(), 200);
-    let job = json(&body(resp).await);
-    let result = server.url(&format!(
-        "/queue/fal-ai/flux/requests/{}",
-        job.get_str("request_id").unwrap()
-    ));
+    let result = server.url(&result_path(&submit_job(&server, &key).await));
     // The owner fetches the result once it is there: charged.
     let fetched = eventually(Duration::from_secs(5), || async {
         let resp = client().request(get(&result, Some(&key))).await.unwrap();
@@ -362,14 +357,7 @@ async fn ended_jobs_are_capped_while_a_reconciler_pass_waits_on_fal() {
     opts.max_ended_jobs_in_memory = 1;
     opts.admin = true;
     let (server, key) = Server::start_with_key(opts, "acme", 10_000);
-    let submit = || async {
-        let resp = call(&server, &key, "/queue/fal-ai/flux/dev", r#"{"prompt":"x"}"#).await;
-        assert_eq!(resp.status(), 200);
-        json(&body(resp).await)
-            .get_str("request_id")
-            .unwrap()
-            .to_owned()
-    };
+    let submit = || submit_job(&server, &key);
     // A job fal takes its time to tell about: the next pass waits on it.
     *slow.lock() = Some(submit().await);
     tokio::time::sleep(Duration::from_secs(2)).await;
