@@ -365,19 +365,24 @@ async fn ended_jobs_are_capped_while_a_reconciler_pass_waits_on_fal() {
     for _ in 0..5 {
         let id = submit().await;
         let result = server.url(&format!("/queue/fal-ai/flux/requests/{id}"));
-        let charged = eventually(Duration::from_secs(5), || async {
+        // As a client within the poll allowance (10 a second) would: the
+        // status until COMPLETED, then the result.
+        let completed = eventually(Duration::from_secs(5), || async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
             let status = client()
                 .request(get(&format!("{result}/status"), Some(&key)))
                 .await
                 .unwrap();
+            let done = status.status() == 200;
             body(status).await;
-            let resp = client().request(get(&result, Some(&key))).await.unwrap();
-            let ok = resp.status() == 200;
-            body(resp).await;
-            ok
+            done
         })
         .await;
-        assert!(charged, "{id} never ended");
+        assert!(completed, "{id} never completed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let resp = client().request(get(&result, Some(&key))).await.unwrap();
+        assert_eq!(resp.status(), 200, "{id}");
+        body(resp).await;
     }
     let capped = eventually(Duration::from_secs(5), || async {
         metrics(&server)
