@@ -250,6 +250,59 @@ async fn requests_are_served_by_the_configured_request_threads() {
     assert!(server.wait().success());
 }
 
+/// The request threads share a port among themselves (`SO_REUSEPORT`), but
+/// never with another process: a second server configured on a port the
+/// first listens on exits with "in use" instead of taking half its traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_the_same_port_exits_instead_of_sharing_it() {
+    let mock = MockFal::start(None).await.unwrap();
+    let (server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 10_000);
+    let first = server.url("");
+    let addr = first.trim_start_matches("http://").trim_end_matches('/');
+    let other = tempfile::tempdir().unwrap();
+    let config = std::fs::read_to_string(&server.config)
+        .unwrap()
+        .replace(
+            r#"plain_listen = "127.0.0.1:0""#,
+            &format!(r#"plain_listen = "{addr}""#),
+        )
+        .replace(
+            &server.dir.path().display().to_string(),
+            &other.path().display().to_string(),
+        );
+    assert!(config.contains(addr), "{config}");
+    let path = other.path().join("abhiapi.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut second = std::process::Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("ABHIAPI_TEST_FAL_KEY", FAL_KEY)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let exited = eventually(Duration::from_secs(10), || {
+        let exited = second.try_wait().unwrap().is_some();
+        async move { exited }
+    })
+    .await;
+    if !exited {
+        let _ = second.kill();
+    }
+    let out = second.wait_with_output().unwrap();
+    assert!(exited, "a second server listens on the first one's port");
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("in use"), "{said}");
+    // The first server has all its traffic still.
+    for _ in 0..10 {
+        let resp = call(&server, &key, "/mock/echo", "{}").await;
+        assert_eq!(resp.status(), 200);
+        body(resp).await;
+    }
+    assert!(books_close(&server, &[("acme", 20)]).await);
+}
+
 /// An ended job leaves memory only once the store can answer for it: while
 /// SQLite lags (here a lock another process holds; a slow disk, a long
 /// checkpoint or a CLI edit do the same), a charged job is still its

@@ -40,11 +40,16 @@ pub fn count(configured: usize) -> usize {
 const BACKLOG: i32 = 1024;
 
 /// `addr` bound `n` times with `SO_REUSEPORT`; port 0 is chosen once, by the
-/// first socket, and shared by the others.
+/// first socket, and shared by the others. A port another process listens
+/// on is refused as in use, as without `SO_REUSEPORT`, rather than shared:
+/// a second server started on it by mistake must not take half the traffic.
 pub fn bind(
     addr: SocketAddr,
     n: usize,
 ) -> std::io::Result<(SocketAddr, Vec<std::net::TcpListener>)> {
+    if addr.port() != 0 {
+        drop(std::net::TcpListener::bind(addr)?);
+    }
     let mut bound = addr;
     let mut sockets = Vec::with_capacity(n);
     for _ in 0..n {
