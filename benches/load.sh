@@ -2,6 +2,7 @@
 # The whole-proxy load benchmark, one command:
 #   bash benches/load.sh [--secs 5] [--conns 32] [--rounds 3] [--rate 1000] [--stream-mib 1024]
 #                        [--baseline PATH] [--fsync]
+# Plain HTTP/1.1 and h2c, and HTTP/1.1 and h2 over TLS (certs/dev-*.pem).
 # Builds the release binary, installs nginx (Debian) and fal's Node proxy
 # (npm) if missing, then runs benches/loadgen.rs: the same load direct to a
 # mock fal, through AbhiAPI, through nginx and through fal's proxy, printed

@@ -9,7 +9,9 @@
 //!       AbhiAPI binary, for a before/after measured in the same run,
 //!   (r) a bare hyper reverse proxy threaded as AbhiAPI is (`reference`):
 //!       the floor of our own cost,
-//! over HTTP/1.1 and h2c: closed-loop throughput and p50/p99/p99.9 latency,
+//! over HTTP/1.1, h2c, and HTTP/1.1 and h2 over TLS (the repository's
+//! development certificate; nginx terminates TLS with the same one):
+//! closed-loop throughput and p50/p99/p99.9 latency,
 //! CPU time per request of the proxy, a fixed-rate run for the latency AbhiAPI
 //! adds, and 1 GiB streamed each way with AbhiAPI's peak memory.
 //! Under `cargo test` (no `--bench`), it does nothing.
@@ -47,6 +49,57 @@ fn arg(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// How a client talks to a target.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    H1,
+    H2c,
+    TlsH1,
+    TlsH2,
+}
+
+impl Proto {
+    const ALL: [Proto; 4] = [Proto::H1, Proto::H2c, Proto::TlsH1, Proto::TlsH2];
+
+    fn label(self) -> &'static str {
+        match self {
+            Proto::H1 => "HTTP/1.1",
+            Proto::H2c => "h2c",
+            Proto::TlsH1 => "TLS HTTP/1.1",
+            Proto::TlsH2 => "TLS h2",
+        }
+    }
+
+    fn h2(self) -> bool {
+        matches!(self, Proto::H2c | Proto::TlsH2)
+    }
+
+    fn tls(self) -> bool {
+        matches!(self, Proto::TlsH1 | Proto::TlsH2)
+    }
+
+    /// Where `t` speaks it, if it does.
+    fn addr(self, t: &Target) -> Option<SocketAddr> {
+        match self {
+            Proto::H1 => Some(t.h1),
+            Proto::H2c => t.h2,
+            Proto::TlsH1 | Proto::TlsH2 => t.tls,
+        }
+    }
+}
+
+/// The client side of TLS: the repository's development CA, ALPN as asked.
+fn tls_connector(h2: bool) -> tokio_rustls::TlsConnector {
+    let ca = Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/dev-ca.pem");
+    let mut config = (*abhiapi::tls::client_config(Some(&ca)).unwrap()).clone();
+    config.alpn_protocols = vec![if h2 {
+        b"h2".to_vec()
+    } else {
+        b"http/1.1".to_vec()
+    }];
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+}
+
 /// One client connection, either protocol.
 enum Conn {
     H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
@@ -54,11 +107,26 @@ enum Conn {
 }
 
 impl Conn {
-    async fn open(addr: SocketAddr, h2: bool) -> Conn {
+    async fn open(addr: SocketAddr, proto: Proto) -> Conn {
         let stream = TcpStream::connect(addr).await.unwrap();
         // Without it, h2's separate HEADERS and DATA writes wait on delayed ACKs (~40 ms).
         stream.set_nodelay(true).unwrap();
-        let io = TokioIo::new(stream);
+        if proto.tls() {
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let tls = tls_connector(proto.h2())
+                .connect(name, stream)
+                .await
+                .unwrap();
+            Self::handshake(TokioIo::new(tls), proto.h2()).await
+        } else {
+            Self::handshake(TokioIo::new(stream), proto.h2()).await
+        }
+    }
+
+    async fn handshake<I>(io: I, h2: bool) -> Conn
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
         if h2 {
             let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
                 .await
@@ -97,6 +165,8 @@ struct Target {
     h1: SocketAddr,
     /// None where the target speaks no h2c.
     h2: Option<SocketAddr>,
+    /// HTTP/1.1 and h2 over TLS, by ALPN; None where not measured.
+    tls: Option<SocketAddr>,
     path: &'static str,
     key: Option<String>,
     /// fal's proxy protocol: where the proxy is to send the request.
@@ -106,11 +176,12 @@ struct Target {
 }
 
 impl Target {
-    fn request(&self, addr: SocketAddr, h2: bool) -> Request<Full<Bytes>> {
-        let mut b = Request::post(format!("http://{addr}{}", self.path))
+    fn request(&self, addr: SocketAddr, proto: Proto) -> Request<Full<Bytes>> {
+        let scheme = if proto.tls() { "https" } else { "http" };
+        let mut b = Request::post(format!("{scheme}://{addr}{}", self.path))
             .header("content-type", "application/json");
         // A bare HTTP/1.1 connection adds no Host, and nginx requires one; h2 has :authority.
-        if !h2 {
+        if !proto.h2() {
             b = b.header("host", addr.to_string());
         }
         if let Some(k) = &self.key {
@@ -162,8 +233,8 @@ fn cpu_secs(pids: &[u32]) -> f64 {
 }
 
 /// `conns` connections, each sending its next request as soon as the last is answered.
-async fn closed_loop(t: &Target, h2: bool, conns: u64, secs: u64) -> Run {
-    let addr = if h2 { t.h2.unwrap() } else { t.h1 };
+async fn closed_loop(t: &Target, proto: Proto, conns: u64, secs: u64) -> Run {
+    let addr = proto.addr(t).unwrap();
     let deadline = Instant::now() + Duration::from_secs(secs);
     let cpu_before = cpu_secs(&t.pids);
     let start = Instant::now();
@@ -171,15 +242,15 @@ async fn closed_loop(t: &Target, h2: bool, conns: u64, secs: u64) -> Run {
         .map(|_| {
             let t = t.clone();
             tokio::spawn(async move {
-                let mut conn = Conn::open(addr, h2).await;
+                let mut conn = Conn::open(addr, proto).await;
                 let (mut lat, mut errors) = (Vec::new(), 0u64);
                 while Instant::now() < deadline {
                     let sent = Instant::now();
-                    if conn.call(t.request(addr, h2)).await {
+                    if conn.call(t.request(addr, proto)).await {
                         lat.push(sent.elapsed().as_micros() as u32);
                     } else {
                         errors += 1;
-                        conn = Conn::open(addr, h2).await;
+                        conn = Conn::open(addr, proto).await;
                     }
                 }
                 (lat, errors)
@@ -199,7 +270,7 @@ async fn fixed_rate(t: &Target, rate: u64, conns: u64, secs: u64) -> Run {
         .map(|i| {
             let t = t.clone();
             tokio::spawn(async move {
-                let mut conn = Conn::open(addr, false).await;
+                let mut conn = Conn::open(addr, Proto::H1).await;
                 let first = tokio::time::Instant::now() + per_conn.mul_f64(i as f64 / conns as f64);
                 let mut tick = tokio::time::interval_at(first, per_conn);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -208,7 +279,7 @@ async fn fixed_rate(t: &Target, rate: u64, conns: u64, secs: u64) -> Run {
                 for _ in 0..n {
                     tick.tick().await;
                     let sent = Instant::now();
-                    if conn.call(t.request(addr, false)).await {
+                    if conn.call(t.request(addr, Proto::H1)).await {
                         lat.push(sent.elapsed().as_micros() as u32);
                     } else {
                         errors += 1;
@@ -248,14 +319,28 @@ async fn collect(
     run
 }
 
-/// Starts AbhiAPI (`bin`) in front of `mock`; returns it, its address and a key.
-fn start_abhiapi(bin: &Path, dir: &Path, mock: &MockFal) -> (Child, SocketAddr, String) {
+/// Starts AbhiAPI (`bin`) in front of `mock`; returns it, its plain and its
+/// TLS address, and a key.
+fn start_abhiapi(
+    bin: &Path,
+    dir: &Path,
+    mock: &MockFal,
+) -> (Child, SocketAddr, SocketAddr, String) {
     let config = dir.join("abhiapi.toml");
     let mut toml = common::config_toml(mock, &dir.join("abhiapi.db"));
     // `--fsync`: every AbhiAPI started runs with `[store] fsync = true`.
     if std::env::args().any(|a| a == "--fsync") {
         toml = toml.replace("[store]\n", "[store]\nfsync = true\n");
     }
+    let certs = Path::new(env!("CARGO_MANIFEST_DIR")).join("certs");
+    toml = toml.replace(
+        "[server]\n",
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ntls_cert = {:?}\ntls_key = {:?}\n",
+            certs.join("dev-cert.pem").display().to_string(),
+            certs.join("dev-key.pem").display().to_string()
+        ),
+    );
     std::fs::write(&config, toml).unwrap();
     let out = Command::new(bin)
         .args(["--config"])
@@ -290,18 +375,23 @@ fn start_abhiapi(bin: &Path, dir: &Path, mock: &MockFal) -> (Child, SocketAddr, 
         .spawn()
         .unwrap();
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
-    let addr = loop {
+    let (mut plain, mut tls) = (None, None);
+    while plain.is_none() || tls.is_none() {
         let line = lines.next().unwrap().unwrap();
         if let Some(a) = line.strip_prefix("listening plain http://") {
-            break a.parse().unwrap();
+            plain = Some(a.parse().unwrap());
         }
-    };
+        if let Some(a) = line.strip_prefix("listening tls https://") {
+            tls = Some(a.parse().unwrap());
+        }
+    }
     std::thread::spawn(move || lines.for_each(drop));
-    (child, addr, key)
+    (child, plain.unwrap(), tls.unwrap(), key)
 }
 
-/// The bare hyper proxy (`reference`) in front of `mock`, as a child process.
-fn start_reference(mock: SocketAddr) -> (Child, SocketAddr) {
+/// The bare hyper proxy (`reference`) in front of `mock`, as a child
+/// process; returns it, its plain and its TLS address.
+fn start_reference(mock: SocketAddr) -> (Child, SocketAddr, SocketAddr) {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--hyper-reference", &mock.to_string()])
         .stdout(Stdio::piped())
@@ -309,17 +399,24 @@ fn start_reference(mock: SocketAddr) -> (Child, SocketAddr) {
         .unwrap();
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
     let line = lines.next().unwrap().unwrap();
-    let addr = line.strip_prefix("listening ").unwrap().parse().unwrap();
-    (child, addr)
+    let mut addrs = line.strip_prefix("listening ").unwrap().split(' ');
+    let mut next = || addrs.next().unwrap().parse().unwrap();
+    let (plain, tls) = (next(), next());
+    (child, plain, tls)
 }
 
-/// nginx with keepalive to the mock, on an h1 and an h2c port; returns its pids.
+/// nginx with keepalive to the mock, on an h1, an h2c and a TLS port (the
+/// development certificate, h2 and HTTP/1.1 by ALPN); returns its pids.
 fn start_nginx(
     dir: &Path,
     mock: SocketAddr,
     h1: SocketAddr,
     h2: SocketAddr,
+    tls: SocketAddr,
 ) -> Option<(Child, Vec<u32>)> {
+    let certs = Path::new(env!("CARGO_MANIFEST_DIR")).join("certs");
+    let (cert, key) = (certs.join("dev-cert.pem"), certs.join("dev-key.pem"));
+    let (cert, key) = (cert.display(), key.display());
     let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
         .into_iter()
         .map(PathBuf::from)
@@ -346,6 +443,7 @@ http {{
   upstream mock {{ server {mock}; keepalive 256; }}
   server {{ listen {h1}; {location} }}
   server {{ listen {h2} http2; {location} }}
+  server {{ listen {tls} ssl http2; ssl_certificate {cert}; ssl_certificate_key {key}; {location} }}
 }}
 "
         ),
@@ -417,7 +515,7 @@ fn peak_rss_mib(pid: u32) -> f64 {
 /// mock's `/_rest/`, which counts the bytes; through AbhiAPI, its unbilled
 /// `/api/fal/proxy` route: a billed route reads its body); MiB/s each way.
 async fn stream(addr: SocketAddr, key: Option<&str>, bytes: u64) -> (f64, f64) {
-    let mut conn = Conn::open(addr, false).await;
+    let mut conn = Conn::open(addr, Proto::H1).await;
     let mut down =
         Request::get(format!("http://{addr}/mock/stream/{bytes}")).header("host", addr.to_string());
     let storage = "/storage/upload/initiate?storage_type=fal-cdn-v3";
@@ -509,27 +607,27 @@ fn main() {
     runtime.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let mock = MockFal::start(None).await.unwrap();
-        let (mut proxy, proxy_addr, key) = start_abhiapi(&release_binary(), dir.path(), &mock);
-        let direct = Target { name: "a direct", h1: mock.addr, h2: Some(mock.addr), path: "/mock/canned", key: None, target_url: None, pids: vec![] };
-        let abhiapi = Target { name: "b abhiapi", h1: proxy_addr, h2: Some(proxy_addr), path: "/mock/canned", key: Some(key.clone()), target_url: None, pids: vec![proxy.id()] };
-        let (nginx_h1, nginx_h2) = (free_port(), free_port());
-        let nginx = start_nginx(dir.path(), mock.addr, nginx_h1, nginx_h2);
-        let (mut hyper_ref, hyper_addr) = start_reference(mock.addr);
-        let reference = Target { name: "r hyper", h1: hyper_addr, h2: Some(hyper_addr), path: "/mock/canned", key: None, target_url: None, pids: vec![hyper_ref.id()] };
+        let (mut proxy, proxy_addr, proxy_tls, key) = start_abhiapi(&release_binary(), dir.path(), &mock);
+        let direct = Target { name: "a direct", h1: mock.addr, h2: Some(mock.addr), tls: None, path: "/mock/canned", key: None, target_url: None, pids: vec![] };
+        let abhiapi = Target { name: "b abhiapi", h1: proxy_addr, h2: Some(proxy_addr), tls: Some(proxy_tls), path: "/mock/canned", key: Some(key.clone()), target_url: None, pids: vec![proxy.id()] };
+        let (nginx_h1, nginx_h2, nginx_tls) = (free_port(), free_port(), free_port());
+        let nginx = start_nginx(dir.path(), mock.addr, nginx_h1, nginx_h2, nginx_tls);
+        let (mut hyper_ref, hyper_addr, hyper_tls) = start_reference(mock.addr);
+        let reference = Target { name: "r hyper", h1: hyper_addr, h2: Some(hyper_addr), tls: Some(hyper_tls), path: "/mock/canned", key: None, target_url: None, pids: vec![hyper_ref.id()] };
         let mut targets = vec![direct.clone(), abhiapi.clone(), reference];
         if let Some((_, pids)) = &nginx {
-            targets.push(Target { name: "c nginx", h1: nginx_h1, h2: Some(nginx_h2), path: "/mock/canned", key: None, target_url: None, pids: pids.clone() });
+            targets.push(Target { name: "c nginx", h1: nginx_h1, h2: Some(nginx_h2), tls: Some(nginx_tls), path: "/mock/canned", key: None, target_url: None, pids: pids.clone() });
         }
         // An earlier build of AbhiAPI beside this one, for a before/after in one run.
         let baseline_dir = tempfile::tempdir().unwrap();
         let baseline = arg_text("--baseline").map(|bin| start_abhiapi(Path::new(&bin), baseline_dir.path(), &mock));
-        if let Some((child, addr, key)) = &baseline {
-            targets.push(Target { name: "b0 baseline", h1: *addr, h2: Some(*addr), path: "/mock/canned", key: Some(key.clone()), target_url: None, pids: vec![child.id()] });
+        if let Some((child, addr, tls, key)) = &baseline {
+            targets.push(Target { name: "b0 baseline", h1: *addr, h2: Some(*addr), tls: Some(*tls), path: "/mock/canned", key: Some(key.clone()), target_url: None, pids: vec![child.id()] });
         }
         let fal_proxy = start_fal_proxy(&mock);
         if let Some((child, addr)) = &fal_proxy {
             let target_url = Some(format!("{}/mock/canned", mock.url(false)));
-            targets.push(Target { name: "d fal server-proxy", h1: *addr, h2: None, path: "/api/fal/proxy", key: None, target_url, pids: vec![child.id()] });
+            targets.push(Target { name: "d fal server-proxy", h1: *addr, h2: None, tls: None, path: "/api/fal/proxy", key: None, target_url, pids: vec![child.id()] });
         }
 
         println!("## Closed loop: {conns} connections, {secs} s each, {rounds} rounds\n");
@@ -540,17 +638,17 @@ fn main() {
             // Each round starts one target later: no target always follows the same one.
             let mut order = targets.clone();
             order.rotate_left((round as usize - 1) % targets.len());
-            for h2 in [false, true] {
-                for t in order.iter().filter(|t| !h2 || t.h2.is_some()) {
-                    let _ = closed_loop(t, h2, conns, 1).await; // warm-up
-                    let run = closed_loop(t, h2, conns, secs).await;
-                    row(round, t.name, if h2 { "h2c" } else { "HTTP/1.1" }, &run);
-                    results.push((round, t.name, h2, run));
+            for proto in Proto::ALL {
+                for t in order.iter().filter(|t| proto.addr(t).is_some()) {
+                    let _ = closed_loop(t, proto, conns, 1).await; // warm-up
+                    let run = closed_loop(t, proto, conns, secs).await;
+                    row(round, t.name, proto.label(), &run);
+                    results.push((round, t.name, proto, run));
                 }
             }
         }
         // One figure per round for `name` over `reference`, where both ran.
-        let ratios = |name: &str, reference: &str, h2: bool, figure: fn(&Run) -> Option<f64>| -> Vec<f64> {
+        let ratios = |name: &str, reference: &str, h2: Proto, figure: fn(&Run) -> Option<f64>| -> Vec<f64> {
             (1..=rounds)
                 .filter_map(|round| {
                     let of = |n: &str| results.iter().find(|r| r.0 == round && r.1 == n && r.2 == h2).and_then(|r| figure(&r.3));
@@ -561,8 +659,11 @@ fn main() {
         let rps: fn(&Run) -> Option<f64> = |r| Some(r.rps());
         let cpu: fn(&Run) -> Option<f64> = |r| Some(r.cpu_secs? / r.ok.max(1) as f64);
         println!();
-        for (h2, proto) in [(false, "HTTP/1.1"), (true, "h2c")] {
-            println!("{proto}: throughput b/a = {}", spread(ratios("b abhiapi", "a direct", h2, rps)));
+        for h2 in Proto::ALL {
+            let proto = h2.label();
+            if h2.addr(&direct).is_some() {
+                println!("{proto}: throughput b/a = {}", spread(ratios("b abhiapi", "a direct", h2, rps)));
+            }
             println!("{proto}: throughput b/r (AbhiAPI over the bare hyper proxy) = {}", spread(ratios("b abhiapi", "r hyper", h2, rps)));
             println!("{proto}: CPU per request b/r = {}", spread(ratios("b abhiapi", "r hyper", h2, cpu)));
             if let r @ [_, ..] = ratios("r hyper", "c nginx", h2, rps).as_slice() {
@@ -574,7 +675,7 @@ fn main() {
             }
             match ratios("b abhiapi", "d fal server-proxy", h2, rps) {
                 r if !r.is_empty() => println!("{proto}: throughput b/d = {}", spread(r)),
-                _ if h2 => println!("{proto}: throughput b/d = n/a (no h2c in fal's Node proxy)"),
+                _ if h2 != Proto::H1 => println!("{proto}: throughput b/d = n/a (fal's Node proxy measured over plain HTTP/1.1 only)"),
                 _ => println!("{proto}: throughput b/d = n/a (run npm ci in benches/fal-proxy)"),
             }
             // The steadier figure on a shared machine: what each proxy spends per request.
@@ -600,7 +701,7 @@ fn main() {
         // Streaming, against a fresh proxy so its peak memory is the streaming's own.
         let _ = proxy.kill();
         let sdir = tempfile::tempdir().unwrap();
-        let (mut sproxy, saddr, skey) = start_abhiapi(&release_binary(), sdir.path(), &mock);
+        let (mut sproxy, saddr, _, skey) = start_abhiapi(&release_binary(), sdir.path(), &mock);
         let bytes = stream_mib << 20;
         // Best of three rounds, interleaved: one transfer is at the mercy of whatever else the machine does.
         let mut best = [(0f64, 0f64); 3];
@@ -628,7 +729,7 @@ fn main() {
         println!("\nAbhiAPI peak RSS while streaming: {:.1} MiB", peak_rss_mib(sproxy.id()));
         let _ = sproxy.kill();
         let _ = hyper_ref.kill();
-        if let Some((mut b0, _, _)) = baseline {
+        if let Some((mut b0, _, _, _)) = baseline {
             let _ = b0.kill();
         }
         if let Some((mut d, _)) = fal_proxy {

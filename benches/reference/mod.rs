@@ -16,22 +16,38 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
-/// Serves until killed; prints `listening ADDR` once bound.
+/// Serves until killed; prints `listening PLAIN TLS` once bound. TLS with
+/// the development certificate, h2 and HTTP/1.1 by ALPN, as AbhiAPI's.
 pub fn run(upstream: SocketAddr) {
     let threads = abhiapi::server::threads::count(0);
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let (addr, sockets) = abhiapi::server::threads::bind(any, threads).unwrap();
-    println!("listening {addr}");
-    let threads: Vec<_> = sockets
+    let (plain, plain_sockets) = abhiapi::server::threads::bind(any, threads).unwrap();
+    let (tls, tls_sockets) = abhiapi::server::threads::bind(any, threads).unwrap();
+    println!("listening {plain} {tls}");
+    let certs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("certs");
+    let config = abhiapi::tls::server_config(
+        Some(&certs.join("dev-cert.pem")),
+        Some(&certs.join("dev-key.pem")),
+    )
+    .unwrap();
+    let threads: Vec<_> = plain_sockets
         .into_iter()
-        .map(|socket| {
+        .zip(tls_sockets)
+        .map(|(plain, tls)| {
+            let acceptor = TlsAcceptor::from(config.clone());
             std::thread::spawn(move || {
                 tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
                     .unwrap()
-                    .block_on(serve(socket, upstream));
+                    .block_on(async move {
+                        tokio::join!(
+                            serve(plain, upstream, None),
+                            serve(tls, upstream, Some(acceptor))
+                        );
+                    });
             })
         })
         .collect();
@@ -40,7 +56,7 @@ pub fn run(upstream: SocketAddr) {
     }
 }
 
-async fn serve(socket: std::net::TcpListener, upstream: SocketAddr) {
+async fn serve(socket: std::net::TcpListener, upstream: SocketAddr, tls: Option<TlsAcceptor>) {
     let listener = TcpListener::from_std(socket).unwrap();
     // As AbhiAPI's: without it, a request written in two segments waits
     // on the mock's delayed ACK (40 ms p99 over h2c).
@@ -53,7 +69,7 @@ async fn serve(socket: std::net::TcpListener, upstream: SocketAddr) {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let (client, server) = (client.clone(), server.clone());
+        let (client, server, tls) = (client.clone(), server.clone(), tls.clone());
         tokio::spawn(async move {
             let service = service_fn(move |mut req: Request<Incoming>| {
                 let client = client.clone();
@@ -66,7 +82,17 @@ async fn serve(socket: std::net::TcpListener, upstream: SocketAddr) {
                     client.request(req).await
                 }
             });
-            let _ = server.serve_connection(TokioIo::new(stream), service).await;
+            match tls {
+                None => {
+                    let _ = server.serve_connection(TokioIo::new(stream), service).await;
+                }
+                Some(acceptor) => {
+                    let Ok(stream) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let _ = server.serve_connection(TokioIo::new(stream), service).await;
+                }
+            }
         });
     }
 }
