@@ -68,7 +68,7 @@ fn serve(mut config: Config, path: Option<PathBuf>, demo: bool) -> Result<(), Er
         .thread_name("background")
         .enable_all()
         .build()?;
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         let demo = match demo {
             true => Some(demo::prepare(&mut config).await?),
             false => None,
@@ -90,7 +90,11 @@ fn serve(mut config: Config, path: Option<PathBuf>, demo: bool) -> Result<(), Er
             let _ = std::fs::remove_dir_all(&d.dir);
         }
         result
-    })
+    });
+    // The stop kept to its grace: a blocking thread still waiting (an admin
+    // call on a locked SQLite) must not hold the exit.
+    runtime.shutdown_background();
+    result
 }
 
 fn fal_key(config: &Config) -> Result<String, Error> {

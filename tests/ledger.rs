@@ -468,3 +468,39 @@ async fn a_job_charged_just_before_a_sigkill_comes_back_ended() {
     assert_eq!((state.as_str(), credits), ("charged", 28));
     assert!(books_close(&server, &[("acme", 28)]).await);
 }
+
+/// Store calls of the request path (here a self-service key revocation)
+/// run on blocking threads, and wait up to SQLite's busy timeout each while
+/// another process holds the write lock, one after another on the shared
+/// connection. SIGTERM must still end within the grace: the request
+/// threads' runtimes must not wait for those threads when they end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_within_its_grace_though_store_calls_wait_on_a_locked_sqlite() {
+    let (_mock, mut server, key) = start("acme", 1000).await;
+    let lock = lock_database(&server);
+    for _ in 0..4 {
+        let mut req = get(&server.url("/v1/keys/999999"), Some(&key));
+        *req.method_mut() = http::Method::DELETE;
+        tokio::spawn(client().request(req));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let asked = Instant::now();
+    server.signal("TERM");
+    let exited = tokio::task::spawn_blocking(move || {
+        let status = server.wait();
+        (status, server)
+    })
+    .await;
+    let took = asked.elapsed();
+    assert!(
+        exited.is_ok(),
+        "the server did not exit within 30 s of SIGTERM"
+    );
+    // shutdown_grace_secs is 10 in the tests' config, and the writer gets a
+    // second more when the grace is spent.
+    assert!(took < Duration::from_secs(20), "shutdown took {took:?}");
+    let (_, mut server) = exited.unwrap();
+    drop(lock);
+    server.restart();
+    assert!(books_close(&server, &[("acme", 0)]).await);
+}

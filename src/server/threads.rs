@@ -135,6 +135,12 @@ impl Threads {
                         // on this thread's runtime: it stays up until told.
                         let _ = released.wait_for(|r| *r).await;
                     });
+                    // Its tasks are dropped here as by a drop of the runtime,
+                    // but its blocking threads (a store call waiting on a
+                    // locked SQLite, a DNS lookup) are not waited for: they
+                    // would hold the stop, and the ledger writer's close
+                    // behind it, past the grace.
+                    runtime.shutdown_background();
                 })?;
             threads.push(thread);
         }
