@@ -268,12 +268,15 @@ pub async fn serve(
     // ends; their holds stay in the journal and are recovered at next start.
     let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
     // Calls whose clients hung up are still fal's work to settle, on the
-    // request threads, which are then let go.
+    // request threads.
     let settled = proxy.detached_settled(left()).await;
-    request_threads.end().await;
-    // The writer gets what is left, and a moment for a last commit.
+    // The writer gets what is left, and a moment for a last commit. The
+    // request threads stay up meanwhile: a settlement that waits for room
+    // in the writer's queue waits on the thread that made it.
     let writer_time = left().max(Duration::from_secs(1));
-    core.stop(drained && settled, writer_time).await?;
+    let stopped = core.stop(drained && settled, writer_time).await;
+    request_threads.end().await;
+    stopped?;
     tracing::info!("stopped");
     Ok(())
 }
