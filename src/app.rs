@@ -44,6 +44,7 @@ pub struct Bound {
 /// bench drives directly.
 pub struct Core {
     pub proxy: Arc<Proxy>,
+    pub ledger: Arc<Ledger>,
     pub jobs: Arc<Jobs>,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
@@ -117,6 +118,7 @@ impl Core {
         )?);
         Ok(Self {
             proxy,
+            ledger,
             jobs,
             registry,
             metrics,
@@ -274,7 +276,12 @@ pub async fn serve(
     // request threads stay up meanwhile: a settlement that waits for room
     // in the writer's queue waits on the thread that made it.
     let writer_time = left().max(Duration::from_secs(1));
+    let ledger = Arc::clone(&core.ledger);
     let stopped = core.stop(drained && settled, writer_time).await;
+    if !(drained && settled) {
+        // What is cut off now is left to the journal, not released.
+        ledger.abandon();
+    }
     request_threads.end().await;
     stopped?;
     tracing::info!("stopped");

@@ -504,3 +504,35 @@ async fn sigterm_finishes_within_its_grace_though_store_calls_wait_on_a_locked_s
     server.restart();
     assert!(books_close(&server, &[("acme", 0)]).await);
 }
+
+/// A billed call still waiting on fal when SIGTERM's grace runs out may yet
+/// be served by fal: it is cut off, and charged its hold at the next start
+/// (as after a crash), not released as if fal had refused it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_cut_off_at_the_end_of_the_grace_is_charged_its_hold_not_released() {
+    let mock = MockFal::start(None).await.unwrap();
+    let mut opts = Options::new(mock.url(false));
+    opts.pricing = pricing();
+    opts.timeout_secs = 60;
+    let (mut server, key) = Server::start_with_key(opts, "acme", 10_000);
+    let url = server.url("/mock/slow/30000");
+    let in_flight = tokio::spawn(async move {
+        client()
+            .request(post(&url, Some(&key), "application/json", "{}".to_owned()))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.signal("TERM");
+    assert!(server.wait().success());
+    assert!(
+        in_flight.await.unwrap().is_err(),
+        "cut off without an answer"
+    );
+    server.restart();
+    let outcome: String = server
+        .db()
+        .query_row("SELECT outcome FROM charges", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(outcome, "recovered");
+    assert!(books_close(&server, &[("acme", 2)]).await);
+}

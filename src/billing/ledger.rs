@@ -6,6 +6,7 @@
 //! hold after. A queued job takes the hold over ([`Reservation::detach`])
 //! and settles it when the job ends.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::journal::{HoldRecord, Journal};
@@ -22,6 +23,8 @@ pub struct Ledger {
     writer: StoreWriter,
     journal: Arc<Journal>,
     metrics: Arc<Metrics>,
+    /// Past the shutdown deadline: see [`Ledger::abandon`].
+    abandoned: AtomicBool,
 }
 
 /// What a settlement left: shown to the client as `_billing`.
@@ -53,7 +56,16 @@ impl Ledger {
             writer,
             journal,
             metrics,
+            abandoned: AtomicBool::new(false),
         }
+    }
+
+    /// Shutdown's deadline passed with calls still in flight: from now on a
+    /// reservation dropped with its call (cut off, not answered) leaves its
+    /// hold unsettled in the journal, for the next start to charge at its
+    /// held amount as fal may have served it, instead of releasing it.
+    pub fn abandon(&self) {
+        self.abandoned.store(true, Ordering::Release);
     }
 
     /// Holds `estimate.credits` on the key's account (402 if they are not
@@ -281,6 +293,9 @@ impl Drop for Reservation {
         let Some(hold) = self.hold.take() else {
             return;
         };
+        if self.ledger.abandoned.load(Ordering::Acquire) {
+            return;
+        }
         if self.answered {
             let estimate = hold.estimate;
             self.ledger.charge(hold, estimate, None);
