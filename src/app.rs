@@ -256,7 +256,6 @@ pub async fn serve(
     shutdown.await;
     let deadline = tokio::time::Instant::now() + grace;
     let _ = stopping.send(true);
-    tracing::info!("shutting down: no new connections, draining in-flight requests");
     let drained = request_threads.drained().await;
     if let Some(task) = admin_task {
         let _ = task.await;
