@@ -164,7 +164,7 @@ pub async fn serve(
     let _serving = store::lock::acquire(&config.store.path)?;
     memory::unmap_large_buffers();
     let threads = server::threads::count(config.server.workers);
-    let upstream = Upstream::new(&config.upstream, fal_key, threads)?;
+    let upstream = Upstream::new(&config.upstream, fal_key)?;
     // Each request thread gets its own socket on every listening address.
     let mut sockets: Vec<Vec<Socketed>> = (0..threads).map(|_| Vec::new()).collect();
     let mut bound = Bound {

@@ -188,6 +188,8 @@ pub struct UpstreamConfig {
     /// Longest wait for fal's response headers; the body then streams unbounded.
     pub timeout_secs: u64,
     pub connect_timeout_secs: u64,
+    /// A connection to fal that has carried nothing this long is closed.
+    pub idle_timeout_secs: u64,
     /// An extra root CA to trust for the upstream, beside the public roots.
     pub ca_file: Option<PathBuf>,
 }
@@ -201,6 +203,7 @@ impl Default for UpstreamConfig {
             fal_key_env: "FAL_KEY".into(),
             timeout_secs: 300,
             connect_timeout_secs: 10,
+            idle_timeout_secs: 90,
             ca_file: None,
         }
     }
@@ -442,7 +445,10 @@ impl Config {
                 "[limits] max_buffered_body_bytes_per_account must hold at least one max_json_body_bytes body".into(),
             ));
         }
-        if self.upstream.timeout_secs == 0 || self.upstream.connect_timeout_secs == 0 {
+        if self.upstream.timeout_secs == 0
+            || self.upstream.connect_timeout_secs == 0
+            || self.upstream.idle_timeout_secs == 0
+        {
             return Err(Error::Config("[upstream] timeouts must be positive".into()));
         }
         Ok(())

@@ -1,27 +1,27 @@
-//! The pooled clients that talk to fal, one per request thread (and one for
-//! the work off them), and the only place that decides which host a request
-//! goes to: always one configured in `[upstream]`.
+//! How requests reach fal: on each thread's own connections (see [`pool`]),
+//! and only ever to a host configured in `[upstream]`.
 
 mod connector;
+mod fal_body;
+mod pool;
 
-use std::error::Error as _;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
 use http::{header, HeaderValue, Request, Response, Uri, Version};
-use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
+use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use self::connector::Connector;
 pub use self::connector::ServeInMemory;
+pub use self::fal_body::FalBody;
+use self::pool::{Conn, Host, Lease, Usage};
 use crate::config::UpstreamConfig;
 use crate::error::{ApiError, Error};
 use crate::proxy::body::Body;
-use crate::server::threads;
 use crate::tls;
 
 /// A configured fal base URL, split so that a request path can only ever
@@ -63,12 +63,10 @@ impl Target {
     }
 }
 
-type Pooled = Client<HttpsConnector<Connector>, Body>;
-
 pub struct Upstream {
-    /// One per request thread, then one for the work off them: a thread's
-    /// connections are opened, driven and reused on its own runtime only.
-    clients: Vec<Pooled>,
+    /// Tells this upstream's connections from another's in a thread's idle list.
+    id: u64,
+    connector: Connector,
     pub run: Target,
     pub queue: Target,
     pub storage: Target,
@@ -78,16 +76,14 @@ pub struct Upstream {
     /// `Key <operator's fal key>`, marked sensitive so it never reaches a log.
     auth: HeaderValue,
     timeout: Duration,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
 }
 
 impl Upstream {
-    /// For `threads` request threads.
-    pub fn new(cfg: &UpstreamConfig, fal_key: &str, threads: usize) -> Result<Self, Error> {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_secs(cfg.connect_timeout_secs)));
-        Self::build(cfg, fal_key, Connector::Tcp(http), threads)
+    pub fn new(cfg: &UpstreamConfig, fal_key: &str) -> Result<Self, Error> {
+        let tls = tls::client_config(cfg.ca_file.as_deref())?;
+        Self::build(cfg, fal_key, Connector::network(Arc::unwrap_or_clone(tls)))
     }
 
     /// Every connection is a pipe to `serve`, in this process; the
@@ -98,43 +94,25 @@ impl Upstream {
         fal_key: &str,
         serve: ServeInMemory,
     ) -> Result<Self, Error> {
-        Self::build(cfg, fal_key, Connector::Memory(serve), 0)
+        Self::build(cfg, fal_key, Connector::Memory(serve))
     }
 
-    fn build(
-        cfg: &UpstreamConfig,
-        fal_key: &str,
-        inner: Connector,
-        threads: usize,
-    ) -> Result<Self, Error> {
+    fn build(cfg: &UpstreamConfig, fal_key: &str, connector: Connector) -> Result<Self, Error> {
+        static IDS: AtomicU64 = AtomicU64::new(0);
         let mut auth = HeaderValue::from_str(&format!("Key {fal_key}"))
             .map_err(|_| Error::Config("the fal key is not a valid header value".into()))?;
         auth.set_sensitive(true);
-        let tls = tls::client_config(cfg.ca_file.as_deref())?;
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(Arc::unwrap_or_clone(tls))
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(inner);
-        let clients = (0..=threads)
-            .map(|_| {
-                Client::builder(TokioExecutor::new())
-                    .pool_timer(TokioTimer::new())
-                    .timer(TokioTimer::new())
-                    .pool_idle_timeout(Duration::from_secs(90))
-                    .build(connector.clone())
-            })
-            .collect();
-
         Ok(Self {
-            clients,
+            id: IDS.fetch_add(1, Ordering::Relaxed),
+            connector,
             run: Target::parse(&cfg.run).map_err(Error::Config)?,
             queue: Target::parse(&cfg.queue).map_err(Error::Config)?,
             queue_base: cfg.queue.trim_end_matches('/').to_owned(),
             storage: Target::parse(&cfg.storage).map_err(Error::Config)?,
             auth,
             timeout: Duration::from_secs(cfg.timeout_secs),
+            connect_timeout: Duration::from_secs(cfg.connect_timeout_secs),
+            idle_timeout: Duration::from_secs(cfg.idle_timeout_secs),
         })
     }
 
@@ -145,34 +123,83 @@ impl Upstream {
 
     /// Sends `req` (its URI already built from a [`Target`]) with the
     /// operator's key, and waits at most `timeout` for fal's response headers.
-    pub async fn send(&self, mut req: Request<Body>) -> Result<Response<Incoming>, ApiError> {
+    pub async fn send(&self, mut req: Request<Body>) -> Result<Response<FalBody>, ApiError> {
         req.headers_mut()
             .insert(header::AUTHORIZATION, self.auth.clone());
-        // ALPN still picks h2 where fal offers it; this only stops an h2
-        // client's version from forcing h2 onto a plain-HTTP upstream.
-        *req.version_mut() = Version::HTTP_11;
-        match tokio::time::timeout(self.timeout, self.client().request(req)).await {
+        match tokio::time::timeout(self.timeout, self.exchange(req)).await {
             Err(_) => Err(ApiError::UpstreamTimeout { reached: true }),
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) if timed_out(&e) => Err(ApiError::UpstreamTimeout {
-                reached: !e.is_connect(),
-            }),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, source = ?e.source(), "upstream request failed");
-                Err(ApiError::UpstreamUnreachable)
+            Ok(answered) => answered,
+        }
+    }
+
+    /// One request on a connection of this thread's: an idle one if there
+    /// is one, else a new one. A request an idle connection turned out too
+    /// stale to write goes again on a new one.
+    async fn exchange(&self, mut req: Request<Body>) -> Result<Response<FalBody>, ApiError> {
+        let uri = req.uri().clone();
+        let host = Host {
+            upstream: self.id,
+            https: uri.scheme() == Some(&Scheme::HTTPS),
+            authority: uri.authority().cloned().ok_or(ApiError::InvalidPath)?,
+        };
+        loop {
+            let mut lease = match pool::checkout(&host) {
+                Some(lease) => lease,
+                None => self.connect(&host).await?,
+            };
+            prepare(&mut req, &host, lease.is_h2());
+            match lease.send(req).await {
+                Ok(resp) => return Ok(resp.map(|body| FalBody::new(body, lease))),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if lease.reused => {
+                        req = unsent;
+                        *req.uri_mut() = uri.clone();
+                    }
+                    _ => {
+                        let e = e.into_error();
+                        tracing::warn!(error = %e, "upstream request failed");
+                        return Err(ApiError::UpstreamUnreachable);
+                    }
+                },
             }
         }
     }
-}
 
-impl Upstream {
-    /// The calling thread's own client.
-    fn client(&self) -> &Pooled {
-        let off_threads = self.clients.len() - 1;
-        let i = threads::current()
-            .filter(|&i| i < off_threads)
-            .unwrap_or(off_threads);
-        &self.clients[i]
+    /// A new connection to `host`, driven on this thread until it closes or
+    /// has been idle for `[upstream] idle_timeout_secs`.
+    async fn connect(&self, host: &Host) -> Result<Lease, ApiError> {
+        let connected = tokio::time::timeout(
+            self.connect_timeout,
+            self.connector.connect(host.https, &host.authority),
+        )
+        .await
+        .map_err(|_| ApiError::UpstreamTimeout { reached: false })?
+        .map_err(|e| {
+            tracing::warn!(error = %e, host = %host.authority, "cannot connect to fal");
+            ApiError::UpstreamUnreachable
+        })?;
+        let usage = Usage::new();
+        let idle = self.idle_timeout;
+        let handshake_failed = |e: hyper::Error| {
+            tracing::warn!(error = %e, host = %host.authority, "handshake with fal failed");
+            ApiError::UpstreamUnreachable
+        };
+        let conn = if connected.h2 {
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(connected.io)
+                .await
+                .map_err(handshake_failed)?;
+            drive(conn, Arc::clone(&usage), idle);
+            Conn::H2(sender)
+        } else {
+            let (sender, conn) = http1::handshake(connected.io)
+                .await
+                .map_err(handshake_failed)?;
+            drive(conn, Arc::clone(&usage), idle);
+            Conn::H1(sender)
+        };
+        Ok(Lease::new(conn, usage, host.clone()))
     }
 
     pub fn queue_base(&self) -> &str {
@@ -180,7 +207,7 @@ impl Upstream {
     }
 
     /// A GET of our own (the reconciler's), not on behalf of a client request.
-    pub async fn get(&self, uri: Uri) -> Result<Response<Incoming>, ApiError> {
+    pub async fn get(&self, uri: Uri) -> Result<Response<FalBody>, ApiError> {
         let mut req = Request::new(Body::empty());
         *req.uri_mut() = uri;
         req.headers_mut().insert(
@@ -191,17 +218,41 @@ impl Upstream {
     }
 }
 
-fn timed_out(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut source = e.source();
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::TimedOut {
-                return true;
-            }
+/// Runs a connection on this thread's runtime until it closes, or until
+/// it has carried nothing for `idle`.
+fn drive<C: Future + Send + 'static>(conn: C, usage: Arc<Usage>, idle: Duration) {
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = conn => {}
+            () = usage.idle_for(idle) => {}
         }
-        source = s.source();
+    });
+}
+
+/// The request as the connection's protocol wants it. HTTP/1.1 takes the
+/// path alone and the host in `Host`; h2 takes the whole URI (its
+/// `:authority`) and, whatever the client spoke, the version of the
+/// connection, so an h2 client's request cannot force h2 onto a plain-HTTP
+/// upstream.
+fn prepare(req: &mut Request<Body>, host: &Host, h2: bool) {
+    if h2 {
+        *req.version_mut() = Version::HTTP_2;
+        return;
     }
-    false
+    *req.version_mut() = Version::HTTP_11;
+    let default_port = if host.https { 443 } else { 80 };
+    let value = match host.authority.port_u16() {
+        Some(port) if port != default_port => HeaderValue::from_str(host.authority.as_str()),
+        _ => HeaderValue::from_str(host.authority.host()),
+    };
+    if let Ok(value) = value {
+        req.headers_mut().insert(header::HOST, value);
+    }
+    let origin = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| Uri::from_static("/"), |p| Uri::from(p.clone()));
+    *req.uri_mut() = origin;
 }
 
 #[cfg(test)]

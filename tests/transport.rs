@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use http::{Request, Version};
 use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
 use simd_json::prelude::*;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -63,12 +64,21 @@ async fn upstream_tls_trusts_ca_file_and_uses_http2_when_offered() {
     let mut opts = Options::new(mock.url(true));
     opts.ca_file = Some(repo_path("certs/dev-ca.pem"));
     let (server, key) = Server::start_with_key(opts, "acme", 1000);
-    let resp = client()
+    let same = client();
+    let resp = same
         .request(flux(&server.url("/fal-ai/flux/dev"), &key))
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
     body(resp).await;
+    // The h2 connection is shared by the requests that follow.
+    let resp = same
+        .request(flux(&server.url("/fal-ai/flux/dev"), &key))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    body(resp).await;
+    assert_eq!(mock.connections().0, 1);
     let seen = mock.seen();
     assert_eq!(seen[0].version, Version::HTTP_2);
     assert_eq!(
@@ -83,7 +93,98 @@ async fn upstream_tls_trusts_ca_file_and_uses_http2_when_offered() {
         .await
         .unwrap();
     assert_error(resp, 502, "upstream_unreachable").await;
-    assert_eq!(mock.seen().len(), 1);
+    assert_eq!(mock.seen().len(), 2);
+}
+
+/// One client connection is served by one request thread, which keeps its
+/// connection to fal between requests: after an answer read whole, after
+/// one streamed past the JSON bound or not JSON, and after fal's 4xx. (An
+/// answer we drop unread, such as fal's 5xx, closes its connection.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_to_fal_are_kept_and_reused() {
+    let (mock, server, key) = setup().await;
+    // One connection of our own: a pooled client may open a second one,
+    // which another request thread could accept.
+    let stream = TcpStream::connect(server.plain).await.unwrap();
+    let (mut client, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let fox = r#"{"prompt":"a fox"}"#;
+    for (path, input, status) in [
+        ("/fal-ai/flux/dev", fox, 200),
+        (
+            "/fal-ai/flux/dev",
+            r#"{"prompt":"a fox","mock_result_bytes":300000}"#,
+            200,
+        ),
+        ("/mock/stream/300000", fox, 200),
+        ("/mock/status/404", fox, 404),
+        ("/fal-ai/flux/dev", fox, 200),
+    ] {
+        client.ready().await.unwrap();
+        let resp = client
+            .send_request(post(
+                &server.url(path),
+                Some(&key),
+                "application/json",
+                input,
+            ))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), status, "{path} {input}");
+        body(resp).await;
+    }
+    assert_eq!(mock.connections().0, 1);
+}
+
+/// fal's front closes keep-alive connections that idle a while: the next
+/// request goes on a new connection instead of failing on the closed one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_fal_closed_while_idle_is_not_used_again() {
+    let (mock, server, key) = setup().await;
+    mock.close_idle_after(Duration::from_millis(100));
+    let client = client();
+    for n in 1..=3 {
+        let resp = client
+            .request(flux(&server.url("/fal-ai/flux/dev"), &key))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "request {n}");
+        body(resp).await;
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                mock.connections().1 == 0
+            })
+            .await,
+            "the mock never closed its idle connection"
+        );
+    }
+    assert_eq!(mock.connections().0, 3);
+}
+
+/// `[upstream] idle_timeout_secs`: a connection to fal that carries nothing
+/// for that long is closed by us.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_to_fal_are_closed_after_the_idle_timeout() {
+    let mock = MockFal::start(None).await.unwrap();
+    let mut opts = Options::new(mock.url(false));
+    opts.upstream_idle_timeout_secs = 1;
+    let (server, key) = Server::start_with_key(opts, "acme", 1000);
+    let resp = client()
+        .request(flux(&server.url("/fal-ai/flux/dev"), &key))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    body(resp).await;
+    assert_eq!(mock.connections(), (1, 1));
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            mock.connections().1 == 0
+        })
+        .await,
+        "the idle connection to fal was never closed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,9 @@
 //! ([`Input`]): a proxy that prices a request differently from how fal runs
 //! it shows up in the tests as images or seconds served but not paid for.
 //! An input with `"mock_result_bytes": N` gets an answer of about N bytes,
-//! streamed (see [`model_output`]).
+//! streamed (see [`model_output`]). Like any server in front of fal's
+//! apps, it may close a keep-alive connection that has been idle a while
+//! ([`MockFal::close_idle_after`]); it counts the connections it accepts.
 
 mod input;
 mod queue;
@@ -18,6 +20,7 @@ mod queue;
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +29,7 @@ use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode
 use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use parking_lot::Mutex;
 use simd_json::prelude::*;
@@ -63,6 +66,10 @@ struct State {
     /// Holds `/mock/gated` (and a gated status stream) until a test opens it.
     gate: Notify,
     queue: queue::Queue,
+    /// Milliseconds an HTTP/1.1 connection may wait for its next request; 0 for ever.
+    keep_alive_ms: AtomicU64,
+    accepted: AtomicUsize,
+    open: AtomicUsize,
 }
 
 /// A running mock; it stops when the runtime that started it does.
@@ -82,6 +89,9 @@ impl MockFal {
             seen: Mutex::default(),
             gate: Notify::new(),
             queue: queue::Queue::default(),
+            keep_alive_ms: AtomicU64::new(0),
+            accepted: AtomicUsize::new(0),
+            open: AtomicUsize::new(0),
         };
         let mock = Self {
             addr,
@@ -140,6 +150,39 @@ impl MockFal {
     pub fn open_gate(&self) {
         self.state.gate.notify_one();
     }
+
+    /// From now on, closes an HTTP/1.1 connection that has waited this long
+    /// for its next request.
+    pub fn close_idle_after(&self, idle: Duration) {
+        let ms = idle.as_millis().max(1) as u64;
+        self.state.keep_alive_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Connections accepted so far, and those still open.
+    pub fn connections(&self) -> (usize, usize) {
+        let s = &self.state;
+        (
+            s.accepted.load(Ordering::Relaxed),
+            s.open.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Counts one open connection while it lives.
+struct Counted(Arc<State>);
+
+impl Counted {
+    fn new(state: &Arc<State>) -> Self {
+        state.accepted.fetch_add(1, Ordering::Relaxed);
+        state.open.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(state))
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// HTTP/1.1 or h2 on one connection, until it closes.
@@ -147,13 +190,22 @@ async fn serve<IO>(state: Arc<State>, io: IO)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let _counted = Counted::new(&state);
+    let keep_alive = state.keep_alive_ms.load(Ordering::Relaxed);
     let svc = service_fn(move |req| {
         let state = Arc::clone(&state);
         async move { Ok::<_, Infallible>(answer(state, req).await) }
     });
-    let _ = auto::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(io), svc)
-        .await;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    if keep_alive > 0 {
+        // hyper's wait for a request head starts when a keep-alive
+        // connection goes idle: the keep-alive timeout of a front server.
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_millis(keep_alive));
+    }
+    let _ = builder.serve_connection(TokioIo::new(io), svc).await;
 }
 
 fn base_url(addr: SocketAddr, tls: bool) -> String {

@@ -104,7 +104,7 @@ impl Proxy {
             .map_err(|(e, _)| e)?;
         let (mut parts, incoming) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, Body::Stream(incoming)))
+        Ok(Response::from_parts(parts, Body::Answer(incoming)))
     }
 }
 

@@ -7,9 +7,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::upstream::FalBody;
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::sync::mpsc;
 
 use super::body::Body;
@@ -27,7 +27,7 @@ const RELAY_CHUNKS: usize = 4;
 pub(super) fn metered(
     detached: &Arc<Detached>,
     prefix: Bytes,
-    rest: Incoming,
+    rest: FalBody,
     idle: Duration,
     settle: impl FnOnce(Option<ResponseFacts>) + Send + 'static,
 ) -> Body {
@@ -42,7 +42,7 @@ pub(super) fn metered(
 /// What the rest of an answer says, read to its end with nobody to hand it to.
 pub(super) async fn read_through(
     prefix: Bytes,
-    rest: Incoming,
+    rest: FalBody,
     idle: Duration,
 ) -> Option<ResponseFacts> {
     relay(prefix, rest, idle, None).await
@@ -50,7 +50,7 @@ pub(super) async fn read_through(
 
 async fn relay(
     prefix: Bytes,
-    mut rest: Incoming,
+    mut rest: FalBody,
     idle: Duration,
     mut client: Option<mpsc::Sender<Result<Bytes, hyper::Error>>>,
 ) -> Option<ResponseFacts> {

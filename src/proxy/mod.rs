@@ -38,7 +38,7 @@ use crate::keys::{ApiKey, Registry};
 use crate::metrics::{Denial, Metrics};
 use crate::ratelimit::{ceil_secs, Allowance, Decision, RateLimits, Verdict};
 use crate::store::{db::Db, now_secs, writer::StoreWriter};
-use crate::upstream::Upstream;
+use crate::upstream::{FalBody, Upstream};
 use arc_swap::ArcSwap;
 
 pub struct Proxy {
@@ -438,7 +438,7 @@ impl Proxy {
         body: Body,
         uri: http::Uri,
         trace: &mut Trace,
-    ) -> Result<Response<Incoming>, (ApiError, Option<u16>)> {
+    ) -> Result<Response<FalBody>, (ApiError, Option<u16>)> {
         let started = Instant::now();
         let result = send(&self.upstream, parts, body, uri).await;
         trace.upstream = Some(started.elapsed());
@@ -453,7 +453,7 @@ async fn send(
     mut parts: http::request::Parts,
     body: Body,
     uri: http::Uri,
-) -> Result<Response<Incoming>, (ApiError, Option<u16>)> {
+) -> Result<Response<FalBody>, (ApiError, Option<u16>)> {
     headers::to_upstream(&mut parts.headers);
     // `_billing` is spliced into fal's bytes: they must not arrive compressed.
     parts.headers.insert(
@@ -494,7 +494,7 @@ enum Unanswered {
 
 /// Work fal has answered, still holding its estimated cost.
 struct Sent {
-    resp: Response<Incoming>,
+    resp: Response<FalBody>,
     reservation: Reservation,
     request: RequestFacts,
     /// What prices the request: a queued job keeps it until it is settled.

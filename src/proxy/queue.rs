@@ -28,6 +28,7 @@ use crate::error::ApiError;
 use crate::jobs::Job;
 use crate::keys::ApiKey;
 use crate::store::{self, now_ms};
+use crate::upstream::FalBody;
 
 /// A request on the queue's routes.
 #[derive(Debug, PartialEq, Eq)]
@@ -228,7 +229,7 @@ impl Proxy {
                 headers::strip_hop_by_hop(&mut parts.headers);
                 if !status.is_success() {
                     reservation.release(Some(status.as_u16()));
-                    return Ok(Response::from_parts(parts, Body::Stream(incoming)));
+                    return Ok(Response::from_parts(parts, Body::Answer(incoming)));
                 }
                 // fal took the job but its answer cannot be read: no job to track.
                 let untracked = move |reservation: Reservation| match unanswered {
@@ -289,13 +290,13 @@ impl Proxy {
         let limit = self.tunables.load().max_json_response_bytes;
         match action {
             // Server-sent events go through as they come, never buffered.
-            Action::StatusStream => Ok(Response::from_parts(parts, Body::Stream(incoming))),
+            Action::StatusStream => Ok(Response::from_parts(parts, Body::Answer(incoming))),
             // fal's 202 asks a runner to stop; the job stays held until its
             // status says how it ended (a running job may still complete).
-            Action::Cancel => Ok(Response::from_parts(parts, Body::Stream(incoming))),
+            Action::Cancel => Ok(Response::from_parts(parts, Body::Answer(incoming))),
             Action::Status => {
                 if !spliceable(&parts.headers, limit) {
-                    return Ok(Response::from_parts(parts, Body::Stream(incoming)));
+                    return Ok(Response::from_parts(parts, Body::Answer(incoming)));
                 }
                 let bytes = whole(incoming, limit).await?;
                 self.observe_status(job, status, &bytes);
@@ -309,7 +310,7 @@ impl Proxy {
                         tracing::debug!(request_id = %job.request_id, error = ?e, "status after a refused result");
                     }
                 }
-                Ok(Response::from_parts(parts, Body::Stream(incoming)))
+                Ok(Response::from_parts(parts, Body::Answer(incoming)))
             }
             Action::Result => self.result(job, parts, incoming, status).await,
         }
@@ -323,7 +324,7 @@ impl Proxy {
         &self,
         job: &Arc<Job>,
         parts: http::response::Parts,
-        incoming: Incoming,
+        incoming: FalBody,
         status: StatusCode,
     ) -> Result<Response<Body>, ApiError> {
         let tunables = self.tunables.load_full();
@@ -518,7 +519,7 @@ fn rewritten(
 }
 
 /// A whole (bounded) JSON body from fal; a body that breaks off or is too big is fal's fault.
-async fn whole(incoming: Incoming, limit: usize) -> Result<Bytes, ApiError> {
+async fn whole(incoming: FalBody, limit: usize) -> Result<Bytes, ApiError> {
     match collect_bounded(incoming, limit).await {
         Ok(Collected::Whole(bytes)) => Ok(bytes),
         _ => Err(ApiError::UpstreamUnreachable),

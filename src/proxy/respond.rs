@@ -3,10 +3,10 @@
 //! to splice `_billing` in; a larger one is priced as it streams past; anything
 //! else streams with billing headers.
 
+use crate::upstream::FalBody;
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,11 +39,11 @@ pub struct Billed<'a> {
 pub(super) enum Collected {
     Whole(Bytes),
     /// Past the bound: what was read, and the rest still to stream.
-    Overflow(Bytes, Incoming),
+    Overflow(Bytes, FalBody),
 }
 
 pub(super) async fn collect_bounded(
-    mut body: Incoming,
+    mut body: FalBody,
     limit: usize,
 ) -> Result<Collected, hyper::Error> {
     let mut buf = BytesMut::new();
@@ -84,7 +84,7 @@ pub(super) enum Answer {
     Read(Bytes),
     /// JSON over the limit: what was read of it (perhaps nothing), and the
     /// rest, to be priced from what it says as it streams past ([`meter`]).
-    TooLarge(Bytes, Incoming),
+    TooLarge(Bytes, FalBody),
     /// Not JSON, or compressed: priced at its hold and passed on untouched.
     Unread(Body),
 }
@@ -92,11 +92,11 @@ pub(super) enum Answer {
 /// Reads fal's answer when billing can use it, never more than `limit` bytes of it.
 pub(super) async fn read_answer(
     headers: &HeaderMap,
-    incoming: Incoming,
+    incoming: FalBody,
     limit: usize,
 ) -> Result<Answer, hyper::Error> {
     if !readable(headers) {
-        return Ok(Answer::Unread(Body::Stream(incoming)));
+        return Ok(Answer::Unread(Body::Answer(incoming)));
     }
     if declared_length(headers).is_some_and(|n| n > limit as u64) {
         return Ok(Answer::TooLarge(Bytes::new(), incoming));
@@ -117,7 +117,7 @@ impl Billed<'_> {
     /// builds the response. `reservation` must already know if fal succeeded.
     pub async fn respond(
         &self,
-        resp: Response<Incoming>,
+        resp: Response<FalBody>,
         reservation: Reservation,
     ) -> Result<Response<Body>, ApiError> {
         let (mut parts, incoming) = resp.into_parts();

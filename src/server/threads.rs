@@ -5,7 +5,6 @@
 //! between threads on the hot path; what is shared (keys, accounts, the
 //! ledger's queue) is shared through atomics and maps made for it.
 
-use std::cell::Cell;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -17,16 +16,6 @@ use tokio::sync::{oneshot, watch};
 
 use super::activity::Connections;
 use super::{ConnectionLimits, Handler, Listener};
-
-thread_local! {
-    static INDEX: Cell<Option<usize>> = const { Cell::new(None) };
-}
-
-/// The request thread this code runs on; `None` off them (the background
-/// work, the admin listener, an in-process bench).
-pub fn current() -> Option<usize> {
-    INDEX.with(Cell::get)
-}
 
 /// `[server] workers`, with 0 for one per core.
 pub fn count(configured: usize) -> usize {
@@ -107,7 +96,6 @@ impl Threads {
             let thread = std::thread::Builder::new()
                 .name(format!("request-{index}"))
                 .spawn(move || {
-                    INDEX.with(|i| i.set(Some(index)));
                     runtime.block_on(async move {
                         let listeners = own
                             .into_iter()

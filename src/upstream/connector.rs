@@ -1,22 +1,18 @@
-//! How the upstream client opens a connection: TCP to the configured fal
-//! host, or a pipe in memory to a service in this process. The pipe is for
-//! the in-process request-path bench, where loopback networking would
-//! swamp the proxy's own work; no config reaches it.
+//! How a new connection to fal is opened: TCP to the configured host, with
+//! TLS (ALPN offering h2, then HTTP/1.1) for an `https` one; or a pipe in
+//! memory to a service in this process. The pipe is for the in-process
+//! request-path bench, where loopback networking would swamp the proxy's
+//! own work; no config reaches it.
 
-use std::future::Future;
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use http::Uri;
-use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use http::uri::Authority;
 use hyper_util::rt::TokioIo;
-use tokio::io::DuplexStream;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, DuplexStream};
 use tokio::net::TcpStream;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use tokio_rustls::TlsConnector;
 
 /// Serves HTTP on the far end of each new in-memory connection.
 pub type ServeInMemory = Arc<dyn Fn(DuplexStream) + Send + Sync>;
@@ -24,107 +20,60 @@ pub type ServeInMemory = Arc<dyn Fn(DuplexStream) + Send + Sync>;
 /// Bytes in flight each way on an in-memory connection.
 const PIPE_BYTES: usize = 64 * 1024;
 
-#[derive(Clone)]
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// An open connection, and whether its peer chose HTTP/2.
+pub struct Connected {
+    pub io: TokioIo<Box<dyn Io>>,
+    pub h2: bool,
+}
+
 pub enum Connector {
-    Tcp(HttpConnector),
+    Network(TlsConnector),
     Memory(ServeInMemory),
 }
 
-pub enum Stream {
-    Tcp(TokioIo<TcpStream>),
-    Memory(TokioIo<DuplexStream>),
-}
-
-impl tower_service::Service<Uri> for Connector {
-    type Response = Stream;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Stream, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        match self {
-            Connector::Tcp(c) => c.poll_ready(cx).map_err(Into::into),
-            Connector::Memory(_) => Poll::Ready(Ok(())),
-        }
+impl Connector {
+    pub fn network(mut tls: rustls::ClientConfig) -> Self {
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Connector::Network(TlsConnector::from(Arc::new(tls)))
     }
 
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        match self {
-            Connector::Tcp(c) => {
-                let connecting = c.call(uri);
-                Box::pin(async move { Ok(Stream::Tcp(connecting.await?)) })
-            }
+    pub async fn connect(&self, https: bool, authority: &Authority) -> io::Result<Connected> {
+        let tls = match self {
             Connector::Memory(serve) => {
                 let (ours, theirs) = tokio::io::duplex(PIPE_BYTES);
                 serve(theirs);
-                Box::pin(std::future::ready(Ok(Stream::Memory(TokioIo::new(ours)))))
+                return Ok(plain(ours));
             }
+            Connector::Network(tls) => tls,
+        };
+        // An IPv6 literal comes bracketed in a URL, bare to the resolver.
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let tcp = TcpStream::connect((host, port)).await?;
+        tcp.set_nodelay(true)?;
+        if !https {
+            return Ok(plain(tcp));
         }
+        let name = ServerName::try_from(host.to_owned())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let stream = tls.connect(name, tcp).await?;
+        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+        Ok(Connected {
+            io: TokioIo::new(Box::new(stream)),
+            h2,
+        })
     }
 }
 
-impl Connection for Stream {
-    fn connected(&self) -> Connected {
-        match self {
-            Stream::Tcp(s) => s.connected(),
-            Stream::Memory(_) => Connected::new(),
-        }
-    }
-}
-
-impl Read for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Memory(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl Write for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Memory(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Stream::Memory(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Stream::Tcp(s) => s.is_write_vectored(),
-            Stream::Memory(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Stream::Memory(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Memory(s) => Pin::new(s).poll_shutdown(cx),
-        }
+fn plain(io: impl Io + 'static) -> Connected {
+    Connected {
+        io: TokioIo::new(Box::new(io)),
+        h2: false,
     }
 }

@@ -41,6 +41,8 @@ pub struct Options {
     pub header_read_timeout_secs: u64,
     pub tls_handshake_timeout_secs: u64,
     pub idle_timeout_secs: u64,
+    /// `[upstream] idle_timeout_secs`: how long a connection to fal may idle.
+    pub upstream_idle_timeout_secs: u64,
     pub body_timeout_secs: u64,
     pub min_body_bytes_per_sec: u64,
     pub max_connections: usize,
@@ -108,6 +110,7 @@ impl Options {
             tls_handshake_timeout_secs: 5,
             // Longer than any test keeps a pooled connection idle.
             idle_timeout_secs: 60,
+            upstream_idle_timeout_secs: 60,
             body_timeout_secs: 5,
             min_body_bytes_per_sec: 1024,
             max_connections: 1000,
@@ -149,6 +152,7 @@ storage = "{up}/_rest"
 fal_key_env = "ABHIAPI_TEST_FAL_KEY"
 timeout_secs = {timeout}
 connect_timeout_secs = 2
+idle_timeout_secs = {upstream_idle}
 {ca}
 [store]
 path = "{db}"
@@ -195,6 +199,7 @@ max_json_body_bytes = {max_json}
                 ""
             },
             timeout = self.timeout_secs,
+            upstream_idle = self.upstream_idle_timeout_secs,
             db = dir.join("abhiapi.db").display(),
             max_json = self.max_json_body_bytes,
             limits = self.limits,
