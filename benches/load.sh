@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole-proxy load benchmark, one command:
-#   bash benches/load.sh [--secs 5] [--conns 32] [--rounds 3] [--rate 1000] [--stream-mib 1024]
+#   bash benches/load.sh [--secs 5] [--conns 32] [--rounds 3] [--rate 1000] [--stream-mib 1024] [--fixed-only]
 #                        [--baseline PATH] [--fsync]
 # Plain HTTP/1.1 and h2c, and HTTP/1.1 and h2 over TLS (certs/dev-*.pem).
 # Builds the release binary, installs nginx (Debian) and fal's Node proxy

@@ -634,6 +634,9 @@ fn main() {
         println!("| round | target | protocol | requests/s | p50 ms | p99 ms | p99.9 ms | proxy CPU µs/request | errors |");
         println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
         let mut results = Vec::new();
+        // `--fixed-only`: the latency figures alone, for a quick before/after.
+        let fixed_only = std::env::args().any(|a| a == "--fixed-only");
+        let rounds = if fixed_only { 0 } else { rounds };
         for round in 1..=rounds {
             // Each round starts one target later: no target always follows the same one.
             let mut order = targets.clone();
@@ -659,7 +662,7 @@ fn main() {
         let rps: fn(&Run) -> Option<f64> = |r| Some(r.rps());
         let cpu: fn(&Run) -> Option<f64> = |r| Some(r.cpu_secs? / r.ok.max(1) as f64);
         println!();
-        for h2 in Proto::ALL {
+        for h2 in Proto::ALL.into_iter().filter(|_| !fixed_only) {
             let proto = h2.label();
             if h2.addr(&direct).is_some() {
                 println!("{proto}: throughput b/a = {}", spread(ratios("b abhiapi", "a direct", h2, rps)));
@@ -692,42 +695,52 @@ fn main() {
         println!("\n## Fixed rate: {rate} requests/s over HTTP/1.1, {secs} s\n");
         let a = fixed_rate(&direct, rate, conns, secs).await;
         let b = fixed_rate(&abhiapi, rate, conns, secs).await;
+        let b0 = match targets.iter().find(|t| t.name == "b0 baseline") {
+            Some(t) => Some(fixed_rate(t, rate, conns, secs).await),
+            None => None,
+        };
         println!("| target | achieved requests/s | p50 ms | p99 ms | p99.9 ms | errors |\n| --- | --- | --- | --- | --- | --- |");
-        for (name, run) in [("a direct", &a), ("b abhiapi", &b)] {
+        for (name, run) in [("a direct", Some(&a)), ("b abhiapi", Some(&b)), ("b0 baseline", b0.as_ref())] {
+            let Some(run) = run else { continue };
             println!("| {name} | {:.0} | {:.3} | {:.3} | {:.3} | {} |", run.rps(), run.percentile(0.5), run.percentile(0.99), run.percentile(0.999), run.errors);
         }
         println!("\np99 added by AbhiAPI at {rate}/s: {:.3} ms", b.percentile(0.99) - a.percentile(0.99));
-
-        // Streaming, against a fresh proxy so its peak memory is the streaming's own.
-        let _ = proxy.kill();
-        let sdir = tempfile::tempdir().unwrap();
-        let (mut sproxy, saddr, _, skey) = start_abhiapi(&release_binary(), sdir.path(), &mock);
-        let bytes = stream_mib << 20;
-        // Best of three rounds, interleaved: one transfer is at the mercy of whatever else the machine does.
-        let mut best = [(0f64, 0f64); 3];
-        for _ in 0..3 {
-            let mut targets = vec![(mock.addr, None), (saddr, Some(skey.as_str()))];
-            if nginx.is_some() {
-                targets.push((nginx_h1, None));
-            }
-            for (i, (addr, key)) in targets.into_iter().enumerate() {
-                let (down, up) = stream(addr, key, bytes).await;
-                best[i] = (best[i].0.max(down), best[i].1.max(up));
-            }
+        if let Some(b0) = &b0 {
+            println!("p99 added by the baseline at {rate}/s: {:.3} ms", b0.percentile(0.99) - a.percentile(0.99));
         }
-        let [(direct_down, direct_up), (proxy_down, proxy_up), nginx_best] = best;
-        // nginx moves the same bytes: what copying them through any proxy costs on this machine.
-        let nginx_rates = nginx.as_ref().map(|_| nginx_best);
-        println!("\n## Streaming {stream_mib} MiB\n");
-        println!("| direction | direct MiB/s | through AbhiAPI MiB/s | b/a | through nginx MiB/s | c/a |\n| --- | --- | --- | --- | --- | --- |");
-        let nginx_cells = |rate: Option<f64>, direct: f64| match rate {
-            Some(r) => format!("{r:.0} | {:.2}", r / direct),
-            None => "n/a | n/a".to_owned(),
-        };
-        println!("| download | {direct_down:.0} | {proxy_down:.0} | {:.2} | {} |", proxy_down / direct_down, nginx_cells(nginx_rates.map(|r| r.0), direct_down));
-        println!("| upload | {direct_up:.0} | {proxy_up:.0} | {:.2} | {} |", proxy_up / direct_up, nginx_cells(nginx_rates.map(|r| r.1), direct_up));
-        println!("\nAbhiAPI peak RSS while streaming: {:.1} MiB", peak_rss_mib(sproxy.id()));
-        let _ = sproxy.kill();
+
+        let _ = proxy.kill();
+        if !fixed_only {
+            // Streaming, against a fresh proxy so its peak memory is the streaming's own.
+            let sdir = tempfile::tempdir().unwrap();
+            let (mut sproxy, saddr, _, skey) = start_abhiapi(&release_binary(), sdir.path(), &mock);
+            let bytes = stream_mib << 20;
+            // Best of three rounds, interleaved: one transfer is at the mercy of whatever else the machine does.
+            let mut best = [(0f64, 0f64); 3];
+            for _ in 0..3 {
+                let mut targets = vec![(mock.addr, None), (saddr, Some(skey.as_str()))];
+                if nginx.is_some() {
+                    targets.push((nginx_h1, None));
+                }
+                for (i, (addr, key)) in targets.into_iter().enumerate() {
+                    let (down, up) = stream(addr, key, bytes).await;
+                    best[i] = (best[i].0.max(down), best[i].1.max(up));
+                }
+            }
+            let [(direct_down, direct_up), (proxy_down, proxy_up), nginx_best] = best;
+            // nginx moves the same bytes: what copying them through any proxy costs on this machine.
+            let nginx_rates = nginx.as_ref().map(|_| nginx_best);
+            println!("\n## Streaming {stream_mib} MiB\n");
+            println!("| direction | direct MiB/s | through AbhiAPI MiB/s | b/a | through nginx MiB/s | c/a |\n| --- | --- | --- | --- | --- | --- |");
+            let nginx_cells = |rate: Option<f64>, direct: f64| match rate {
+                Some(r) => format!("{r:.0} | {:.2}", r / direct),
+                None => "n/a | n/a".to_owned(),
+            };
+            println!("| download | {direct_down:.0} | {proxy_down:.0} | {:.2} | {} |", proxy_down / direct_down, nginx_cells(nginx_rates.map(|r| r.0), direct_down));
+            println!("| upload | {direct_up:.0} | {proxy_up:.0} | {:.2} | {} |", proxy_up / direct_up, nginx_cells(nginx_rates.map(|r| r.1), direct_up));
+            println!("\nAbhiAPI peak RSS while streaming: {:.1} MiB", peak_rss_mib(sproxy.id()));
+            let _ = sproxy.kill();
+        }
         let _ = hyper_ref.kill();
         if let Some((mut b0, _, _, _)) = baseline {
             let _ = b0.kill();
