@@ -3,10 +3,19 @@
 
 /// `YYYY-MM-DD HH:MM:SS` for unix seconds.
 pub fn format_utc(unix: i64) -> String {
+    format_with(unix, ' ')
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` for unix seconds, as RFC 3339 writes it.
+pub fn format_rfc3339(unix: i64) -> String {
+    format_with(unix, 'T')
+}
+
+fn format_with(unix: i64, between: char) -> String {
     let (y, m, d) = civil_from_days(unix.div_euclid(86_400));
     let secs = unix.rem_euclid(86_400);
     format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        "{y:04}-{m:02}-{d:02}{between}{:02}:{:02}:{:02}",
         secs / 3600,
         secs % 3600 / 60,
         secs % 60

@@ -17,6 +17,7 @@ pub mod error;
 pub mod fuzzing;
 pub mod jobs;
 pub mod keys;
+pub mod log_format;
 pub mod log_output;
 pub mod memory;
 pub mod metrics;

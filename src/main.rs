@@ -1,4 +1,3 @@
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -30,9 +29,8 @@ fn main() -> ExitCode {
 /// Log lines go to stderr in batches (see `log_output`); without the
 /// batching thread they are written one by one.
 fn init_logging() -> Option<Flush> {
-    let stderr = std::io::stderr();
     let logs = tracing_subscriber::fmt()
-        .with_ansi(stderr.is_terminal())
+        .event_format(abhiapi::log_format::Line)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "abhiapi=info".into()),
