@@ -4,7 +4,9 @@
 //!   registry of 100,000 keys;
 //! - ledger enqueue (hold, journal line, queue; then release) vs one plain
 //!   `write` of the same journal line to a file (what an append cost before
-//!   the journal was mapped into memory).
+//!   the journal was mapped into memory);
+//! - the request's log line in our layout vs tracing_subscriber's default
+//!   one, the same text, into a sink.
 //!
 //! `cargo bench --bench hot_path`
 
@@ -88,6 +90,36 @@ fn bench(c: &mut Criterion) {
     group.finish();
     // Let the writer drain before the temp dir goes.
     std::thread::sleep(Duration::from_millis(200));
+
+    let mut group = c.benchmark_group("log_line");
+    let request_line = || {
+        let path = "/fal-ai/flux/dev";
+        tracing::info!(
+            method = %"POST",
+            %path,
+            status = 200u16,
+            key_id = Some(42i64),
+            upstream_ms = %"0.412",
+            total_ms = %"0.520",
+            request_id = %"req_0123456789abcdef00000001",
+            "request"
+        );
+    };
+    group.bench_function("reference_default_layout", |b| {
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(std::io::sink)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || b.iter(request_line));
+    });
+    group.bench_function("our_layout", |b| {
+        let subscriber = tracing_subscriber::fmt()
+            .event_format(abhiapi::log_format::Line)
+            .with_writer(std::io::sink)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || b.iter(request_line));
+    });
+    group.finish();
 }
 
 criterion_group!(benches, bench);
