@@ -438,9 +438,14 @@ fn start_nginx(
 events {{ worker_connections 4096; }}
 http {{
   access_log off;
+  # As AbhiAPI and the hyper reference: a client connection is never closed
+  # after some number of requests (nginx's default, 1,000, cut the load
+  # generator's connections mid-request, counted as errors; its upstream
+  # connections likewise).
+  keepalive_requests 100000000;
   client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;
   fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
-  upstream mock {{ server {mock}; keepalive 256; }}
+  upstream mock {{ server {mock}; keepalive 256; keepalive_requests 100000000; }}
   server {{ listen {h1}; {location} }}
   server {{ listen {h2} http2; {location} }}
   server {{ listen {tls} ssl http2; ssl_certificate {cert}; ssl_certificate_key {key}; {location} }}
