@@ -316,3 +316,30 @@ async fn stalled_bodies_leave_memory_flat() {
     assert_eq!(resp.status(), 200);
     assert!(mock.seen().len() == 2);
 }
+
+/// `[server] idle_timeout_secs` is how long a kept connection may wait for
+/// its next request; the head deadline counts from that request's first
+/// byte, not from the end of the last answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_connection_waits_its_idle_deadline_not_its_head_deadline() {
+    let mut opts = Options::new("http://127.0.0.1:9");
+    opts.header_read_timeout_secs = 1;
+    opts.idle_timeout_secs = 30;
+    let server = Server::start(opts);
+    let mut stream = TcpStream::connect(server.plain).await.unwrap();
+    let get = b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n";
+    stream.write_all(get).await.unwrap();
+    let mut buf = [0u8; 1024];
+    let n = stream.read(&mut buf).await.unwrap();
+    assert_eq!(status_of(&buf[..n]), Some(200));
+    // Three head deadlines later, well inside the idle one.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stream.write_all(get).await.unwrap();
+    let n = stream.read(&mut buf).await.unwrap_or(0);
+    assert_eq!(
+        status_of(&buf[..n]),
+        Some(200),
+        "the kept connection was closed after {} bytes",
+        n
+    );
+}

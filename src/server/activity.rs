@@ -56,6 +56,7 @@ impl Connections {
             }),
             awaiting_byte: AtomicBool::new(true),
             evicted: AtomicBool::new(false),
+            http2: AtomicBool::new(false),
             eviction: Notify::new(),
         });
         self.idle
@@ -94,6 +95,10 @@ pub struct Activity {
     awaiting_byte: AtomicBool,
     /// Closed to make room for a new connection.
     evicted: AtomicBool,
+    /// HTTP/2: frames other than requests (a window update, a ping) arrive
+    /// while it is idle, so a first byte does not start a head deadline
+    /// shorter than the idle one.
+    http2: AtomicBool,
     /// The watchdog's wake-up when the connection is evicted.
     eviction: Notify,
 }
@@ -118,6 +123,11 @@ pub struct IdleDeadlines {
 }
 
 impl Activity {
+    /// The connection speaks HTTP/2 (its preface, or ALPN).
+    pub fn speaks_http2(&self) {
+        self.http2.store(true, Ordering::Release);
+    }
+
     /// The connection is idle from now (its TLS handshake just finished).
     pub fn restart_idle(&self) {
         let mut state = self.state.lock();
@@ -145,10 +155,9 @@ impl Activity {
         let mut state = self.state.lock();
         state.in_flight -= 1;
         if state.in_flight == 0 {
-            // The watchdog is not woken: a deadline only ever moves later
-            // while the connection lives, and the watchdog finds the new
-            // one when it wakes for the old (a wake-up and a timer per
-            // request were 2% of the proxy's CPU under load).
+            // The watchdog is not woken: it finds the new deadline when it
+            // next looks (a wake-up and a timer per request were 2% of the
+            // proxy's CPU under load).
             self.go_idle(&mut state);
             // Evicted while a request slipped in: closed now it is answered.
             if self.evicted.load(Ordering::Acquire) {
@@ -187,11 +196,11 @@ impl Activity {
         true
     }
 
-    /// When an idle connection is closed: its idle deadline, or, once a
-    /// request has begun to arrive, the head deadline from its first byte,
-    /// whichever is later; at once if it was evicted. Only the first byte
-    /// counts, so a client cannot keep a connection by sending a byte now
-    /// and then (nor by answering HTTP/2 pings). `None` while busy.
+    /// When an idle connection is closed: its idle deadline or, once a
+    /// request has begun to arrive, the head deadline from its first byte
+    /// (over HTTP/2, whichever is later); at once if it was evicted. Only
+    /// the first byte counts, so a client cannot keep a connection by
+    /// sending a byte now and then. `None` while busy.
     fn deadline(&self, limits: IdleDeadlines) -> Option<Instant> {
         let state = self.state.lock();
         if state.in_flight > 0 {
@@ -202,22 +211,28 @@ impl Activity {
             return Some(state.idle_since);
         }
         let idle = state.idle_since + limits.idle;
-        Some(state.first_byte.map_or(idle, |b| idle.max(b + limits.head)))
+        Some(match state.first_byte {
+            None => idle,
+            Some(b) if self.http2.load(Ordering::Acquire) => idle.max(b + limits.head),
+            Some(b) => b + limits.head,
+        })
     }
 
     /// Resolves when the connection should be closed: idle past its
     /// deadline, or evicted to make room. Woken only by an eviction or its
-    /// own timer: a busy connection is looked at again after `idle`, the
-    /// soonest it could expire once its requests end.
+    /// own timer, never by the requests: it looks again at least every
+    /// `head`, so a head that begins (the one change that can bring the
+    /// deadline nearer) is seen in time to be cut exactly at its deadline.
     pub async fn expired(&self, limits: IdleDeadlines) {
         loop {
             let evicted = self.eviction.notified();
             tokio::pin!(evicted);
             evicted.as_mut().enable();
+            let next_look = Instant::now() + limits.head;
             let at = match self.deadline(limits) {
-                None => Instant::now() + limits.idle,
+                None => next_look,
                 Some(at) if at <= Instant::now() => return,
-                Some(at) => at,
+                Some(at) => at.min(next_look),
             };
             tokio::select! {
                 _ = evicted => {}
@@ -244,15 +259,21 @@ impl Drop for InFlight {
     }
 }
 
-/// A connection's socket, reporting the first byte of each request's head.
+/// A connection's socket, reporting the first byte of each request's head,
+/// and an h2c preface.
 pub struct Watched<S> {
     inner: S,
     activity: Arc<Activity>,
+    read_any: bool,
 }
 
 impl<S> Watched<S> {
     pub fn new(inner: S, activity: Arc<Activity>) -> Self {
-        Self { inner, activity }
+        Self {
+            inner,
+            activity,
+            read_any: false,
+        }
     }
 }
 
@@ -264,8 +285,18 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before && self.activity.awaiting_byte.load(Ordering::Acquire) {
-            self.activity.byte_arrived();
+        let read = &buf.filled()[before..];
+        if !read.is_empty() {
+            if !self.read_any {
+                self.read_any = true;
+                // No HTTP/1.1 method is PRI: this is HTTP/2's preface.
+                if read.starts_with(b"PRI") {
+                    self.activity.speaks_http2();
+                }
+            }
+            if self.activity.awaiting_byte.load(Ordering::Acquire) {
+                self.activity.byte_arrived();
+            }
         }
         polled
     }
@@ -334,11 +365,11 @@ mod tests {
         let a = conns.admit().unwrap();
         let since = a.state.lock().idle_since;
         assert_eq!(a.deadline(LIMITS), Some(since + LIMITS.idle));
-        // A head begins: it may take its own deadline past the idle one,
-        // but later bytes do not move it again.
+        // A head begins: its deadline counts from its first byte, and later
+        // bytes do not move it again.
         a.byte_arrived();
         let first = a.state.lock().first_byte.unwrap();
-        let head = (since + LIMITS.idle).max(first + LIMITS.head);
+        let head = first + LIMITS.head;
         assert_eq!(a.deadline(LIMITS), Some(head));
         a.byte_arrived();
         assert_eq!(a.deadline(LIMITS), Some(head));
@@ -348,6 +379,20 @@ mod tests {
         drop(request);
         let state = a.state.lock();
         assert!(state.idle_since >= since && state.first_byte.is_none());
+    }
+
+    #[test]
+    fn over_http2_a_first_byte_never_brings_the_idle_deadline_nearer() {
+        let conns = Connections::new(10);
+        let a = conns.admit().unwrap();
+        a.speaks_http2();
+        let since = a.state.lock().idle_since;
+        // A window update or a ping while idle: still the idle deadline.
+        a.byte_arrived();
+        let first = a.state.lock().first_byte.unwrap();
+        let idle = since + LIMITS.idle;
+        assert_eq!(a.deadline(LIMITS), Some(idle.max(first + LIMITS.head)));
+        assert!(a.deadline(LIMITS).unwrap() >= idle);
     }
 
     #[tokio::test(start_paused = true)]

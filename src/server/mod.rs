@@ -98,10 +98,11 @@ pub async fn run<H: Handler>(
     shutdown: impl Future<Output = ()>,
 ) -> bool {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.idle.head);
+    // The head deadline is the connection watchdog's, from the request's
+    // first byte: hyper's own would count from the end of the last answer
+    // (closing kept connections at the head deadline, not the idle one)
+    // and set a timer per request.
+    builder.http1().header_read_timeout(None);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -244,6 +245,9 @@ async fn connection<H: Handler>(
                         return;
                     }
                 };
+            if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                activity.speaks_http2();
+            }
             activity.restart_idle();
             let conn = builder.serve_connection(TokioIo::new(tls_stream), service);
             watcher.watch(conn).await
