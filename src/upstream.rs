@@ -6,7 +6,7 @@ mod fal_body;
 mod pool;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -126,8 +126,14 @@ impl Upstream {
     pub async fn send(&self, mut req: Request<Body>) -> Result<Response<FalBody>, ApiError> {
         req.headers_mut()
             .insert(header::AUTHORIZATION, self.auth.clone());
-        match tokio::time::timeout(self.timeout, self.exchange(req)).await {
-            Err(_) => Err(ApiError::UpstreamTimeout { reached: true }),
+        // A wait that ran out before any connection took the request (it
+        // was still connecting) did not reach fal: a webhook submission
+        // pays its hold only when fal may have it.
+        let handed = AtomicBool::new(false);
+        match tokio::time::timeout(self.timeout, self.exchange(req, &handed)).await {
+            Err(_) => Err(ApiError::UpstreamTimeout {
+                reached: handed.load(Ordering::Relaxed),
+            }),
             Ok(answered) => answered,
         }
     }
@@ -135,7 +141,11 @@ impl Upstream {
     /// One request on a connection of this thread's: an idle one if there
     /// is one, else a new one. A request an idle connection turned out too
     /// stale to write goes again on a new one.
-    async fn exchange(&self, mut req: Request<Body>) -> Result<Response<FalBody>, ApiError> {
+    async fn exchange(
+        &self,
+        mut req: Request<Body>,
+        handed: &AtomicBool,
+    ) -> Result<Response<FalBody>, ApiError> {
         let uri = req.uri().clone();
         let host = Host {
             upstream: self.id,
@@ -148,10 +158,12 @@ impl Upstream {
                 None => self.connect(&host).await?,
             };
             prepare(&mut req, &host, lease.is_h2());
+            handed.store(true, Ordering::Relaxed);
             match lease.send(req).await {
                 Ok(resp) => return Ok(resp.map(|body| FalBody::new(body, lease))),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if lease.reused => {
+                        handed.store(false, Ordering::Relaxed);
                         req = unsent;
                         *req.uri_mut() = uri.clone();
                     }
