@@ -23,6 +23,21 @@ fn flux(url: &str, key: &str) -> Request<Full<bytes::Bytes>> {
     post(url, Some(key), "application/json", r#"{"prompt":"a fox"}"#)
 }
 
+/// One plain HTTP/1.1 connection to the proxy, so that all its requests
+/// are served by one request thread, on that thread's connections to fal:
+/// a pooled client may open a second connection (while the first is on
+/// its way back to its pool), which another request thread could accept.
+async fn one_connection(
+    server: &Server,
+) -> hyper::client::conn::http1::SendRequest<Full<bytes::Bytes>> {
+    let stream = TcpStream::connect(server.plain).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_the_dev_certificate_over_http1_and_http2() {
     let (_mock, server, key) = setup().await;
@@ -64,20 +79,17 @@ async fn upstream_tls_trusts_ca_file_and_uses_http2_when_offered() {
     let mut opts = Options::new(mock.url(true));
     opts.ca_file = Some(repo_path("certs/dev-ca.pem"));
     let (server, key) = Server::start_with_key(opts, "acme", 1000);
-    let same = client();
-    let resp = same
-        .request(flux(&server.url("/fal-ai/flux/dev"), &key))
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    body(resp).await;
+    let mut same = one_connection(&server).await;
+    for _ in 0..2 {
+        same.ready().await.unwrap();
+        let resp = same
+            .send_request(flux(&server.url("/fal-ai/flux/dev"), &key))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        body(resp).await;
+    }
     // The h2 connection is shared by the requests that follow.
-    let resp = same
-        .request(flux(&server.url("/fal-ai/flux/dev"), &key))
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    body(resp).await;
     assert_eq!(mock.connections().0, 1);
     let seen = mock.seen();
     assert_eq!(seen[0].version, Version::HTTP_2);
@@ -103,13 +115,7 @@ async fn upstream_tls_trusts_ca_file_and_uses_http2_when_offered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_to_fal_are_kept_and_reused() {
     let (mock, server, key) = setup().await;
-    // One connection of our own: a pooled client may open a second one,
-    // which another request thread could accept.
-    let stream = TcpStream::connect(server.plain).await.unwrap();
-    let (mut client, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut client = one_connection(&server).await;
     let fox = r#"{"prompt":"a fox"}"#;
     for (path, input, status) in [
         ("/fal-ai/flux/dev", fox, 200),
