@@ -169,6 +169,40 @@ async fn a_connection_fal_closed_while_idle_is_not_used_again() {
     assert_eq!(mock.connections().0, 3);
 }
 
+/// Requests that arrive just as fal closes its idle connection: one the
+/// closing connection handed back unsent goes again on a new one, and none
+/// reaches fal twice. (One written just before fal's close fails with 502:
+/// hyper cannot know whether fal read it, so it is never sent again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_racing_fals_idle_close_are_never_sent_twice() {
+    let (mock, server, key) = setup().await;
+    mock.close_idle_after(Duration::from_millis(40));
+    let mut client = one_connection(&server).await;
+    let mut answered = 0;
+    for n in 0..40 {
+        // Around the mock's idle close, on both sides of it.
+        tokio::time::sleep(Duration::from_millis(30 + n % 20)).await;
+        client.ready().await.unwrap();
+        // The catch-all price: 40 flux images would spend more than the key holds.
+        let resp = client
+            .send_request(flux(&server.url("/mock/canned"), &key))
+            .await
+            .unwrap();
+        match resp.status().as_u16() {
+            200 => {
+                answered += 1;
+                body(resp).await;
+            }
+            _ => {
+                assert_error(resp, 502, "upstream_unreachable").await;
+            }
+        }
+    }
+    assert!(answered > 20, "only {answered} of 40 answered");
+    assert_eq!(mock.seen().len(), answered, "a request reached fal twice");
+    assert!(mock.connections().0 > 1, "fal never closed a connection");
+}
+
 /// `[upstream] idle_timeout_secs`: a connection to fal that carries nothing
 /// for that long is closed by us.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
