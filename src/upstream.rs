@@ -5,8 +5,9 @@ mod connector;
 mod fal_body;
 mod pool;
 
+use std::error::Error as _;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -126,16 +127,30 @@ impl Upstream {
     pub async fn send(&self, mut req: Request<Body>) -> Result<Response<FalBody>, ApiError> {
         req.headers_mut()
             .insert(header::AUTHORIZATION, self.auth.clone());
-        match tokio::time::timeout(self.timeout, self.exchange(req)).await {
-            Err(_) => Err(ApiError::UpstreamTimeout { reached: true }),
+        // A wait that ran out before any connection took the request (it
+        // was still connecting) did not reach fal: a webhook submission
+        // pays its hold only when fal may have it.
+        let handed = AtomicBool::new(false);
+        match tokio::time::timeout(self.timeout, self.exchange(req, &handed)).await {
+            Err(_) => Err(ApiError::UpstreamTimeout {
+                reached: handed.load(Ordering::Relaxed),
+            }),
             Ok(answered) => answered,
         }
     }
 
     /// One request on a connection of this thread's: an idle one if there
     /// is one, else a new one. A request an idle connection turned out too
-    /// stale to write goes again on a new one.
-    async fn exchange(&self, mut req: Request<Body>) -> Result<Response<FalBody>, ApiError> {
+    /// stale to write goes again, on the next idle one or a new one: hyper
+    /// hands a request back only when it wrote none of it, so going again
+    /// never sends a billed call to fal twice. One that a new connection
+    /// hands back is not tried again, so that a fal dropping every new
+    /// connection cannot keep this loop going.
+    async fn exchange(
+        &self,
+        mut req: Request<Body>,
+        handed: &AtomicBool,
+    ) -> Result<Response<FalBody>, ApiError> {
         let uri = req.uri().clone();
         let host = Host {
             upstream: self.id,
@@ -148,16 +163,19 @@ impl Upstream {
                 None => self.connect(&host).await?,
             };
             prepare(&mut req, &host, lease.is_h2());
+            handed.store(true, Ordering::Relaxed);
             match lease.send(req).await {
                 Ok(resp) => return Ok(resp.map(|body| FalBody::new(body, lease))),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if lease.reused => {
+                        handed.store(false, Ordering::Relaxed);
                         req = unsent;
                         *req.uri_mut() = uri.clone();
                     }
                     _ => {
                         let e = e.into_error();
-                        tracing::warn!(error = %e, "upstream request failed");
+                        // hyper's message leaves out its cause (the I/O or h2 error).
+                        tracing::warn!(error = %e, source = ?e.source(), "upstream request failed");
                         return Err(ApiError::UpstreamUnreachable);
                     }
                 },
@@ -170,18 +188,22 @@ impl Upstream {
     async fn connect(&self, host: &Host) -> Result<Lease, ApiError> {
         let connected = tokio::time::timeout(
             self.connect_timeout,
-            self.connector.connect(host.https, &host.authority),
+            self.connector
+                .connect(host.https, &host.authority, self.connect_timeout),
         )
         .await
         .map_err(|_| ApiError::UpstreamTimeout { reached: false })?
         .map_err(|e| {
             tracing::warn!(error = %e, host = %host.authority, "cannot connect to fal");
-            ApiError::UpstreamUnreachable
+            match e.kind() {
+                std::io::ErrorKind::TimedOut => ApiError::UpstreamTimeout { reached: false },
+                _ => ApiError::UpstreamUnreachable,
+            }
         })?;
         let usage = Usage::new();
         let idle = self.idle_timeout;
         let handshake_failed = |e: hyper::Error| {
-            tracing::warn!(error = %e, host = %host.authority, "handshake with fal failed");
+            tracing::warn!(error = %e, source = ?e.source(), host = %host.authority, "handshake with fal failed");
             ApiError::UpstreamUnreachable
         };
         let conn = if connected.h2 {

@@ -292,6 +292,28 @@ async fn fal_failures_cost_nothing_and_a_departed_client_pays_for_work_done() {
     assert_eq!(outcomes("charged"), (1, 2));
 }
 
+/// fal's answer that goes silent mid-body (its app hung after the
+/// headers): the call ends once fal has sent nothing for `timeout_secs`,
+/// and costs nothing, instead of holding the client and its credits for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_that_stalls_mid_body_ends_after_the_timeout_and_costs_nothing() {
+    let mock = MockFal::start(None).await.unwrap();
+    let mut opts = Options::new(mock.url(false));
+    opts.timeout_secs = 1;
+    let (server, key) = Server::start_with_key(opts, "acme", 1000);
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        call(&server, &key, "/mock/stalled", "{}"),
+    )
+    .await
+    .expect("the stalled answer was waited on for ever");
+    assert_error(resp, 502, "upstream_unreachable").await;
+    assert!(
+        settles_to(&server, "acme", 1000).await,
+        "the stalled call was charged, or its hold was kept"
+    );
+}
+
 /// One answer a load worker received whole.
 struct Answer {
     status: u16,

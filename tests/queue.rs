@@ -806,6 +806,37 @@ async fn failing_ingress() -> String {
     format!("http://{addr}")
 }
 
+/// `[upstream] timeout_secs` running out while the connection to fal is
+/// still being made (it is shorter than `connect_timeout_secs` here): the
+/// submission never left, and costs nothing even with a webhook.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_submission_timed_out_before_it_was_sent_costs_nothing() {
+    let mock = MockFal::start(None).await.unwrap();
+    let (_listener, _fill, hole) = black_hole().await;
+    let with_hook = "/queue/fal-ai/flux/dev?fal_webhook=https://client.example/hook";
+    let mut opts = Options::new(mock.url(false));
+    opts.queue = hole;
+    opts.timeout_secs = 1;
+    let (server, key) = Server::start_with_key(opts, "acme", 1000);
+    let resp = send(Method::POST, &server.url(with_hook), &key, FLUX).await;
+    assert_eq!(resp.status(), 504);
+    let released = || -> i64 {
+        server
+            .db()
+            .query_row(
+                "SELECT COUNT(*) FROM charges WHERE outcome = 'released' AND credits = 0",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || async { released() == 1 }).await,
+        "a submission that never reached fal was charged"
+    );
+    assert!(books_close(&server, &[("acme", 0)]).await);
+}
+
 /// A submission that certainly never reached fal's app (no connection in
 /// time; fal's ingress refusing it) costs nothing, webhook or not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

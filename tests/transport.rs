@@ -23,6 +23,21 @@ fn flux(url: &str, key: &str) -> Request<Full<bytes::Bytes>> {
     post(url, Some(key), "application/json", r#"{"prompt":"a fox"}"#)
 }
 
+/// One plain HTTP/1.1 connection to the proxy, so that all its requests
+/// are served by one request thread, on that thread's connections to fal:
+/// a pooled client may open a second connection (while the first is on
+/// its way back to its pool), which another request thread could accept.
+async fn one_connection(
+    server: &Server,
+) -> hyper::client::conn::http1::SendRequest<Full<bytes::Bytes>> {
+    let stream = TcpStream::connect(server.plain).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_the_dev_certificate_over_http1_and_http2() {
     let (_mock, server, key) = setup().await;
@@ -64,10 +79,11 @@ async fn upstream_tls_trusts_ca_file_and_uses_http2_when_offered() {
     let mut opts = Options::new(mock.url(true));
     opts.ca_file = Some(repo_path("certs/dev-ca.pem"));
     let (server, key) = Server::start_with_key(opts, "acme", 1000);
-    let same = client();
+    let mut same = one_connection(&server).await;
     for _ in 0..2 {
+        same.ready().await.unwrap();
         let resp = same
-            .request(flux(&server.url("/fal-ai/flux/dev"), &key))
+            .send_request(flux(&server.url("/fal-ai/flux/dev"), &key))
             .await
             .unwrap();
         assert_eq!(resp.status(), 200);
@@ -99,13 +115,7 @@ async fn upstream_tls_trusts_ca_file_and_uses_http2_when_offered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_to_fal_are_kept_and_reused() {
     let (mock, server, key) = setup().await;
-    // One connection of our own: a pooled client may open a second one,
-    // which another request thread could accept.
-    let stream = TcpStream::connect(server.plain).await.unwrap();
-    let (mut client, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut client = one_connection(&server).await;
     let fox = r#"{"prompt":"a fox"}"#;
     for (path, input, status) in [
         ("/fal-ai/flux/dev", fox, 200),
@@ -157,6 +167,40 @@ async fn a_connection_fal_closed_while_idle_is_not_used_again() {
         );
     }
     assert_eq!(mock.connections().0, 3);
+}
+
+/// Requests that arrive just as fal closes its idle connection: one the
+/// closing connection handed back unsent goes again on a new one, and none
+/// reaches fal twice. (One written just before fal's close fails with 502:
+/// hyper cannot know whether fal read it, so it is never sent again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_racing_fals_idle_close_are_never_sent_twice() {
+    let (mock, server, key) = setup().await;
+    mock.close_idle_after(Duration::from_millis(40));
+    let mut client = one_connection(&server).await;
+    let mut answered = 0;
+    for n in 0..40 {
+        // Around the mock's idle close, on both sides of it.
+        tokio::time::sleep(Duration::from_millis(30 + n % 20)).await;
+        client.ready().await.unwrap();
+        // The catch-all price: 40 flux images would spend more than the key holds.
+        let resp = client
+            .send_request(flux(&server.url("/mock/canned"), &key))
+            .await
+            .unwrap();
+        match resp.status().as_u16() {
+            200 => {
+                answered += 1;
+                body(resp).await;
+            }
+            _ => {
+                assert_error(resp, 502, "upstream_unreachable").await;
+            }
+        }
+    }
+    assert!(answered > 20, "only {answered} of 40 answered");
+    assert_eq!(mock.seen().len(), answered, "a request reached fal twice");
+    assert!(mock.connections().0 > 1, "fal never closed a connection");
 }
 
 /// `[upstream] idle_timeout_secs`: a connection to fal that carries nothing

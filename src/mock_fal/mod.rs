@@ -318,6 +318,17 @@ async fn test_route(
             status_json(StatusCode::OK, &format!("slept {ms} ms"))
         }
         ["hang"] => std::future::pending().await,
+        // A JSON answer whose app hangs after its first bytes: the body
+        // never ends, and never fails either.
+        ["stalled"] => {
+            let (tx, rx) = mpsc::channel(1);
+            let _ = tx.try_send(Bytes::from_static(br#"{"images":["#));
+            tokio::spawn(async move {
+                let _open = tx;
+                std::future::pending::<()>().await
+            });
+            stream_from(rx, "application/json")
+        }
         ["stream", bytes] => stream_bytes(bytes.parse().unwrap_or(0)),
         ["gated"] => {
             let (tx, rx) = mpsc::channel(2);

@@ -7,6 +7,7 @@
 //! anyway). fal's queue URLs in its answers are rewritten to point at this proxy.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -201,6 +202,7 @@ impl Proxy {
         let uri = self.upstream.queue.uri(&target.forwarded("/queue"))?;
         let jobs = Arc::clone(&self.jobs);
         let (fal_base, base) = (self.upstream.queue_base().to_owned(), base.to_owned());
+        let idle = self.upstream.timeout();
         // With the client's own webhook, fal delivers the output to the
         // client directly: a submission fal may have queued is paid for even
         // when its answer did not come through.
@@ -236,7 +238,7 @@ impl Proxy {
                     Unanswered::ChargeHold => reservation.charge(None, status.as_u16()),
                     Unanswered::Release => reservation.release(Some(status.as_u16())),
                 };
-                let bytes = match collect_bounded(incoming, limit).await {
+                let bytes = match collect_bounded(incoming, limit, idle).await {
                     Ok(Collected::Whole(bytes)) => bytes,
                     Ok(Collected::Overflow(..)) | Err(_) => {
                         untracked(reservation);
@@ -298,7 +300,7 @@ impl Proxy {
                 if !spliceable(&parts.headers, limit) {
                     return Ok(Response::from_parts(parts, Body::Answer(incoming)));
                 }
-                let bytes = whole(incoming, limit).await?;
+                let bytes = whole(incoming, limit, self.upstream.timeout()).await?;
                 self.observe_status(job, status, &bytes);
                 Ok(rewritten(parts, &bytes, self.upstream.queue_base(), base))
             }
@@ -329,13 +331,13 @@ impl Proxy {
     ) -> Result<Response<Body>, ApiError> {
         let tunables = self.tunables.load_full();
         let limit = tunables.max_json_response_bytes;
-        let bytes = match read_answer(&parts.headers, incoming, limit).await {
+        let idle = self.upstream.timeout();
+        let bytes = match read_answer(&parts.headers, incoming, limit, idle).await {
             Ok(Answer::Read(bytes)) => bytes,
             Ok(Answer::TooLarge(prefix, rest)) => {
                 // Priced when it has passed: no figures in its headers.
                 let (jobs, job) = (Arc::clone(&self.jobs), Arc::clone(job));
                 let tariff = self.tariff_of(&job);
-                let idle = self.upstream.timeout();
                 let body = meter::metered(&self.detached, prefix, rest, idle, move |facts| {
                     let quote = tariff
                         .zip(facts)
@@ -410,7 +412,7 @@ impl Proxy {
         let resp = self.upstream.get(status_uri).await?;
         let code = resp.status();
         let limit = self.tunables.load().max_json_response_bytes;
-        let bytes = whole(resp.into_body(), limit).await?;
+        let bytes = whole(resp.into_body(), limit, self.upstream.timeout()).await?;
         let state = self.observe_status(job, code, &bytes);
         Ok((code, state))
     }
@@ -479,11 +481,10 @@ impl Proxy {
         }
         let (parts, incoming) = resp.into_parts();
         let limit = self.tunables.load().max_json_response_bytes;
-        let answer = match read_answer(&parts.headers, incoming, limit).await {
+        let idle = self.upstream.timeout();
+        let answer = match read_answer(&parts.headers, incoming, limit, idle).await {
             Ok(Answer::Read(bytes)) => read_object(&bytes),
-            Ok(Answer::TooLarge(prefix, rest)) => {
-                meter::read_through(prefix, rest, self.upstream.timeout()).await
-            }
+            Ok(Answer::TooLarge(prefix, rest)) => meter::read_through(prefix, rest, idle).await,
             // Not JSON: its hold, without downloading it.
             Ok(Answer::Unread(_)) => None,
             Err(_) => return Err(ApiError::UpstreamUnreachable),
@@ -518,9 +519,10 @@ fn rewritten(
     Response::from_parts(parts, Body::full(body))
 }
 
-/// A whole (bounded) JSON body from fal; a body that breaks off or is too big is fal's fault.
-async fn whole(incoming: FalBody, limit: usize) -> Result<Bytes, ApiError> {
-    match collect_bounded(incoming, limit).await {
+/// A whole (bounded) JSON body from fal; a body that breaks off, stalls or
+/// is too big is fal's fault.
+async fn whole(incoming: FalBody, limit: usize, idle: Duration) -> Result<Bytes, ApiError> {
+    match collect_bounded(incoming, limit, idle).await {
         Ok(Collected::Whole(bytes)) => Ok(bytes),
         _ => Err(ApiError::UpstreamUnreachable),
     }

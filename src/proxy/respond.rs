@@ -42,20 +42,44 @@ pub(super) enum Collected {
     Overflow(Bytes, FalBody),
 }
 
+/// Why fal's answer was not read to its end.
+#[derive(Debug)]
+pub(super) enum BrokeOff {
+    Failed(hyper::Error),
+    /// fal went silent mid-answer: without a deadline the call (and its
+    /// hold, and the reconciler's pass) would wait on it for ever.
+    Stalled(Duration),
+}
+
+impl std::fmt::Display for BrokeOff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BrokeOff::Failed(e) => write!(f, "{e}"),
+            BrokeOff::Stalled(idle) => write!(f, "nothing from fal for {idle:?}"),
+        }
+    }
+}
+
+/// Reads `body` up to `limit` bytes, waiting at most `idle` for each part of it.
 pub(super) async fn collect_bounded(
     mut body: FalBody,
     limit: usize,
-) -> Result<Collected, hyper::Error> {
+    idle: Duration,
+) -> Result<Collected, BrokeOff> {
     let mut buf = BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame?.into_data() {
+    loop {
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Ok(Some(frame)) => frame.map_err(BrokeOff::Failed)?,
+            Ok(None) => return Ok(Collected::Whole(buf.freeze())),
+            Err(_) => return Err(BrokeOff::Stalled(idle)),
+        };
+        if let Ok(data) = frame.into_data() {
             buf.extend_from_slice(&data);
             if buf.len() > limit {
                 return Ok(Collected::Overflow(buf.freeze(), body));
             }
         }
     }
-    Ok(Collected::Whole(buf.freeze()))
 }
 
 /// A body we can read: JSON, not compressed.
@@ -89,19 +113,21 @@ pub(super) enum Answer {
     Unread(Body),
 }
 
-/// Reads fal's answer when billing can use it, never more than `limit` bytes of it.
+/// Reads fal's answer when billing can use it, never more than `limit`
+/// bytes of it, nor waiting more than `idle` for each part.
 pub(super) async fn read_answer(
     headers: &HeaderMap,
     incoming: FalBody,
     limit: usize,
-) -> Result<Answer, hyper::Error> {
+    idle: Duration,
+) -> Result<Answer, BrokeOff> {
     if !readable(headers) {
         return Ok(Answer::Unread(Body::Answer(incoming)));
     }
     if declared_length(headers).is_some_and(|n| n > limit as u64) {
         return Ok(Answer::TooLarge(Bytes::new(), incoming));
     }
-    Ok(match collect_bounded(incoming, limit).await? {
+    Ok(match collect_bounded(incoming, limit, idle).await? {
         Collected::Whole(bytes) => Answer::Read(bytes),
         Collected::Overflow(prefix, rest) => Answer::TooLarge(prefix, rest),
     })
@@ -124,7 +150,9 @@ impl Billed<'_> {
         headers::strip_hop_by_hop(&mut parts.headers);
         let status = parts.status;
 
-        let bytes = match read_answer(&parts.headers, incoming, self.max_json_bytes).await {
+        let bytes = match read_answer(&parts.headers, incoming, self.max_json_bytes, self.idle)
+            .await
+        {
             Ok(Answer::Read(bytes)) => bytes,
             Ok(Answer::TooLarge(prefix, rest)) if status.is_success() => {
                 // Priced when it has passed: no figures in its headers.

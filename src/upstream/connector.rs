@@ -5,7 +5,9 @@
 //! own work; no config reaches it.
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::uri::Authority;
 use hyper_util::rt::TokioIo;
@@ -40,7 +42,13 @@ impl Connector {
         Connector::Network(TlsConnector::from(Arc::new(tls)))
     }
 
-    pub async fn connect(&self, https: bool, authority: &Authority) -> io::Result<Connected> {
+    /// `within` bounds the TCP connect (see [`first_to_answer`]); the caller bounds the whole.
+    pub async fn connect(
+        &self,
+        https: bool,
+        authority: &Authority,
+        within: Duration,
+    ) -> io::Result<Connected> {
         let tls = match self {
             Connector::Memory(serve) => {
                 let (ours, theirs) = tokio::io::duplex(PIPE_BYTES);
@@ -55,7 +63,8 @@ impl Connector {
             .trim_start_matches('[')
             .trim_end_matches(']');
         let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let tcp = TcpStream::connect((host, port)).await?;
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
+        let tcp = first_to_answer(&addrs, within).await?;
         tcp.set_nodelay(true)?;
         if !https {
             return Ok(plain(tcp));
@@ -71,9 +80,64 @@ impl Connector {
     }
 }
 
+/// TCP to the first of `addrs` that answers, each given its share of
+/// `within`, as hyper's own connector did: an address that drops every SYN
+/// (a dead node still in DNS, an IPv6 path that goes nowhere) must not use
+/// up the whole connect timeout of a host whose other addresses answer.
+async fn first_to_answer(addrs: &[SocketAddr], within: Duration) -> io::Result<TcpStream> {
+    let share = within / u32::try_from(addrs.len().max(1)).unwrap_or(u32::MAX);
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "the host has no address");
+    for addr in addrs {
+        match tokio::time::timeout(share, TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => return Ok(tcp),
+            Ok(Err(e)) => last = e,
+            Err(_) => {
+                last = io::Error::new(io::ErrorKind::TimedOut, format!("{addr} never answered"))
+            }
+        }
+    }
+    Err(last)
+}
+
 fn plain(io: impl Io + 'static) -> Connected {
     Connected {
         io: TokioIo::new(Box::new(io)),
         h2: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::{TcpListener, TcpSocket};
+
+    /// A listener whose accept queue is full: a connect to it hangs.
+    async fn black_hole() -> (TcpListener, Vec<TcpStream>) {
+        let sock = TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = sock.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut fill = Vec::new();
+        for _ in 0..4 {
+            let s = TcpSocket::new_v4().unwrap();
+            match tokio::time::timeout(Duration::from_millis(300), s.connect(addr)).await {
+                Ok(Ok(c)) => fill.push(c),
+                _ => break,
+            }
+        }
+        (listener, fill)
+    }
+
+    #[tokio::test]
+    async fn an_address_that_never_answers_leaves_time_for_the_next() {
+        let (hole, _fill) = black_hole().await;
+        let good = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addrs = [hole.local_addr().unwrap(), good.local_addr().unwrap()];
+        let within = Duration::from_secs(2);
+        let tcp = tokio::time::timeout(within, first_to_answer(&addrs, within))
+            .await
+            .expect("the first address used up the whole connect timeout")
+            .unwrap();
+        assert_eq!(tcp.peer_addr().unwrap(), addrs[1]);
     }
 }
