@@ -864,3 +864,25 @@ async fn a_webhook_submission_that_never_reached_fal_costs_nothing() {
         assert!(books_close(&server, &[("acme", 0)]).await);
     }
 }
+
+/// A HEAD of the result is answered as fal answers it, without content:
+/// it must not settle the job (at its hold, from an empty answer); the
+/// GET that follows is charged what the result says, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_of_the_result_settles_nothing() {
+    let mock = MockFal::start(None).await.unwrap();
+    let (server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 1000);
+    let job = submit(&server, &key, "").await;
+    let id = str_of(&job, "request_id").to_owned();
+    assert_eq!(poll_status(&job, &key, 3).await, "COMPLETED");
+    let resp = send(Method::HEAD, str_of(&job, "response_url"), &key, "").await;
+    assert_eq!(resp.status(), 200);
+    assert!(body(resp).await.is_empty());
+    still_held(&server, &id).await;
+    let resp = send(Method::GET, str_of(&job, "response_url"), &key, "").await;
+    assert_eq!(resp.status(), 200);
+    let (_, billing) = unsplice(&body(resp).await);
+    assert_eq!(billing.get_i64("credits_used"), Some(COST));
+    assert!(ledger_settles(&server, &id, (1000 - COST, 0, Some((COST, "charged")))).await);
+    assert!(books_close(&server, &[("acme", COST)]).await);
+}

@@ -85,10 +85,13 @@ pub async fn answer(
         Some(at) if at >= 1 && rest.len() > at + 1 => {
             let app = rest[..at].join("/");
             let id = rest[at + 1];
+            // HEAD is a GET without the content (RFC 9110 §9.3.2), as
+            // general-purpose servers answer it: hyper leaves the body out.
+            let get = method == Method::GET || method == Method::HEAD;
             match (method, &rest[at + 2..]) {
-                (&Method::GET, []) => result(state, &app, id),
-                (&Method::GET, ["status"]) => status(state, &app, id),
-                (&Method::GET, ["status", "stream"]) => stream(state, &app, id, query),
+                (_, []) if get => result(state, &app, id),
+                (_, ["status"]) if get => status(state, &app, id),
+                (_, ["status", "stream"]) if get => stream(state, &app, id, query),
                 (&Method::PUT, ["cancel"]) => cancel(state, &app, id),
                 _ => status_json(StatusCode::METHOD_NOT_ALLOWED, "no such queue route"),
             }

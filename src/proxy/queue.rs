@@ -278,6 +278,9 @@ impl Proxy {
         );
         let uri = self.upstream.queue.uri(&target)?;
         let (mut parts, incoming) = req.into_parts();
+        // Only a GET's answer carries the result a job is priced from: a
+        // HEAD's (empty) must not settle it at its hold.
+        let fetched = parts.method == Method::GET;
         // The short route is a GET whatever the client's intent; fal's routes keep the method.
         if action == Action::Status {
             parts.method = Method::GET;
@@ -304,6 +307,7 @@ impl Proxy {
                 self.observe_status(job, status, &bytes);
                 Ok(rewritten(parts, &bytes, self.upstream.queue_base(), base))
             }
+            Action::Result if !fetched => Ok(Response::from_parts(parts, Body::Answer(incoming))),
             Action::Result if !status.is_success() => {
                 // No result: not ready yet, or the job ended without one
                 // (cancelled, failed). Only fal's status tells which.
