@@ -188,7 +188,8 @@ pub struct UpstreamConfig {
     /// Longest wait for fal's response headers; the body then streams unbounded.
     pub timeout_secs: u64,
     pub connect_timeout_secs: u64,
-    /// A connection to fal that has carried nothing this long is closed.
+    /// A connection to fal that has carried nothing this long is closed;
+    /// shorter than front servers' usual keep-alive, so that we close first.
     pub idle_timeout_secs: u64,
     /// An extra root CA to trust for the upstream, beside the public roots.
     pub ca_file: Option<PathBuf>,
@@ -203,7 +204,7 @@ impl Default for UpstreamConfig {
             fal_key_env: "FAL_KEY".into(),
             timeout_secs: 300,
             connect_timeout_secs: 10,
-            idle_timeout_secs: 90,
+            idle_timeout_secs: 50,
             ca_file: None,
         }
     }
