@@ -6,7 +6,10 @@
 //!   `write` of the same journal line to a file (what an append cost before
 //!   the journal was mapped into memory);
 //! - the request's log line in our layout vs tracing_subscriber's default
-//!   one, the same text, into a sink.
+//!   one, the same text, into a sink;
+//! - the ledger writer's commit of a batch of requests (each a hold and its
+//!   charge) vs one transaction inserting the same number of bare rows, a
+//!   text id and a number each.
 //!
 //! `cargo bench --bench hot_path`
 
@@ -15,12 +18,15 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use abhiapi::billing::journal::HoldRecord;
 use abhiapi::billing::journal::Journal;
 use abhiapi::billing::ledger::Ledger;
 use abhiapi::billing::pricing::Quote;
 use abhiapi::keys::{secret, Registry};
 use abhiapi::metrics::Metrics;
-use abhiapi::store::{self, snapshot, writer::StoreWriter};
+use abhiapi::store::ledger::{ChargeRecord, Outcome};
+use abhiapi::store::writer::{self, StoreWriter, WriteOp};
+use abhiapi::store::{self, snapshot};
 use criterion::{criterion_group, criterion_main, Criterion};
 
 #[path = "common/keys.rs"]
@@ -122,5 +128,84 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+/// Requests per batch: about what the writer gathers in its 20 ms under the
+/// closed-loop load benchmark.
+const BATCH_REQUESTS: usize = 512;
+
+fn ledger_commit(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut conn, _) = keys::populated(&dir.path().join("commit.db"), 1);
+    conn.execute_batch("CREATE TABLE reference (id TEXT PRIMARY KEY, n INTEGER NOT NULL)")
+        .unwrap();
+    let mut next = 0u64;
+    let mut ids = move || {
+        next += 1;
+        format!("req_0123456789abcdef{next:08x}")
+    };
+
+    let mut group = c.benchmark_group("ledger_commit");
+    group.bench_function("reference_bare_rows", |b| {
+        b.iter_batched(
+            || (0..BATCH_REQUESTS).map(|_| ids()).collect::<Vec<_>>(),
+            |batch| {
+                let tx = conn.transaction().unwrap();
+                {
+                    let mut insert = tx
+                        .prepare_cached("INSERT INTO reference (id, n) VALUES (?1, ?2)")
+                        .unwrap();
+                    for id in &batch {
+                        insert.execute(rusqlite::params![id, 28]).unwrap();
+                    }
+                }
+                tx.commit().unwrap();
+            },
+            criterion::BatchSize::LargeInput,
+        )
+    });
+    group.bench_function("holds_and_charges", |b| {
+        b.iter_batched(
+            || {
+                (0..BATCH_REQUESTS)
+                    .flat_map(|_| {
+                        let id = ids();
+                        let hold = HoldRecord {
+                            id: id.clone(),
+                            account_id: 1,
+                            key_id: 1,
+                            credits: 28,
+                            created_at_ms: 1_700_000_000_000,
+                            model: "fal-ai/flux/dev".into(),
+                        };
+                        let charge = ChargeRecord {
+                            id,
+                            account_id: 1,
+                            key_id: 1,
+                            model: "fal-ai/flux/dev".into(),
+                            units_milli: 1000,
+                            credits: 28,
+                            held: 28,
+                            shortfall: 0,
+                            fal_status: Some(200),
+                            outcome: Outcome::Charged,
+                            started_at_ms: 1_700_000_000_000,
+                            settled_at_ms: 1_700_000_000_001,
+                        };
+                        [
+                            WriteOp::Hold { hold, segment: 1 },
+                            WriteOp::Settle {
+                                charge,
+                                segment: Some(1),
+                            },
+                        ]
+                    })
+                    .collect::<Vec<_>>()
+            },
+            |batch| writer::commit(&mut conn, &batch).unwrap(),
+            criterion::BatchSize::LargeInput,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench, ledger_commit);
 criterion_main!(benches);

@@ -1,7 +1,7 @@
 //! The ledger in SQLite: holds and charges written in the writer's batches,
 //! recovery of holds a killed process left behind, and usage reports.
 
-use rusqlite::{params, Connection, Transaction};
+use rusqlite::{params, CachedStatement, Connection, Transaction};
 use serde::Serialize;
 
 use crate::billing::journal::{Entry, HoldRecord};
@@ -54,43 +54,61 @@ pub struct ChargeRecord {
     pub settled_at_ms: i64,
 }
 
-pub fn insert_hold(tx: &Transaction, h: &HoldRecord) -> rusqlite::Result<()> {
-    tx.prepare_cached(
-        "INSERT OR IGNORE INTO holds (id, account_id, key_id, model, credits, created_at_ms)
-         SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE NOT EXISTS (SELECT 1 FROM charges WHERE id = ?1)",
-    )?
-    .execute(params![
-        h.id,
-        h.account_id,
-        h.key_id,
-        h.model,
-        h.credits,
-        h.created_at_ms
-    ])?;
-    Ok(())
+/// The ledger's row writes, each statement prepared once per transaction:
+/// the writer runs them for every request in its batch, where finding a
+/// cached statement by its text, per row, cost a tenth of the commit.
+pub struct Writes<'t> {
+    hold: CachedStatement<'t>,
+    charge: CachedStatement<'t>,
+    unhold: CachedStatement<'t>,
+    debit: CachedStatement<'t>,
 }
 
-/// Records a settlement once: a replay of the same id changes nothing, so
-/// the balance moves by each charge exactly once.
-pub fn insert_charge(tx: &Transaction, c: &ChargeRecord) -> rusqlite::Result<bool> {
-    let inserted = record_charge(tx, c)?;
-    if inserted {
-        debit(tx, c.account_id, c.credits)?;
+impl<'t> Writes<'t> {
+    pub fn prepare(tx: &'t Transaction) -> rusqlite::Result<Self> {
+        Ok(Self {
+            hold: tx.prepare_cached(
+                "INSERT OR IGNORE INTO holds (id, account_id, key_id, model, credits, created_at_ms)
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE NOT EXISTS (SELECT 1 FROM charges WHERE id = ?1)",
+            )?,
+            charge: tx.prepare_cached(
+                "INSERT OR IGNORE INTO charges (id, account_id, key_id, model, units_milli, credits,
+                    held, shortfall, fal_status, outcome, started_at_ms, settled_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )?,
+            unhold: tx.prepare_cached("DELETE FROM holds WHERE id = ?1")?,
+            debit: tx.prepare_cached("UPDATE accounts SET balance = balance - ?1 WHERE id = ?2")?,
+        })
     }
-    delete_hold(tx, &c.id)?;
-    Ok(inserted)
-}
 
-/// The `charges` row alone; false when the id was recorded before (then
-/// nothing may be debited for it).
-pub fn record_charge(tx: &Transaction, c: &ChargeRecord) -> rusqlite::Result<bool> {
-    let inserted = tx
-        .prepare_cached(
-            "INSERT OR IGNORE INTO charges (id, account_id, key_id, model, units_milli, credits,
-                held, shortfall, fal_status, outcome, started_at_ms, settled_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-        )?
-        .execute(params![
+    /// A hold, unless its id was settled before.
+    pub fn hold(&mut self, h: &HoldRecord) -> rusqlite::Result<()> {
+        self.hold.execute(params![
+            h.id,
+            h.account_id,
+            h.key_id,
+            h.model,
+            h.credits,
+            h.created_at_ms
+        ])?;
+        Ok(())
+    }
+
+    /// Records a settlement once: a replay of the same id changes nothing, so
+    /// the balance moves by each charge exactly once.
+    pub fn settle(&mut self, c: &ChargeRecord) -> rusqlite::Result<bool> {
+        let inserted = self.charge(c)?;
+        if inserted {
+            self.debit(c.account_id, c.credits)?;
+        }
+        self.unhold(&c.id)?;
+        Ok(inserted)
+    }
+
+    /// The `charges` row alone; false when the id was recorded before (then
+    /// nothing may be debited for it).
+    pub fn charge(&mut self, c: &ChargeRecord) -> rusqlite::Result<bool> {
+        let inserted = self.charge.execute(params![
             c.id,
             c.account_id,
             c.key_id,
@@ -104,22 +122,21 @@ pub fn record_charge(tx: &Transaction, c: &ChargeRecord) -> rusqlite::Result<boo
             c.started_at_ms,
             c.settled_at_ms
         ])?;
-    Ok(inserted == 1)
-}
-
-/// Moves a balance down by `credits` (a delta: never a write of the whole balance).
-pub fn debit(tx: &Transaction, account_id: i64, credits: u64) -> rusqlite::Result<()> {
-    if credits > 0 {
-        tx.prepare_cached("UPDATE accounts SET balance = balance - ?1 WHERE id = ?2")?
-            .execute(params![credits, account_id])?;
+        Ok(inserted == 1)
     }
-    Ok(())
-}
 
-pub fn delete_hold(tx: &Transaction, id: &str) -> rusqlite::Result<()> {
-    tx.prepare_cached("DELETE FROM holds WHERE id = ?1")?
-        .execute([id])?;
-    Ok(())
+    /// Moves a balance down by `credits` (a delta: never a write of the whole balance).
+    pub fn debit(&mut self, account_id: i64, credits: u64) -> rusqlite::Result<()> {
+        if credits > 0 {
+            self.debit.execute(params![credits, account_id])?;
+        }
+        Ok(())
+    }
+
+    pub fn unhold(&mut self, id: &str) -> rusqlite::Result<()> {
+        self.unhold.execute([id])?;
+        Ok(())
+    }
 }
 
 /// What start-up recovery did.
@@ -144,11 +161,12 @@ pub fn recover(
     now_ms: i64,
 ) -> rusqlite::Result<Recovered> {
     let tx = conn.transaction()?;
+    let mut writes = Writes::prepare(&tx)?;
     let mut done = Recovered::default();
     for entry in journal {
         match entry {
-            Entry::Hold(h) => insert_hold(&tx, h)?,
-            Entry::Settle(c) => done.settled += u64::from(insert_charge(&tx, c)?),
+            Entry::Hold(h) => writes.hold(h)?,
+            Entry::Settle(c) => done.settled += u64::from(writes.settle(c)?),
             // Pending again, with its hold: the job settles it, not recovery.
             Entry::Job(j) => super::jobs::insert(&tx, j)?,
             Entry::Completed(id) => super::jobs::completed(&tx, id)?,
@@ -177,7 +195,7 @@ pub fn recover(
             started_at_ms: h.created_at_ms,
             settled_at_ms: now_ms,
         };
-        if insert_charge(&tx, &charge)? {
+        if writes.settle(&charge)? {
             done.holds += 1;
             done.credits += charge.credits;
         }
@@ -193,6 +211,7 @@ pub fn recover(
          FROM charges c WHERE c.id = jobs.hold_id AND jobs.state = 'pending'",
         [],
     )?;
+    drop(writes);
     tx.commit()?;
     Ok(done)
 }

@@ -366,7 +366,7 @@ fn set_aside(
         rusqlite::params![op.subject(), entry, reason, now_ms()],
     )?;
     if let WriteOp::Settle { charge, .. } = op {
-        ledger::delete_hold(&tx, &charge.id)?;
+        ledger::Writes::prepare(&tx)?.unhold(&charge.id)?;
     }
     tx.commit()
 }
@@ -396,8 +396,8 @@ fn gather(rx: &mut mpsc::Receiver<WriteOp>, batch: &mut Vec<WriteOp>) {
 
 /// One transaction for the batch. A hold settled within the same batch is
 /// never written as a hold (the journal covers it until the commit), and
-/// balances move by one summed delta per account.
-fn commit(conn: &mut Connection, batch: &[WriteOp]) -> rusqlite::Result<()> {
+/// balances move by one summed delta per account. Public for the bench.
+pub fn commit(conn: &mut Connection, batch: &[WriteOp]) -> rusqlite::Result<()> {
     let held_here: HashSet<&str> = batch
         .iter()
         .filter_map(|op| match op {
@@ -415,6 +415,7 @@ fn commit(conn: &mut Connection, batch: &[WriteOp]) -> rusqlite::Result<()> {
     let mut debits: HashMap<i64, u64> = HashMap::new();
     let tx = conn.transaction()?;
     {
+        let mut writes = ledger::Writes::prepare(&tx)?;
         let mut used = tx.prepare_cached(
             "UPDATE api_keys SET last_used_at = MAX(COALESCE(last_used_at, 0), ?2) WHERE id = ?1",
         )?;
@@ -424,13 +425,13 @@ fn commit(conn: &mut Connection, batch: &[WriteOp]) -> rusqlite::Result<()> {
                     used.execute([key_id, at])?;
                 }
                 WriteOp::Hold { hold, .. } if settled_here.contains(hold.id.as_str()) => {}
-                WriteOp::Hold { hold, .. } => ledger::insert_hold(&tx, hold)?,
+                WriteOp::Hold { hold, .. } => writes.hold(hold)?,
                 WriteOp::Settle { charge, .. } => {
-                    if ledger::record_charge(&tx, charge)? {
+                    if writes.charge(charge)? {
                         *debits.entry(charge.account_id).or_default() += charge.credits;
                     }
                     if !held_here.contains(charge.id.as_str()) {
-                        ledger::delete_hold(&tx, &charge.id)?;
+                        writes.unhold(&charge.id)?;
                     }
                 }
                 WriteOp::JobSubmitted { job, .. } => jobs::insert(&tx, job)?,
@@ -453,9 +454,9 @@ fn commit(conn: &mut Connection, batch: &[WriteOp]) -> rusqlite::Result<()> {
                 WriteOp::Close => {}
             }
         }
-    }
-    for (account_id, credits) in debits {
-        ledger::debit(&tx, account_id, credits)?;
+        for (account_id, credits) in debits {
+            writes.debit(account_id, credits)?;
+        }
     }
     tx.commit()
 }
