@@ -398,14 +398,15 @@ fn gather(rx: &mut mpsc::Receiver<WriteOp>, batch: &mut Vec<WriteOp>) {
 /// never written as a hold (the journal covers it until the commit), and
 /// balances move by one summed delta per account. Public for the bench.
 pub fn commit(conn: &mut Connection, batch: &[WriteOp]) -> rusqlite::Result<()> {
-    let held_here: HashSet<&str> = batch
+    // ahash, not SipHash: these two sets were a twentieth of the writer's time.
+    let held_here: HashSet<&str, ahash::RandomState> = batch
         .iter()
         .filter_map(|op| match op {
             WriteOp::Hold { hold, .. } => Some(hold.id.as_str()),
             _ => None,
         })
         .collect();
-    let settled_here: HashSet<&str> = batch
+    let settled_here: HashSet<&str, ahash::RandomState> = batch
         .iter()
         .filter_map(|op| match op {
             WriteOp::Settle { charge, .. } => Some(charge.id.as_str()),
