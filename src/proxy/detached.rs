@@ -3,10 +3,8 @@
 //! waits for it (its settlement is money) the way it waits for connections.
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -28,63 +26,17 @@ impl Drop for Running {
     }
 }
 
-/// Work run by [`Detached::run`], counted until it ends.
-pub struct Attached<F: Future + Unpin + Send + 'static>
-where
-    F::Output: Send + 'static,
-{
-    work: Option<(F, Running)>,
-}
-
-impl<F> Future for Attached<F>
-where
-    F: Future + Unpin + Send + 'static,
-    F::Output: Send + 'static,
-{
-    type Output = F::Output;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let (work, _) = self.work.as_mut().expect("polled after it ended");
-        let out = std::task::ready!(Pin::new(work).poll(cx));
-        self.work = None;
-        Poll::Ready(out)
-    }
-}
-
-impl<F> Drop for Attached<F>
-where
-    F: Future + Unpin + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn drop(&mut self) {
-        // A panic in the work unwinds through here: it is not polled again.
-        let Some((work, running)) = self.work.take().filter(|_| !std::thread::panicking()) else {
-            return;
-        };
-        // Without a runtime (a drop at shutdown) the work goes with the
-        // caller, as a task of the runtime would.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                let _running = running;
-                work.await
-            });
-        }
-    }
-}
-
 impl Detached {
-    /// Runs `work` as part of the caller's future, polled where the caller
-    /// is: if the caller drops it unfinished (its client left), the rest of
-    /// it runs on a task of its own. (A task per call, and its wake-ups,
-    /// cost what the work itself cost.) A panic in it is the caller's.
-    pub fn run<F>(self: &Arc<Self>, work: F) -> Attached<F>
+    /// Runs `work` on a task of its own and waits for it; dropping the
+    /// returned future leaves the work running. A panic in it is the caller's.
+    pub async fn run<F>(self: &Arc<Self>, work: F) -> F::Output
     where
-        F: Future + Unpin + Send + 'static,
+        F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        self.running.fetch_add(1, Ordering::AcqRel);
-        Attached {
-            work: Some((work, Running(Arc::clone(self)))),
+        match self.spawn(work).await {
+            Ok(out) => out,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
         }
     }
 
@@ -129,11 +81,7 @@ mod tests {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let caller = tokio::spawn({
             let detached = Arc::clone(&detached);
-            async move {
-                detached
-                    .run(Box::pin(async move { rx.await.is_ok() }))
-                    .await
-            }
+            async move { detached.run(async move { rx.await.is_ok() }).await }
         });
         tokio::task::yield_now().await;
         caller.abort();

@@ -344,8 +344,7 @@ impl Proxy {
         let (upstream, ledger) = (Arc::clone(&self.upstream), Arc::clone(&self.ledger));
         let model = model.to_owned();
         // Boxed where it is made: the future holds the whole answer's
-        // handling, and is moved (into a task, if the client leaves)
-        // without being copied.
+        // handling, and is moved into its task without being copied.
         let work = Box::pin(async move {
             let started = Instant::now();
             let sent = send(&upstream, parts, Body::full(bytes), uri).await;
