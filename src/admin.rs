@@ -10,6 +10,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
 
 use crate::billing::pricing::PriceTable;
 use crate::config::{BillingConfig, PriceRuleConfig, DEFAULT_PLAN};
@@ -26,6 +27,7 @@ use crate::reload::Reloader;
 use crate::server::Handler;
 use crate::store::admin::{self, KeyListing};
 use crate::store::db::Db;
+use crate::store::payments;
 use crate::store::snapshot::{self, AccountRow};
 use crate::store::writer::StoreWriter;
 use crate::usage;
@@ -160,8 +162,7 @@ impl Admin {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        let (a, b) = (presented.as_bytes(), self.w.token.as_bytes());
-        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        bool::from(presented.as_bytes().ct_eq(self.w.token.as_bytes()))
     }
 
     async fn route(&self, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
@@ -228,6 +229,15 @@ impl Admin {
                     admin::account(conn, &name)
                 })
                 .await
+            }
+            (Method::GET, ["accounts", name, "payments"]) => {
+                let account = self.find(name).await?;
+                let rows = self
+                    .w
+                    .db
+                    .run(move |conn| payments::list(conn, account.id))
+                    .await?;
+                json(StatusCode::OK, &rows)
             }
             (Method::GET, ["accounts", name, "usage"]) => {
                 let since = query_param(&req, "since").map(str::to_owned);

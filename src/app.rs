@@ -114,6 +114,7 @@ impl Core {
                 jobs: Arc::clone(&jobs),
                 db: Db::open(&config.store.path)?,
                 metrics: Arc::clone(&metrics),
+                refresh: refresher.waker(),
             },
         )?);
         Ok(Self {

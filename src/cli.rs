@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::dates;
 use crate::error::Error;
 use crate::store::ledger;
-use crate::store::{self, admin};
+use crate::store::{self, admin, payments};
 use crate::usage;
 
 #[derive(Parser)]
@@ -42,6 +42,9 @@ pub enum Command {
     /// Top up, suspend, resume and show accounts.
     #[command(subcommand)]
     Accounts(AccountsCommand),
+    /// An account's card payments and their refunds.
+    #[command(subcommand)]
+    Payments(PaymentsCommand),
     /// An account's charges and totals per model.
     Usage {
         name: String,
@@ -90,6 +93,12 @@ pub enum AccountsCommand {
     Show { name: String },
     /// Move an account to another plan (its rate limits).
     Plan { name: String, plan: String },
+}
+
+#[derive(Subcommand)]
+pub enum PaymentsCommand {
+    /// List an account's payments, newest first.
+    List { name: String },
 }
 
 #[derive(Args)]
@@ -189,6 +198,25 @@ pub fn run_admin(config: &Config, command: Command) -> Result<String, Error> {
             known_plan(config, &plan)?;
             admin::set_plan(&mut conn, &name, &plan)?;
             format!("account {name} is now on plan {plan}")
+        }
+        Command::Payments(PaymentsCommand::List { name }) => {
+            let account = admin::account(&mut conn, &name)?;
+            let mut out = format!(
+                "{:<20} {:<40} {:>10} {:>10} {:>10} {:>10}",
+                "PAID (UTC)", "CHECKOUT SESSION", "AMOUNT", "CREDITS", "REFUNDED", "TAKEN BACK"
+            );
+            for p in payments::list(&conn, account.id)? {
+                out += &format!(
+                    "\n{:<20} {:<40} {:>10} {:>10} {:>10} {:>10}",
+                    dates::format_utc(p.created_at_ms / 1000),
+                    p.id,
+                    format!("{} {}", p.amount, p.currency),
+                    p.credits,
+                    p.refunded_amount,
+                    p.refunded_credits
+                );
+            }
+            out
         }
         Command::Usage { name, since, json } => usage(config, &mut conn, &name, since, json)?,
     };

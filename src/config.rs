@@ -37,6 +37,8 @@ pub struct Config {
     pub queue: QueueConfig,
     #[serde(default)]
     pub admin: AdminConfig,
+    #[serde(default)]
+    pub payments: PaymentsConfig,
     /// Rate-limit plans by name; `free` is every new account's.
     #[serde(default = "default_plans")]
     pub plans: BTreeMap<String, PlanConfig>,
@@ -56,6 +58,27 @@ impl Default for AdminConfig {
         Self {
             listen: None,
             token_env: "ABHIAPI_ADMIN_TOKEN".into(),
+        }
+    }
+}
+
+/// Card payments through Stripe: credits arrive only from its signed webhook.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PaymentsConfig {
+    /// Environment variable holding the webhook endpoint's signing secret
+    /// (`whsec_…`); unset, `POST /v1/stripe/webhook` answers 404.
+    pub webhook_secret_env: String,
+    /// The currency payments are made in (ISO code, lower case; two decimal
+    /// places). `[billing] usd_per_credit` is read as this currency per credit.
+    pub currency: String,
+}
+
+impl Default for PaymentsConfig {
+    fn default() -> Self {
+        Self {
+            webhook_secret_env: "STRIPE_WEBHOOK_SECRET".into(),
+            currency: "usd".into(),
         }
     }
 }

@@ -104,6 +104,11 @@ pub enum ApiError {
     },
     /// fal refused the operator's key: an operator problem, never shown as the client's.
     UpstreamAuth,
+    /// A Stripe webhook whose `Stripe-Signature` is missing, wrong or stale.
+    WebhookSignature(&'static str),
+    /// A signed Stripe event that cannot be applied as it stands (an
+    /// unknown account, another currency, amounts that disagree).
+    WebhookEvent(String),
 }
 
 impl ApiError {
@@ -123,7 +128,9 @@ impl ApiError {
             MissingKey | MalformedKey | UnknownKey => StatusCode::UNAUTHORIZED,
             KeyDisabled | AccountSuspended => StatusCode::FORBIDDEN,
             MalformedJson(_) | InvalidInput(_) | ClientBody | InvalidPath | InvalidHost
-            | InvalidTarget | UpgradeRefused => StatusCode::BAD_REQUEST,
+            | InvalidTarget | UpgradeRefused | WebhookSignature(_) | WebhookEvent(_) => {
+                StatusCode::BAD_REQUEST
+            }
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             JobNotFound | NotFound => StatusCode::NOT_FOUND,
             AdminUnauthorized => StatusCode::UNAUTHORIZED,
@@ -182,6 +189,8 @@ impl ApiError {
             UpstreamTimeout { .. } => "upstream_timeout",
             UpstreamFailed { .. } => "upstream_error",
             UpstreamAuth => "upstream_auth_failed",
+            WebhookSignature(_) => "invalid_signature",
+            WebhookEvent(_) => "invalid_event",
         }
     }
 
@@ -232,6 +241,8 @@ impl ApiError {
                 format!("fal answered with an error ({}).", status.as_u16())
             }
             UpstreamAuth => "The gateway's fal credentials were refused; the operator has been alerted.".into(),
+            WebhookSignature(why) => format!("Stripe-Signature: {why}; nothing was changed."),
+            WebhookEvent(why) => format!("{why}; nothing was changed."),
         }
     }
 

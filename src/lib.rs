@@ -22,6 +22,7 @@ pub mod log_output;
 pub mod memory;
 pub mod metrics;
 pub mod mock_fal;
+pub mod payments;
 pub mod proxy;
 pub mod ratelimit;
 pub mod reload;

@@ -16,6 +16,7 @@ pub(crate) mod path;
 mod queue;
 mod request_id;
 mod respond;
+mod stripe;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -34,8 +35,10 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::{ApiError, Error};
 use crate::jobs::Jobs;
+use crate::keys::refresh::RefreshWaker;
 use crate::keys::{ApiKey, Registry};
 use crate::metrics::{Denial, Metrics};
+use crate::payments::{self, Payments};
 use crate::ratelimit::{ceil_secs, Allowance, Decision, RateLimits, Verdict};
 use crate::store::{db::Db, now_secs, writer::StoreWriter};
 use crate::upstream::{FalBody, Upstream};
@@ -61,6 +64,10 @@ pub struct Proxy {
     trust_forwarded: bool,
     /// How slowly a billable body may arrive.
     body_pace: pace::BodyPace,
+    /// Stripe's webhook, when its secret is configured.
+    payments: Option<Arc<Payments>>,
+    /// Tells the refresher that this server changed a balance in SQLite.
+    refresh: RefreshWaker,
 }
 
 /// What the request's connection says about how the client reached us.
@@ -127,6 +134,7 @@ pub struct Wiring {
     pub jobs: Arc<Jobs>,
     pub db: Db,
     pub metrics: Arc<Metrics>,
+    pub refresh: RefreshWaker,
 }
 
 impl Proxy {
@@ -146,6 +154,8 @@ impl Proxy {
             detached: Arc::default(),
             trust_forwarded: config.server.trust_forwarded_headers,
             body_pace: (&config.server).into(),
+            payments: Payments::from_config(config)?.map(Arc::new),
+            refresh: w.refresh,
         })
     }
 
@@ -210,6 +220,10 @@ impl Proxy {
         trace.route = "dashboard";
         if (path == "/dashboard" || path == "/dashboard/") && req.method() == Method::GET {
             return Ok(dashboard::page());
+        }
+        if path == payments::WEBHOOK_ROUTE {
+            trace.route = "stripe_webhook";
+            return self.stripe_webhook(req).await;
         }
         let target = path::Canonical::of(req.uri());
         let queue_route = target.as_ref().ok().and_then(queue::Route::parse);

@@ -46,7 +46,7 @@ fn check_opening(credits: i64) -> Result<(), Error> {
 }
 
 /// A top-up: positive, and leaving `account` within [`MAX_BALANCE`].
-fn check_topup(account: &AccountRow, credits: i64) -> Result<(), Error> {
+pub(super) fn check_topup(account: &AccountRow, credits: i64) -> Result<(), Error> {
     if credits <= 0 {
         return Err(Error::Usage(
             "a top-up must be a positive number of credits".into(),
@@ -62,11 +62,11 @@ fn check_topup(account: &AccountRow, credits: i64) -> Result<(), Error> {
     Ok(())
 }
 
-fn write_tx(conn: &mut Connection) -> Result<Transaction<'_>, Error> {
+pub(super) fn write_tx(conn: &mut Connection) -> Result<Transaction<'_>, Error> {
     Ok(conn.transaction_with_behavior(TransactionBehavior::Immediate)?)
 }
 
-fn record_change(
+pub(super) fn record_change(
     tx: &Transaction,
     account_id: Option<i64>,
     key_id: Option<i64>,
@@ -79,12 +79,12 @@ fn record_change(
     Ok(())
 }
 
-fn find_account(tx: &Transaction, name: &str) -> Result<Option<AccountRow>, Error> {
+pub(super) fn find_account(tx: &Transaction, name: &str) -> Result<Option<AccountRow>, Error> {
     let sql = format!("SELECT {ACCOUNT_COLS} FROM accounts WHERE name = ?1");
     Ok(tx.query_row(&sql, [name], account_row).optional()?)
 }
 
-fn require_account(tx: &Transaction, name: &str) -> Result<AccountRow, Error> {
+pub(super) fn require_account(tx: &Transaction, name: &str) -> Result<AccountRow, Error> {
     find_account(tx, name)?.ok_or_else(|| Error::Usage(format!("no account named {name:?}")))
 }
 

@@ -6,6 +6,7 @@ pub mod db;
 pub mod jobs;
 pub mod ledger;
 pub mod lock;
+pub mod payments;
 mod schema;
 pub mod snapshot;
 pub mod writer;

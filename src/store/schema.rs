@@ -100,6 +100,21 @@ const MIGRATIONS: &[&str] = &[
     // 8: the most recent ended jobs are loaded at start-up, the older ones
     // read one at a time when their owner asks.
     "CREATE INDEX jobs_created ON jobs(created_at_ms);",
+    // 9: card payments, one row per paid Stripe Checkout Session (its id is
+    // the key, so a replayed event credits nothing). Amounts are in the
+    // currency's smallest unit; refunds are cumulative, as Stripe reports them.
+    "CREATE TABLE payments (
+        id TEXT PRIMARY KEY,
+        account_id INTEGER NOT NULL REFERENCES accounts(id),
+        payment_intent TEXT UNIQUE,
+        currency TEXT NOT NULL,
+        amount INTEGER NOT NULL,
+        credits INTEGER NOT NULL,
+        refunded_amount INTEGER NOT NULL DEFAULT 0,
+        refunded_credits INTEGER NOT NULL DEFAULT 0,
+        created_at_ms INTEGER NOT NULL
+    );
+    CREATE INDEX payments_account ON payments(account_id, created_at_ms);",
 ];
 
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {

@@ -54,6 +54,8 @@ pub struct Options {
     pub plans: String,
     /// Turn the admin listener on (token: [`ADMIN_TOKEN`]).
     pub admin: bool,
+    /// Stripe's webhook on, signed with [`STRIPE_WEBHOOK_SECRET`].
+    pub payments: bool,
     /// `tls_cert` and `tls_key`; the embedded dev certificate when `None`.
     pub tls_files: Option<(PathBuf, PathBuf)>,
     /// More `[limits]` lines, as TOML.
@@ -61,6 +63,7 @@ pub struct Options {
 }
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+pub const STRIPE_WEBHOOK_SECRET: &str = "whsec_test_0123456789abcdef";
 
 /// Limits no other test comes near; the rate-limit tests set real ones.
 pub const UNLIMITED_PLANS: &str = "[plans.free]\nrequests_per_minute = 100000000\n";
@@ -119,6 +122,7 @@ impl Options {
             pricing: TEST_PRICING.to_owned(),
             plans: UNLIMITED_PLANS.to_owned(),
             admin: false,
+            payments: false,
             tls_files: None,
             limits: String::new(),
         }
@@ -160,6 +164,7 @@ refresh_interval_ms = 250
 fsync = {fsync}
 
 {admin}
+{payments}
 [queue]
 reconcile_interval_secs = {reconcile}
 keep_ended_jobs_days = {keep}
@@ -195,6 +200,11 @@ max_json_body_bytes = {max_json}
                 .unwrap_or_default(),
             admin = if self.admin {
                 "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_env = \"ABHIAPI_TEST_ADMIN_TOKEN\"\n"
+            } else {
+                ""
+            },
+            payments = if self.payments {
+                "[payments]\nwebhook_secret_env = \"ABHIAPI_TEST_STRIPE_WEBHOOK_SECRET\"\n"
             } else {
                 ""
             },
@@ -381,6 +391,7 @@ fn launch(
         .arg(config)
         .env("ABHIAPI_TEST_FAL_KEY", FAL_KEY)
         .env("ABHIAPI_TEST_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("ABHIAPI_TEST_STRIPE_WEBHOOK_SECRET", STRIPE_WEBHOOK_SECRET)
         .stdout(Stdio::piped())
         .stderr(stderr)
         .spawn()

@@ -1,0 +1,172 @@
+//! Card payments in SQLite: a paid Checkout Session credits its account
+//! once, a refund takes back what Stripe reports refunded beyond what was
+//! taken back before. Both move the balance by a delta through the change
+//! feed, as a top-up does, so a running server applies each exactly once.
+
+use rusqlite::{params, OptionalExtension};
+use serde::Serialize;
+
+use super::admin::{check_topup, find_account, record_change, write_tx};
+use super::now_ms;
+use crate::error::Error;
+
+/// A paid Checkout Session, as its signed event reports it.
+#[derive(Debug)]
+pub struct Paid<'a> {
+    /// The Checkout Session id: the payment's key.
+    pub session: &'a str,
+    /// The account's name (`client_reference_id`).
+    pub account: &'a str,
+    pub payment_intent: Option<&'a str>,
+    pub currency: &'a str,
+    /// What was charged, in the currency's smallest unit.
+    pub amount: i64,
+    pub credits: i64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Recorded {
+    /// New: the account was credited.
+    Credited {
+        account_id: i64,
+    },
+    /// This session was recorded before: nothing changed.
+    Replayed,
+    NoSuchAccount,
+}
+
+pub fn record_paid(conn: &mut rusqlite::Connection, p: &Paid) -> Result<Recorded, Error> {
+    let tx = write_tx(conn)?;
+    let Some(account) = find_account(&tx, p.account)? else {
+        return Ok(Recorded::NoSuchAccount);
+    };
+    let inserted = tx.execute(
+        "INSERT OR IGNORE INTO payments (id, account_id, payment_intent, currency, amount, credits, created_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![p.session, account.id, p.payment_intent, p.currency, p.amount, p.credits, now_ms()],
+    )?;
+    if inserted == 0 {
+        return Ok(Recorded::Replayed);
+    }
+    // Positive, and within the most a balance may hold (no overflow); else
+    // the transaction, payment row and all, is dropped.
+    check_topup(&account, p.credits)?;
+    tx.execute(
+        "UPDATE accounts SET balance = balance + ?1 WHERE id = ?2",
+        params![p.credits, account.id],
+    )?;
+    record_change(&tx, Some(account.id), None, p.credits)?;
+    tx.commit()?;
+    Ok(Recorded::Credited {
+        account_id: account.id,
+    })
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refunded {
+    /// `credits` taken back now (the balance may go below zero).
+    Debited { account_id: i64, credits: i64 },
+    /// Stripe reported no more refunded than before: a replay.
+    Unchanged,
+    /// No payment of ours has this payment intent.
+    UnknownPayment,
+}
+
+/// Stripe's `amount_refunded` is the payment's refunded total so far; the
+/// credits taken back are that share of the payment's credits (all of them
+/// once it is refunded in full), less what earlier refunds took.
+pub fn record_refund(
+    conn: &mut rusqlite::Connection,
+    payment_intent: &str,
+    currency: &str,
+    amount_refunded: i64,
+) -> Result<Refunded, Error> {
+    let tx = write_tx(conn)?;
+    let row = tx
+        .query_row(
+            "SELECT id, account_id, currency, amount, credits, refunded_amount, refunded_credits
+             FROM payments WHERE payment_intent = ?1",
+            [payment_intent],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, i64>(6)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((id, account_id, paid_in, amount, credits, before_amount, before_credits)) = row
+    else {
+        return Ok(Refunded::UnknownPayment);
+    };
+    if paid_in != currency {
+        return Err(Error::Usage(format!(
+            "a refund in {currency} of a payment in {paid_in}"
+        )));
+    }
+    let total = amount_refunded.clamp(0, amount);
+    if total <= before_amount {
+        return Ok(Refunded::Unchanged);
+    }
+    let taken_total = if amount == 0 {
+        credits
+    } else {
+        i64::try_from(i128::from(total) * i128::from(credits) / i128::from(amount))
+            .unwrap_or(credits)
+    };
+    let taken = taken_total - before_credits;
+    tx.execute(
+        "UPDATE payments SET refunded_amount = ?1, refunded_credits = ?2 WHERE id = ?3",
+        params![total, taken_total, id],
+    )?;
+    tx.execute(
+        "UPDATE accounts SET balance = balance - ?1 WHERE id = ?2",
+        params![taken, account_id],
+    )?;
+    record_change(&tx, Some(account_id), None, -taken)?;
+    tx.commit()?;
+    Ok(Refunded::Debited {
+        account_id,
+        credits: taken,
+    })
+}
+
+#[derive(Debug, Serialize)]
+pub struct PaymentRow {
+    pub id: String,
+    pub payment_intent: Option<String>,
+    pub currency: String,
+    pub amount: i64,
+    pub credits: i64,
+    pub refunded_amount: i64,
+    pub refunded_credits: i64,
+    pub created_at_ms: i64,
+}
+
+/// An account's payments, newest first.
+pub fn list(conn: &rusqlite::Connection, account_id: i64) -> Result<Vec<PaymentRow>, Error> {
+    let rows = conn
+        .prepare(
+            "SELECT id, payment_intent, currency, amount, credits, refunded_amount, refunded_credits, created_at_ms
+             FROM payments WHERE account_id = ?1 ORDER BY created_at_ms DESC, id",
+        )?
+        .query_map([account_id], |r| {
+            Ok(PaymentRow {
+                id: r.get(0)?,
+                payment_intent: r.get(1)?,
+                currency: r.get(2)?,
+                amount: r.get(3)?,
+                credits: r.get(4)?,
+                refunded_amount: r.get(5)?,
+                refunded_credits: r.get(6)?,
+                created_at_ms: r.get(7)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
+}

@@ -1,0 +1,319 @@
+//! Stripe's webhook through the real binary: events signed by Stripe's own
+//! Node library (`tests/stripe`, pinned), credits that arrive once and can be
+//! spent at once, refunds that take back their share once, and everything
+//! unsigned, stale or foreign refused without a change to the books.
+
+mod support;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use http::{Method, Request};
+use http_body_util::Full;
+use simd_json::prelude::*;
+use simd_json::OwnedValue;
+use support::*;
+
+/// `Stripe-Signature` for `payload`, made by Stripe's library (at `timestamp`, or now).
+fn stripe_signature(payload: &str, secret: &str, timestamp: Option<i64>) -> String {
+    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+    let dir = repo_path("tests/stripe");
+    npm_ready(&DONE, &dir, "stripe");
+    let mut cmd = Command::new("node");
+    cmd.arg(dir.join("sign.cjs")).arg(secret);
+    if let Some(t) = timestamp {
+        cmd.arg(t.to_string());
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(payload.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn signed(payload: &str) -> Option<String> {
+    Some(stripe_signature(payload, STRIPE_WEBHOOK_SECRET, None))
+}
+
+/// A `checkout.session.completed` event as Stripe sends it (the fields we
+/// read among others), for `cents` paid by `account`.
+fn completed(event: &str, session: &str, account: &str, cents: i64, intent: &str) -> String {
+    format!(
+        r#"{{"id":"{event}","object":"event","api_version":"2024-06-20","created":1733000000,"livemode":false,"type":"checkout.session.completed","data":{{"object":{{"id":"{session}","object":"checkout.session","mode":"payment","payment_status":"paid","status":"complete","client_reference_id":"{account}","currency":"usd","amount_subtotal":{cents},"amount_total":{cents},"payment_intent":"{intent}","metadata":{{"credits":"{credits}"}},"customer_details":{{"email":"a@example.com"}}}}}}}}"#,
+        credits = cents * 10
+    )
+}
+
+/// A `charge.refunded` event: `refunded` cents refunded so far, in total.
+fn refunded(event: &str, intent: &str, cents: i64, refunded: i64) -> String {
+    format!(
+        r#"{{"id":"{event}","object":"event","type":"charge.refunded","data":{{"object":{{"id":"ch_{event}","object":"charge","amount":{cents},"amount_refunded":{refunded},"currency":"usd","payment_intent":"{intent}","refunded":{full}}}}}}}"#,
+        full = refunded == cents
+    )
+}
+
+async fn deliver(server: &Server, payload: &str, signature: Option<String>) -> (u16, OwnedValue) {
+    let mut req = Request::builder()
+        .method(Method::POST)
+        .uri(server.url("/v1/stripe/webhook"))
+        .header("content-type", "application/json; charset=utf-8");
+    if let Some(s) = signature {
+        req = req.header("stripe-signature", s);
+    }
+    let req = req
+        .body(Full::new(bytes::Bytes::from(payload.to_owned())))
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    (status, json(&body(resp).await))
+}
+
+fn balance(server: &Server, account: &str) -> i64 {
+    server
+        .db()
+        .query_row(
+            "SELECT balance FROM accounts WHERE name = ?1",
+            [account],
+            |r| r.get(0),
+        )
+        .unwrap()
+}
+
+fn payments(server: &Server) -> i64 {
+    server
+        .db()
+        .query_row("SELECT COUNT(*) FROM payments", [], |r| r.get(0))
+        .unwrap()
+}
+
+fn options(mock: &MockFal) -> Options {
+    Options {
+        payments: true,
+        admin: true,
+        ..Options::new(mock.url(false))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paid_checkout_credits_its_account_once_and_its_key_spends_it_at_once() {
+    let mock = MockFal::start(None).await.unwrap();
+    let (server, key) = Server::start_with_key(options(&mock), "acme", 0);
+    let resp = call(&server, &key, "/fal-ai/flux/dev", r#"{"prompt":"a"}"#).await;
+    assert_error(resp, 402, "insufficient_credits").await;
+
+    let event = completed("evt_1", "cs_test_1", "acme", 500, "pi_1");
+    let (status, answer) = deliver(&server, &event, signed(&event)).await;
+    assert_eq!(status, 200, "{answer:?}");
+    assert_eq!(answer.get_str("outcome"), Some("credited"));
+    assert_eq!(answer.get_i64("credits"), Some(5000));
+    assert_eq!(balance(&server, "acme"), 5000);
+
+    // The running server has the credits without a restart.
+    let paid_call = eventually(std::time::Duration::from_secs(5), || async {
+        call(&server, &key, "/fal-ai/flux/dev", r#"{"prompt":"a"}"#)
+            .await
+            .status()
+            == 200
+    })
+    .await;
+    assert!(paid_call);
+
+    // The same event again, and another event for the same session: nothing more.
+    let (status, answer) = deliver(&server, &event, signed(&event)).await;
+    assert_eq!((status, answer.get_str("outcome")), (200, Some("replayed")));
+    let again = completed("evt_2", "cs_test_1", "acme", 500, "pi_1");
+    let (status, answer) = deliver(&server, &again, signed(&again)).await;
+    assert_eq!((status, answer.get_str("outcome")), (200, Some("replayed")));
+    assert_eq!(payments(&server), 1);
+
+    let charged: i64 = server
+        .db()
+        .query_row("SELECT COALESCE(SUM(credits), 0) FROM charges", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert!(charged > 0);
+    assert!(books_close(&server, &[("acme", charged)]).await);
+    assert_eq!(balance(&server, "acme"), 5000 - charged);
+
+    // The operator sees the payment in the CLI and the admin API.
+    let listed = server.cli(&["payments", "list", "acme"]);
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed.contains("cs_test_1") && listed.contains("500 usd"),
+        "{listed}"
+    );
+    let req = Request::builder()
+        .uri(format!(
+            "http://{}/admin/accounts/acme/payments",
+            server.admin.unwrap()
+        ))
+        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .body(Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let listed = json(&body(client().request(req).await.unwrap()).await);
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].get_str("id"), Some("cs_test_1"));
+    assert_eq!(listed[0].get_i64("credits"), Some(5000));
+    assert_eq!(listed[0].get_str("payment_intent"), Some("pi_1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refunds_take_back_their_share_once_even_below_zero() {
+    let mock = MockFal::start(None).await.unwrap();
+    let (server, key) = Server::start_with_key(options(&mock), "acme", 0);
+    let event = completed("evt_1", "cs_test_1", "acme", 500, "pi_1");
+    assert_eq!(deliver(&server, &event, signed(&event)).await.0, 200);
+    // Some of the credits are spent before the refunds.
+    for _ in 0..3 {
+        let ok = eventually(std::time::Duration::from_secs(5), || async {
+            call(&server, &key, "/fal-ai/flux/dev", r#"{"prompt":"a"}"#)
+                .await
+                .status()
+                == 200
+        })
+        .await;
+        assert!(ok);
+    }
+    let charged = || -> i64 {
+        server
+            .db()
+            .query_row("SELECT COALESCE(SUM(credits), 0) FROM charges", [], |r| {
+                r.get(0)
+            })
+            .unwrap()
+    };
+    let written = eventually(std::time::Duration::from_secs(10), || async {
+        charged() > 0 && balance(&server, "acme") == 5000 - charged()
+    })
+    .await;
+    assert!(written);
+    let spent = charged();
+
+    // Stripe's amount_refunded is cumulative: $2 of $5, then all of it.
+    let partial = refunded("evt_r1", "pi_1", 500, 200);
+    let (status, answer) = deliver(&server, &partial, signed(&partial)).await;
+    assert_eq!(status, 200, "{answer:?}");
+    assert_eq!(answer.get_str("outcome"), Some("refunded"));
+    assert_eq!(answer.get_i64("credits"), Some(2000));
+    assert_eq!(balance(&server, "acme"), 3000 - spent);
+    let (_, answer) = deliver(&server, &partial, signed(&partial)).await;
+    assert_eq!(answer.get_str("outcome"), Some("replayed"));
+
+    // The full refund takes back the rest, below zero by what was spent.
+    let full = refunded("evt_r2", "pi_1", 500, 500);
+    let (_, answer) = deliver(&server, &full, signed(&full)).await;
+    assert_eq!(answer.get_i64("credits"), Some(3000));
+    assert_eq!(balance(&server, "acme"), -spent);
+    let (_, answer) = deliver(&server, &full, signed(&full)).await;
+    assert_eq!(answer.get_str("outcome"), Some("replayed"));
+
+    // A refund of a charge that is not one of our payments: not ours.
+    let foreign = refunded("evt_r3", "pi_other", 500, 500);
+    let (status, answer) = deliver(&server, &foreign, signed(&foreign)).await;
+    assert_eq!((status, answer.get_str("outcome")), (200, Some("ignored")));
+    assert!(books_close(&server, &[("acme", spent)]).await);
+    assert_eq!(balance(&server, "acme"), -spent);
+
+    // Below zero, the key is refused until the account is topped up.
+    let refused = eventually(std::time::Duration::from_secs(5), || async {
+        call(&server, &key, "/fal-ai/flux/dev", r#"{"prompt":"a"}"#)
+            .await
+            .status()
+            == 402
+    })
+    .await;
+    assert!(refused);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsigned_stale_or_foreign_events_change_nothing() {
+    let mock = MockFal::start(None).await.unwrap();
+    let (server, _key) = Server::start_with_key(options(&mock), "acme", 100);
+    let event = completed("evt_1", "cs_test_1", "acme", 500, "pi_1");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let other = completed("evt_1", "cs_test_1", "acme", 50_000, "pi_1");
+    for (why, signature) in [
+        ("missing", None),
+        ("for another body", signed(&other)),
+        (
+            "with another secret",
+            Some(stripe_signature(&event, "whsec_wrong", None)),
+        ),
+        (
+            "stale",
+            Some(stripe_signature(
+                &event,
+                STRIPE_WEBHOOK_SECRET,
+                Some(now - 400),
+            )),
+        ),
+        (
+            "from the future",
+            Some(stripe_signature(
+                &event,
+                STRIPE_WEBHOOK_SECRET,
+                Some(now + 400),
+            )),
+        ),
+        ("not Stripe's format", Some("v1=abc".to_owned())),
+    ] {
+        let (status, answer) = deliver(&server, &event, signature).await;
+        assert_eq!(status, 400, "{why}: {answer:?}");
+        assert_eq!(
+            answer.get_str("error_type"),
+            Some("invalid_signature"),
+            "{why}"
+        );
+    }
+
+    let wrong_currency = event.replace(r#""currency":"usd""#, r#""currency":"eur""#);
+    let no_account = completed("evt_2", "cs_test_2", "nobody", 500, "pi_2");
+    let oversold = event.replace(r#""credits":"5000""#, r#""credits":"50000""#);
+    for (why, payload) in [
+        ("another currency", wrong_currency),
+        ("an unknown account", no_account),
+        ("credits that disagree with the amount", oversold),
+    ] {
+        let (status, answer) = deliver(&server, &payload, signed(&payload)).await;
+        assert_eq!(status, 400, "{why}: {answer:?}");
+        assert_eq!(answer.get_str("error_type"), Some("invalid_event"), "{why}");
+    }
+    let malformed = r#"{"id":"evt_3","type":"checkout.session.completed","data":"#;
+    let (status, _) = deliver(&server, malformed, signed(malformed)).await;
+    assert_eq!(status, 400);
+
+    // Not paid yet (a bank debit), and an event type we do not use: 200, nothing.
+    let unpaid = event.replace(r#""payment_status":"paid""#, r#""payment_status":"unpaid""#);
+    let other_type = event.replace("checkout.session.completed", "customer.created");
+    for payload in [unpaid, other_type] {
+        let (status, answer) = deliver(&server, &payload, signed(&payload)).await;
+        assert_eq!((status, answer.get_str("outcome")), (200, Some("ignored")));
+    }
+    assert_eq!(payments(&server), 0);
+    assert_eq!(balance(&server, "acme"), 100);
+    assert!(books_close(&server, &[]).await);
+}
+
+#[tokio::test]
+async fn without_its_secret_the_webhook_is_not_there() {
+    let mock = MockFal::start(None).await.unwrap();
+    let server = Server::start(Options::new(mock.url(false)));
+    let event = completed("evt_1", "cs_test_1", "acme", 500, "pi_1");
+    let (status, _) = deliver(&server, &event, signed(&event)).await;
+    assert_eq!(status, 404);
+}
