@@ -6,7 +6,6 @@
 use std::sync::Arc;
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -22,6 +21,7 @@ use crate::keys::Registry;
 use crate::metrics::{Gauges, Metrics};
 use crate::proxy::body::Body;
 use crate::proxy::json;
+use crate::proxy::small_body;
 use crate::proxy::Conn;
 use crate::reload::Reloader;
 use crate::server::Handler;
@@ -127,14 +127,11 @@ fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
         .find_map(|p| p.strip_prefix(name)?.strip_prefix('='))
 }
 
+/// The longest an admin request's body may take to arrive.
+const BODY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
-    let bytes = Limited::new(req.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|_| ApiError::BodyTooLarge { limit: MAX_BODY })?
-        .to_bytes();
-    let mut copy = bytes.to_vec();
-    simd_json::from_slice(&mut copy).map_err(|e| ApiError::MalformedJson(e.to_string()))
+    small_body::read_json(req.into_body(), MAX_BODY, BODY_WAIT).await
 }
 
 impl Handler for Admin {

@@ -66,19 +66,31 @@ impl Default for AdminConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PaymentsConfig {
+    /// Stripe's API (a stand-in's in tests and the demo).
+    pub api_base: String,
+    /// Environment variable holding Stripe's secret API key (`sk_…`); unset,
+    /// `POST /v1/topups` answers 404 `payments_not_enabled`.
+    pub secret_key_env: String,
     /// Environment variable holding the webhook endpoint's signing secret
     /// (`whsec_…`); unset, `POST /v1/stripe/webhook` answers 404.
     pub webhook_secret_env: String,
     /// The currency payments are made in (ISO code, lower case; two decimal
     /// places). `[billing] usd_per_credit` is read as this currency per credit.
     pub currency: String,
+    /// The smallest and largest top-up, in whole units of the currency.
+    pub min_usd: u64,
+    pub max_usd: u64,
 }
 
 impl Default for PaymentsConfig {
     fn default() -> Self {
         Self {
+            api_base: "https://api.stripe.com".into(),
+            secret_key_env: "STRIPE_SECRET_KEY".into(),
             webhook_secret_env: "STRIPE_WEBHOOK_SECRET".into(),
             currency: "usd".into(),
+            min_usd: 5,
+            max_usd: 1000,
         }
     }
 }

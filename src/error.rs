@@ -106,6 +106,10 @@ pub enum ApiError {
     UpstreamAuth,
     /// A Stripe webhook whose `Stripe-Signature` is missing, wrong or stale.
     WebhookSignature(&'static str),
+    /// Card payments are not configured on this gateway.
+    PaymentsOff,
+    /// Stripe could not be reached, or refused to make a Checkout Session.
+    PaymentProvider,
     /// A signed Stripe event that cannot be applied as it stands (an
     /// unknown account, another currency, amounts that disagree).
     WebhookEvent(String),
@@ -132,7 +136,7 @@ impl ApiError {
                 StatusCode::BAD_REQUEST
             }
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            JobNotFound | NotFound => StatusCode::NOT_FOUND,
+            JobNotFound | NotFound | PaymentsOff => StatusCode::NOT_FOUND,
             AdminUnauthorized => StatusCode::UNAUTHORIZED,
             Invalid(_) => StatusCode::BAD_REQUEST,
             Conflict(_) | KeyLimit { .. } => StatusCode::CONFLICT,
@@ -144,7 +148,9 @@ impl ApiError {
             InsufficientCredits { .. } => StatusCode::PAYMENT_REQUIRED,
             RateLimited { .. } | KeyCreationLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             LedgerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            UpstreamUnreachable | UpstreamFailed { .. } | UpstreamAuth => StatusCode::BAD_GATEWAY,
+            UpstreamUnreachable | UpstreamFailed { .. } | UpstreamAuth | PaymentProvider => {
+                StatusCode::BAD_GATEWAY
+            }
             UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -189,6 +195,8 @@ impl ApiError {
             UpstreamTimeout { .. } => "upstream_timeout",
             UpstreamFailed { .. } => "upstream_error",
             UpstreamAuth => "upstream_auth_failed",
+            PaymentsOff => "payments_not_enabled",
+            PaymentProvider => "payment_provider_error",
             WebhookSignature(_) => "invalid_signature",
             WebhookEvent(_) => "invalid_event",
         }
@@ -241,6 +249,8 @@ impl ApiError {
                 format!("fal answered with an error ({}).", status.as_u16())
             }
             UpstreamAuth => "The gateway's fal credentials were refused; the operator has been alerted.".into(),
+            PaymentsOff => "Card payments are not enabled on this gateway.".into(),
+            PaymentProvider => "The payment provider could not start the checkout; nothing was charged.".into(),
             WebhookSignature(why) => format!("Stripe-Signature: {why}; nothing was changed."),
             WebhookEvent(why) => format!("{why}; nothing was changed."),
         }

@@ -22,6 +22,7 @@ pub mod log_output;
 pub mod memory;
 pub mod metrics;
 pub mod mock_fal;
+pub mod mock_stripe;
 pub mod payments;
 pub mod proxy;
 pub mod ratelimit;

@@ -64,21 +64,36 @@ impl Target {
     }
 }
 
-pub struct Upstream {
-    /// Tells this upstream's connections from another's in a thread's idle list.
+/// Connections to the hosts of one configured service, sending the
+/// credentials that service takes: fal's (in [`Upstream`]) or Stripe's.
+pub struct Client {
+    /// Tells this client's connections from another's in a thread's idle list.
     id: u64,
     connector: Connector,
+    /// The `authorization` value, marked sensitive so it never reaches a log.
+    auth: HeaderValue,
+    timeout: Duration,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+/// How long a [`Client`] waits: for an answer's headers (and each part of
+/// its body), for a connection, and before closing an idle one.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub answer: Duration,
+    pub connect: Duration,
+    pub idle: Duration,
+}
+
+pub struct Upstream {
+    client: Client,
     pub run: Target,
     pub queue: Target,
     pub storage: Target,
     /// `[upstream] queue` as configured, without a trailing slash: the start
     /// of the queue URLs fal hands out.
     queue_base: String,
-    /// `Key <operator's fal key>`, marked sensitive so it never reaches a log.
-    auth: HeaderValue,
-    timeout: Duration,
-    connect_timeout: Duration,
-    idle_timeout: Duration,
 }
 
 impl Upstream {
@@ -99,31 +114,65 @@ impl Upstream {
     }
 
     fn build(cfg: &UpstreamConfig, fal_key: &str, connector: Connector) -> Result<Self, Error> {
-        static IDS: AtomicU64 = AtomicU64::new(0);
-        let mut auth = HeaderValue::from_str(&format!("Key {fal_key}"))
-            .map_err(|_| Error::Config("the fal key is not a valid header value".into()))?;
-        auth.set_sensitive(true);
+        let timeouts = Timeouts {
+            answer: Duration::from_secs(cfg.timeout_secs),
+            connect: Duration::from_secs(cfg.connect_timeout_secs),
+            idle: Duration::from_secs(cfg.idle_timeout_secs),
+        };
         Ok(Self {
-            id: IDS.fetch_add(1, Ordering::Relaxed),
-            connector,
+            client: Client::build(connector, &format!("Key {fal_key}"), timeouts)
+                .map_err(|_| Error::Config("the fal key is not a valid header value".into()))?,
             run: Target::parse(&cfg.run).map_err(Error::Config)?,
             queue: Target::parse(&cfg.queue).map_err(Error::Config)?,
             queue_base: cfg.queue.trim_end_matches('/').to_owned(),
             storage: Target::parse(&cfg.storage).map_err(Error::Config)?,
-            auth,
-            timeout: Duration::from_secs(cfg.timeout_secs),
-            connect_timeout: Duration::from_secs(cfg.connect_timeout_secs),
-            idle_timeout: Duration::from_secs(cfg.idle_timeout_secs),
         })
     }
 
     /// The longest wait for fal: for its headers, and for each part of a body it streams.
     pub fn timeout(&self) -> Duration {
-        self.timeout
+        self.client.timeout
     }
 
     /// Sends `req` (its URI already built from a [`Target`]) with the
     /// operator's key, and waits at most `timeout` for fal's response headers.
+    pub async fn send(&self, req: Request<Body>) -> Result<Response<FalBody>, ApiError> {
+        self.client.send(req).await
+    }
+}
+
+impl Client {
+    /// A client of hosts on the network, sending `auth` as `authorization`.
+    pub fn new(tls: rustls::ClientConfig, auth: &str, timeouts: Timeouts) -> Result<Self, Error> {
+        Self::build(Connector::network(tls), auth, timeouts)
+            .map_err(|_| Error::Config("a credential is not a valid header value".into()))
+    }
+
+    fn build(
+        connector: Connector,
+        auth: &str,
+        timeouts: Timeouts,
+    ) -> Result<Self, http::header::InvalidHeaderValue> {
+        static IDS: AtomicU64 = AtomicU64::new(0);
+        let mut auth = HeaderValue::from_str(auth)?;
+        auth.set_sensitive(true);
+        Ok(Self {
+            id: IDS.fetch_add(1, Ordering::Relaxed),
+            connector,
+            auth,
+            timeout: timeouts.answer,
+            connect_timeout: timeouts.connect,
+            idle_timeout: timeouts.idle,
+        })
+    }
+
+    /// The longest wait for an answer's headers, and for each part of its body.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Sends `req` (its URI already built from a [`Target`]) with the
+    /// client's credentials, and waits at most `timeout` for the response headers.
     pub async fn send(&self, mut req: Request<Body>) -> Result<Response<FalBody>, ApiError> {
         req.headers_mut()
             .insert(header::AUTHORIZATION, self.auth.clone());
@@ -194,7 +243,7 @@ impl Upstream {
         .await
         .map_err(|_| ApiError::UpstreamTimeout { reached: false })?
         .map_err(|e| {
-            tracing::warn!(error = %e, host = %host.authority, "cannot connect to fal");
+            tracing::warn!(error = %e, host = %host.authority, "cannot connect upstream");
             match e.kind() {
                 std::io::ErrorKind::TimedOut => ApiError::UpstreamTimeout { reached: false },
                 _ => ApiError::UpstreamUnreachable,
@@ -203,7 +252,7 @@ impl Upstream {
         let usage = Usage::new();
         let idle = self.idle_timeout;
         let handshake_failed = |e: hyper::Error| {
-            tracing::warn!(error = %e, source = ?e.source(), host = %host.authority, "handshake with fal failed");
+            tracing::warn!(error = %e, source = ?e.source(), host = %host.authority, "upstream handshake failed");
             ApiError::UpstreamUnreachable
         };
         let conn = if connected.h2 {
@@ -223,7 +272,9 @@ impl Upstream {
         };
         Ok(Lease::new(conn, usage, host.clone()))
     }
+}
 
+impl Upstream {
     pub fn queue_base(&self) -> &str {
         &self.queue_base
     }

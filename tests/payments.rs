@@ -317,3 +317,155 @@ async fn without_its_secret_the_webhook_is_not_there() {
     let (status, _) = deliver(&server, &event, signed(&event)).await;
     assert_eq!(status, 404);
 }
+
+async fn top_up(server: &Server, key: &str, asked: &str) -> (u16, OwnedValue, String) {
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(server.url("/v1/topups"))
+        .header("x-api-key", key)
+        .header("content-type", "application/json")
+        .body(Full::new(bytes::Bytes::from(asked.to_owned())))
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let request_id = resp
+        .headers()
+        .get("x-request-id")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (status, json(&body(resp).await), request_id)
+}
+
+/// The buyer presses "Pay" on the stand-in's checkout page.
+async fn pay(checkout_url: &str) -> (u16, Option<String>) {
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(format!("{checkout_url}/pay"))
+        .body(Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    let location = resp
+        .headers()
+        .get("location")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (resp.status().as_u16(), location)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_top_up_asks_stripe_for_a_checkout_and_paying_it_credits_once() {
+    let mock = MockFal::start(None).await.unwrap();
+    let stripe = abhiapi::mock_stripe::MockStripe::start(STRIPE_SECRET_KEY)
+        .await
+        .unwrap();
+    let opts = Options {
+        stripe_api: Some(stripe.url()),
+        ..options(&mock)
+    };
+    let (server, key) = Server::start_with_key(opts, "acme", 0);
+
+    let (status, created, request_id) = top_up(&server, &key, r#"{"usd":5}"#).await;
+    assert_eq!(status, 201, "{created:?}");
+    assert_eq!(created.get_i64("credits"), Some(5000));
+    let url = created.get_str("url").unwrap().to_owned();
+    assert!(url.starts_with(&stripe.url()), "{url}");
+
+    // What Stripe received, field by field.
+    let calls = stripe.calls();
+    assert_eq!(calls.len(), 1);
+    let sent = &calls[0];
+    assert_eq!(
+        sent.authorization.as_deref(),
+        Some(format!("Bearer {STRIPE_SECRET_KEY}").as_str())
+    );
+    assert_eq!(sent.idempotency_key.as_deref(), Some(request_id.as_str()));
+    let dashboard = server.url("/dashboard");
+    for (name, value) in [
+        ("mode", "payment"),
+        ("client_reference_id", "acme"),
+        ("line_items[0][quantity]", "1"),
+        ("line_items[0][price_data][currency]", "usd"),
+        ("line_items[0][price_data][unit_amount]", "500"),
+        ("metadata[credits]", "5000"),
+        ("success_url", &format!("{dashboard}?topup=paid")),
+        ("cancel_url", &format!("{dashboard}?topup=cancelled")),
+    ] {
+        assert_eq!(sent.param(name), Some(value), "{name}");
+    }
+    // Nothing is credited until Stripe says it was paid.
+    assert_eq!(balance(&server, "acme"), 0);
+
+    stripe.deliver_to(abhiapi::mock_stripe::WebhookTarget {
+        url: server.url("/v1/stripe/webhook"),
+        secret: STRIPE_WEBHOOK_SECRET.into(),
+    });
+    let (status, location) = pay(&url).await;
+    assert_eq!(status, 303);
+    assert_eq!(location, Some(format!("{dashboard}?topup=paid")));
+    assert_eq!(balance(&server, "acme"), 5000);
+    // A second press delivers the same session again: nothing more.
+    pay(&url).await;
+    assert_eq!(balance(&server, "acme"), 5000);
+    assert_eq!(payments(&server), 1);
+    let spent = eventually(std::time::Duration::from_secs(5), || async {
+        call(&server, &key, "/fal-ai/flux/dev", r#"{"prompt":"a"}"#)
+            .await
+            .status()
+            == 200
+    })
+    .await;
+    assert!(spent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_ups_outside_the_limits_or_without_stripe_are_refused_and_cost_nothing() {
+    let mock = MockFal::start(None).await.unwrap();
+    let stripe = abhiapi::mock_stripe::MockStripe::start(STRIPE_SECRET_KEY)
+        .await
+        .unwrap();
+    let opts = Options {
+        stripe_api: Some(stripe.url()),
+        ..options(&mock)
+    };
+    let (server, key) = Server::start_with_key(opts, "acme", 0);
+    for (body, status, error_type) in [
+        (r#"{"usd":4}"#, 400, "invalid_input"),
+        (r#"{"usd":1001}"#, 400, "invalid_input"),
+        (r#"{"usd":-5}"#, 400, "malformed_json"),
+        (r#"{"usd":5.5}"#, 400, "malformed_json"),
+        (r#"{}"#, 400, "malformed_json"),
+    ] {
+        let (got, answer, _) = top_up(&server, &key, body).await;
+        assert_eq!(
+            (got, answer.get_str("error_type")),
+            (status, Some(error_type)),
+            "{body}"
+        );
+    }
+    assert!(stripe.calls().is_empty());
+    let (status, _, _) = top_up(&server, "sk-fal-nope", r#"{"usd":5}"#).await;
+    assert_eq!(status, 401);
+
+    // Stripe refusing the call (here: a key it does not know) is a 502.
+    let wrong = abhiapi::mock_stripe::MockStripe::start("sk_test_other")
+        .await
+        .unwrap();
+    let opts = Options {
+        stripe_api: Some(wrong.url()),
+        ..options(&mock)
+    };
+    let (server, key) = Server::start_with_key(opts, "acme", 0);
+    let (status, answer, _) = top_up(&server, &key, r#"{"usd":5}"#).await;
+    assert_eq!(
+        (status, answer.get_str("error_type")),
+        (502, Some("payment_provider_error"))
+    );
+
+    // Without Stripe's secret key, top-ups are off.
+    let (server, key) = Server::start_with_key(options(&mock), "acme", 0);
+    let (status, answer, _) = top_up(&server, &key, r#"{"usd":5}"#).await;
+    assert_eq!(
+        (status, answer.get_str("error_type")),
+        (404, Some("payments_not_enabled"))
+    );
+    assert_eq!(balance(&server, "acme"), 0);
+}

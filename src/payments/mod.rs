@@ -2,6 +2,7 @@
 //! webhook (`POST /v1/stripe/webhook`): a paid Checkout Session credits its
 //! account once, a refund takes its share back.
 
+pub mod checkout;
 pub mod signature;
 mod webhook;
 
@@ -17,7 +18,7 @@ pub const WEBHOOK_ROUTE: &str = "/v1/stripe/webhook";
 pub const MAX_EVENT_BYTES: usize = 256 * 1024;
 
 /// What the webhook needs, from the config and the environment.
-pub struct Payments {
+pub struct Webhook {
     secret: Vec<u8>,
     currency: String,
     /// Credits per smallest currency unit (10 at $0.001 a credit).
@@ -26,7 +27,7 @@ pub struct Payments {
     pub body_timeout: Duration,
 }
 
-impl Payments {
+impl Webhook {
     /// `None` (the webhook answers 404) while the secret's variable is unset.
     pub fn from_config(config: &Config) -> Result<Option<Self>, Error> {
         let p = &config.payments;

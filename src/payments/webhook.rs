@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::Payments;
+use super::Webhook;
 use crate::error::ApiError;
 use crate::store::payments::{self, Paid, Recorded, Refunded};
 
@@ -50,7 +50,7 @@ pub struct Applied {
     pub account_changed: bool,
 }
 
-impl Payments {
+impl Webhook {
     /// Checks the signature of the raw `body`; `Ok` only for one Stripe made.
     pub fn verify(&self, header: Option<&str>, body: &[u8], now_secs: i64) -> Result<(), ApiError> {
         let header = header.ok_or(ApiError::WebhookSignature("missing"))?;

@@ -1,15 +1,16 @@
 //! The signed-in user's own data, for the dashboard: `/v1/account`,
-//! `/v1/account/usage`, and their keys (`POST /v1/keys`,
-//! `DELETE /v1/keys/{id}`). Everything is scoped to the caller's account;
+//! `/v1/account/usage`, their keys (`POST /v1/keys`, `DELETE /v1/keys/{id}`)
+//! and top-ups (`POST /v1/topups`). Everything is scoped to the caller's account;
 //! another account's key is as unknown as a missing one.
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::body::Body;
 use super::json;
-use super::{Proxy, Trace};
+use super::small_body;
+use super::{Conn, Proxy, Trace};
 use crate::error::ApiError;
 use crate::keys::{issue, ApiKey};
 use crate::metrics::Denial;
@@ -20,6 +21,8 @@ use crate::store::now_ms;
 
 pub(super) const PREFIX: &str = "/v1/";
 const MAX_DAYS: i64 = 90;
+/// `{"usd": N}` and some room.
+const MAX_TOPUP_BODY: usize = 1024;
 
 #[derive(Serialize)]
 struct AccountView {
@@ -51,7 +54,9 @@ impl Proxy {
     pub(super) async fn account_api(
         &self,
         req: Request<Incoming>,
+        conn: Conn,
         key: &ApiKey,
+        request_id: &str,
         trace: &mut Trace,
     ) -> Result<Response<Body>, ApiError> {
         self.check_poll(key, trace)?;
@@ -61,6 +66,7 @@ impl Proxy {
             (&Method::GET, "account") => self.account_view(key).await,
             (&Method::GET, "account/usage") => self.usage_view(&req, key).await,
             (&Method::POST, "keys") => self.create_key(key).await,
+            (&Method::POST, "topups") => self.top_up(req, conn, key, request_id).await,
             (&Method::DELETE, id) if id.starts_with("keys/") => {
                 let id = id["keys/".len()..]
                     .parse()
@@ -157,6 +163,30 @@ impl Proxy {
             prefix: created.display_prefix,
         };
         json(StatusCode::CREATED, &view)
+    }
+
+    /// A Stripe Checkout Session for `{"usd": N}` of credits on the caller's
+    /// account, its `url` where the dashboard sends the user to pay. Credits
+    /// arrive only with Stripe's signed webhook, once paid.
+    async fn top_up(
+        &self,
+        req: Request<Incoming>,
+        conn: Conn,
+        key: &ApiKey,
+        request_id: &str,
+    ) -> Result<Response<Body>, ApiError> {
+        #[derive(Deserialize)]
+        struct TopUp {
+            usd: u64,
+        }
+        let checkout = self.checkout.as_ref().ok_or(ApiError::PaymentsOff)?;
+        let dashboard = format!("{}/dashboard", self.public_base(&req, conn)?);
+        let TopUp { usd } =
+            small_body::read_json(req.into_body(), MAX_TOPUP_BODY, self.body_pace.timeout).await?;
+        let created = checkout
+            .create(&key.account.name, usd, &dashboard, request_id)
+            .await?;
+        json(StatusCode::CREATED, &created)
     }
 
     /// Disables one of the caller's account's keys, and the keys created

@@ -16,6 +16,7 @@ pub(crate) mod path;
 mod queue;
 mod request_id;
 mod respond;
+pub mod small_body;
 mod stripe;
 
 use std::future::Future;
@@ -38,7 +39,8 @@ use crate::jobs::Jobs;
 use crate::keys::refresh::RefreshWaker;
 use crate::keys::{ApiKey, Registry};
 use crate::metrics::{Denial, Metrics};
-use crate::payments::{self, Payments};
+use crate::payments::checkout::Checkout;
+use crate::payments::{self, Webhook};
 use crate::ratelimit::{ceil_secs, Allowance, Decision, RateLimits, Verdict};
 use crate::store::{db::Db, now_secs, writer::StoreWriter};
 use crate::upstream::{FalBody, Upstream};
@@ -65,7 +67,9 @@ pub struct Proxy {
     /// How slowly a billable body may arrive.
     body_pace: pace::BodyPace,
     /// Stripe's webhook, when its secret is configured.
-    payments: Option<Arc<Payments>>,
+    webhook: Option<Arc<Webhook>>,
+    /// Top-ups by Stripe Checkout, when Stripe's secret key is configured.
+    checkout: Option<Checkout>,
     /// Tells the refresher that this server changed a balance in SQLite.
     refresh: RefreshWaker,
 }
@@ -154,7 +158,8 @@ impl Proxy {
             detached: Arc::default(),
             trust_forwarded: config.server.trust_forwarded_headers,
             body_pace: (&config.server).into(),
-            payments: Payments::from_config(config)?.map(Arc::new),
+            webhook: Webhook::from_config(config)?.map(Arc::new),
+            checkout: Checkout::from_config(config)?,
             refresh: w.refresh,
         })
     }
@@ -239,7 +244,7 @@ impl Proxy {
         let key = self.authenticate(&req)?;
         trace.key_id = Some(key.id);
         match (trace.route, queue_route) {
-            ("account", _) => self.account_api(req, &key, trace).await,
+            ("account", _) => self.account_api(req, conn, &key, request_id, trace).await,
             ("fal_proxy", _) => self.fal_proxy(req, conn, &key, request_id, trace).await,
             (_, Some(route)) => self.queue(req, route, conn, &key, request_id, trace).await,
             _ => {

@@ -157,7 +157,11 @@ impl Proxy {
     }
 
     /// Where the client reached us, for the URLs we hand back.
-    fn public_base(&self, req: &Request<Incoming>, conn: Conn) -> Result<String, ApiError> {
+    pub(super) fn public_base(
+        &self,
+        req: &Request<Incoming>,
+        conn: Conn,
+    ) -> Result<String, ApiError> {
         let forwarded = |name: &str| {
             self.trust_forwarded
                 .then(|| req.headers().get(name)?.to_str().ok())

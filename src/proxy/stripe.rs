@@ -3,10 +3,10 @@
 //! then applied to the books. Anything unsigned changes nothing.
 
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
 use super::body::Body;
+use super::small_body;
 use super::{json, Proxy};
 use crate::error::ApiError;
 use crate::payments::MAX_EVENT_BYTES;
@@ -17,7 +17,7 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
     ) -> Result<Response<Body>, ApiError> {
-        let Some(payments) = self.payments.clone() else {
+        let Some(webhook) = self.webhook.clone() else {
             return Err(ApiError::NotFound);
         };
         if req.method() != Method::POST {
@@ -28,24 +28,11 @@ impl Proxy {
             .get("stripe-signature")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let read = Limited::new(req.into_body(), MAX_EVENT_BYTES).collect();
-        let body = tokio::time::timeout(payments.body_timeout, read)
-            .await
-            .map_err(|_| ApiError::BodyTimeout)?
-            .map_err(|e| {
-                if e.is::<LengthLimitError>() {
-                    ApiError::BodyTooLarge {
-                        limit: MAX_EVENT_BYTES,
-                    }
-                } else {
-                    ApiError::ClientBody
-                }
-            })?
-            .to_bytes();
-        payments.verify(header.as_deref(), &body, now_secs())?;
+        let body = small_body::read(req.into_body(), MAX_EVENT_BYTES, webhook.body_timeout).await?;
+        webhook.verify(header.as_deref(), &body, now_secs())?;
         let applied = self
             .db
-            .run(move |conn| Ok(payments.apply(conn, &mut body.to_vec())))
+            .run(move |conn| Ok(webhook.apply(conn, &mut body.to_vec())))
             .await
             .map_err(|e| {
                 tracing::error!(error = %e, "a Stripe event could not be recorded");

@@ -56,6 +56,8 @@ pub struct Options {
     pub admin: bool,
     /// Stripe's webhook on, signed with [`STRIPE_WEBHOOK_SECRET`].
     pub payments: bool,
+    /// Top-ups through this Stripe API (a stand-in), with [`STRIPE_SECRET_KEY`].
+    pub stripe_api: Option<String>,
     /// `tls_cert` and `tls_key`; the embedded dev certificate when `None`.
     pub tls_files: Option<(PathBuf, PathBuf)>,
     /// More `[limits]` lines, as TOML.
@@ -64,6 +66,7 @@ pub struct Options {
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 pub const STRIPE_WEBHOOK_SECRET: &str = "whsec_test_0123456789abcdef";
+pub const STRIPE_SECRET_KEY: &str = "sk_test_0123456789abcdef";
 
 /// Limits no other test comes near; the rate-limit tests set real ones.
 pub const UNLIMITED_PLANS: &str = "[plans.free]\nrequests_per_minute = 100000000\n";
@@ -123,9 +126,31 @@ impl Options {
             plans: UNLIMITED_PLANS.to_owned(),
             admin: false,
             payments: false,
+            stripe_api: None,
             tls_files: None,
             limits: String::new(),
         }
+    }
+
+    /// `[payments]`: the webhook and top-ups on only when asked for.
+    fn payments_section(&self) -> String {
+        let on = |on: bool, var: &str| {
+            if on {
+                var.to_owned()
+            } else {
+                "ABHIAPI_TEST_UNSET".to_owned()
+            }
+        };
+        let api = self
+            .stripe_api
+            .as_ref()
+            .map(|a| format!("api_base = \"{a}\"\n"))
+            .unwrap_or_default();
+        format!(
+            "[payments]\nwebhook_secret_env = \"{}\"\nsecret_key_env = \"{}\"\n{api}",
+            on(self.payments, "ABHIAPI_TEST_STRIPE_WEBHOOK_SECRET"),
+            on(self.stripe_api.is_some(), "ABHIAPI_TEST_STRIPE_SECRET_KEY"),
+        )
     }
 
     pub fn render(&self, dir: &Path) -> String {
@@ -203,11 +228,7 @@ max_json_body_bytes = {max_json}
             } else {
                 ""
             },
-            payments = if self.payments {
-                "[payments]\nwebhook_secret_env = \"ABHIAPI_TEST_STRIPE_WEBHOOK_SECRET\"\n"
-            } else {
-                ""
-            },
+            payments = self.payments_section(),
             timeout = self.timeout_secs,
             upstream_idle = self.upstream_idle_timeout_secs,
             db = dir.join("abhiapi.db").display(),
@@ -392,6 +413,8 @@ fn launch(
         .env("ABHIAPI_TEST_FAL_KEY", FAL_KEY)
         .env("ABHIAPI_TEST_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("ABHIAPI_TEST_STRIPE_WEBHOOK_SECRET", STRIPE_WEBHOOK_SECRET)
+        .env("ABHIAPI_TEST_STRIPE_SECRET_KEY", STRIPE_SECRET_KEY)
+        .env_remove("ABHIAPI_TEST_UNSET")
         .stdout(Stdio::piped())
         .stderr(stderr)
         .spawn()
