@@ -63,6 +63,7 @@ impl Default for AdminConfig {
 }
 
 /// Card payments through Stripe: credits arrive only from its signed webhook.
+/// Each secret is read from the environment variable named here.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PaymentsConfig {
@@ -80,6 +81,30 @@ pub struct PaymentsConfig {
     /// The smallest and largest top-up, in whole units of the currency.
     pub min_usd: u64,
     pub max_usd: u64,
+    /// Set by `serve --demo` for its Stripe stand-in, in place of the
+    /// environment; never read from a file.
+    #[serde(skip)]
+    pub demo_secrets: Option<StripeSecrets>,
+}
+
+/// Stripe's secret API key and the webhook's signing secret.
+#[derive(Debug, Clone)]
+pub struct StripeSecrets {
+    pub secret_key: String,
+    pub webhook_secret: String,
+}
+
+impl PaymentsConfig {
+    /// A secret from the environment variable `var` (or the demo's), if set.
+    pub fn secret(&self, var: &str, demo: impl Fn(&StripeSecrets) -> &String) -> Option<String> {
+        if let Some(d) = &self.demo_secrets {
+            return Some(demo(d).clone());
+        }
+        std::env::var(var)
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+    }
 }
 
 impl Default for PaymentsConfig {
@@ -91,6 +116,7 @@ impl Default for PaymentsConfig {
             currency: "usd".into(),
             min_usd: 5,
             max_usd: 1000,
+            demo_secrets: None,
         }
     }
 }

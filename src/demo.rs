@@ -1,11 +1,12 @@
-//! `serve --demo`: the whole flow without a fal account. A mock fal on
-//! loopback, a throwaway database, and a ready key.
+//! `serve --demo`: the whole flow without a fal or Stripe account. A mock
+//! fal and a Stripe stand-in on loopback, a throwaway database, and a ready key.
 
 use std::path::PathBuf;
 
-use crate::config::Config;
+use crate::config::{Config, StripeSecrets};
 use crate::error::Error;
 use crate::mock_fal::MockFal;
+use crate::mock_stripe::{MockStripe, WebhookTarget};
 use crate::store::{self, admin};
 
 pub const ACCOUNT: &str = "demo";
@@ -13,8 +14,13 @@ const CREDITS: i64 = 10_000;
 /// Sent to the mock in place of a real fal key.
 pub const FAL_KEY: &str = "demo-key-id:demo-key-secret";
 
+/// The demo's Stripe stand-in takes these; they guard nothing beyond loopback.
+const STRIPE_KEY: &str = "sk_test_demo";
+const WEBHOOK_SECRET: &str = "whsec_demo";
+
 pub struct Demo {
     pub mock: MockFal,
+    pub stripe: MockStripe,
     pub key: String,
     /// Removed when the demo ends.
     pub dir: PathBuf,
@@ -29,6 +35,12 @@ pub async fn prepare(config: &mut Config) -> Result<Demo, Error> {
     let dir = std::env::temp_dir().join(format!("abhiapi-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     config.store.path = dir.join("demo.db");
+    let stripe = MockStripe::start(STRIPE_KEY).await?;
+    config.payments.api_base = stripe.url();
+    config.payments.demo_secrets = Some(StripeSecrets {
+        secret_key: STRIPE_KEY.into(),
+        webhook_secret: WEBHOOK_SECRET.into(),
+    });
     let mut conn = store::open(&config.store.path)?;
     let created = admin::create_key(
         &mut conn,
@@ -39,7 +51,18 @@ pub async fn prepare(config: &mut Config) -> Result<Demo, Error> {
     )?;
     Ok(Demo {
         mock,
+        stripe,
         key: created.secret,
         dir,
     })
+}
+
+impl Demo {
+    /// Once the proxy listens: where the stand-in's "Pay" button sends its event.
+    pub fn listening(&self, plain: std::net::SocketAddr) {
+        self.stripe.deliver_to(WebhookTarget {
+            url: format!("http://{plain}/v1/stripe/webhook"),
+            secret: WEBHOOK_SECRET.into(),
+        });
+    }
 }

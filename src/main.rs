@@ -117,6 +117,13 @@ fn announce(bound: &Bound, demo: Option<&Demo>) {
         println!("listening tls https://{addr}");
     }
     if let Some(d) = demo {
+        if let Some(plain) = bound.plain {
+            d.listening(plain);
+            println!(
+                "demo: Stripe stand-in at {} (top up from the dashboard)",
+                d.stripe.url()
+            );
+        }
         let base = match (bound.plain, bound.tls) {
             (Some(p), _) => format!("http://{p}"),
             (None, Some(t)) => format!("https://localhost:{} --cacert certs/dev-ca.pem", t.port()),

@@ -49,9 +49,9 @@ impl Checkout {
     /// `None` (top-ups answer 404) while the secret key's variable is unset.
     pub fn from_config(config: &Config) -> Result<Option<Self>, Error> {
         let p = &config.payments;
-        let key = match std::env::var(&p.secret_key_env) {
-            Ok(k) if !k.trim().is_empty() => k.trim().to_owned(),
-            _ => {
+        let key = match p.secret(&p.secret_key_env, |d| &d.secret_key) {
+            Some(k) => k,
+            None => {
                 tracing::info!(
                     "top-ups off: set {} to Stripe's secret key to turn them on",
                     p.secret_key_env

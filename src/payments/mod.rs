@@ -31,9 +31,9 @@ impl Webhook {
     /// `None` (the webhook answers 404) while the secret's variable is unset.
     pub fn from_config(config: &Config) -> Result<Option<Self>, Error> {
         let p = &config.payments;
-        let secret = match std::env::var(&p.webhook_secret_env) {
-            Ok(s) if !s.trim().is_empty() => s.trim().as_bytes().to_vec(),
-            _ => {
+        let secret = match p.secret(&p.webhook_secret_env, |d| &d.webhook_secret) {
+            Some(s) => s.into_bytes(),
+            None => {
                 tracing::info!(
                     "payments off: set {} to the Stripe webhook's signing secret to turn them on",
                     p.webhook_secret_env
