@@ -317,3 +317,89 @@ async fn without_its_secret_the_webhook_is_not_there() {
     let (status, _) = deliver(&server, &event, signed(&event)).await;
     assert_eq!(status, 404);
 }
+
+/// The balance the running server holds in memory, as its key sees it.
+async fn live_balance(server: &Server, key: &str) -> Option<i64> {
+    let resp = client()
+        .request(get(&server.url("/v1/account"), Some(key)))
+        .await
+        .unwrap();
+    json(&body(resp).await).get_i64("balance")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_deliveries_of_one_event_credit_once() {
+    let mock = MockFal::start(None).await.unwrap();
+    let (server, key) = Server::start_with_key(options(&mock), "acme", 0);
+    let event = completed("evt_1", "cs_test_1", "acme", 500, "pi_1");
+    let signature = signed(&event);
+    let answers = futures_join_all(
+        (0..8)
+            .map(|_| deliver(&server, &event, signature.clone()))
+            .collect(),
+    )
+    .await;
+    let credited = answers
+        .iter()
+        .filter(|(s, a)| *s == 200 && a.get_str("outcome") == Some("credited"))
+        .count();
+    let replayed = answers
+        .iter()
+        .filter(|(s, a)| *s == 200 && a.get_str("outcome") == Some("replayed"))
+        .count();
+    assert_eq!((credited, replayed), (1, 7), "{answers:?}");
+    assert_eq!(balance(&server, "acme"), 5000);
+    assert_eq!(payments(&server), 1);
+    assert!(books_close(&server, &[]).await);
+    let live = eventually(std::time::Duration::from_secs(5), || async {
+        live_balance(&server, &key).await == Some(5000)
+    })
+    .await;
+    assert!(
+        live,
+        "the server's own view: {:?}",
+        live_balance(&server, &key).await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_the_balance_cannot_hold_is_refused_as_the_event_not_an_internal_error() {
+    let mock = MockFal::start(None).await.unwrap();
+    let (server, _key) = Server::start_with_key(options(&mock), "acme", 1_000_000_000_000_000);
+    let event = completed("evt_1", "cs_test_1", "acme", 500, "pi_1");
+    let (status, answer) = deliver(&server, &event, signed(&event)).await;
+    assert_eq!(status, 400, "{answer:?}");
+    assert_eq!(
+        answer.get_str("error_type"),
+        Some("invalid_event"),
+        "{answer:?}"
+    );
+    assert_eq!(payments(&server), 0);
+}
+
+/// Runs the futures at once (on this task), answers in order.
+async fn futures_join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut set = Vec::new();
+    for f in futures {
+        set.push(Box::pin(f));
+    }
+    let mut out: Vec<Option<F::Output>> = set.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in set.iter_mut().enumerate() {
+            if out[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => out[i] = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().map(Option::unwrap).collect()
+}

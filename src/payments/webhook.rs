@@ -80,13 +80,16 @@ impl Payments {
                     return Ok(applied("ignored", 0));
                 }
                 let paid = self.paid(object)?;
-                match payments::record_paid(conn, &paid).map_err(internal)? {
-                    Recorded::Credited { .. } => Ok(applied("credited", paid.credits)),
-                    Recorded::Replayed => Ok(applied("replayed", 0)),
-                    Recorded::NoSuchAccount => Err(ApiError::WebhookEvent(format!(
+                match payments::record_paid(conn, &paid) {
+                    Ok(Recorded::Credited { .. }) => Ok(applied("credited", paid.credits)),
+                    Ok(Recorded::Replayed) => Ok(applied("replayed", 0)),
+                    Ok(Recorded::NoSuchAccount) => Err(ApiError::WebhookEvent(format!(
                         "Checkout Session {} names no account of ours ({:?})",
                         object.id, paid.account
                     ))),
+                    // The balance cannot hold it: the event's, not ours.
+                    Err(crate::error::Error::Usage(why)) => Err(ApiError::WebhookEvent(why)),
+                    Err(e) => Err(internal(e)),
                 }
             }
             "charge.refunded" => {
