@@ -328,6 +328,38 @@ async fn live_balance(server: &Server, key: &str) -> Option<i64> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_that_are_not_ours_are_answered_200_whatever_their_shape() {
+    // A Stripe account that sells other things, in other currencies, with
+    // every event type sent here: none of it may fail the endpoint (Stripe
+    // retries a failing event for days and then disables the endpoint).
+    let mock = MockFal::start(None).await.unwrap();
+    let (server, _key) = Server::start_with_key(options(&mock), "acme", 100);
+    let foreign_refund = refunded("evt_r1", "pi_other", 500, 500)
+        .replace(r#""currency":"usd""#, r#""currency":"eur""#);
+    // Stripe documents some objects' metadata as nullable (a PaymentMethod's).
+    let other_object = r#"{"id":"evt_pm","object":"event","type":"payment_method.attached","data":{"object":{"id":"pm_1","object":"payment_method","metadata":null,"customer":"cus_1","type":"card"}}}"#;
+    for payload in [foreign_refund.as_str(), other_object] {
+        let (status, answer) = deliver(&server, payload, signed(payload)).await;
+        assert_eq!(
+            (status, answer.get_str("outcome")),
+            (200, Some("ignored")),
+            "{payload}: {answer:?}"
+        );
+    }
+    // A paid session of ours whose metadata Stripe sends as null still credits.
+    let event = completed("evt_1", "cs_test_1", "acme", 500, "pi_1")
+        .replace(r#""metadata":{"credits":"5000"}"#, r#""metadata":null"#);
+    let (status, answer) = deliver(&server, &event, signed(&event)).await;
+    assert_eq!(
+        (status, answer.get_str("outcome")),
+        (200, Some("credited")),
+        "{answer:?}"
+    );
+    assert_eq!(balance(&server, "acme"), 5100);
+    assert!(books_close(&server, &[]).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_deliveries_of_one_event_credit_once() {
     let mock = MockFal::start(None).await.unwrap();
     let (server, key) = Server::start_with_key(options(&mock), "acme", 0);

@@ -104,7 +104,7 @@ pub fn record_refund(
     else {
         return Ok(Refunded::UnknownPayment);
     };
-    if paid_in != currency {
+    if !paid_in.eq_ignore_ascii_case(currency) {
         return Err(Error::Usage(format!(
             "a refund in {currency} of a payment in {paid_in}"
         )));
