@@ -328,6 +328,45 @@ async fn live_balance(server: &Server, key: &str) -> Option<i64> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_delivered_before_its_payment_is_taken_back_when_the_payment_arrives() {
+    // Stripe does not promise the order of its events: the payment's event
+    // may be retried (the server was down, the account not there yet) after
+    // the operator refunded part of it and that refund's event went through.
+    let mock = MockFal::start(None).await.unwrap();
+    let (server, key) = Server::start_with_key(options(&mock), "acme", 0);
+    let early = refunded("evt_r1", "pi_1", 500, 200);
+    let (status, answer) = deliver(&server, &early, signed(&early)).await;
+    assert_eq!(status, 200, "{answer:?}");
+    assert_eq!(balance(&server, "acme"), 0);
+
+    let event = completed("evt_1", "cs_test_1", "acme", 500, "pi_1");
+    let (status, answer) = deliver(&server, &event, signed(&event)).await;
+    assert_eq!(status, 200, "{answer:?}");
+    assert_eq!(
+        balance(&server, "acme"),
+        3000,
+        "the $2 refunded is not kept"
+    );
+    // The refund's event again, and the rest refunded: the rest taken back, once.
+    let (_, answer) = deliver(&server, &early, signed(&early)).await;
+    assert_eq!(answer.get_str("outcome"), Some("replayed"));
+    let full = refunded("evt_r2", "pi_1", 500, 500);
+    let (_, answer) = deliver(&server, &full, signed(&full)).await;
+    assert_eq!(answer.get_i64("credits"), Some(3000));
+    assert_eq!(balance(&server, "acme"), 0);
+    assert!(books_close(&server, &[]).await);
+    let live = eventually(std::time::Duration::from_secs(5), || async {
+        live_balance(&server, &key).await == Some(0)
+    })
+    .await;
+    assert!(
+        live,
+        "the server's own view: {:?}",
+        live_balance(&server, &key).await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_that_are_not_ours_are_answered_200_whatever_their_shape() {
     // A Stripe account that sells other things, in other currencies, with
     // every event type sent here: none of it may fail the endpoint (Stripe

@@ -55,7 +55,8 @@ pub struct Applied {
     pub event: String,
     /// `credited`, `refunded`, `replayed` or `ignored`.
     pub outcome: &'static str,
-    /// Credits added (credited) or taken back (refunded).
+    /// Credits added (credited, net of a refund whose event came first) or
+    /// taken back (refunded).
     pub credits: i64,
     #[serde(skip)]
     pub account_changed: bool,
@@ -108,7 +109,12 @@ impl Payments {
                 }
                 let paid = self.paid(object)?;
                 match payments::record_paid(conn, &paid) {
-                    Ok(Recorded::Credited { .. }) => Ok(applied("credited", paid.credits)),
+                    Ok(Recorded::Credited { taken_back, .. }) => {
+                        if taken_back != 0 {
+                            tracing::info!(session = %object.id, taken_back, "a refund that arrived before its payment was taken back");
+                        }
+                        Ok(applied("credited", paid.credits - taken_back))
+                    }
                     Ok(Recorded::Replayed) => Ok(applied("replayed", 0)),
                     Ok(Recorded::NoSuchAccount) => Err(ApiError::WebhookEvent(format!(
                         "Checkout Session {} names no account of ours ({:?})",
