@@ -377,7 +377,14 @@ async fn events_that_are_not_ours_are_answered_200_whatever_their_shape() {
         .replace(r#""currency":"usd""#, r#""currency":"eur""#);
     // Stripe documents some objects' metadata as nullable (a PaymentMethod's).
     let other_object = r#"{"id":"evt_pm","object":"event","type":"payment_method.attached","data":{"object":{"id":"pm_1","object":"payment_method","metadata":null,"customer":"cus_1","type":"card"}}}"#;
-    for payload in [foreign_refund.as_str(), other_object] {
+    // A charge made without a PaymentIntent (the older Charges API) is never ours.
+    let legacy_refund = refunded("evt_r2", "pi_x", 500, 500)
+        .replace(r#""payment_intent":"pi_x""#, r#""payment_intent":null"#);
+    for payload in [
+        foreign_refund.as_str(),
+        other_object,
+        legacy_refund.as_str(),
+    ] {
         let (status, answer) = deliver(&server, payload, signed(payload)).await;
         assert_eq!(
             (status, answer.get_str("outcome")),
