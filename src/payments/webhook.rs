@@ -10,6 +10,16 @@ use super::Webhook;
 use crate::error::ApiError;
 use crate::store::payments::{self, Paid, Recorded, Refunded};
 
+/// What every event has: read first, so that an event of a type we do not
+/// use is answered 200 whatever its object looks like (a 400 would have
+/// Stripe retry it for days, then disable the endpoint).
+#[derive(Deserialize)]
+struct Head {
+    id: String,
+    #[serde(rename = "type")]
+    kind: String,
+}
+
 #[derive(Deserialize)]
 struct Event {
     id: String,
@@ -28,13 +38,15 @@ struct Data {
 #[serde(default)]
 struct Object {
     id: String,
+    mode: Option<String>,
     payment_status: Option<String>,
     client_reference_id: Option<String>,
     currency: Option<String>,
     amount_total: Option<i64>,
     amount_subtotal: Option<i64>,
     payment_intent: Option<String>,
-    metadata: HashMap<String, String>,
+    /// Documented as nullable.
+    metadata: Option<HashMap<String, String>>,
     amount_refunded: Option<i64>,
 }
 
@@ -44,7 +56,8 @@ pub struct Applied {
     pub event: String,
     /// `credited`, `refunded`, `replayed` or `ignored`.
     pub outcome: &'static str,
-    /// Credits added (credited) or taken back (refunded).
+    /// Credits added (credited, net of a refund whose event came first) or
+    /// taken back (refunded).
     pub credits: i64,
     #[serde(skip)]
     pub account_changed: bool,
@@ -64,6 +77,22 @@ impl Webhook {
         conn: &mut rusqlite::Connection,
         body: &mut [u8],
     ) -> Result<Applied, ApiError> {
+        // simd-json parses in place: the head is read from a copy.
+        let head: Head = simd_json::serde::from_slice(&mut body.to_vec())
+            .map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+        if !matches!(
+            head.kind.as_str(),
+            "checkout.session.completed"
+                | "checkout.session.async_payment_succeeded"
+                | "charge.refunded"
+        ) {
+            return Ok(Applied {
+                event: head.id,
+                outcome: "ignored",
+                credits: 0,
+                account_changed: false,
+            });
+        }
         let event: Event = simd_json::serde::from_slice(body)
             .map_err(|e| ApiError::MalformedJson(e.to_string()))?;
         let applied = |outcome, credits| Applied {
@@ -79,25 +108,47 @@ impl Webhook {
                     // Paid later (a bank debit): `async_payment_succeeded` credits it.
                     return Ok(applied("ignored", 0));
                 }
+                // Ours are one-off payments sold as credits (`POST /v1/topups`);
+                // the Stripe account may sell other things through Checkout.
+                let sold_as_credits = object
+                    .metadata
+                    .as_ref()
+                    .is_some_and(|m| m.contains_key("credits"));
+                if !sold_as_credits || object.mode.as_deref().is_some_and(|m| m != "payment") {
+                    return Ok(applied("ignored", 0));
+                }
                 let paid = self.paid(object)?;
-                match payments::record_paid(conn, &paid).map_err(internal)? {
-                    Recorded::Credited { .. } => Ok(applied("credited", paid.credits)),
-                    Recorded::Replayed => Ok(applied("replayed", 0)),
-                    Recorded::NoSuchAccount => Err(ApiError::WebhookEvent(format!(
+                match payments::record_paid(conn, &paid) {
+                    Ok(Recorded::Credited { taken_back, .. }) => {
+                        if taken_back != 0 {
+                            tracing::info!(session = %object.id, taken_back, "a refund that arrived before its payment was taken back");
+                        }
+                        Ok(applied("credited", paid.credits - taken_back))
+                    }
+                    Ok(Recorded::Replayed) => Ok(applied("replayed", 0)),
+                    Ok(Recorded::NoSuchAccount) => Err(ApiError::WebhookEvent(format!(
                         "Checkout Session {} names no account of ours ({:?})",
                         object.id, paid.account
                     ))),
+                    // The balance cannot hold it: the event's, not ours.
+                    Err(crate::error::Error::Usage(why)) => Err(ApiError::WebhookEvent(why)),
+                    Err(e) => Err(internal(e)),
                 }
             }
             "charge.refunded" => {
-                let (Some(intent), Some(refunded)) =
-                    (object.payment_intent.as_deref(), object.amount_refunded)
-                else {
+                // A refund finds our payment by its payment intent; a charge
+                // without one (the older Charges API) can be none of ours.
+                let Some(intent) = object.payment_intent.as_deref() else {
+                    return Ok(applied("ignored", 0));
+                };
+                let Some(refunded) = object.amount_refunded else {
                     return Err(ApiError::WebhookEvent(
-                        "a refunded charge without payment_intent or amount_refunded".into(),
+                        "a refunded charge without amount_refunded".into(),
                     ));
                 };
-                let currency = self.currency_of(object)?;
+                // Checked against the payment's own, if it is one of ours: a
+                // charge of something else may be in any currency.
+                let currency = object.currency.as_deref().unwrap_or_default();
                 match payments::record_refund(conn, intent, currency, refunded) {
                     Ok(Refunded::Debited { credits, .. }) => Ok(applied("refunded", credits)),
                     Ok(Refunded::Unchanged) => Ok(applied("replayed", 0)),
@@ -143,7 +194,7 @@ impl Webhook {
             .ok_or_else(|| {
                 ApiError::WebhookEvent(format!("Checkout Session {} has no valid amount", o.id))
             })?;
-        if let Some(sold) = o.metadata.get("credits") {
+        if let Some(sold) = o.metadata.as_ref().and_then(|m| m.get("credits")) {
             if sold.parse::<i64>().ok() != Some(credits) {
                 return Err(ApiError::WebhookEvent(format!(
                     "Checkout Session {} was sold as {sold} credits but paid for {credits}",

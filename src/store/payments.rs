@@ -26,9 +26,11 @@ pub struct Paid<'a> {
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Recorded {
-    /// New: the account was credited.
+    /// New: the account was credited, less `taken_back` for a refund of
+    /// this payment whose event arrived before the payment's.
     Credited {
         account_id: i64,
+        taken_back: i64,
     },
     /// This session was recorded before: nothing changed.
     Replayed,
@@ -56,9 +58,27 @@ pub fn record_paid(conn: &mut rusqlite::Connection, p: &Paid) -> Result<Recorded
         params![p.credits, account.id],
     )?;
     record_change(&tx, Some(account.id), None, p.credits)?;
+    let mut taken_back = 0;
+    if let Some(intent) = p.payment_intent {
+        let early = tx
+            .query_row(
+                "DELETE FROM early_refunds WHERE payment_intent = ?1 RETURNING currency, amount_refunded",
+                [intent],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)),
+            )
+            .optional()?;
+        if let Some((currency, amount_refunded)) = early {
+            if let Refunded::Debited { credits, .. } =
+                take_back(&tx, intent, &currency, amount_refunded)?
+            {
+                taken_back = credits;
+            }
+        }
+    }
     tx.commit()?;
     Ok(Recorded::Credited {
         account_id: account.id,
+        taken_back,
     })
 }
 
@@ -68,7 +88,8 @@ pub enum Refunded {
     Debited { account_id: i64, credits: i64 },
     /// Stripe reported no more refunded than before: a replay.
     Unchanged,
-    /// No payment of ours has this payment intent.
+    /// No payment of ours has this payment intent (yet: the refund is kept,
+    /// and taken back if its payment arrives).
     UnknownPayment,
 }
 
@@ -82,6 +103,26 @@ pub fn record_refund(
     amount_refunded: i64,
 ) -> Result<Refunded, Error> {
     let tx = write_tx(conn)?;
+    let refunded = take_back(&tx, payment_intent, currency, amount_refunded)?;
+    if refunded == Refunded::UnknownPayment {
+        tx.execute(
+            "INSERT INTO early_refunds (payment_intent, currency, amount_refunded) VALUES (?1, ?2, ?3)
+             ON CONFLICT (payment_intent) DO UPDATE
+             SET amount_refunded = max(amount_refunded, excluded.amount_refunded)",
+            params![payment_intent, currency, amount_refunded],
+        )?;
+    }
+    tx.commit()?;
+    Ok(refunded)
+}
+
+/// [`record_refund`] within `tx`.
+fn take_back(
+    tx: &rusqlite::Transaction,
+    payment_intent: &str,
+    currency: &str,
+    amount_refunded: i64,
+) -> Result<Refunded, Error> {
     let row = tx
         .query_row(
             "SELECT id, account_id, currency, amount, credits, refunded_amount, refunded_credits
@@ -104,7 +145,7 @@ pub fn record_refund(
     else {
         return Ok(Refunded::UnknownPayment);
     };
-    if paid_in != currency {
+    if !paid_in.eq_ignore_ascii_case(currency) {
         return Err(Error::Usage(format!(
             "a refund in {currency} of a payment in {paid_in}"
         )));
@@ -128,8 +169,7 @@ pub fn record_refund(
         "UPDATE accounts SET balance = balance - ?1 WHERE id = ?2",
         params![taken, account_id],
     )?;
-    record_change(&tx, Some(account_id), None, -taken)?;
-    tx.commit()?;
+    record_change(tx, Some(account_id), None, -taken)?;
     Ok(Refunded::Debited {
         account_id,
         credits: taken,

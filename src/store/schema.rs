@@ -115,6 +115,14 @@ const MIGRATIONS: &[&str] = &[
         created_at_ms INTEGER NOT NULL
     );
     CREATE INDEX payments_account ON payments(account_id, created_at_ms);",
+    // 10: refunds whose charge's payment is not (yet) in `payments`: Stripe
+    // does not promise its events' order, so a refund may arrive before the
+    // payment it refunds, and is taken back when the payment arrives.
+    "CREATE TABLE early_refunds (
+        payment_intent TEXT PRIMARY KEY,
+        currency TEXT NOT NULL,
+        amount_refunded INTEGER NOT NULL
+    );",
 ];
 
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
