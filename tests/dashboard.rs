@@ -186,3 +186,55 @@ async fn the_account_endpoints_show_only_the_callers_account() {
         "the page references another origin"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_tops_up_by_card_in_a_browser_and_the_credits_arrive_once() {
+    let chromium = chromium_ready();
+    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+    let dir = repo_path("tests/browser");
+    npm_ready(&DONE, &dir, "playwright-core");
+
+    let mock = MockFal::start(None).await.unwrap();
+    let stripe = abhiapi::mock_stripe::MockStripe::start(STRIPE_SECRET_KEY)
+        .await
+        .unwrap();
+    let opts = Options {
+        payments: true,
+        stripe_api: Some(stripe.url()),
+        ..Options::new(mock.url(false))
+    };
+    let (server, key) = Server::start_with_key(opts, "acme", 1000);
+    stripe.deliver_to(abhiapi::mock_stripe::WebhookTarget {
+        url: server.url("/v1/stripe/webhook"),
+        secret: STRIPE_WEBHOOK_SECRET.into(),
+    });
+
+    let shot = std::env::var("TOPUP_SCREENSHOT").unwrap_or_default();
+    let mut cmd = Command::new("node");
+    cmd.current_dir(&dir)
+        .arg("topup.mjs")
+        .arg(server.url(""))
+        .arg(&key)
+        .arg("5")
+        .arg(&shot)
+        .env("CHROMIUM", &chromium);
+    let seen = drive(cmd).await;
+    assert_eq!(seen.get_bool("ok"), Some(true), "{seen}");
+    assert_eq!(seen.get_bool("offered"), Some(true));
+    assert_eq!(seen.get_i64("before"), Some(1000));
+    assert_eq!(seen.get_str("checkout_amount"), Some("5.00 USD"));
+    assert!(
+        seen.get_str("returned_to")
+            .is_some_and(|u| u.ends_with("/dashboard?topup=paid")),
+        "{seen}"
+    );
+    assert_eq!(seen.get_i64("after"), Some(6000), "{seen}");
+    assert!(seen
+        .get_str("note")
+        .is_some_and(|n| n.starts_with("Payment received")));
+    assert_eq!(seen.get_u64("payments"), Some(1));
+    assert!(seen
+        .get_str("payment_row")
+        .is_some_and(|r| r.contains("5.00 USD") && r.contains("5000")));
+    assert!(books_close(&server, &[]).await);
+}

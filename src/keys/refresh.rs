@@ -2,7 +2,7 @@
 //! and applies what it finds to the registry.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -13,6 +13,8 @@ use crate::store::{self, snapshot};
 
 pub struct Refresher {
     stop: Arc<AtomicBool>,
+    /// The newest change applied to the registry.
+    applied: Arc<AtomicI64>,
     handle: JoinHandle<()>,
 }
 
@@ -27,6 +29,8 @@ impl Refresher {
         let mut conn = store::open(&db)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = Arc::clone(&stop);
+        let applied = Arc::new(AtomicI64::new(seq));
+        let applying = Arc::clone(&applied);
         let handle = std::thread::Builder::new()
             .name("key-refresh".into())
             .spawn(move || {
@@ -36,18 +40,26 @@ impl Refresher {
                         Ok((next, changes)) => {
                             registry.apply(&changes);
                             seq = next;
+                            applying.store(seq, Ordering::Release);
                         }
                         Err(e) => tracing::warn!(error = %e, "reading the change feed failed"),
                     }
                     std::thread::park_timeout(interval);
                 }
             })?;
-        Ok(Self { stop, handle })
+        Ok(Self {
+            stop,
+            applied,
+            handle,
+        })
     }
 
     /// Wakes the thread to read the change feed now, not at its next tick.
     pub fn waker(&self) -> RefreshWaker {
-        RefreshWaker(self.handle.thread().clone())
+        RefreshWaker {
+            thread: self.handle.thread().clone(),
+            applied: Arc::clone(&self.applied),
+        }
     }
 
     pub fn stop(self) {
@@ -59,10 +71,27 @@ impl Refresher {
 
 /// Asks the refresher to look at the change feed at once (after an edit made by this server).
 #[derive(Clone)]
-pub struct RefreshWaker(std::thread::Thread);
+pub struct RefreshWaker {
+    thread: std::thread::Thread,
+    applied: Arc<AtomicI64>,
+}
 
 impl RefreshWaker {
     pub fn wake(&self) {
-        self.0.unpark();
+        self.thread.unpark();
+    }
+
+    /// Wakes the thread and waits, at most `within`, until change `seq` is
+    /// in memory: an answer about a balance is then true when it arrives.
+    pub async fn applied(&self, seq: i64, within: Duration) -> bool {
+        self.wake();
+        let deadline = tokio::time::Instant::now() + within;
+        while self.applied.load(Ordering::Acquire) < seq {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        true
     }
 }

@@ -30,6 +30,14 @@ pub struct Checkout {
     credits_per_minor: i64,
 }
 
+/// What the dashboard needs to offer a top-up.
+#[derive(Debug, Serialize)]
+pub struct Offer {
+    pub currency: String,
+    pub min_usd: u64,
+    pub max_usd: u64,
+}
+
 /// A Checkout Session made for a top-up: the dashboard sends the user to `url`.
 #[derive(Debug, Serialize)]
 pub struct Created {
@@ -80,6 +88,14 @@ impl Checkout {
             max_usd: p.max_usd,
             credits_per_minor: credits_per_minor(config.billing.usd_per_credit)?,
         }))
+    }
+
+    pub fn offer(&self) -> Offer {
+        Offer {
+            currency: self.currency.clone(),
+            min_usd: self.min_usd,
+            max_usd: self.max_usd,
+        }
     }
 
     /// A Checkout Session for `usd` of credits on `account`, returning the

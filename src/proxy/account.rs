@@ -1,5 +1,5 @@
 //! The signed-in user's own data, for the dashboard: `/v1/account`,
-//! `/v1/account/usage`, their keys (`POST /v1/keys`, `DELETE /v1/keys/{id}`)
+//! `/v1/account/usage`, `/v1/account/payments`, their keys (`POST /v1/keys`, `DELETE /v1/keys/{id}`)
 //! and top-ups (`POST /v1/topups`). Everything is scoped to the caller's account;
 //! another account's key is as unknown as a missing one.
 
@@ -14,10 +14,12 @@ use super::{Conn, Proxy, Trace};
 use crate::error::ApiError;
 use crate::keys::{issue, ApiKey};
 use crate::metrics::Denial;
+use crate::payments::checkout::{Checkout, Offer};
 use crate::ratelimit::{ceil_secs, Decision};
 use crate::store::admin::{self, KeyListing, KeyOrigin};
 use crate::store::ledger::{self, ChargeRow, DailyUsage};
 use crate::store::now_ms;
+use crate::store::payments;
 
 pub(super) const PREFIX: &str = "/v1/";
 const MAX_DAYS: i64 = 90;
@@ -34,6 +36,8 @@ struct AccountView {
     /// The key this request was made with, so a page can tell it apart.
     key_id: i64,
     keys: Vec<KeyListing>,
+    /// Top-ups by card, when this gateway takes them.
+    topup: Option<Offer>,
 }
 
 #[derive(Serialize)]
@@ -65,6 +69,14 @@ impl Proxy {
         match (req.method(), route) {
             (&Method::GET, "account") => self.account_view(key).await,
             (&Method::GET, "account/usage") => self.usage_view(&req, key).await,
+            (&Method::GET, "account/payments") => {
+                let account_id = key.account.id;
+                let rows = self
+                    .db
+                    .run(move |conn| payments::list(conn, account_id))
+                    .await?;
+                json(StatusCode::OK, &rows)
+            }
             (&Method::POST, "keys") => self.create_key(key).await,
             (&Method::POST, "topups") => self.top_up(req, conn, key, request_id).await,
             (&Method::DELETE, id) if id.starts_with("keys/") => {
@@ -92,6 +104,7 @@ impl Proxy {
             available: account.available(),
             key_id: key.id,
             keys,
+            topup: self.checkout.as_ref().map(Checkout::offer),
         };
         json(StatusCode::OK, &view)
     }

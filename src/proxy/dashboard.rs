@@ -13,8 +13,8 @@ const PAGE: &str = include_str!("../dashboard/index.html");
 /// `sha256-` of the page's one `<script>` and one `<style>`; the unit test
 /// below fails when the page changes and these do not.
 const CSP: &str = "default-src 'none'; \
-    script-src 'sha256-vyADS5710xCKOsWOSBZpI8UJLTLN5fA9GnPO+A/V4MY='; \
-    style-src 'sha256-St3PWlU9vQCGACjRqrUh8h384XAsGzdAv2e/5o8kptE='; \
+    script-src 'sha256-pHiiccpjs0HTXQ3M63d++J8sxdUtPHBFlPs6p5st9ek='; \
+    style-src 'sha256-KJZV/vOOVOoOSGZRY7klPt/n42QBmnJ3H8HydKa9A08='; \
     connect-src 'self'; img-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
 
 pub(super) fn page() -> Response<Body> {

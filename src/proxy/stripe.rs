@@ -10,7 +10,10 @@ use super::small_body;
 use super::{json, Proxy};
 use crate::error::ApiError;
 use crate::payments::MAX_EVENT_BYTES;
-use crate::store::now_secs;
+use crate::store::{now_secs, snapshot};
+
+/// The longest an event's answer waits for the balance in memory.
+const CAUGHT_UP: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Proxy {
     pub(super) async fn stripe_webhook(
@@ -30,17 +33,26 @@ impl Proxy {
             .map(str::to_owned);
         let body = small_body::read(req.into_body(), MAX_EVENT_BYTES, webhook.body_timeout).await?;
         webhook.verify(header.as_deref(), &body, now_secs())?;
-        let applied = self
+        let (applied, change) = self
             .db
-            .run(move |conn| Ok(webhook.apply(conn, &mut body.to_vec())))
+            .run(move |conn| {
+                let applied = webhook.apply(conn, &mut body.to_vec());
+                let change = snapshot::latest_change(conn)?;
+                Ok((applied, change))
+            })
             .await
             .map_err(|e| {
                 tracing::error!(error = %e, "a Stripe event could not be recorded");
                 ApiError::Internal
-            })??;
+            })?;
+        let applied = applied?;
         tracing::info!(event = %applied.event, outcome = applied.outcome, credits = applied.credits, "stripe event");
-        if applied.account_changed {
-            self.refresh.wake();
+        // Answered once the balance in memory has the change: a dashboard
+        // the buyer returns to shows it.
+        if applied.account_changed && !self.refresh.applied(change, CAUGHT_UP).await {
+            tracing::warn!(
+                "the change feed is behind: a payment reaches balances at the next refresh"
+            );
         }
         json(StatusCode::OK, &applied)
     }

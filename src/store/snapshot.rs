@@ -88,6 +88,13 @@ pub fn load(conn: &mut Connection) -> rusqlite::Result<Snapshot> {
 }
 
 /// Changes after `seq`, oldest first, with the new high-water mark.
+/// The newest change in the feed (0 if none).
+pub fn latest_change(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM changes", [], |r| {
+        r.get(0)
+    })
+}
+
 pub fn changes_since(conn: &mut Connection, seq: i64) -> rusqlite::Result<(i64, Vec<Change>)> {
     let tx = conn.transaction()?;
     let rows: Vec<(i64, Option<i64>, Option<i64>, i64)> = tx
