@@ -36,7 +36,19 @@ fn serve_proxy(proxy: Arc<Proxy>) -> ServeInMemory {
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let proxy = Arc::clone(&proxy);
-                async move { Ok::<_, Infallible>(proxy.handle(req, Conn { tls: false }).await) }
+                async move {
+                    Ok::<_, Infallible>(
+                        proxy
+                            .handle(
+                                req,
+                                Conn {
+                                    tls: false,
+                                    peer: std::net::Ipv4Addr::LOCALHOST.into(),
+                                },
+                            )
+                            .await,
+                    )
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(pipe), service)
@@ -114,7 +126,13 @@ fn bench(c: &mut Criterion) {
     let upstream = Upstream::in_memory(&config.upstream, "bench:bench", mock.in_memory()).unwrap();
     let core = {
         let _entered = runtime.enter();
-        Core::start(&config, upstream, Arc::new(MonotonicClock::new())).unwrap()
+        Core::start(
+            &config,
+            upstream,
+            Arc::new(MonotonicClock::new()),
+            "http://127.0.0.1".into(),
+        )
+        .unwrap()
     };
     let through_proxy = serve_proxy(Arc::clone(&core.proxy));
     let direct = mock.in_memory();

@@ -57,10 +57,12 @@ pub struct Core {
 impl Core {
     /// Recovers what an unclean stop left, hydrates the key maps from the
     /// store, and starts the refresher and the ledger writer.
+    /// `public_url` is the base of the links the server emails.
     pub fn start(
         config: &Config,
         upstream: Upstream,
         clock: Arc<dyn Clock>,
+        public_url: String,
     ) -> Result<Self, Error> {
         let mut conn = store::open(&config.store.path)?;
         if config.store.fsync {
@@ -115,6 +117,7 @@ impl Core {
                 db: Db::open(&config.store.path)?,
                 metrics: Arc::clone(&metrics),
                 refresh: refresher.waker(),
+                public_url,
             },
         )?);
         Ok(Self {
@@ -198,7 +201,14 @@ pub async fn serve(
         }
     }
 
-    let core = Core::start(&config, upstream, clock)?;
+    // Links go where the operator says the server is, else to a listener.
+    let public_url = match (&config.signup.public_url, bound.plain, bound.tls) {
+        (Some(url), _, _) => url.clone(),
+        (None, Some(plain), _) => format!("http://{plain}"),
+        (None, None, Some(tls)) => format!("https://{tls}"),
+        (None, None, None) => unreachable!("the config requires a listener"),
+    };
+    let core = Core::start(&config, upstream, clock, public_url)?;
     let proxy = Arc::clone(&core.proxy);
     let (stopping, stop) = tokio::sync::watch::channel(false);
     let background = spawn_background(Arc::clone(&proxy), &config, stop.clone());

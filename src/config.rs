@@ -39,6 +39,8 @@ pub struct Config {
     pub admin: AdminConfig,
     #[serde(default)]
     pub payments: PaymentsConfig,
+    #[serde(default)]
+    pub signup: SignupConfig,
     /// Rate-limit plans by name; `free` is every new account's.
     #[serde(default = "default_plans")]
     pub plans: BTreeMap<String, PlanConfig>,
@@ -58,6 +60,30 @@ impl Default for AdminConfig {
         Self {
             listen: None,
             token_env: "ABHIAPI_ADMIN_TOKEN".into(),
+        }
+    }
+}
+
+/// People sign in by a link sent to their email; no passwords.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SignupConfig {
+    /// Credits a new account starts with.
+    pub free_credits: i64,
+    /// How long a session lasts.
+    pub session_days: u64,
+    /// The base of the links we email (`https://api.example.com`): never
+    /// taken from a request's `Host`, which anyone can set. Unset, the
+    /// listener's address (plain HTTP if there is one).
+    pub public_url: Option<String>,
+}
+
+impl Default for SignupConfig {
+    fn default() -> Self {
+        Self {
+            free_credits: 0,
+            session_days: 30,
+            public_url: None,
         }
     }
 }
@@ -434,6 +460,18 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), Error> {
+        let up = &self.signup;
+        if !(0..=crate::store::admin::MAX_BALANCE).contains(&up.free_credits)
+            || up.session_days == 0
+        {
+            return Err(Error::Config(
+                "[signup] needs free_credits from 0 to 10^15 and session_days above 0".into(),
+            ));
+        }
+        if let Some(url) = &up.public_url {
+            crate::upstream::Target::parse(url)
+                .map_err(|e| Error::Config(format!("[signup] public_url: {e}")))?;
+        }
         let s = &self.server;
         if s.listen.is_none() && s.plain_listen.is_none() {
             return Err(Error::Config(

@@ -106,6 +106,13 @@ pub enum ApiError {
     UpstreamAuth,
     /// A Stripe webhook whose `Stripe-Signature` is missing, wrong or stale.
     WebhookSignature(&'static str),
+    /// Too many sign-in links asked for, by this client or for this address.
+    SignInLimited {
+        retry_after: u64,
+    },
+    /// A state-changing call signed in by session without the same-origin
+    /// `Origin` and the session's CSRF token.
+    CsrfRejected,
     /// Card payments are not configured on this gateway.
     PaymentsOff,
     /// Stripe could not be reached, or refused to make a Checkout Session.
@@ -146,7 +153,10 @@ impl ApiError {
             BodyBufferFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             UnpricedModel(_) => StatusCode::NOT_FOUND,
             InsufficientCredits { .. } => StatusCode::PAYMENT_REQUIRED,
-            RateLimited { .. } | KeyCreationLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            RateLimited { .. } | KeyCreationLimited { .. } | SignInLimited { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            CsrfRejected => StatusCode::FORBIDDEN,
             LedgerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamUnreachable | UpstreamFailed { .. } | UpstreamAuth | PaymentProvider => {
                 StatusCode::BAD_GATEWAY
@@ -195,6 +205,8 @@ impl ApiError {
             UpstreamTimeout { .. } => "upstream_timeout",
             UpstreamFailed { .. } => "upstream_error",
             UpstreamAuth => "upstream_auth_failed",
+            SignInLimited { .. } => "sign_in_rate_limited",
+            CsrfRejected => "csrf_rejected",
             PaymentsOff => "payments_not_enabled",
             PaymentProvider => "payment_provider_error",
             WebhookSignature(_) => "invalid_signature",
@@ -249,6 +261,10 @@ impl ApiError {
                 format!("fal answered with an error ({}).", status.as_u16())
             }
             UpstreamAuth => "The gateway's fal credentials were refused; the operator has been alerted.".into(),
+            SignInLimited { retry_after } => format!(
+                "Too many sign-in links asked for; retry in {retry_after} s."
+            ),
+            CsrfRejected => "A signed-in change needs this site's Origin and the session's x-csrf-token.".into(),
             PaymentsOff => "Card payments are not enabled on this gateway.".into(),
             PaymentProvider => "The payment provider could not start the checkout; nothing was charged.".into(),
             WebhookSignature(why) => format!("Stripe-Signature: {why}; nothing was changed."),
@@ -272,7 +288,8 @@ impl ApiError {
         );
         match self {
             ApiError::RateLimited { retry_after, .. }
-            | ApiError::KeyCreationLimited { retry_after } => {
+            | ApiError::KeyCreationLimited { retry_after }
+            | ApiError::SignInLimited { retry_after } => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
             }
             ApiError::MethodNotAllowed => {

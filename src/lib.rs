@@ -28,6 +28,7 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod reload;
 pub mod server;
+pub mod signin;
 pub mod store;
 pub mod tls;
 pub mod upstream;

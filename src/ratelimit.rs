@@ -42,6 +42,14 @@ impl Gcra {
         Self::new(NANOS_PER_MINUTE / per_minute.max(1), burst)
     }
 
+    /// One request per `interval`, up to `burst` at once.
+    pub fn every(interval: std::time::Duration, burst: u64) -> Self {
+        Self::new(
+            u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX),
+            burst,
+        )
+    }
+
     pub fn per_second(per_second: u64, burst: u64) -> Self {
         Self::new(1_000_000_000 / per_second.max(1), burst)
     }
@@ -90,6 +98,37 @@ impl Gcra {
         let _ = tat.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
             Some(t.saturating_sub(self.interval_ns))
         });
+    }
+}
+
+/// A limit per name (a client's address, an email), for requests that come
+/// before any account: one GCRA state per name seen, dropped once it no
+/// longer holds anything back.
+pub struct Throttle {
+    gcra: Gcra,
+    tats: dashmap::DashMap<String, AtomicU64>,
+}
+
+/// Names kept before the ones that hold nothing back are dropped.
+const THROTTLE_NAMES: usize = 10_000;
+
+impl Throttle {
+    pub fn new(gcra: Gcra) -> Self {
+        Self {
+            gcra,
+            tats: dashmap::DashMap::new(),
+        }
+    }
+
+    pub fn check(&self, name: &str, now: u64) -> Decision {
+        if self.tats.len() >= THROTTLE_NAMES {
+            self.tats.retain(|_, tat| tat.load(Ordering::Acquire) > now);
+        }
+        if let Some(tat) = self.tats.get(name) {
+            return self.gcra.check(&tat, now);
+        }
+        let tat = self.tats.entry(name.to_owned()).or_default();
+        self.gcra.check(&tat, now)
     }
 }
 
@@ -200,6 +239,15 @@ impl RateLimits {
             limit: self.poll_per_second,
             decision: self.poll.check(&key.poll_tat, now),
             by_account: false,
+        }
+    }
+
+    /// A dashboard call signed in by session: the poll allowance, per account.
+    pub fn session_poll(&self, account: &Account, now: u64) -> Verdict {
+        Verdict {
+            limit: self.poll_per_second,
+            decision: self.poll.check(&account.session_poll_tat, now),
+            by_account: true,
         }
     }
 

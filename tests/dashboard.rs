@@ -238,3 +238,61 @@ async fn a_user_tops_up_by_card_in_a_browser_and_the_credits_arrive_once() {
         .is_some_and(|r| r.contains("5.00 USD") && r.contains("5000")));
     assert!(books_close(&server, &[]).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_customer_signs_up_by_email_pays_and_spends_in_a_browser() {
+    let chromium = chromium_ready();
+    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+    let dir = repo_path("tests/browser");
+    npm_ready(&DONE, &dir, "playwright-core");
+
+    let mock = MockFal::start(None).await.unwrap();
+    let stripe = abhiapi::mock_stripe::MockStripe::start(STRIPE_SECRET_KEY)
+        .await
+        .unwrap();
+    let opts = Options {
+        payments: true,
+        stripe_api: Some(stripe.url()),
+        ..Options::new(mock.url(false))
+    };
+    let server = Server::start(opts);
+    stripe.deliver_to(abhiapi::mock_stripe::WebhookTarget {
+        url: server.url("/v1/stripe/webhook"),
+        secret: STRIPE_WEBHOOK_SECRET.into(),
+    });
+
+    let shot = std::env::var("SIGNUP_SCREENSHOT").unwrap_or_default();
+    let mut cmd = Command::new("node");
+    cmd.current_dir(&dir)
+        .arg("signup.mjs")
+        .arg(server.url(""))
+        .arg("newcomer@example.com")
+        .arg(server.dir.path().join("stderr.log"))
+        .arg(&shot)
+        .env("CHROMIUM", &chromium);
+    let seen = drive(cmd).await;
+    assert_eq!(seen.get_bool("ok"), Some(true), "{seen}");
+    assert!(seen
+        .get_str("note")
+        .is_some_and(|n| n.starts_with("Check your mail")));
+    assert_eq!(seen.get_str("landed"), Some("/dashboard"));
+    assert_eq!(seen.get_str("account"), Some("newcomer@example.com"));
+    assert_eq!(seen.get_i64("start_balance"), Some(0));
+    // Signed in by session: no key is kept in the page.
+    assert_eq!(seen.get_u64("key_in_storage"), Some(0));
+    assert_eq!(seen.get_i64("paid_balance"), Some(5000), "{seen}");
+    assert_eq!(seen.get_u64("proxied"), Some(200));
+    assert!(
+        seen.get_u64("bars") >= Some(1),
+        "the charge is not in the chart: {seen}"
+    );
+    assert!(seen.get_i64("final_balance") < Some(5000));
+    assert_eq!(seen.get_u64("after_sign_out"), Some(401));
+    let charged: i64 = server
+        .db()
+        .query_row("SELECT COALESCE(SUM(credits), 0) FROM charges", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert!(books_close(&server, &[("newcomer@example.com", charged)]).await);
+}

@@ -29,6 +29,9 @@ pub struct Account {
     pub rate_tat: AtomicU64,
     /// GCRA state of `[limits] key_creations_per_minute`.
     pub key_creation_tat: AtomicU64,
+    /// GCRA state of the dashboard's calls signed in by session (a key's
+    /// calls count against the key's own poll allowance).
+    pub session_poll_tat: AtomicU64,
     /// Bytes of billable request bodies read into memory and not yet sent
     /// on: capped, so that one account's stalled bodies cannot fill RAM.
     buffered: AtomicUsize,
@@ -46,6 +49,7 @@ impl Account {
             held: AtomicI64::new(0),
             rate_tat: AtomicU64::new(0),
             key_creation_tat: AtomicU64::new(0),
+            session_poll_tat: AtomicU64::new(0),
             buffered: AtomicUsize::new(0),
         }
     }

@@ -7,12 +7,13 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
+use super::auth::Caller;
 use super::body::Body;
 use super::json;
 use super::small_body;
 use super::{Conn, Proxy, Trace};
 use crate::error::ApiError;
-use crate::keys::{issue, ApiKey};
+use crate::keys::{issue, Account};
 use crate::metrics::Denial;
 use crate::payments::checkout::{Checkout, Offer};
 use crate::ratelimit::{ceil_secs, Decision};
@@ -33,8 +34,15 @@ struct AccountView {
     balance: i64,
     held: i64,
     available: i64,
-    /// The key this request was made with, so a page can tell it apart.
-    key_id: i64,
+    /// The key this request was made with, so a page can tell it apart
+    /// (none when signed in by session).
+    key_id: Option<i64>,
+    /// Signed in by session: the address, and the token its changes carry
+    /// as `x-csrf-token`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    email: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    csrf_token: Option<String>,
     keys: Vec<KeyListing>,
     /// Top-ups by card, when this gateway takes them.
     topup: Option<Offer>,
@@ -59,38 +67,47 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         conn: Conn,
-        key: &ApiKey,
+        caller: &Caller,
         request_id: &str,
         trace: &mut Trace,
     ) -> Result<Response<Body>, ApiError> {
-        self.check_poll(key, trace)?;
+        match &caller.key {
+            Some(key) => self.check_poll(key, trace)?,
+            None => self.check_account_poll(&caller.account, trace)?,
+        }
+        if let Some(session) = &caller.session {
+            if req.method() != Method::GET && req.method() != Method::HEAD {
+                self.check_same_site(&req, conn, session)?;
+            }
+        }
         let path = req.uri().path().trim_end_matches('/');
         let route = path.strip_prefix(PREFIX).unwrap_or("");
+        let account = &caller.account;
         match (req.method(), route) {
-            (&Method::GET, "account") => self.account_view(key).await,
-            (&Method::GET, "account/usage") => self.usage_view(&req, key).await,
+            (&Method::GET, "account") => self.account_view(caller).await,
+            (&Method::GET, "account/usage") => self.usage_view(&req, account).await,
             (&Method::GET, "account/payments") => {
-                let account_id = key.account.id;
+                let account_id = account.id;
                 let rows = self
                     .db
                     .run(move |conn| payments::list(conn, account_id))
                     .await?;
                 json(StatusCode::OK, &rows)
             }
-            (&Method::POST, "keys") => self.create_key(key).await,
-            (&Method::POST, "topups") => self.top_up(req, conn, key, request_id).await,
+            (&Method::POST, "keys") => self.create_key(caller).await,
+            (&Method::POST, "topups") => self.top_up(req, conn, account, request_id).await,
             (&Method::DELETE, id) if id.starts_with("keys/") => {
                 let id = id["keys/".len()..]
                     .parse()
                     .map_err(|_| ApiError::NotFound)?;
-                self.revoke_key(key, id).await
+                self.revoke_key(account, id).await
             }
             _ => Err(ApiError::NotFound),
         }
     }
 
-    async fn account_view(&self, key: &ApiKey) -> Result<Response<Body>, ApiError> {
-        let account = &key.account;
+    async fn account_view(&self, caller: &Caller) -> Result<Response<Body>, ApiError> {
+        let account = &caller.account;
         let name = account.name.clone();
         let keys = self
             .db
@@ -102,7 +119,9 @@ impl Proxy {
             balance: account.balance(),
             held: account.held(),
             available: account.available(),
-            key_id: key.id,
+            key_id: caller.key.as_ref().map(|k| k.id),
+            email: caller.session.as_ref().and_then(|s| s.email.clone()),
+            csrf_token: caller.session.as_ref().map(|s| s.csrf.clone()),
             keys,
             topup: self.checkout.as_ref().map(Checkout::offer),
         };
@@ -112,7 +131,7 @@ impl Proxy {
     async fn usage_view(
         &self,
         req: &Request<Incoming>,
-        key: &ApiKey,
+        account: &Account,
     ) -> Result<Response<Body>, ApiError> {
         let days = req
             .uri()
@@ -121,7 +140,7 @@ impl Proxy {
             .and_then(|d| d.parse::<i64>().ok())
             .unwrap_or(30)
             .clamp(1, MAX_DAYS);
-        let account_id = key.account.id;
+        let account_id = account.id;
         // Whole UTC days: today and the `days - 1` before it.
         let today_start = now_ms() / 86_400_000 * 86_400_000;
         let since = today_start - (days - 1) * 86_400_000;
@@ -147,11 +166,10 @@ impl Proxy {
     /// A new key on the caller's account, live at once; shown only in this
     /// answer. Recorded as created by the caller's key, so that revoking that
     /// key revokes this one too.
-    async fn create_key(&self, key: &ApiKey) -> Result<Response<Body>, ApiError> {
+    async fn create_key(&self, caller: &Caller) -> Result<Response<Body>, ApiError> {
+        let account = &caller.account;
         let tunables = self.tunables.load();
-        let decision = tunables
-            .limits
-            .key_creation(&key.account, self.clock.now_ns());
+        let decision = tunables.limits.key_creation(account, self.clock.now_ns());
         if let Decision::Deny { retry_after_ns, .. } = decision {
             self.metrics.denied(Denial::KeyCreation);
             return Err(ApiError::KeyCreationLimited {
@@ -159,14 +177,14 @@ impl Proxy {
             });
         }
         let origin = KeyOrigin {
-            created_by: Some(key.id),
+            created_by: caller.key.as_ref().map(|k| k.id),
             max_keys: tunables.max_keys_per_account,
         };
         let created = issue::create(
             &self.db,
             &self.registry,
-            key.account.name.clone(),
-            key.account.plan.load().to_string(),
+            account.name.clone(),
+            account.plan.load().to_string(),
             origin,
         )
         .await?;
@@ -185,7 +203,7 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         conn: Conn,
-        key: &ApiKey,
+        account: &Account,
         request_id: &str,
     ) -> Result<Response<Body>, ApiError> {
         #[derive(Deserialize)]
@@ -197,15 +215,15 @@ impl Proxy {
         let TopUp { usd } =
             small_body::read_json(req.into_body(), MAX_TOPUP_BODY, self.body_pace.timeout).await?;
         let created = checkout
-            .create(&key.account.name, usd, &dashboard, request_id)
+            .create(&account.name, usd, &dashboard, request_id)
             .await?;
         json(StatusCode::CREATED, &created)
     }
 
     /// Disables one of the caller's account's keys, and the keys created
     /// with it (down the line), at once.
-    async fn revoke_key(&self, key: &ApiKey, id: i64) -> Result<Response<Body>, ApiError> {
-        let revoked = issue::revoke(&self.db, &self.registry, id, key.account.id).await?;
+    async fn revoke_key(&self, account: &Account, id: i64) -> Result<Response<Body>, ApiError> {
+        let revoked = issue::revoke(&self.db, &self.registry, id, account.id).await?;
         if revoked.is_empty() {
             return Err(ApiError::NotFound);
         }

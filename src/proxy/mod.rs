@@ -3,6 +3,7 @@
 
 mod account;
 mod admission;
+mod auth;
 pub mod body;
 mod credentials;
 mod dashboard;
@@ -37,11 +38,12 @@ use crate::config::Config;
 use crate::error::{ApiError, Error};
 use crate::jobs::Jobs;
 use crate::keys::refresh::RefreshWaker;
-use crate::keys::{ApiKey, Registry};
+use crate::keys::{Account, ApiKey, Registry};
 use crate::metrics::{Denial, Metrics};
 use crate::payments::checkout::Checkout;
 use crate::payments::{self, Webhook};
 use crate::ratelimit::{ceil_secs, Allowance, Decision, RateLimits, Verdict};
+use crate::signin::SignIn;
 use crate::store::{db::Db, now_secs, writer::StoreWriter};
 use crate::upstream::{FalBody, Upstream};
 use arc_swap::ArcSwap;
@@ -72,12 +74,17 @@ pub struct Proxy {
     checkout: Option<Checkout>,
     /// Tells the refresher that this server changed a balance in SQLite.
     refresh: RefreshWaker,
+    /// People's sign-in by email link, and their sessions.
+    signin: SignIn,
 }
 
 /// What the request's connection says about how the client reached us.
 #[derive(Debug, Clone, Copy)]
 pub struct Conn {
     pub tls: bool,
+    /// The client's address (the peer's; behind a trusted load balancer,
+    /// see [`Proxy::client_ip`]).
+    pub peer: std::net::IpAddr,
 }
 
 /// What the request log line, the metrics and the rate-limit headers report.
@@ -139,6 +146,8 @@ pub struct Wiring {
     pub db: Db,
     pub metrics: Arc<Metrics>,
     pub refresh: RefreshWaker,
+    /// The base of the links we email: `[signup] public_url`, or the listener's.
+    pub public_url: String,
 }
 
 impl Proxy {
@@ -153,7 +162,7 @@ impl Proxy {
             clock: w.clock,
             ids,
             jobs: w.jobs,
-            db: w.db,
+            db: w.db.clone(),
             metrics: w.metrics,
             detached: Arc::default(),
             trust_forwarded: config.server.trust_forwarded_headers,
@@ -161,6 +170,7 @@ impl Proxy {
             webhook: Webhook::from_config(config)?.map(Arc::new),
             checkout: Checkout::from_config(config)?,
             refresh: w.refresh,
+            signin: SignIn::new(config, w.db.clone(), w.public_url),
         })
     }
 
@@ -226,6 +236,10 @@ impl Proxy {
         if (path == "/dashboard" || path == "/dashboard/") && req.method() == Method::GET {
             return Ok(dashboard::page());
         }
+        if path.starts_with(auth::PREFIX) {
+            trace.route = "auth";
+            return self.auth(req, conn).await;
+        }
         if path == payments::WEBHOOK_ROUTE {
             trace.route = "stripe_webhook";
             return self.stripe_webhook(req).await;
@@ -241,10 +255,16 @@ impl Proxy {
         } else {
             "sync"
         };
+        if trace.route == "account" {
+            let caller = self.caller(&req).await?;
+            trace.key_id = caller.key.as_ref().map(|k| k.id);
+            return self
+                .account_api(req, conn, &caller, request_id, trace)
+                .await;
+        }
         let key = self.authenticate(&req)?;
         trace.key_id = Some(key.id);
         match (trace.route, queue_route) {
-            ("account", _) => self.account_api(req, conn, &key, request_id, trace).await,
             ("fal_proxy", _) => self.fal_proxy(req, conn, &key, request_id, trace).await,
             (_, Some(route)) => self.queue(req, route, conn, &key, request_id, trace).await,
             _ => {
@@ -437,13 +457,26 @@ impl Proxy {
     /// The poll allowance: status, result, cancel, and storage calls.
     fn check_poll(&self, key: &ApiKey, trace: &mut Trace) -> Result<(), ApiError> {
         let verdict = self.tunables.load().limits.poll(key, self.clock.now_ns());
+        self.poll_verdict(verdict, trace)
+    }
+
+    fn check_account_poll(&self, account: &Account, trace: &mut Trace) -> Result<(), ApiError> {
+        let verdict = self
+            .tunables
+            .load()
+            .limits
+            .session_poll(account, self.clock.now_ns());
+        self.poll_verdict(verdict, trace)
+    }
+
+    fn poll_verdict(&self, verdict: Verdict, trace: &mut Trace) -> Result<(), ApiError> {
         trace.rate = Some(verdict);
         match verdict.decision {
             Decision::Deny { retry_after_ns, .. } => {
                 self.metrics.denied(Denial::Poll);
                 Err(ApiError::RateLimited {
                     retry_after: ceil_secs(retry_after_ns),
-                    by_account: false,
+                    by_account: verdict.by_account,
                 })
             }
             Decision::Allow { .. } => Ok(()),

@@ -208,7 +208,10 @@ async fn connection<H: Handler>(
     limits: ConnectionLimits,
     peer: std::net::SocketAddr,
 ) {
-    let conn = Conn { tls: tls.is_some() };
+    let conn = Conn {
+        tls: tls.is_some(),
+        peer: peer.ip(),
+    };
     let service = {
         let activity = Arc::clone(&activity);
         service_fn(move |req| {

@@ -8,6 +8,7 @@ pub mod ledger;
 pub mod lock;
 pub mod payments;
 mod schema;
+pub mod sessions;
 pub mod snapshot;
 pub mod writer;
 

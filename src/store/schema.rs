@@ -123,6 +123,25 @@ const MIGRATIONS: &[&str] = &[
         currency TEXT NOT NULL,
         amount_refunded INTEGER NOT NULL
     );",
+    // 11: people sign in by email: an account may have one, a link sent to
+    // it is single use and short-lived, a session is a cookie. Links and
+    // sessions are stored by the SHA-256 of their secret only.
+    "ALTER TABLE accounts ADD COLUMN email TEXT;
+    CREATE UNIQUE INDEX accounts_email ON accounts(email) WHERE email IS NOT NULL;
+    CREATE TABLE sign_in_links (
+        hash BLOB PRIMARY KEY,
+        email TEXT NOT NULL,
+        expires_at_ms INTEGER NOT NULL,
+        used_at_ms INTEGER
+    );
+    CREATE TABLE sessions (
+        hash BLOB PRIMARY KEY,
+        account_id INTEGER NOT NULL REFERENCES accounts(id),
+        csrf TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        expires_at_ms INTEGER NOT NULL
+    );
+    CREATE INDEX sessions_account ON sessions(account_id);",
 ];
 
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {

@@ -1,0 +1,196 @@
+//! Sign-in by a link sent to an email address: no passwords are stored.
+//! A link is a random secret, valid for 15 minutes and once; following it
+//! makes the account on first use and starts a session, itself a random
+//! secret in a cookie. Both are kept in SQLite by their SHA-256 only.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::ratelimit::{ceil_secs, Decision, Gcra, Throttle};
+use crate::store::db::Db;
+use crate::store::now_ms;
+use crate::store::sessions::{self, SecretHash, SessionRow};
+
+pub const LINK_TTL: Duration = Duration::from_secs(15 * 60);
+pub const COOKIE: &str = "abhiapi_session";
+/// Where a link is followed.
+pub const LINK_ROUTE: &str = "/v1/auth/link";
+
+pub struct SignIn {
+    db: Db,
+    /// The base of the links we send (never a request's `Host`).
+    public_url: String,
+    session_ttl: Duration,
+    free_credits: i64,
+    per_address: Throttle,
+    per_email: Throttle,
+}
+
+/// A session just started, for its cookie.
+pub struct Started {
+    pub secret: String,
+    pub max_age: Duration,
+}
+
+impl SignIn {
+    pub fn new(config: &Config, db: Db, public_url: String) -> Self {
+        Self {
+            db,
+            public_url: public_url.trim_end_matches('/').to_owned(),
+            session_ttl: Duration::from_secs(config.signup.session_days * 86_400),
+            free_credits: config.signup.free_credits,
+            // A few links at once, then one every 5 minutes per address, and
+            // one every 30 seconds per client: enough for a typo or a lost
+            // mail, not for mail-bombing anyone.
+            per_email: Throttle::new(Gcra::every(Duration::from_secs(300), 3)),
+            per_address: Throttle::new(Gcra::every(Duration::from_secs(30), 10)),
+        }
+    }
+
+    /// Sends a sign-in link to `email` (to the log: no mail is configured).
+    /// The answer is the same whether or not the address has an account.
+    pub async fn send_link(
+        &self,
+        email: &str,
+        client: IpAddr,
+        now_ns: u64,
+    ) -> Result<(), ApiError> {
+        let email = normalize(email)
+            .ok_or_else(|| ApiError::InvalidInput("`email` is not an email address".into()))?;
+        for decision in [
+            self.per_address.check(&client.to_string(), now_ns),
+            self.per_email.check(&email, now_ns),
+        ] {
+            if let Decision::Deny { retry_after_ns, .. } = decision {
+                return Err(ApiError::SignInLimited {
+                    retry_after: ceil_secs(retry_after_ns),
+                });
+            }
+        }
+        let token = secret()?;
+        let hash = digest(&token);
+        let expires = now_ms() + LINK_TTL.as_millis() as i64;
+        let stored = email.clone();
+        self.db
+            .run(move |conn| sessions::insert_link(conn, &hash, &stored, expires))
+            .await?;
+        let link = format!("{}{LINK_ROUTE}?token={token}", self.public_url);
+        tracing::info!(%email, %link, "sign-in link (no mail server configured: written here)");
+        Ok(())
+    }
+
+    /// Follows a link: the session it starts, or `None` if the link is
+    /// unknown, used or expired. The account is made on first use.
+    pub async fn follow(&self, token: &str) -> Result<Option<(Started, i64)>, ApiError> {
+        if !well_formed(token) {
+            return Ok(None);
+        }
+        let hash = digest(token);
+        let free = self.free_credits;
+        let session = secret()?;
+        let csrf = secret()?;
+        let session_hash = digest(&session);
+        let expires = now_ms() + self.session_ttl.as_millis() as i64;
+        let started = self
+            .db
+            .run(move |conn| {
+                let Some(email) = sessions::use_link(conn, &hash, now_ms())? else {
+                    return Ok(None);
+                };
+                let (account, _) = sessions::account_for_email(conn, &email, free)?;
+                sessions::insert_session(conn, &session_hash, account.id, &csrf, expires)?;
+                Ok(Some(account.id))
+            })
+            .await?;
+        Ok(started.map(|account_id| {
+            (
+                Started {
+                    secret: session,
+                    max_age: self.session_ttl,
+                },
+                account_id,
+            )
+        }))
+    }
+
+    /// The live session a cookie's secret names, if any.
+    pub async fn session(&self, secret: &str) -> Result<Option<SessionRow>, ApiError> {
+        if !well_formed(secret) {
+            return Ok(None);
+        }
+        let hash = digest(secret);
+        Ok(self
+            .db
+            .run(move |conn| sessions::session(conn, &hash, now_ms()))
+            .await?)
+    }
+
+    pub async fn sign_out(&self, secret: &str) -> Result<(), ApiError> {
+        let hash = digest(secret);
+        Ok(self
+            .db
+            .run(move |conn| sessions::delete_session(conn, &hash))
+            .await?)
+    }
+}
+
+/// 32 random bytes, as 64 hex digits.
+fn secret() -> Result<String, ApiError> {
+    let mut bytes = [0u8; 32];
+    getrandom::getrandom(&mut bytes).map_err(|_| ApiError::Internal)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn well_formed(secret: &str) -> bool {
+    secret.len() == 64 && secret.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn digest(secret: &str) -> SecretHash {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+/// The address in lower case, if it looks like one: a local part and a
+/// domain with a dot, no spaces or controls, at most 254 characters.
+pub fn normalize(email: &str) -> Option<String> {
+    let email = email.trim().to_ascii_lowercase();
+    let (local, domain) = email.split_once('@')?;
+    let valid = email.len() <= 254
+        && !local.is_empty()
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !domain.contains('@')
+        && email.bytes().all(|b| b.is_ascii_graphic());
+    valid.then_some(email)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_lower_cased_and_checked() {
+        assert_eq!(
+            normalize(" Ada@Example.COM ").as_deref(),
+            Some("ada@example.com")
+        );
+        for bad in [
+            "",
+            "ada",
+            "ada@",
+            "@example.com",
+            "ada@example",
+            "a da@example.com",
+            "ada@@example.com",
+            "ada@example.com.",
+            "ada@.example.com",
+        ] {
+            assert_eq!(normalize(bad), None, "{bad}");
+        }
+        assert_eq!(normalize(&format!("{}@example.com", "a".repeat(250))), None);
+    }
+}

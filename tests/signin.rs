@@ -1,0 +1,367 @@
+//! People sign in by a link sent to their email (here: the log, as with no
+//! mail server configured) and use the dashboard's API by session: a link
+//! works once and for 15 minutes, a session's changes must come from this
+//! site with its CSRF token, and signing out ends it.
+
+mod support;
+
+use http::{Method, Request};
+use http_body_util::Full;
+use simd_json::prelude::*;
+use simd_json::OwnedValue;
+use support::*;
+
+struct Answer {
+    status: u16,
+    location: Option<String>,
+    cookie: Option<String>,
+    body: OwnedValue,
+}
+
+async fn send(
+    server: &Server,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    sent: &str,
+) -> Answer {
+    let mut req = Request::builder().method(method).uri(server.url(path));
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let req = req
+        .body(Full::new(bytes::Bytes::from(sent.to_owned())))
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    let header = |name| {
+        resp.headers()
+            .get(name)
+            .map(|v: &http::HeaderValue| v.to_str().unwrap().to_owned())
+    };
+    let (status, location, cookie) = (
+        resp.status().as_u16(),
+        header("location"),
+        header("set-cookie"),
+    );
+    let bytes = body(resp).await;
+    let body = if bytes.is_empty() {
+        OwnedValue::null()
+    } else {
+        json(&bytes)
+    };
+    Answer {
+        status,
+        location,
+        cookie,
+        body,
+    }
+}
+
+async fn ask_link(server: &Server, email: &str) -> Answer {
+    send(
+        server,
+        Method::POST,
+        "/v1/auth/email",
+        &[("content-type", "application/json")],
+        &format!(r#"{{"email":"{email}"}}"#),
+    )
+    .await
+}
+
+/// The sign-in links the server wrote to its log for `email`, oldest first.
+fn links_for(server: &Server, email: &str) -> Vec<String> {
+    server
+        .stderr_log()
+        .lines()
+        .filter(|l| l.contains("sign-in link") && l.contains(&format!("email={email} ")))
+        .map(|l| {
+            let link = l.split("link=").nth(1).unwrap();
+            link.split_whitespace().next().unwrap().to_owned()
+        })
+        .collect()
+}
+
+/// The `n`th link sent to `email` (the log is written by its own thread).
+async fn link_for(server: &Server, email: &str, n: usize) -> String {
+    let written = eventually(std::time::Duration::from_secs(5), || async {
+        links_for(server, email).len() >= n
+    })
+    .await;
+    assert!(
+        written,
+        "no link {n} for {email} in:\n{}",
+        server.stderr_log()
+    );
+    links_for(server, email)[n - 1].clone()
+}
+
+/// The path and query of `link`, which must point at this server.
+fn path_of(server: &Server, link: &str) -> String {
+    let base = server.url("");
+    link.strip_prefix(base.trim_end_matches('/'))
+        .unwrap_or_else(|| panic!("{link} is not on {base}"))
+        .to_owned()
+}
+
+/// `abhiapi_session=…`, as the browser would send it back.
+fn session_of(set_cookie: &str) -> String {
+    set_cookie.split(';').next().unwrap().to_owned()
+}
+
+fn origin(server: &Server) -> String {
+    server.url("").trim_end_matches('/').to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_signs_in_by_email_link_and_uses_the_dashboard_by_session() {
+    let mock = MockFal::start(None).await.unwrap();
+    let server = Server::start(Options::new(mock.url(false)));
+
+    let asked = ask_link(&server, " Ada@Example.com ").await;
+    assert_eq!(asked.status, 202, "{:?}", asked.body);
+    let link = link_for(&server, "ada@example.com", 1).await;
+    let token = link.split("token=").nth(1).unwrap().to_owned();
+
+    let followed = send(&server, Method::GET, &path_of(&server, &link), &[], "").await;
+    assert_eq!(followed.status, 303);
+    assert_eq!(followed.location.as_deref(), Some("/dashboard"));
+    let set_cookie = followed.cookie.expect("a session cookie");
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=2592000"] {
+        assert!(set_cookie.contains(attribute), "{set_cookie}");
+    }
+    let cookie = session_of(&set_cookie);
+
+    // The account exists now, empty, and the session reads it.
+    let account = send(
+        &server,
+        Method::GET,
+        "/v1/account",
+        &[("cookie", &cookie)],
+        "",
+    )
+    .await;
+    assert_eq!(account.status, 200, "{:?}", account.body);
+    assert_eq!(account.body.get_str("account"), Some("ada@example.com"));
+    assert_eq!(account.body.get_str("email"), Some("ada@example.com"));
+    assert_eq!(account.body.get_i64("balance"), Some(0));
+    let csrf = account.body.get_str("csrf_token").unwrap().to_owned();
+
+    // A change needs this site's Origin and the session's token.
+    let o = origin(&server);
+    for (why, headers) in [
+        ("neither", vec![("cookie", cookie.as_str())]),
+        (
+            "no token",
+            vec![("cookie", cookie.as_str()), ("origin", o.as_str())],
+        ),
+        (
+            "a wrong token",
+            vec![
+                ("cookie", cookie.as_str()),
+                ("origin", o.as_str()),
+                ("x-csrf-token", "0"),
+            ],
+        ),
+        (
+            "another site",
+            vec![
+                ("cookie", cookie.as_str()),
+                ("origin", "https://evil.example"),
+                ("x-csrf-token", csrf.as_str()),
+            ],
+        ),
+    ] {
+        let refused = send(&server, Method::POST, "/v1/keys", &headers, "").await;
+        assert_eq!(
+            (refused.status, refused.body.get_str("error_type")),
+            (403, Some("csrf_rejected")),
+            "{why}"
+        );
+    }
+    let same_site = [
+        ("cookie", cookie.as_str()),
+        ("origin", o.as_str()),
+        ("x-csrf-token", csrf.as_str()),
+    ];
+    let created = send(&server, Method::POST, "/v1/keys", &same_site, "").await;
+    assert_eq!(created.status, 201, "{:?}", created.body);
+    let key = created.body.get_str("key").unwrap().to_owned();
+    // The new key is the account's: it works, and the account has no credits yet.
+    let resp = call(&server, &key, "/fal-ai/flux/dev", r#"{"prompt":"a"}"#).await;
+    assert_error(resp, 402, "insufficient_credits").await;
+
+    // A link works once.
+    let again = send(&server, Method::GET, &path_of(&server, &link), &[], "").await;
+    assert_eq!(again.status, 303);
+    assert_eq!(again.location.as_deref(), Some("/dashboard?signin=expired"));
+    assert!(again.cookie.is_none());
+
+    // Signing in again is the same account.
+    assert_eq!(ask_link(&server, "ada@example.com").await.status, 202);
+    let second = link_for(&server, "ada@example.com", 2).await;
+    assert_ne!(second, link);
+    let followed = send(&server, Method::GET, &path_of(&server, &second), &[], "").await;
+    let other_session = session_of(&followed.cookie.unwrap());
+    let account = send(
+        &server,
+        Method::GET,
+        "/v1/account",
+        &[("cookie", &other_session)],
+        "",
+    )
+    .await;
+    assert_eq!(account.body.get_str("account"), Some("ada@example.com"));
+    let accounts: i64 = server
+        .db()
+        .query_row("SELECT COUNT(*) FROM accounts", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(accounts, 1);
+
+    // Signing out ends that session, not the other one.
+    let out = send(&server, Method::POST, "/v1/auth/signout", &same_site, "").await;
+    assert_eq!(out.status, 200, "{:?}", out.body);
+    assert!(out.cookie.unwrap().contains("Max-Age=0"));
+    let after = send(
+        &server,
+        Method::GET,
+        "/v1/account",
+        &[("cookie", &cookie)],
+        "",
+    )
+    .await;
+    assert_eq!(after.status, 401);
+    let still = send(
+        &server,
+        Method::GET,
+        "/v1/account",
+        &[("cookie", &other_session)],
+        "",
+    )
+    .await;
+    assert_eq!(still.status, 200);
+
+    // Links and sessions are stored by their hash only.
+    let db = server.db();
+    let session_secret = cookie.split('=').nth(1).unwrap().to_owned();
+    for (table, secret) in [("sign_in_links", &token), ("sessions", &session_secret)] {
+        let plain: i64 = db
+            .query_row(
+                &format!("SELECT COUNT(*) FROM {table} WHERE hash = ?1 OR hash = CAST(?1 AS BLOB)"),
+                [secret],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(plain, 0, "{table} keeps the secret itself");
+    }
+    assert!(books_close(&server, &[]).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_or_forged_links_and_sessions_sign_nobody_in() {
+    let mock = MockFal::start(None).await.unwrap();
+    let server = Server::start(Options::new(mock.url(false)));
+    assert_eq!(ask_link(&server, "bob@example.com").await.status, 202);
+    let link = link_for(&server, "bob@example.com", 1).await;
+    // Sixteen minutes later.
+    server
+        .db()
+        .execute(
+            "UPDATE sign_in_links SET expires_at_ms = expires_at_ms - 16 * 60000",
+            [],
+        )
+        .unwrap();
+    let expired = send(&server, Method::GET, &path_of(&server, &link), &[], "").await;
+    assert_eq!(
+        expired.location.as_deref(),
+        Some("/dashboard?signin=expired")
+    );
+    assert!(expired.cookie.is_none());
+    for forged in [
+        "",
+        "abc",
+        &"0".repeat(64),
+        &format!("{}'--", "a".repeat(60)),
+    ] {
+        let answer = send(
+            &server,
+            Method::GET,
+            &format!("/v1/auth/link?token={forged}"),
+            &[],
+            "",
+        )
+        .await;
+        assert_eq!(
+            answer.location.as_deref(),
+            Some("/dashboard?signin=expired"),
+            "{forged}"
+        );
+    }
+    for cookie in [
+        "abhiapi_session=",
+        "abhiapi_session=abc",
+        &format!("abhiapi_session={}", "f".repeat(64)),
+    ] {
+        let answer = send(
+            &server,
+            Method::GET,
+            "/v1/account",
+            &[("cookie", cookie)],
+            "",
+        )
+        .await;
+        assert_eq!(answer.status, 401, "{cookie}");
+    }
+    let accounts: i64 = server
+        .db()
+        .query_row("SELECT COUNT(*) FROM accounts", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(accounts, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_in_links_are_limited_per_email_and_per_client() {
+    let mock = MockFal::start(None).await.unwrap();
+    let server = Server::start(Options::new(mock.url(false)));
+    for bad in ["", "nobody", "a@b", "a b@example.com"] {
+        let answer = ask_link(&server, bad).await;
+        assert_eq!(
+            (answer.status, answer.body.get_str("error_type")),
+            (400, Some("invalid_input")),
+            "{bad}"
+        );
+    }
+    for _ in 0..3 {
+        assert_eq!(ask_link(&server, "carol@example.com").await.status, 202);
+    }
+    let limited = ask_link(&server, "CAROL@example.com").await;
+    assert_eq!(
+        (limited.status, limited.body.get_str("error_type")),
+        (429, Some("sign_in_rate_limited"))
+    );
+    // The same client, other addresses: a few more, then refused too.
+    let mut statuses = Vec::new();
+    for i in 0..10 {
+        statuses.push(
+            ask_link(&server, &format!("user{i}@example.com"))
+                .await
+                .status,
+        );
+    }
+    assert!(
+        statuses.contains(&202) && statuses.ends_with(&[429]),
+        "{statuses:?}"
+    );
+    let want = 3 + statuses.iter().filter(|s| **s == 202).count();
+    let sent = || {
+        server
+            .stderr_log()
+            .lines()
+            .filter(|l| l.contains("sign-in link"))
+            .count()
+    };
+    eventually(std::time::Duration::from_secs(5), || async {
+        sent() >= want
+    })
+    .await;
+    assert_eq!(sent(), want);
+}
