@@ -41,6 +41,8 @@ pub struct Config {
     pub payments: PaymentsConfig,
     #[serde(default)]
     pub signup: SignupConfig,
+    #[serde(default)]
+    pub email: EmailConfig,
     /// Rate-limit plans by name; `free` is every new account's.
     #[serde(default = "default_plans")]
     pub plans: BTreeMap<String, PlanConfig>,
@@ -60,6 +62,28 @@ impl Default for AdminConfig {
         Self {
             listen: None,
             token_env: "ABHIAPI_ADMIN_TOKEN".into(),
+        }
+    }
+}
+
+/// How sign-in links are mailed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmailConfig {
+    /// The mail server, as the lettre crate reads it: `smtp://host:port`
+    /// (plain, or STARTTLS with `?tls=required`), `smtps://host:port` (TLS),
+    /// with `user:password@` if it needs a login. Unset, links are written
+    /// to the log instead.
+    pub smtp_url: Option<String>,
+    /// The sender, `Name <address>` or an address.
+    pub from: String,
+}
+
+impl Default for EmailConfig {
+    fn default() -> Self {
+        Self {
+            smtp_url: None,
+            from: "AbhiAPI <no-reply@localhost>".into(),
         }
     }
 }

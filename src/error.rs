@@ -113,6 +113,8 @@ pub enum ApiError {
     /// A state-changing call signed in by session without the same-origin
     /// `Origin` and the session's CSRF token.
     CsrfRejected,
+    /// The mail server refused a sign-in link, or did not answer in time.
+    MailFailed,
     /// Card payments are not configured on this gateway.
     PaymentsOff,
     /// Stripe could not be reached, or refused to make a Checkout Session.
@@ -158,9 +160,11 @@ impl ApiError {
             }
             CsrfRejected => StatusCode::FORBIDDEN,
             LedgerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            UpstreamUnreachable | UpstreamFailed { .. } | UpstreamAuth | PaymentProvider => {
-                StatusCode::BAD_GATEWAY
-            }
+            UpstreamUnreachable
+            | UpstreamFailed { .. }
+            | UpstreamAuth
+            | PaymentProvider
+            | MailFailed => StatusCode::BAD_GATEWAY,
             UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -207,6 +211,7 @@ impl ApiError {
             UpstreamAuth => "upstream_auth_failed",
             SignInLimited { .. } => "sign_in_rate_limited",
             CsrfRejected => "csrf_rejected",
+            MailFailed => "mail_failed",
             PaymentsOff => "payments_not_enabled",
             PaymentProvider => "payment_provider_error",
             WebhookSignature(_) => "invalid_signature",
@@ -265,6 +270,7 @@ impl ApiError {
                 "Too many sign-in links asked for; retry in {retry_after} s."
             ),
             CsrfRejected => "A signed-in change needs this site's Origin and the session's x-csrf-token.".into(),
+            MailFailed => "The sign-in link could not be mailed; try again later.".into(),
             PaymentsOff => "Card payments are not enabled on this gateway.".into(),
             PaymentProvider => "The payment provider could not start the checkout; nothing was charged.".into(),
             WebhookSignature(why) => format!("Stripe-Signature: {why}; nothing was changed."),

@@ -19,6 +19,7 @@ pub mod jobs;
 pub mod keys;
 pub mod log_format;
 pub mod log_output;
+pub mod mail;
 pub mod memory;
 pub mod metrics;
 pub mod mock_fal;

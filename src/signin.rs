@@ -9,7 +9,8 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use crate::config::Config;
-use crate::error::ApiError;
+use crate::error::{ApiError, Error};
+use crate::mail::Mailer;
 use crate::ratelimit::{ceil_secs, Decision, Gcra, Throttle};
 use crate::store::db::Db;
 use crate::store::now_ms;
@@ -28,6 +29,7 @@ pub struct SignIn {
     free_credits: i64,
     per_address: Throttle,
     per_email: Throttle,
+    mailer: Mailer,
 }
 
 /// A session just started, for its cookie.
@@ -37,8 +39,8 @@ pub struct Started {
 }
 
 impl SignIn {
-    pub fn new(config: &Config, db: Db, public_url: String) -> Self {
-        Self {
+    pub fn new(config: &Config, db: Db, public_url: String) -> Result<Self, Error> {
+        Ok(Self {
             db,
             public_url: public_url.trim_end_matches('/').to_owned(),
             session_ttl: Duration::from_secs(config.signup.session_days * 86_400),
@@ -48,10 +50,11 @@ impl SignIn {
             // mail, not for mail-bombing anyone.
             per_email: Throttle::new(Gcra::every(Duration::from_secs(300), 3)),
             per_address: Throttle::new(Gcra::every(Duration::from_secs(30), 10)),
-        }
+            mailer: Mailer::new(&config.email)?,
+        })
     }
 
-    /// Sends a sign-in link to `email` (to the log: no mail is configured).
+    /// Mails a sign-in link to `email`.
     /// The answer is the same whether or not the address has an account.
     pub async fn send_link(
         &self,
@@ -79,8 +82,7 @@ impl SignIn {
             .run(move |conn| sessions::insert_link(conn, &hash, &stored, expires))
             .await?;
         let link = format!("{}{LINK_ROUTE}?token={token}", self.public_url);
-        tracing::info!(%email, %link, "sign-in link (no mail server configured: written here)");
-        Ok(())
+        self.mailer.sign_in_link(&email, &link).await
     }
 
     /// Follows a link: the session it starts, or `None` if the link is

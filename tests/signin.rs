@@ -356,7 +356,7 @@ async fn sign_in_links_are_limited_per_email_and_per_client() {
         server
             .stderr_log()
             .lines()
-            .filter(|l| l.contains("sign-in link"))
+            .filter(|l| l.contains("sign-in link") && l.contains(" link="))
             .count()
     };
     eventually(std::time::Duration::from_secs(5), || async {
@@ -364,4 +364,128 @@ async fn sign_in_links_are_limited_per_email_and_per_client() {
     })
     .await;
     assert_eq!(sent(), want);
+}
+
+/// A mail server on loopback (aiosmtpd, pinned in tests/smtp), installed on
+/// first use; every message it takes is a JSON line in the returned file.
+struct MailSink {
+    child: std::process::Child,
+    port: u16,
+    file: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl MailSink {
+    fn start() -> Self {
+        static DONE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+        let smtp = repo_path("tests/smtp");
+        let deps = smtp.join(".deps");
+        installed(&DONE, deps.join("aiosmtpd"), || {
+            let mut c = std::process::Command::new("python3");
+            c.args(["-m", "pip", "install", "--quiet", "--no-deps", "--target"])
+                .arg(&deps)
+                .arg("-r")
+                .arg(smtp.join("requirements.txt"));
+            c
+        });
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("mail.jsonl");
+        let mut child = std::process::Command::new("python3")
+            .arg(smtp.join("sink.py"))
+            .arg(port.to_string())
+            .arg(&file)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut ready = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut ready,
+        )
+        .unwrap();
+        assert_eq!(ready.trim(), "ready");
+        Self {
+            child,
+            port,
+            file,
+            _dir: dir,
+        }
+    }
+
+    fn messages(&self) -> Vec<OwnedValue> {
+        std::fs::read_to_string(&self.file)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| json(l.as_bytes()))
+            .collect()
+    }
+}
+
+impl Drop for MailSink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_mail_server_the_link_is_mailed_and_not_logged() {
+    let mut sink = MailSink::start();
+    let mock = MockFal::start(None).await.unwrap();
+    let server = Server::start(Options {
+        smtp_url: Some(format!("smtp://127.0.0.1:{}", sink.port)),
+        ..Options::new(mock.url(false))
+    });
+    let asked = ask_link(&server, "Dan@Example.com").await;
+    assert_eq!(asked.status, 202, "{:?}", asked.body);
+    let messages = sink.messages();
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    let mail = &messages[0];
+    assert_eq!(mail.get_str("from"), Some("signin@example.com"));
+    assert_eq!(
+        mail.get("to").and_then(|t| t.as_array()).map(|t| t.len()),
+        Some(1)
+    );
+    assert_eq!(
+        mail.get("to").unwrap().as_array().unwrap()[0].as_str(),
+        Some("dan@example.com")
+    );
+    assert_eq!(mail.get_str("subject"), Some("Your sign-in link"));
+    let body = mail.get_str("body").unwrap();
+    let link = body
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no link in {body}"))
+        .to_owned();
+    assert!(
+        !server.stderr_log().contains(&link),
+        "the link was logged too"
+    );
+
+    let followed = send(&server, Method::GET, &path_of(&server, &link), &[], "").await;
+    assert_eq!(followed.location.as_deref(), Some("/dashboard"));
+    let cookie = session_of(&followed.cookie.unwrap());
+    let account = send(
+        &server,
+        Method::GET,
+        "/v1/account",
+        &[("cookie", &cookie)],
+        "",
+    )
+    .await;
+    assert_eq!(account.body.get_str("account"), Some("dan@example.com"));
+
+    // The mail server gone: a clear error, and no session for anyone.
+    let _ = sink.child.kill();
+    let _ = sink.child.wait();
+    let failed = ask_link(&server, "erin@example.com").await;
+    assert_eq!(
+        (failed.status, failed.body.get_str("error_type")),
+        (502, Some("mail_failed"))
+    );
 }

@@ -170,7 +170,7 @@ impl Proxy {
             webhook: Webhook::from_config(config)?.map(Arc::new),
             checkout: Checkout::from_config(config)?,
             refresh: w.refresh,
-            signin: SignIn::new(config, w.db.clone(), w.public_url),
+            signin: SignIn::new(config, w.db.clone(), w.public_url)?,
         })
     }
 

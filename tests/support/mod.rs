@@ -58,6 +58,8 @@ pub struct Options {
     pub payments: bool,
     /// Top-ups through this Stripe API (a stand-in), with [`STRIPE_SECRET_KEY`].
     pub stripe_api: Option<String>,
+    /// `[email] smtp_url`: sign-in links mailed there, not logged.
+    pub smtp_url: Option<String>,
     /// `tls_cert` and `tls_key`; the embedded dev certificate when `None`.
     pub tls_files: Option<(PathBuf, PathBuf)>,
     /// More `[limits]` lines, as TOML.
@@ -127,12 +129,13 @@ impl Options {
             admin: false,
             payments: false,
             stripe_api: None,
+            smtp_url: None,
             tls_files: None,
             limits: String::new(),
         }
     }
 
-    /// `[payments]`: the webhook and top-ups on only when asked for.
+    /// `[email]` and `[payments]`: mail, the webhook and top-ups, each on only when asked for.
     fn payments_section(&self) -> String {
         let on = |on: bool, var: &str| {
             if on {
@@ -146,8 +149,15 @@ impl Options {
             .as_ref()
             .map(|a| format!("api_base = \"{a}\"\n"))
             .unwrap_or_default();
+        let email = self
+            .smtp_url
+            .as_ref()
+            .map(|u| {
+                format!("[email]\nsmtp_url = \"{u}\"\nfrom = \"AbhiAPI <signin@example.com>\"\n")
+            })
+            .unwrap_or_default();
         format!(
-            "[payments]\nwebhook_secret_env = \"{}\"\nsecret_key_env = \"{}\"\n{api}",
+            "{email}[payments]\nwebhook_secret_env = \"{}\"\nsecret_key_env = \"{}\"\n{api}",
             on(self.payments, "ABHIAPI_TEST_STRIPE_WEBHOOK_SECRET"),
             on(self.stripe_api.is_some(), "ABHIAPI_TEST_STRIPE_SECRET_KEY"),
         )
