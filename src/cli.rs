@@ -201,22 +201,7 @@ pub fn run_admin(config: &Config, command: Command) -> Result<String, Error> {
         }
         Command::Payments(PaymentsCommand::List { name }) => {
             let account = admin::account(&mut conn, &name)?;
-            let mut out = format!(
-                "{:<20} {:<40} {:>10} {:>10} {:>10} {:>10}",
-                "PAID (UTC)", "CHECKOUT SESSION", "AMOUNT", "CREDITS", "REFUNDED", "TAKEN BACK"
-            );
-            for p in payments::list(&conn, account.id)? {
-                out += &format!(
-                    "\n{:<20} {:<40} {:>10} {:>10} {:>10} {:>10}",
-                    dates::format_utc(p.created_at_ms / 1000),
-                    p.id,
-                    format!("{} {}", p.amount, p.currency),
-                    p.credits,
-                    p.refunded_amount,
-                    p.refunded_credits
-                );
-            }
-            out
+            payments_table(&payments::list(&conn, account.id)?)
         }
         Command::Usage { name, since, json } => usage(config, &mut conn, &name, since, json)?,
     };
@@ -302,5 +287,28 @@ fn usage(
             report.total_shortfall
         );
     }
+    if !report.topups.is_empty() {
+        out += &format!("\n\nTOP-UPS BY CARD\n{}", payments_table(&report.topups));
+    }
     Ok(out)
+}
+
+/// Payments, a line each: when, the Checkout Session, amount, credits, refunds.
+fn payments_table(rows: &[payments::PaymentRow]) -> String {
+    let mut out = format!(
+        "{:<20} {:<40} {:>10} {:>10} {:>10} {:>10}",
+        "PAID (UTC)", "CHECKOUT SESSION", "AMOUNT", "CREDITS", "REFUNDED", "TAKEN BACK"
+    );
+    for p in rows {
+        out += &format!(
+            "\n{:<20} {:<40} {:>10} {:>10} {:>10} {:>10}",
+            dates::format_utc(p.created_at_ms / 1000),
+            p.id,
+            format!("{} {}", p.amount, p.currency),
+            p.credits,
+            p.refunded_amount,
+            p.refunded_credits
+        );
+    }
+    out
 }

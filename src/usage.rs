@@ -1,5 +1,5 @@
-//! An account's usage report: charges and totals per model, for the CLI's
-//! `usage` and the admin API.
+//! An account's usage report: charges and totals per model, and top-ups by
+//! card, for the CLI's `usage` and the admin API.
 
 use rusqlite::Connection;
 use serde::Serialize;
@@ -9,6 +9,7 @@ use crate::dates;
 use crate::error::Error;
 use crate::store::admin;
 use crate::store::ledger::{self, ChargeRow, ModelUsage};
+use crate::store::payments::{self, PaymentRow};
 
 #[derive(Serialize)]
 pub struct UsageReport {
@@ -20,6 +21,9 @@ pub struct UsageReport {
     pub charges: Vec<ChargeRow>,
     /// Of `total_credits`, what was charged beyond the balance: credits the account owes.
     pub total_shortfall: u64,
+    /// Credits put in by card in the period, each payment by its id (the
+    /// Checkout Session's), with what refunds took back.
+    pub topups: Vec<PaymentRow>,
 }
 
 /// `since` is a UTC date (`YYYY-MM-DD`); `None` means everything.
@@ -39,6 +43,10 @@ pub fn report(
     };
     let account = admin::account(conn, name)?;
     let (models, charges) = ledger::usage(conn, account.id, since_ms)?;
+    let topups = payments::list(conn, account.id)?
+        .into_iter()
+        .filter(|p| p.created_at_ms >= since_ms)
+        .collect();
     let total_credits = models.iter().map(|m| m.credits).sum();
     let total_shortfall = models.iter().map(|m| m.shortfall).sum();
     Ok(UsageReport {
@@ -49,5 +57,6 @@ pub fn report(
         models,
         charges,
         total_shortfall,
+        topups,
     })
 }
