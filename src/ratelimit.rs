@@ -121,11 +121,20 @@ impl Throttle {
     }
 
     pub fn check(&self, name: &str, now: u64) -> Decision {
-        if self.tats.len() >= THROTTLE_NAMES {
-            self.tats.retain(|_, tat| tat.load(Ordering::Acquire) > now);
-        }
         if let Some(tat) = self.tats.get(name) {
             return self.gcra.check(&tat, now);
+        }
+        if self.tats.len() >= THROTTLE_NAMES {
+            self.tats.retain(|_, tat| tat.load(Ordering::Acquire) > now);
+            // Every name kept still holds something back: a new one waits
+            // until one of them lets go, so that a flood of names (from
+            // clients without number) cannot grow the map without bound.
+            if self.tats.len() >= THROTTLE_NAMES {
+                return Decision::Deny {
+                    retry_after_ns: self.gcra.interval_ns,
+                    reset_ns: self.gcra.interval_ns,
+                };
+            }
         }
         let tat = self.tats.entry(name.to_owned()).or_default();
         self.gcra.check(&tat, now)
@@ -369,6 +378,31 @@ mod tests {
             handles.into_iter().map(|h| h.join().unwrap()).sum()
         });
         assert_eq!(passed, 25);
+    }
+
+    #[test]
+    fn a_throttle_keeps_a_bounded_number_of_names() {
+        let throttle = Throttle::new(Gcra::every(std::time::Duration::from_secs(300), 3));
+        let now = 1_000 * SEC;
+        // Names that each still hold something back: none can be dropped.
+        for i in 0..THROTTLE_NAMES + 500 {
+            throttle.check(&format!("user{i}@example.com"), now);
+        }
+        assert!(
+            throttle.tats.len() <= THROTTLE_NAMES,
+            "{} names kept",
+            throttle.tats.len()
+        );
+        // A name it knows is still decided as before; once the old names
+        // hold nothing back, new ones are admitted again.
+        assert!(matches!(
+            throttle.check("user0@example.com", now),
+            Decision::Allow { .. }
+        ));
+        assert!(matches!(
+            throttle.check("new@example.com", now + 301 * SEC),
+            Decision::Allow { .. }
+        ));
     }
 
     #[test]

@@ -65,7 +65,7 @@ impl SignIn {
         let email = normalize(email)
             .ok_or_else(|| ApiError::InvalidInput("`email` is not an email address".into()))?;
         for decision in [
-            self.per_address.check(&client.to_string(), now_ns),
+            self.per_address.check(&client_name(client), now_ns),
             self.per_email.check(&email, now_ns),
         ] {
             if let Decision::Deny { retry_after_ns, .. } = decision {
@@ -140,6 +140,18 @@ impl SignIn {
     }
 }
 
+/// The name a client is limited by: its IPv4 address, or its IPv6 /64 (a
+/// host is routinely given a whole /64, and would otherwise be 2^64 clients).
+fn client_name(client: IpAddr) -> String {
+    match client.to_canonical() {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+    }
+}
+
 /// 32 random bytes, as 64 hex digits.
 fn secret() -> Result<String, ApiError> {
     let mut bytes = [0u8; 32];
@@ -194,5 +206,21 @@ mod tests {
             assert_eq!(normalize(bad), None, "{bad}");
         }
         assert_eq!(normalize(&format!("{}@example.com", "a".repeat(250))), None);
+    }
+
+    #[test]
+    fn a_client_is_its_ipv4_address_or_its_ipv6_slash_64() {
+        let name = |ip: &str| client_name(ip.parse().unwrap());
+        // One host's /64 is all its own: rotating through it is one client.
+        assert_eq!(
+            name("2001:db8:1:2::1"),
+            name("2001:db8:1:2:ffff:ffff:ffff:fffe")
+        );
+        assert_ne!(name("2001:db8:1:2::1"), name("2001:db8:1:3::1"));
+        // An IPv4 client reaching a dual-stack listener is its IPv4 address,
+        // not one /64 shared by every IPv4 client.
+        assert_eq!(name("::ffff:192.0.2.1"), name("192.0.2.1"));
+        assert_ne!(name("::ffff:192.0.2.1"), name("::ffff:192.0.2.2"));
+        assert_ne!(name("192.0.2.1"), name("192.0.2.2"));
     }
 }

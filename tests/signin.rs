@@ -489,3 +489,127 @@ async fn with_a_mail_server_the_link_is_mailed_and_not_logged() {
         (502, Some("mail_failed"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_signing_in_with_an_operator_account_s_name_gets_a_new_account_and_forged_origins_change_nothing(
+) {
+    let mock = MockFal::start(None).await.unwrap();
+    // The operator's account is named like an address, with credits and a key.
+    let (server, operator_key) =
+        Server::start_with_key(Options::new(mock.url(false)), "eve@example.com", 1_000);
+
+    assert_eq!(ask_link(&server, "EVE@example.com").await.status, 202);
+    let link = link_for(&server, "eve@example.com", 1).await;
+    let followed = send(&server, Method::GET, &path_of(&server, &link), &[], "").await;
+    let cookie = session_of(&followed.cookie.expect("a session"));
+    let account = send(
+        &server,
+        Method::GET,
+        "/v1/account",
+        &[("cookie", &cookie)],
+        "",
+    )
+    .await;
+    assert_eq!(account.status, 200, "{:?}", account.body);
+    assert_eq!(account.body.get_str("account"), Some("eve@example.com-2"));
+    assert_eq!(account.body.get_i64("balance"), Some(0));
+    assert_eq!(
+        account
+            .body
+            .get("keys")
+            .and_then(|k| k.as_array())
+            .map(Vec::len),
+        Some(0)
+    );
+    let csrf = account.body.get_str("csrf_token").unwrap().to_owned();
+
+    // The operator's key is not the stranger's to revoke.
+    let operator_key_id: i64 = server
+        .db()
+        .query_row("SELECT id FROM api_keys", [], |r| r.get(0))
+        .unwrap();
+    let o = origin(&server);
+    let same_site = [
+        ("cookie", cookie.as_str()),
+        ("origin", o.as_str()),
+        ("x-csrf-token", csrf.as_str()),
+    ];
+    let revoke = send(
+        &server,
+        Method::DELETE,
+        &format!("/v1/keys/{operator_key_id}"),
+        &same_site,
+        "",
+    )
+    .await;
+    assert_eq!(revoke.status, 404, "{:?}", revoke.body);
+    let resp = call(
+        &server,
+        &operator_key,
+        "/fal-ai/flux/dev",
+        r#"{"prompt":"a"}"#,
+    )
+    .await;
+    assert_ne!(resp.status(), 403, "the operator's key was disabled");
+
+    // Origins that are not exactly this site's, or none, are refused.
+    let port = o.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+    let other_port = format!("http://127.0.0.1:{}", port.wrapping_add(1));
+    let slash = format!("{o}/");
+    let https = o.replace("http://", "https://");
+    for bad in [
+        "null",
+        slash.as_str(),
+        other_port.as_str(),
+        https.as_str(),
+        "",
+    ] {
+        let mut headers = vec![("cookie", cookie.as_str()), ("x-csrf-token", csrf.as_str())];
+        if !bad.is_empty() {
+            headers.push(("origin", bad));
+        } else {
+            headers.push(("referer", slash.as_str()));
+        }
+        let refused = send(&server, Method::POST, "/v1/keys", &headers, "").await;
+        assert_eq!(
+            (refused.status, refused.body.get_str("error_type")),
+            (403, Some("csrf_rejected")),
+            "origin {bad:?}"
+        );
+        assert!(refused.cookie.is_none());
+    }
+    // A cookie of another name ending in ours, or ours twice (a forged one
+    // first), signs nobody in as someone else.
+    let secret = cookie.split('=').nth(1).unwrap();
+    for forged in [
+        format!("x_abhiapi_session={secret}"),
+        format!("abhiapi_session={}; {cookie}", "0".repeat(64)),
+    ] {
+        let answer = send(
+            &server,
+            Method::GET,
+            "/v1/account",
+            &[("cookie", forged.as_str())],
+            "",
+        )
+        .await;
+        assert_eq!(answer.status, 401, "{forged}");
+    }
+    // Without trust in forwarded headers, X-Forwarded-For is no new client.
+    let mut statuses = Vec::new();
+    for i in 0..12 {
+        let answer = send(
+            &server,
+            Method::POST,
+            "/v1/auth/email",
+            &[
+                ("content-type", "application/json"),
+                ("x-forwarded-for", &format!("10.0.0.{i}")),
+            ],
+            &format!(r#"{{"email":"xff{i}@example.com"}}"#),
+        )
+        .await;
+        statuses.push(answer.status);
+    }
+    assert!(statuses.ends_with(&[429]), "{statuses:?}");
+}
