@@ -159,7 +159,7 @@ fn secret() -> Result<String, ApiError> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-fn well_formed(secret: &str) -> bool {
+pub fn well_formed(secret: &str) -> bool {
     secret.len() == 64 && secret.bytes().all(|b| b.is_ascii_hexdigit())
 }
 

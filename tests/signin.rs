@@ -38,16 +38,17 @@ async fn send(
             .get(name)
             .map(|v: &http::HeaderValue| v.to_str().unwrap().to_owned())
     };
-    let (status, location, cookie) = (
+    let (status, location, cookie, kind) = (
         resp.status().as_u16(),
         header("location"),
         header("set-cookie"),
+        header("content-type").unwrap_or_default(),
     );
     let bytes = body(resp).await;
-    let body = if bytes.is_empty() {
-        OwnedValue::null()
-    } else {
-        json(&bytes)
+    let body = match (bytes.is_empty(), kind.starts_with("application/json")) {
+        (true, _) => OwnedValue::null(),
+        (false, true) => json(&bytes),
+        (false, false) => OwnedValue::from(String::from_utf8_lossy(&bytes).into_owned()),
     };
     Answer {
         status,
@@ -103,6 +104,27 @@ fn path_of(server: &Server, link: &str) -> String {
         .to_owned()
 }
 
+/// Follows an emailed link as a browser does: the page, then its button,
+/// which posts the token back from this site.
+async fn follow(server: &Server, link: &str) -> Answer {
+    let page = send(server, Method::GET, &path_of(server, link), &[], "").await;
+    if page.status != 200 {
+        return page;
+    }
+    let token = link.split("token=").nth(1).unwrap();
+    send(
+        server,
+        Method::POST,
+        "/v1/auth/link",
+        &[
+            ("origin", &origin(server)),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ],
+        &format!("token={token}"),
+    )
+    .await
+}
+
 /// `abhiapi_session=…`, as the browser would send it back.
 fn session_of(set_cookie: &str) -> String {
     set_cookie.split(';').next().unwrap().to_owned()
@@ -122,7 +144,7 @@ async fn a_person_signs_in_by_email_link_and_uses_the_dashboard_by_session() {
     let link = link_for(&server, "ada@example.com", 1).await;
     let token = link.split("token=").nth(1).unwrap().to_owned();
 
-    let followed = send(&server, Method::GET, &path_of(&server, &link), &[], "").await;
+    let followed = follow(&server, &link).await;
     assert_eq!(followed.status, 303);
     assert_eq!(followed.location.as_deref(), Some("/dashboard"));
     let set_cookie = followed.cookie.expect("a session cookie");
@@ -191,7 +213,9 @@ async fn a_person_signs_in_by_email_link_and_uses_the_dashboard_by_session() {
     assert_error(resp, 402, "insufficient_credits").await;
 
     // A link works once.
-    let again = send(&server, Method::GET, &path_of(&server, &link), &[], "").await;
+    let page = send(&server, Method::GET, &path_of(&server, &link), &[], "").await;
+    assert_eq!(page.status, 200);
+    let again = follow(&server, &link).await;
     assert_eq!(again.status, 303);
     assert_eq!(again.location.as_deref(), Some("/dashboard?signin=expired"));
     assert!(again.cookie.is_none());
@@ -200,7 +224,7 @@ async fn a_person_signs_in_by_email_link_and_uses_the_dashboard_by_session() {
     assert_eq!(ask_link(&server, "ada@example.com").await.status, 202);
     let second = link_for(&server, "ada@example.com", 2).await;
     assert_ne!(second, link);
-    let followed = send(&server, Method::GET, &path_of(&server, &second), &[], "").await;
+    let followed = follow(&server, &second).await;
     let other_session = session_of(&followed.cookie.unwrap());
     let account = send(
         &server,
@@ -257,6 +281,45 @@ async fn a_person_signs_in_by_email_link_and_uses_the_dashboard_by_session() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_site_cannot_sign_a_browser_in_with_its_own_link() {
+    let mock = MockFal::start(None).await.unwrap();
+    let server = Server::start(Options::new(mock.url(false)));
+    assert_eq!(ask_link(&server, "mallory@example.com").await.status, 202);
+    let link = link_for(&server, "mallory@example.com", 1).await;
+    let token = link.split("token=").nth(1).unwrap();
+
+    // Fetching the link (a mail scanner, a preview) shows a page and signs nobody in.
+    let page = send(&server, Method::GET, &path_of(&server, &link), &[], "").await;
+    assert_eq!(page.status, 200);
+    assert!(page.cookie.is_none());
+    assert!(page.body.as_str().unwrap().contains(r#"method="post""#));
+    // A page of another site posting the token: refused, and the link is not used up.
+    for origin in [Some("https://evil.example"), Some("null"), None] {
+        let mut headers = vec![("content-type", "application/x-www-form-urlencoded")];
+        if let Some(o) = origin {
+            headers.push(("origin", o));
+        }
+        let posted = send(
+            &server,
+            Method::POST,
+            "/v1/auth/link",
+            &headers,
+            &format!("token={token}"),
+        )
+        .await;
+        assert_eq!(
+            (posted.status, posted.body.get_str("error_type")),
+            (403, Some("csrf_rejected")),
+            "{origin:?}"
+        );
+        assert!(posted.cookie.is_none());
+    }
+    let followed = follow(&server, &link).await;
+    assert_eq!(followed.location.as_deref(), Some("/dashboard"));
+    assert!(followed.cookie.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_or_forged_links_and_sessions_sign_nobody_in() {
     let mock = MockFal::start(None).await.unwrap();
     let server = Server::start(Options::new(mock.url(false)));
@@ -270,7 +333,7 @@ async fn expired_or_forged_links_and_sessions_sign_nobody_in() {
             [],
         )
         .unwrap();
-    let expired = send(&server, Method::GET, &path_of(&server, &link), &[], "").await;
+    let expired = follow(&server, &link).await;
     assert_eq!(
         expired.location.as_deref(),
         Some("/dashboard?signin=expired")
@@ -282,12 +345,9 @@ async fn expired_or_forged_links_and_sessions_sign_nobody_in() {
         &"0".repeat(64),
         &format!("{}'--", "a".repeat(60)),
     ] {
-        let answer = send(
+        let answer = follow(
             &server,
-            Method::GET,
-            &format!("/v1/auth/link?token={forged}"),
-            &[],
-            "",
+            &format!("{}/v1/auth/link?token={forged}", origin(&server)),
         )
         .await;
         assert_eq!(
@@ -295,6 +355,7 @@ async fn expired_or_forged_links_and_sessions_sign_nobody_in() {
             Some("/dashboard?signin=expired"),
             "{forged}"
         );
+        assert!(answer.cookie.is_none());
     }
     for cookie in [
         "abhiapi_session=",
@@ -467,7 +528,7 @@ async fn with_a_mail_server_the_link_is_mailed_and_not_logged() {
         "the link was logged too"
     );
 
-    let followed = send(&server, Method::GET, &path_of(&server, &link), &[], "").await;
+    let followed = follow(&server, &link).await;
     assert_eq!(followed.location.as_deref(), Some("/dashboard"));
     let cookie = session_of(&followed.cookie.unwrap());
     let account = send(
@@ -500,7 +561,7 @@ async fn a_stranger_signing_in_with_an_operator_account_s_name_gets_a_new_accoun
 
     assert_eq!(ask_link(&server, "EVE@example.com").await.status, 202);
     let link = link_for(&server, "eve@example.com", 1).await;
-    let followed = send(&server, Method::GET, &path_of(&server, &link), &[], "").await;
+    let followed = follow(&server, &link).await;
     let cookie = session_of(&followed.cookie.expect("a session"));
     let account = send(
         &server,

@@ -1,6 +1,7 @@
-//! People's sign-in: `POST /v1/auth/email` sends a link, `GET
-//! /v1/auth/link?token=…` (a plain GET, so that it works from any mail
-//! client) starts a session in a cookie, `POST /v1/auth/signout` ends it.
+//! People's sign-in: `POST /v1/auth/email` sends a link; `GET
+//! /v1/auth/link?token=…` (a plain link, so that it works from any mail
+//! client) shows a button that posts the token back, which starts a session
+//! in a cookie; `POST /v1/auth/signout` ends it.
 //! And who calls the account API: a key, as before, or a session, whose
 //! changes must come from this site (`Origin`) with its CSRF token.
 
@@ -16,7 +17,7 @@ use super::body::Body;
 use super::{small_body, static_json, Conn, Proxy};
 use crate::error::ApiError;
 use crate::keys::{Account, ApiKey};
-use crate::signin::COOKIE;
+use crate::signin::{self, COOKIE, LINK_ROUTE};
 
 pub(super) const PREFIX: &str = "/v1/auth/";
 /// `{"email": …}` and some room.
@@ -57,13 +58,38 @@ impl Proxy {
                     .await?;
                 Ok(static_json(StatusCode::ACCEPTED, r#"{"sent":true}"#))
             }
+            // The link in the mail shows a page whose button posts the token
+            // back: a page of another site cannot sign a browser in to an
+            // account of its choosing (its POST carries its own Origin), and
+            // a mail scanner that fetches the link does not use it up.
             (Method::GET, "link") => {
                 let token = req
                     .uri()
                     .query()
                     .and_then(|q| q.split('&').find_map(|p| p.strip_prefix("token=")))
                     .unwrap_or("");
-                match self.signin.follow(token).await? {
+                Ok(match signin::well_formed(token) {
+                    true => confirm_page(token),
+                    false => redirect("/dashboard?signin=expired", None),
+                })
+            }
+            (Method::POST, "link") => {
+                let ours = self.public_base(&req, conn)?;
+                let from_our_page = req
+                    .headers()
+                    .get(header::ORIGIN)
+                    .is_some_and(|o| o.as_bytes() == ours.as_bytes());
+                let secure = ours.starts_with("https://");
+                let form =
+                    small_body::read(req.into_body(), MAX_BODY, self.body_pace.timeout).await?;
+                if !from_our_page {
+                    return Err(ApiError::CsrfRejected);
+                }
+                let token = form_urlencoded::parse(&form)
+                    .find(|(k, _)| k == "token")
+                    .map(|(_, v)| v.into_owned())
+                    .unwrap_or_default();
+                match self.signin.follow(&token).await? {
                     Some((started, account_id)) => {
                         // A new account is in memory before the dashboard asks for it.
                         if self.registry.account(account_id).is_none() {
@@ -73,11 +99,7 @@ impl Proxy {
                             "{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
                             started.secret,
                             started.max_age.as_secs(),
-                            if self.is_https(&req, conn) {
-                                "; Secure"
-                            } else {
-                                ""
-                            }
+                            if secure { "; Secure" } else { "" }
                         );
                         Ok(redirect("/dashboard", Some(cookie)))
                     }
@@ -183,11 +205,6 @@ impl Proxy {
         None
     }
 
-    fn is_https(&self, req: &Request<Incoming>, conn: Conn) -> bool {
-        self.public_base(req, conn)
-            .is_ok_and(|b| b.starts_with("https://"))
-    }
-
     /// The client's address: the peer's, or behind a trusted load balancer
     /// the first `x-forwarded-for` hop.
     pub(super) fn client_ip(&self, req: &Request<Incoming>, conn: Conn) -> std::net::IpAddr {
@@ -208,6 +225,35 @@ fn session_cookie(headers: &HeaderMap) -> Option<&str> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .find_map(|pair| pair.trim().strip_prefix(COOKIE)?.strip_prefix('='))
+}
+
+/// "Sign in?", with the token in a form that posts it back here. The token
+/// is 64 hex digits (checked), so it goes into the page as it is.
+fn confirm_page(token: &str) -> Response<Body> {
+    let html = format!(
+        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Sign in to AbhiAPI</title></head>
+<body style="font-family: sans-serif; max-width: 30em; margin: 4em auto">
+<h1>Sign in to AbhiAPI</h1>
+<form method="post" action="{LINK_ROUTE}"><input type="hidden" name="token" value="{token}">
+<button id="confirm" type="submit">Sign in</button></form>
+</body></html>"#
+    );
+    let mut resp = Response::new(Body::full(html));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    resp
 }
 
 fn redirect(to: &'static str, cookie: Option<String>) -> Response<Body> {

@@ -1,6 +1,6 @@
 // A new customer, from nothing to a paid, working key, in headless Chromium:
 // asks for a sign-in link, follows it (read from the server's log, where it
-// goes with no mail server configured), creates a key, tops up through the
+// goes with no mail server configured) and confirms, creates a key, tops up through the
 // (stand-in) Stripe checkout, spends with the key, and signs out. Prints one
 // JSON line of what it saw for tests/dashboard.rs.
 //   node signup.mjs <base url> <email> <server log> [screenshot.png]
@@ -39,6 +39,7 @@ try {
   seen.note = await page.textContent("#email-note");
 
   await page.goto(await linkFromLog());
+  await Promise.all([page.waitForURL((u) => u.pathname === "/dashboard"), page.click("#confirm")]);
   seen.landed = new URL(page.url()).pathname;
   seen.start_balance = await balance(page);
   seen.account = await page.textContent("#account-name");
