@@ -232,7 +232,7 @@ fn session_cookie(headers: &HeaderMap) -> Option<&str> {
 fn confirm_page(token: &str) -> Response<Body> {
     let html = format!(
         r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Sign in to AbhiAPI</title></head>
-<body style="font-family: sans-serif; max-width: 30em; margin: 4em auto">
+<body>
 <h1>Sign in to AbhiAPI</h1>
 <form method="post" action="{LINK_ROUTE}"><input type="hidden" name="token" value="{token}">
 <button id="confirm" type="submit">Sign in</button></form>
@@ -246,9 +246,13 @@ fn confirm_page(token: &str) -> Response<Body> {
     );
     h.insert(
         header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
+        HeaderValue::from_static(
+            "default-src 'none'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // Not `no-referrer`: with it, the browser sends `Origin: null` on the
+    // form's post, which is then refused.
     h.insert(
         header::REFERRER_POLICY,
         HeaderValue::from_static("same-origin"),
