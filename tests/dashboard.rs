@@ -250,9 +250,11 @@ async fn a_new_customer_signs_up_by_email_pays_and_spends_in_a_browser() {
     let stripe = abhiapi::mock_stripe::MockStripe::start(STRIPE_SECRET_KEY)
         .await
         .unwrap();
+    let sink = MailSink::start();
     let opts = Options {
         payments: true,
         stripe_api: Some(stripe.url()),
+        smtp_url: Some(format!("smtp://127.0.0.1:{}", sink.port)),
         ..Options::new(mock.url(false))
     };
     let server = Server::start(opts);
@@ -267,7 +269,7 @@ async fn a_new_customer_signs_up_by_email_pays_and_spends_in_a_browser() {
         .arg("signup.mjs")
         .arg(server.url(""))
         .arg("newcomer@example.com")
-        .arg(server.dir.path().join("stderr.log"))
+        .arg(&sink.file)
         .arg(&shot)
         .env("CHROMIUM", &chromium);
     let seen = drive(cmd).await;

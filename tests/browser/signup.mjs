@@ -1,13 +1,13 @@
 // A new customer, from nothing to a paid, working key, in headless Chromium:
-// asks for a sign-in link, follows it (read from the server's log, where it
-// goes with no mail server configured) and confirms, creates a key, tops up through the
+// asks for a sign-in link, follows it (from the mail a local SMTP sink took:
+// one JSON line per message) and confirms, creates a key, tops up through the
 // (stand-in) Stripe checkout, spends with the key, and signs out. Prints one
 // JSON line of what it saw for tests/dashboard.rs.
-//   node signup.mjs <base url> <email> <server log> [screenshot.png]
+//   node signup.mjs <base url> <email> <mail file> [screenshot.png]
 import { readFileSync } from "node:fs";
 import { chromium } from "playwright-core";
 
-const [base, email, log, screenshot] = process.argv.slice(2);
+const [base, email, mail, screenshot] = process.argv.slice(2);
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
   args: [
@@ -17,13 +17,15 @@ const browser = await chromium.launch({
 });
 const seen = {};
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-async function linkFromLog() {
+async function linkFromMail() {
   for (let i = 0; i < 100; i++) {
-    const line = readFileSync(log, "utf8").split("\n").find((l) => l.includes("sign-in link") && l.includes(`email=${email} `));
-    if (line) return line.split("link=")[1].split(/\s/)[0];
+    let text = "";
+    try { text = readFileSync(mail, "utf8"); } catch {}
+    const message = text.split("\n").filter(Boolean).map((l) => JSON.parse(l)).find((m) => m.to.includes(email));
+    if (message) return message.body.split(/\s/).find((w) => w.startsWith("http"));
     await sleep(50);
   }
-  throw new Error("no sign-in link in the log");
+  throw new Error("no sign-in mail");
 }
 const balance = async (page) => {
   await page.waitForFunction(() => document.getElementById("balance").textContent !== "–");
@@ -38,7 +40,7 @@ try {
   await page.waitForFunction(() => document.getElementById("email-note").textContent !== "");
   seen.note = await page.textContent("#email-note");
 
-  await page.goto(await linkFromLog());
+  await page.goto(await linkFromMail());
   await Promise.all([page.waitForURL((u) => u.pathname === "/dashboard"), page.click("#confirm")]);
   seen.landed = new URL(page.url()).pathname;
   seen.start_balance = await balance(page);

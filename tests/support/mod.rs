@@ -769,3 +769,70 @@ pub async fn books_close(server: &Server, charged: &[(&str, i64)]) -> bool {
     }
     closed
 }
+
+/// A mail server on loopback (aiosmtpd, pinned in tests/smtp), installed on
+/// first use; every message it takes is a JSON line in the returned file.
+pub struct MailSink {
+    pub child: std::process::Child,
+    pub port: u16,
+    pub file: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl MailSink {
+    pub fn start() -> Self {
+        static DONE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+        let smtp = repo_path("tests/smtp");
+        let deps = smtp.join(".deps");
+        installed(&DONE, deps.join("aiosmtpd"), || {
+            let mut c = std::process::Command::new("python3");
+            c.args(["-m", "pip", "install", "--quiet", "--no-deps", "--target"])
+                .arg(&deps)
+                .arg("-r")
+                .arg(smtp.join("requirements.txt"));
+            c
+        });
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("mail.jsonl");
+        let mut child = std::process::Command::new("python3")
+            .arg(smtp.join("sink.py"))
+            .arg(port.to_string())
+            .arg(&file)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut ready = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut ready,
+        )
+        .unwrap();
+        assert_eq!(ready.trim(), "ready");
+        Self {
+            child,
+            port,
+            file,
+            _dir: dir,
+        }
+    }
+
+    pub fn messages(&self) -> Vec<simd_json::OwnedValue> {
+        std::fs::read_to_string(&self.file)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| json(l.as_bytes()))
+            .collect()
+    }
+}
+
+impl Drop for MailSink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
