@@ -59,12 +59,40 @@ fn chromium_ready() -> String {
     DEBIAN.into()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_user_signs_in_reads_the_chart_creates_and_revokes_a_key_in_a_browser() {
+/// Chromium and the packages that drive it, installed on first use; and
+/// the folder of the driver scripts.
+fn browser_ready() -> (String, std::path::PathBuf) {
     let chromium = chromium_ready();
     static DONE: OnceLock<Result<(), String>> = OnceLock::new();
     let dir = repo_path("tests/browser");
     npm_ready(&DONE, &dir, "playwright-core");
+    (chromium, dir)
+}
+
+/// A Stripe stand-in, and `opts` taking card payments through it.
+async fn with_stripe(opts: Options) -> (abhiapi::mock_stripe::MockStripe, Options) {
+    let stripe = abhiapi::mock_stripe::MockStripe::start(STRIPE_SECRET_KEY)
+        .await
+        .unwrap();
+    let opts = Options {
+        payments: true,
+        stripe_api: Some(stripe.url()),
+        ..opts
+    };
+    (stripe, opts)
+}
+
+/// The stand-in checkout's "Pay" button delivers its event to `server`.
+fn pay_into(stripe: &abhiapi::mock_stripe::MockStripe, server: &Server) {
+    stripe.deliver_to(abhiapi::mock_stripe::WebhookTarget {
+        url: server.url("/v1/stripe/webhook"),
+        secret: STRIPE_WEBHOOK_SECRET.into(),
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_signs_in_reads_the_chart_creates_and_revokes_a_key_in_a_browser() {
+    let (chromium, dir) = browser_ready();
 
     let mock = MockFal::start(None).await.unwrap();
     let (server, key) = Server::start_with_key(Options::new(mock.url(false)), "acme", 10_000);
@@ -189,25 +217,12 @@ async fn the_account_endpoints_show_only_the_callers_account() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_tops_up_by_card_in_a_browser_and_the_credits_arrive_once() {
-    let chromium = chromium_ready();
-    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
-    let dir = repo_path("tests/browser");
-    npm_ready(&DONE, &dir, "playwright-core");
+    let (chromium, dir) = browser_ready();
 
     let mock = MockFal::start(None).await.unwrap();
-    let stripe = abhiapi::mock_stripe::MockStripe::start(STRIPE_SECRET_KEY)
-        .await
-        .unwrap();
-    let opts = Options {
-        payments: true,
-        stripe_api: Some(stripe.url()),
-        ..Options::new(mock.url(false))
-    };
+    let (stripe, opts) = with_stripe(Options::new(mock.url(false))).await;
     let (server, key) = Server::start_with_key(opts, "acme", 1000);
-    stripe.deliver_to(abhiapi::mock_stripe::WebhookTarget {
-        url: server.url("/v1/stripe/webhook"),
-        secret: STRIPE_WEBHOOK_SECRET.into(),
-    });
+    pay_into(&stripe, &server);
 
     let shot = std::env::var("TOPUP_SCREENSHOT").unwrap_or_default();
     let mut cmd = Command::new("node");
@@ -241,27 +256,17 @@ async fn a_user_tops_up_by_card_in_a_browser_and_the_credits_arrive_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_customer_signs_up_by_email_pays_and_spends_in_a_browser() {
-    let chromium = chromium_ready();
-    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
-    let dir = repo_path("tests/browser");
-    npm_ready(&DONE, &dir, "playwright-core");
+    let (chromium, dir) = browser_ready();
 
     let mock = MockFal::start(None).await.unwrap();
-    let stripe = abhiapi::mock_stripe::MockStripe::start(STRIPE_SECRET_KEY)
-        .await
-        .unwrap();
     let sink = MailSink::start();
-    let opts = Options {
-        payments: true,
-        stripe_api: Some(stripe.url()),
+    let (stripe, opts) = with_stripe(Options {
         smtp_url: Some(format!("smtp://127.0.0.1:{}", sink.port)),
         ..Options::new(mock.url(false))
-    };
+    })
+    .await;
     let server = Server::start(opts);
-    stripe.deliver_to(abhiapi::mock_stripe::WebhookTarget {
-        url: server.url("/v1/stripe/webhook"),
-        secret: STRIPE_WEBHOOK_SECRET.into(),
-    });
+    pay_into(&stripe, &server);
 
     let shot = std::env::var("SIGNUP_SCREENSHOT").unwrap_or_default();
     let mut cmd = Command::new("node");

@@ -467,6 +467,19 @@ async fn top_ups_outside_the_limits_or_without_stripe_are_refused_and_cost_nothi
     assert_eq!(balance(&server, "acme"), 0);
 }
 
+/// Waits until the running server's own view of the balance is `want`.
+async fn assert_live_balance(server: &Server, key: &str, want: i64) {
+    let live = eventually(std::time::Duration::from_secs(5), || async {
+        live_balance(server, key).await == Some(want)
+    })
+    .await;
+    assert!(
+        live,
+        "the server's own view: {:?}",
+        live_balance(server, key).await
+    );
+}
+
 /// The balance the running server holds in memory, as its key sees it.
 async fn live_balance(server: &Server, key: &str) -> Option<i64> {
     let resp = client()
@@ -504,15 +517,7 @@ async fn a_refund_delivered_before_its_payment_is_taken_back_when_the_payment_ar
     assert_eq!(answer.get_i64("credits"), Some(3000));
     assert_eq!(balance(&server, "acme"), 0);
     assert!(books_close(&server, &[]).await);
-    let live = eventually(std::time::Duration::from_secs(5), || async {
-        live_balance(&server, &key).await == Some(0)
-    })
-    .await;
-    assert!(
-        live,
-        "the server's own view: {:?}",
-        live_balance(&server, &key).await
-    );
+    assert_live_balance(&server, &key, 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -579,15 +584,7 @@ async fn concurrent_deliveries_of_one_event_credit_once() {
     assert_eq!(balance(&server, "acme"), 5000);
     assert_eq!(payments(&server), 1);
     assert!(books_close(&server, &[]).await);
-    let live = eventually(std::time::Duration::from_secs(5), || async {
-        live_balance(&server, &key).await == Some(5000)
-    })
-    .await;
-    assert!(
-        live,
-        "the server's own view: {:?}",
-        live_balance(&server, &key).await
-    );
+    assert_live_balance(&server, &key, 5000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -125,6 +125,18 @@ async fn follow(server: &Server, link: &str) -> Answer {
     .await
 }
 
+/// `GET /v1/account` by session.
+async fn account_by(server: &Server, cookie: &str) -> Answer {
+    send(
+        server,
+        Method::GET,
+        "/v1/account",
+        &[("cookie", cookie)],
+        "",
+    )
+    .await
+}
+
 /// `abhiapi_session=…`, as the browser would send it back.
 fn session_of(set_cookie: &str) -> String {
     set_cookie.split(';').next().unwrap().to_owned()
@@ -154,14 +166,7 @@ async fn a_person_signs_in_by_email_link_and_uses_the_dashboard_by_session() {
     let cookie = session_of(&set_cookie);
 
     // The account exists now, empty, and the session reads it.
-    let account = send(
-        &server,
-        Method::GET,
-        "/v1/account",
-        &[("cookie", &cookie)],
-        "",
-    )
-    .await;
+    let account = account_by(&server, &cookie).await;
     assert_eq!(account.status, 200, "{:?}", account.body);
     assert_eq!(account.body.get_str("account"), Some("ada@example.com"));
     assert_eq!(account.body.get_str("email"), Some("ada@example.com"));
@@ -226,14 +231,7 @@ async fn a_person_signs_in_by_email_link_and_uses_the_dashboard_by_session() {
     assert_ne!(second, link);
     let followed = follow(&server, &second).await;
     let other_session = session_of(&followed.cookie.unwrap());
-    let account = send(
-        &server,
-        Method::GET,
-        "/v1/account",
-        &[("cookie", &other_session)],
-        "",
-    )
-    .await;
+    let account = account_by(&server, &other_session).await;
     assert_eq!(account.body.get_str("account"), Some("ada@example.com"));
     let accounts: i64 = server
         .db()
@@ -245,23 +243,9 @@ async fn a_person_signs_in_by_email_link_and_uses_the_dashboard_by_session() {
     let out = send(&server, Method::POST, "/v1/auth/signout", &same_site, "").await;
     assert_eq!(out.status, 200, "{:?}", out.body);
     assert!(out.cookie.unwrap().contains("Max-Age=0"));
-    let after = send(
-        &server,
-        Method::GET,
-        "/v1/account",
-        &[("cookie", &cookie)],
-        "",
-    )
-    .await;
+    let after = account_by(&server, &cookie).await;
     assert_eq!(after.status, 401);
-    let still = send(
-        &server,
-        Method::GET,
-        "/v1/account",
-        &[("cookie", &other_session)],
-        "",
-    )
-    .await;
+    let still = account_by(&server, &other_session).await;
     assert_eq!(still.status, 200);
 
     // Links and sessions are stored by their hash only.
@@ -362,14 +346,7 @@ async fn expired_or_forged_links_and_sessions_sign_nobody_in() {
         "abhiapi_session=abc",
         &format!("abhiapi_session={}", "f".repeat(64)),
     ] {
-        let answer = send(
-            &server,
-            Method::GET,
-            "/v1/account",
-            &[("cookie", cookie)],
-            "",
-        )
-        .await;
+        let answer = account_by(&server, cookie).await;
         assert_eq!(answer.status, 401, "{cookie}");
     }
     let accounts: i64 = server
@@ -464,14 +441,7 @@ async fn with_a_mail_server_the_link_is_mailed_and_not_logged() {
     let followed = follow(&server, &link).await;
     assert_eq!(followed.location.as_deref(), Some("/dashboard"));
     let cookie = session_of(&followed.cookie.unwrap());
-    let account = send(
-        &server,
-        Method::GET,
-        "/v1/account",
-        &[("cookie", &cookie)],
-        "",
-    )
-    .await;
+    let account = account_by(&server, &cookie).await;
     assert_eq!(account.body.get_str("account"), Some("dan@example.com"));
 
     // The mail server gone: a clear error, and no session for anyone.
@@ -496,14 +466,7 @@ async fn a_stranger_signing_in_with_an_operator_account_s_name_gets_a_new_accoun
     let link = link_for(&server, "eve@example.com", 1).await;
     let followed = follow(&server, &link).await;
     let cookie = session_of(&followed.cookie.expect("a session"));
-    let account = send(
-        &server,
-        Method::GET,
-        "/v1/account",
-        &[("cookie", &cookie)],
-        "",
-    )
-    .await;
+    let account = account_by(&server, &cookie).await;
     assert_eq!(account.status, 200, "{:?}", account.body);
     assert_eq!(account.body.get_str("account"), Some("eve@example.com-2"));
     assert_eq!(account.body.get_i64("balance"), Some(0));

@@ -2,16 +2,10 @@
 // /usr/bin/chromium) and does what a user does there. Prints one JSON line
 // of what it saw for tests/dashboard.rs.
 //   node dashboard.mjs <base url> <key> [screenshot.png]
-import { chromium } from "playwright-core";
+import { launch } from "./browser.mjs";
 
 const [base, key, screenshot] = process.argv.slice(2);
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-  ],
-});
+const browser = await launch();
 const seen = {};
 const proxied = (k) =>
   fetch(`${base}/fal-ai/flux/dev`, {

@@ -5,16 +5,10 @@
 // JSON line of what it saw for tests/dashboard.rs.
 //   node signup.mjs <base url> <email> <mail file> [screenshot.png]
 import { readFileSync } from "node:fs";
-import { chromium } from "playwright-core";
+import { launch } from "./browser.mjs";
 
 const [base, email, mail, screenshot] = process.argv.slice(2);
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-  ],
-});
+const browser = await launch();
 const seen = {};
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 async function linkFromMail() {

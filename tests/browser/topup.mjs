@@ -3,16 +3,10 @@
 // back to the dashboard. Prints one JSON line of what it saw for
 // tests/dashboard.rs.
 //   node topup.mjs <base url> <key> <usd> [screenshot.png]
-import { chromium } from "playwright-core";
+import { launch } from "./browser.mjs";
 
 const [base, key, usd, screenshot] = process.argv.slice(2);
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-  ],
-});
+const browser = await launch();
 const seen = {};
 try {
   const page = await browser.newPage({ viewport: { width: 1040, height: 1400 } });
