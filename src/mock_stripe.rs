@@ -2,7 +2,8 @@
 //! Checkout Sessions API as Stripe documents it (form-encoded parameters,
 //! `Authorization: Bearer sk_…`, `Idempotency-Key` replays, Stripe-shaped
 //! errors), and a hosted checkout page whose "Pay" button does what Stripe
-//! does once a card is paid: it sends a signed `checkout.session.completed`
+//! does once a card is paid: it sends a signed `charge.succeeded` (with its
+//! receipt, which the stand-in also serves) and `checkout.session.completed`
 //! to the webhook endpoint, then returns the buyer to the `success_url`.
 
 use std::collections::HashMap;
@@ -127,6 +128,7 @@ async fn answer(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
     match (req.method().clone(), path.as_str()) {
         (Method::POST, "/v1/checkout/sessions") => create_session(state, req).await,
         (Method::GET, p) if p.starts_with("/c/pay/") => page(state, &p["/c/pay/".len()..]),
+        (Method::GET, p) if p.starts_with("/receipts/") => receipt(&p["/receipts/".len()..]),
         (Method::POST, p) if p.starts_with("/c/pay/") && p.ends_with("/pay") => {
             let id = &p["/c/pay/".len()..p.len() - "/pay".len()];
             pay(state, id).await
@@ -332,6 +334,20 @@ fn page(state: &State, id: &str) -> Response<Full<Bytes>> {
     resp
 }
 
+/// The receipt Stripe shows for a charge.
+fn receipt(intent: &str) -> Response<Full<Bytes>> {
+    let html = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Receipt</title></head><body><h1>Receipt</h1><p id=\"intent\">{}</p><p>Paid (Stripe stand-in: no card was charged).</p></body></html>",
+        html_escape(intent)
+    );
+    let mut resp = Response::new(Full::new(Bytes::from(html)));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        "text/html; charset=utf-8".parse().unwrap(),
+    );
+    resp
+}
+
 /// What Stripe does once the card is paid: the signed event to the
 /// webhook, then the buyer back to `success_url`.
 async fn pay(state: &State, id: &str) -> Response<Full<Bytes>> {
@@ -347,15 +363,22 @@ async fn pay(state: &State, id: &str) -> Response<Full<Bytes>> {
         s.paid = true;
         s.clone()
     };
-    let event = format!(
-        r#"{{"id":"evt_{}","object":"event","type":"checkout.session.completed","data":{{"object":{}}}}}"#,
-        &id["cs_test_".len()..],
+    let number = &id["cs_test_".len()..];
+    // Stripe sends the charge's event and the session's, in no set order.
+    let charge = format!(
+        r#"{{"id":"evt_ch_{number}","object":"event","type":"charge.succeeded","data":{{"object":{{"id":"ch_{number}","object":"charge","payment_intent":"pi_{number}","paid":true,"receipt_url":"{}/receipts/pi_{number}"}}}}}}"#,
+        state.base
+    );
+    let completed = format!(
+        r#"{{"id":"evt_{number}","object":"event","type":"checkout.session.completed","data":{{"object":{}}}}}"#,
         session_json(state, &session)
     );
     let target = state.webhook.lock().clone();
     if let Some(target) = target {
-        if let Err(e) = deliver(&target, &event).await {
-            tracing::warn!(error = %e, "the Stripe stand-in could not deliver its event");
+        for event in [charge, completed] {
+            if let Err(e) = deliver(&target, &event).await {
+                tracing::warn!(error = %e, "the Stripe stand-in could not deliver its event");
+            }
         }
     }
     let success = session

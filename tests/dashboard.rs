@@ -251,6 +251,13 @@ async fn a_user_tops_up_by_card_in_a_browser_and_the_credits_arrive_once() {
     assert!(seen
         .get_str("payment_row")
         .is_some_and(|r| r.contains("5.00 USD") && r.contains("5000")));
+    // Stripe's receipt for the charge, linked beside the payment.
+    let receipt = seen
+        .get_str("receipt")
+        .unwrap_or_else(|| panic!("no receipt: {seen}"));
+    assert!(receipt.starts_with(&stripe.url()), "{receipt}");
+    let shown = body(client().request(get(receipt, None)).await.unwrap()).await;
+    assert!(String::from_utf8_lossy(&shown).contains("Receipt"));
     assert!(books_close(&server, &[]).await);
 }
 

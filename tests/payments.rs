@@ -167,6 +167,31 @@ async fn a_paid_checkout_credits_its_account_once_and_its_key_spends_it_at_once(
     assert_eq!(listed[0].get_str("id"), Some("cs_test_1"));
     assert_eq!(listed[0].get_i64("credits"), Some(5000));
     assert_eq!(listed[0].get_str("payment_intent"), Some("pi_1"));
+    assert_eq!(listed[0].get_str("receipt_url"), None);
+
+    // The charge's receipt, whenever its event comes; only a web address is kept.
+    let receipt = |event: &str, url: &str| {
+        format!(
+            r#"{{"id":"{event}","object":"event","type":"charge.succeeded","data":{{"object":{{"id":"ch_1","object":"charge","payment_intent":"pi_1","receipt_url":"{url}"}}}}}}"#
+        )
+    };
+    let hostile = receipt("evt_r0", "javascript:alert(1)");
+    let (_, answer) = deliver(&server, &hostile, signed(&hostile)).await;
+    assert_eq!(answer.get_str("outcome"), Some("ignored"));
+    let real = receipt("evt_r1", "https://pay.stripe.com/receipts/acct_1/ch_1");
+    let (_, answer) = deliver(&server, &real, signed(&real)).await;
+    assert_eq!(answer.get_str("outcome"), Some("receipt"));
+    let req = Request::builder()
+        .uri(server.url("/v1/account/payments"))
+        .header("x-api-key", &key)
+        .body(Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let own = json(&body(client().request(req).await.unwrap()).await);
+    assert_eq!(
+        own.as_array().unwrap()[0].get_str("receipt_url"),
+        Some("https://pay.stripe.com/receipts/acct_1/ch_1")
+    );
+    assert_eq!(balance(&server, "acme"), 5000 - charged);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -48,13 +48,14 @@ struct Object {
     /// Documented as nullable.
     metadata: Option<HashMap<String, String>>,
     amount_refunded: Option<i64>,
+    receipt_url: Option<String>,
 }
 
 /// The answer to Stripe: 200 for every event applied, replayed or ignored.
 #[derive(Serialize, Debug)]
 pub struct Applied {
     pub event: String,
-    /// `credited`, `refunded`, `replayed` or `ignored`.
+    /// `credited`, `refunded`, `receipt`, `replayed` or `ignored`.
     pub outcome: &'static str,
     /// Credits added (credited, net of a refund whose event came first) or
     /// taken back (refunded).
@@ -85,6 +86,7 @@ impl Webhook {
             "checkout.session.completed"
                 | "checkout.session.async_payment_succeeded"
                 | "charge.refunded"
+                | "charge.succeeded"
         ) {
             return Ok(Applied {
                 event: head.id,
@@ -157,6 +159,21 @@ impl Webhook {
                     Ok(Refunded::UnknownPayment) => Ok(applied("ignored", 0)),
                     Err(crate::error::Error::Usage(why)) => Err(ApiError::WebhookEvent(why)),
                     Err(e) => Err(internal(e)),
+                }
+            }
+            // The receipt a customer is shown beside a payment. Only a web
+            // address is kept: the dashboard links to it.
+            "charge.succeeded" => {
+                let receipt = object
+                    .receipt_url
+                    .as_deref()
+                    .filter(|u| u.starts_with("https://") || u.starts_with("http://"));
+                match (object.payment_intent.as_deref(), receipt) {
+                    (Some(intent), Some(url)) => {
+                        payments::record_receipt(conn, intent, url).map_err(internal)?;
+                        Ok(applied("receipt", 0))
+                    }
+                    _ => Ok(applied("ignored", 0)),
                 }
             }
             _ => Ok(applied("ignored", 0)),

@@ -13,7 +13,7 @@ const PAGE: &str = include_str!("../dashboard/index.html");
 /// `sha256-` of the page's one `<script>` and one `<style>`; the unit test
 /// below fails when the page changes and these do not.
 const CSP: &str = "default-src 'none'; \
-    script-src 'sha256-0Z+kLfAXvX69XK8PbcKWO5+MnCZo4Qz5T21Hu/Sd1S0='; \
+    script-src 'sha256-f25FiX7fJvq2LOLmLheXs4lCxWY711TcGwY5s1yqPZE='; \
     style-src 'sha256-KJZV/vOOVOoOSGZRY7klPt/n42QBmnJ3H8HydKa9A08='; \
     connect-src 'self'; img-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
 

@@ -186,14 +186,33 @@ pub struct PaymentRow {
     pub refunded_amount: i64,
     pub refunded_credits: i64,
     pub created_at_ms: i64,
+    /// Stripe's receipt for the card charge, once Stripe has sent it.
+    pub receipt_url: Option<String>,
+}
+
+/// Keeps the receipt of a card charge (the latest Stripe sent), by its
+/// payment intent.
+pub fn record_receipt(
+    conn: &rusqlite::Connection,
+    payment_intent: &str,
+    url: &str,
+) -> Result<(), Error> {
+    conn.execute(
+        "INSERT INTO receipts (payment_intent, url) VALUES (?1, ?2)
+         ON CONFLICT (payment_intent) DO UPDATE SET url = excluded.url",
+        params![payment_intent, url],
+    )?;
+    Ok(())
 }
 
 /// An account's payments, newest first.
 pub fn list(conn: &rusqlite::Connection, account_id: i64) -> Result<Vec<PaymentRow>, Error> {
     let rows = conn
         .prepare(
-            "SELECT id, payment_intent, currency, amount, credits, refunded_amount, refunded_credits, created_at_ms
-             FROM payments WHERE account_id = ?1 ORDER BY created_at_ms DESC, id",
+            "SELECT p.id, p.payment_intent, p.currency, p.amount, p.credits, p.refunded_amount,
+                p.refunded_credits, p.created_at_ms, r.url
+             FROM payments p LEFT JOIN receipts r ON r.payment_intent = p.payment_intent
+             WHERE p.account_id = ?1 ORDER BY p.created_at_ms DESC, p.id",
         )?
         .query_map([account_id], |r| {
             Ok(PaymentRow {
@@ -205,6 +224,7 @@ pub fn list(conn: &rusqlite::Connection, account_id: i64) -> Result<Vec<PaymentR
                 refunded_amount: r.get(5)?,
                 refunded_credits: r.get(6)?,
                 created_at_ms: r.get(7)?,
+                receipt_url: r.get(8)?,
             })
         })?
         .collect::<Result<_, _>>()?;

@@ -142,6 +142,12 @@ const MIGRATIONS: &[&str] = &[
         expires_at_ms INTEGER NOT NULL
     );
     CREATE INDEX sessions_account ON sessions(account_id);",
+    // 12: the receipt Stripe keeps for each card charge, by its payment
+    // intent; a charge's event may come before its Checkout Session's.
+    "CREATE TABLE receipts (
+        payment_intent TEXT PRIMARY KEY,
+        url TEXT NOT NULL
+    );",
 ];
 
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {

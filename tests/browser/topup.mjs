@@ -28,6 +28,7 @@ try {
   await page.waitForFunction(() => document.querySelectorAll("#payments tr").length > 0);
   seen.payments = await page.locator("#payments tr").count();
   seen.payment_row = await page.textContent("#payments tr");
+  seen.receipt = await page.getAttribute("#payments a.receipt", "href");
   if (screenshot) await page.screenshot({ path: screenshot, fullPage: true });
   seen.ok = true;
 } catch (e) {
