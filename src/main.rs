@@ -123,6 +123,9 @@ fn announce(bound: &Bound, demo: Option<&Demo>) {
                 "demo: Stripe stand-in at {} (top up from the dashboard)",
                 d.stripe.url()
             );
+            println!(
+                "demo: sign up at http://{plain}/dashboard with any email address; the sign-in link is written to this log"
+            );
         }
         let base = match (bound.plain, bound.tls) {
             (Some(p), _) => format!("http://{p}"),
