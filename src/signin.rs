@@ -13,8 +13,8 @@ use crate::error::{ApiError, Error};
 use crate::mail::Mailer;
 use crate::ratelimit::{ceil_secs, Decision, Gcra, Throttle};
 use crate::store::db::Db;
-use crate::store::now_ms;
 use crate::store::sessions::{self, SecretHash, SessionRow};
+use crate::store::{now_ms, snapshot};
 
 pub const LINK_TTL: Duration = Duration::from_secs(15 * 60);
 pub const COOKIE: &str = "abhiapi_session";
@@ -36,6 +36,9 @@ pub struct SignIn {
 pub struct Started {
     pub secret: String,
     pub max_age: Duration,
+    /// The change feed's position once the account existed: a new account
+    /// is in the server's memory when the feed has been applied this far.
+    pub change: i64,
 }
 
 impl SignIn {
@@ -87,7 +90,7 @@ impl SignIn {
 
     /// Follows a link: the session it starts, or `None` if the link is
     /// unknown, used or expired. The account is made on first use.
-    pub async fn follow(&self, token: &str) -> Result<Option<(Started, i64)>, ApiError> {
+    pub async fn follow(&self, token: &str) -> Result<Option<Started>, ApiError> {
         if !well_formed(token) {
             return Ok(None);
         }
@@ -105,17 +108,13 @@ impl SignIn {
                 };
                 let (account, _) = sessions::account_for_email(conn, &email, free)?;
                 sessions::insert_session(conn, &session_hash, account.id, &csrf, expires)?;
-                Ok(Some(account.id))
+                Ok(Some(snapshot::latest_change(conn)?))
             })
             .await?;
-        Ok(started.map(|account_id| {
-            (
-                Started {
-                    secret: session,
-                    max_age: self.session_ttl,
-                },
-                account_id,
-            )
+        Ok(started.map(|change| Started {
+            secret: session,
+            max_age: self.session_ttl,
+            change,
         }))
     }
 

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
 use super::body::Body;
-use super::{small_body, static_json, Conn, Proxy};
+use super::{dashboard, small_body, static_json, Conn, Proxy};
 use crate::error::ApiError;
 use crate::keys::{Account, ApiKey};
 use crate::signin::{self, COOKIE, LINK_ROUTE};
@@ -22,6 +22,8 @@ use crate::signin::{self, COOKIE, LINK_ROUTE};
 pub(super) const PREFIX: &str = "/v1/auth/";
 /// `{"email": …}` and some room.
 const MAX_BODY: usize = 1024;
+/// The longest a new account's first session waits for it to reach memory.
+const ACCOUNT_WAIT: Duration = Duration::from_secs(1);
 
 /// Who calls the account API.
 pub(super) struct Caller {
@@ -74,12 +76,8 @@ impl Proxy {
                 })
             }
             (Method::POST, "link") => {
-                let ours = self.public_base(&req, conn)?;
-                let from_our_page = req
-                    .headers()
-                    .get(header::ORIGIN)
-                    .is_some_and(|o| o.as_bytes() == ours.as_bytes());
-                let secure = ours.starts_with("https://");
+                let from_our_page = self.sent_by_this_site(&req, conn)?;
+                let secure = self.public_base(&req, conn)?.starts_with("https://");
                 let form =
                     small_body::read(req.into_body(), MAX_BODY, self.body_pace.timeout).await?;
                 if !from_our_page {
@@ -90,11 +88,9 @@ impl Proxy {
                     .map(|(_, v)| v.into_owned())
                     .unwrap_or_default();
                 match self.signin.follow(&token).await? {
-                    Some((started, account_id)) => {
+                    Some(started) => {
                         // A new account is in memory before the dashboard asks for it.
-                        if self.registry.account(account_id).is_none() {
-                            self.await_account(account_id).await;
-                        }
+                        self.refresh.applied(started.change, ACCOUNT_WAIT).await;
                         let cookie = format!(
                             "{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
                             started.secret,
@@ -145,13 +141,10 @@ impl Proxy {
             .session(secret)
             .await?
             .ok_or(ApiError::UnknownKey)?;
-        let account = match self.registry.account(row.account_id) {
-            Some(a) => a,
-            None => self
-                .await_account(row.account_id)
-                .await
-                .ok_or(ApiError::UnknownKey)?,
-        };
+        let account = self
+            .registry
+            .account(row.account_id)
+            .ok_or(ApiError::UnknownKey)?;
         if account.is_suspended() {
             return Err(ApiError::AccountSuspended);
         }
@@ -174,35 +167,26 @@ impl Proxy {
         conn: Conn,
         session: &SessionCaller,
     ) -> Result<(), ApiError> {
-        let ours = self.public_base(req, conn)?;
-        let origin = req
-            .headers()
-            .get(header::ORIGIN)
-            .and_then(|v| v.to_str().ok());
         let token = req
             .headers()
             .get("x-csrf-token")
             .map(HeaderValue::as_bytes)
             .unwrap_or_default();
         let token_ok: bool = token.ct_eq(session.csrf.as_bytes()).into();
-        if origin == Some(ours.as_str()) && token_ok {
+        if self.sent_by_this_site(req, conn)? && token_ok {
             Ok(())
         } else {
             Err(ApiError::CsrfRejected)
         }
     }
 
-    /// An account new to this server reaches memory through the change
-    /// feed: waits for it, briefly.
-    async fn await_account(&self, id: i64) -> Option<Arc<Account>> {
-        for _ in 0..200 {
-            self.refresh.wake();
-            if let Some(a) = self.registry.account(id) {
-                return Some(a);
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        None
+    /// The browser says the request comes from a page of this site.
+    fn sent_by_this_site(&self, req: &Request<Incoming>, conn: Conn) -> Result<bool, ApiError> {
+        let ours = self.public_base(req, conn)?;
+        Ok(req
+            .headers()
+            .get(header::ORIGIN)
+            .is_some_and(|o| o.as_bytes() == ours.as_bytes()))
     }
 
     /// The client's address: the peer's, or behind a trusted load balancer
@@ -238,22 +222,13 @@ fn confirm_page(token: &str) -> Response<Body> {
 <button id="confirm" type="submit">Sign in</button></form>
 </body></html>"#
     );
-    let mut resp = Response::new(Body::full(html));
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
+    let mut resp = dashboard::html(
+        html,
+        "default-src 'none'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
     );
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(
-            "default-src 'none'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-        ),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     // Not `no-referrer`: with it, the browser sends `Origin: null` on the
     // form's post, which is then refused.
-    h.insert(
+    resp.headers_mut().insert(
         header::REFERRER_POLICY,
         HeaderValue::from_static("same-origin"),
     );

@@ -18,16 +18,20 @@ const CSP: &str = "default-src 'none'; \
     connect-src 'self'; img-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
 
 pub(super) fn page() -> Response<Body> {
-    let mut resp = Response::new(Body::full(PAGE));
+    html(PAGE, CSP)
+}
+
+/// A page of ours: HTML under `csp` (no framing, no other origins), never cached.
+pub(super) fn html(page: impl Into<bytes::Bytes>, csp: &'static str) -> Response<Body> {
+    let mut resp = Response::new(Body::full(page));
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/html; charset=utf-8"),
     );
-    // No framing, no other origins, no caching.
     h.insert(
         header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(CSP),
+        HeaderValue::from_static(csp),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
