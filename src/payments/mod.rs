@@ -6,8 +6,6 @@ pub mod checkout;
 pub mod signature;
 mod webhook;
 
-use std::time::Duration;
-
 use crate::config::Config;
 use crate::error::Error;
 
@@ -23,8 +21,6 @@ pub struct Webhook {
     currency: String,
     /// Credits per smallest currency unit (10 at $0.001 a credit).
     credits_per_minor: i64,
-    /// How long an event's body may take to arrive.
-    pub body_timeout: Duration,
 }
 
 impl Webhook {
@@ -45,7 +41,6 @@ impl Webhook {
             secret,
             currency: p.currency.to_ascii_lowercase(),
             credits_per_minor: credits_per_minor(config.billing.usd_per_credit)?,
-            body_timeout: Duration::from_secs(config.server.body_timeout_secs),
         }))
     }
 }

@@ -31,7 +31,8 @@ impl Proxy {
             .get("stripe-signature")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let body = small_body::read(req.into_body(), MAX_EVENT_BYTES, webhook.body_timeout).await?;
+        let body =
+            small_body::read(req.into_body(), MAX_EVENT_BYTES, self.body_pace.timeout).await?;
         webhook.verify(header.as_deref(), &body, now_secs())?;
         let (applied, change) = self
             .db
