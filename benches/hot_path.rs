@@ -25,6 +25,7 @@ use abhiapi::billing::pricing::Quote;
 use abhiapi::keys::{secret, Registry};
 use abhiapi::metrics::Metrics;
 use abhiapi::store::ledger::{ChargeRecord, Outcome};
+use abhiapi::store::sql::{Mode, Sql};
 use abhiapi::store::writer::{self, StoreWriter, WriteOp};
 use abhiapi::store::{self, snapshot};
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -57,7 +58,10 @@ fn bench(c: &mut Criterion) {
     let journal = Arc::new(Journal::open(&dir.path().join("holds"), false).unwrap());
     let metrics = Arc::new(Metrics::default());
     let (writer, _thread) = StoreWriter::spawn(
-        store::open(&dir.path().join("bench.db")).unwrap(),
+        store::open(&abhiapi::config::StoreConfig::at(
+            dir.path().join("bench.db"),
+        ))
+        .unwrap(),
         Arc::clone(&journal),
         Arc::clone(&metrics),
     );
@@ -135,8 +139,11 @@ const BATCH_REQUESTS: usize = 512;
 fn ledger_commit(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let (mut conn, _) = keys::populated(&dir.path().join("commit.db"), 1);
-    conn.execute_batch("CREATE TABLE reference (id TEXT PRIMARY KEY, n INTEGER NOT NULL)")
-        .unwrap();
+    conn.exec(
+        "CREATE TABLE reference (id TEXT PRIMARY KEY, n INTEGER NOT NULL)",
+        &[],
+    )
+    .unwrap();
     let mut next = 0u64;
     let mut ids = move || {
         next += 1;
@@ -148,14 +155,13 @@ fn ledger_commit(c: &mut Criterion) {
         b.iter_batched(
             || (0..BATCH_REQUESTS).map(|_| ids()).collect::<Vec<_>>(),
             |batch| {
-                let tx = conn.transaction().unwrap();
-                {
-                    let mut insert = tx
-                        .prepare_cached("INSERT INTO reference (id, n) VALUES (?1, ?2)")
-                        .unwrap();
-                    for id in &batch {
-                        insert.execute(rusqlite::params![id, 28]).unwrap();
-                    }
+                let mut tx = conn.transaction(Mode::Plain).unwrap();
+                for id in &batch {
+                    tx.exec(
+                        "INSERT INTO reference (id, n) VALUES (?1, ?2)",
+                        abhiapi::args![id, 28],
+                    )
+                    .unwrap();
                 }
                 tx.commit().unwrap();
             },

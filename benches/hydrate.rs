@@ -33,7 +33,7 @@ fn main() {
 
     let before = rss_bytes();
     let start = Instant::now();
-    let mut conn = store::open(&path).unwrap();
+    let mut conn = store::open(&abhiapi::config::StoreConfig::at(&path)).unwrap();
     let snap = snapshot::load(&mut conn).unwrap();
     let registry = Registry::from_snapshot(&snap);
     drop(snap);

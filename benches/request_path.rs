@@ -113,7 +113,7 @@ fn bench(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let mock = runtime.block_on(MockFal::start(None)).unwrap();
     let config = Config::parse(&common::config_toml(&mock, &dir.path().join("bench.db"))).unwrap();
-    let mut conn = store::open(&config.store.path).unwrap();
+    let mut conn = store::open(&config.store).unwrap();
     let key = admin::create_key(
         &mut conn,
         "bench",

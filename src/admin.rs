@@ -337,7 +337,7 @@ impl Admin {
     /// the row to memory, and answers with the account.
     async fn edit_account<F>(&self, name: &str, edit: F) -> Result<Response<Body>, ApiError>
     where
-        F: FnOnce(&mut rusqlite::Connection) -> Result<AccountRow, Error> + Send + 'static,
+        F: FnOnce(&mut crate::store::sql::Conn) -> Result<AccountRow, Error> + Send + 'static,
     {
         self.find(name).await?;
         let row = self.w.db.run(edit).await.map_err(invalid)?;

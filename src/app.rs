@@ -64,10 +64,7 @@ impl Core {
         clock: Arc<dyn Clock>,
         public_url: String,
     ) -> Result<Self, Error> {
-        let mut conn = store::open(&config.store.path)?;
-        if config.store.fsync {
-            conn.pragma_update(None, "synchronous", "FULL")?;
-        }
+        let mut conn = store::open(&config.store)?;
         recover_holds(&mut conn, &config.store.journal_dir())?;
         let journal = Arc::new(Journal::open(
             &config.store.journal_dir(),
@@ -81,7 +78,7 @@ impl Core {
             "hydrated"
         );
         let refresher = Refresher::spawn(
-            config.store.path.clone(),
+            &config.store,
             Arc::clone(&registry),
             snapshot.seq,
             Duration::from_millis(config.store.refresh_interval_ms),
@@ -90,7 +87,7 @@ impl Core {
         // Other writers (the CLI, the admin API) hold the lock for
         // milliseconds; one held longer means the ledger cannot be written,
         // and billable requests are refused until it can.
-        conn.busy_timeout(WRITER_BUSY_WAIT)?;
+        conn.lock_wait(WRITER_BUSY_WAIT)?;
         let (writer, writer_thread) =
             StoreWriter::spawn(conn, Arc::clone(&journal), Arc::clone(&metrics));
         let ledger = Arc::new(Ledger::new(
@@ -99,7 +96,7 @@ impl Core {
             Arc::clone(&metrics),
         ));
         let jobs = Arc::new(Jobs::load(
-            &store::open(&config.store.path)?,
+            &mut store::open(&config.store)?,
             &registry,
             Arc::clone(&ledger),
             writer.clone(),
@@ -114,7 +111,7 @@ impl Core {
                 ledger: Arc::clone(&ledger),
                 clock,
                 jobs: Arc::clone(&jobs),
-                db: Db::open(&config.store.path)?,
+                db: Db::open(&config.store)?,
                 metrics: Arc::clone(&metrics),
                 refresh: refresher.waker(),
                 public_url,
@@ -208,7 +205,14 @@ pub async fn serve(
         (None, None, Some(tls)) => format!("https://{tls}"),
         (None, None, None) => unreachable!("the config requires a listener"),
     };
-    let core = Core::start(&config, upstream, clock, public_url)?;
+    // Off the async thread: the store's start-up (recovery, hydration) blocks,
+    // and PostgreSQL's client refuses to block a thread that runs tasks.
+    let core = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || Core::start(&config, upstream, clock, public_url))
+            .await
+            .map_err(|e| Error::Usage(format!("start-up failed: {e}")))??
+    };
     let proxy = Arc::clone(&core.proxy);
     let (stopping, stop) = tokio::sync::watch::channel(false);
     let background = spawn_background(Arc::clone(&proxy), &config, stop.clone());
@@ -228,7 +232,7 @@ pub async fn serve(
                 Arc::clone(&reloader),
                 AdminWiring {
                     token,
-                    db: Db::open(&config.store.path)?,
+                    db: Db::open(&config.store)?,
                     registry: Arc::clone(&core.registry),
                     refresh: core.refresher.waker(),
                     metrics: Arc::clone(&core.metrics),
@@ -366,10 +370,7 @@ fn spawn_background(
 
 /// Settles holds that a process which did not stop cleanly left behind,
 /// before any balance is read into memory.
-fn recover_holds(
-    conn: &mut rusqlite::Connection,
-    journal_dir: &std::path::Path,
-) -> Result<(), Error> {
+fn recover_holds(conn: &mut store::sql::Conn, journal_dir: &std::path::Path) -> Result<(), Error> {
     let journalled = Journal::read_all(journal_dir)?;
     let done = ledger::recover(conn, &journalled, store::now_ms())?;
     if done.settled > 0 || done.holds > 0 {

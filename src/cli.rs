@@ -45,6 +45,9 @@ pub enum Command {
     /// An account's card payments and their refunds.
     #[command(subcommand)]
     Payments(PaymentsCommand),
+    /// The database itself.
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// An account's charges and totals per model.
     Usage {
         name: String,
@@ -54,6 +57,20 @@ pub enum Command {
         /// Print JSON instead of tables.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum StoreCommand {
+    /// Copy a single node's SQLite database, exactly, into a new PostgreSQL
+    /// database (stop the server first).
+    Migrate {
+        /// The SQLite database.
+        #[arg(long)]
+        from: PathBuf,
+        /// The PostgreSQL database: postgres://user:password@host:port/name
+        #[arg(long)]
+        to: String,
     },
 }
 
@@ -110,9 +127,23 @@ pub struct Topup {
 
 /// Runs a `keys` or `accounts` command and returns what to print.
 pub fn run_admin(config: &Config, command: Command) -> Result<String, Error> {
-    let mut conn = store::open(&config.store.path)?;
+    if let Command::Store(StoreCommand::Migrate { from, to }) = &command {
+        let copied = store::copy::sqlite_to_postgres(from, to)?;
+        let lines: Vec<String> = copied
+            .iter()
+            .map(|(table, rows)| format!("{table:<16} {rows:>10} rows"))
+            .collect();
+        return Ok(format!(
+            "copied {} into PostgreSQL\n{}",
+            from.display(),
+            lines.join("\n")
+        ));
+    }
+    let mut conn = store::open(&config.store)?;
     let out = match command {
-        Command::Serve { .. } => unreachable!("serve is not an admin command"),
+        Command::Serve { .. } | Command::Store(_) => {
+            unreachable!("not a command on the configured store")
+        }
         Command::Keys(KeysCommand::Create {
             account,
             credits,
@@ -149,7 +180,7 @@ pub fn run_admin(config: &Config, command: Command) -> Result<String, Error> {
                 "{:<6} {:<14} {:<20} {:<9} {}",
                 "ID", "PREFIX", "ACCOUNT", "STATE", "LAST USED (UTC)"
             );
-            for k in admin::list_keys(&conn, account.as_deref())? {
+            for k in admin::list_keys(&mut conn, account.as_deref())? {
                 out += &format!(
                     "\n{:<6} {:<14} {:<20} {:<9} {}",
                     k.id,
@@ -183,7 +214,7 @@ pub fn run_admin(config: &Config, command: Command) -> Result<String, Error> {
         }
         Command::Accounts(AccountsCommand::Show { name }) => {
             let a = admin::account(&mut conn, &name)?;
-            let held = ledger::held(&conn, a.id)?;
+            let held = ledger::held(&mut conn, a.id)?;
             format!(
                 "account   {}\nplan      {}\nstate     {}\nbalance   {} credits\nheld      {} credits\navailable {} credits",
                 a.name,
@@ -201,7 +232,7 @@ pub fn run_admin(config: &Config, command: Command) -> Result<String, Error> {
         }
         Command::Payments(PaymentsCommand::List { name }) => {
             let account = admin::account(&mut conn, &name)?;
-            payments_table(&payments::list(&conn, account.id)?)
+            payments_table(&payments::list(&mut conn, account.id)?)
         }
         Command::Usage { name, since, json } => usage(config, &mut conn, &name, since, json)?,
     };
@@ -221,7 +252,7 @@ fn known_plan(config: &Config, plan: &str) -> Result<(), Error> {
 
 fn usage(
     config: &Config,
-    conn: &mut rusqlite::Connection,
+    conn: &mut store::sql::Conn,
     name: &str,
     since: Option<String>,
     json: bool,

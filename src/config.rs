@@ -324,7 +324,13 @@ impl Default for UpstreamConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
+    /// SQLite's database file; with `url`, only where the node's own files
+    /// go (its hold journal, beside this path).
     pub path: PathBuf,
+    /// `postgres://…`: the shared PostgreSQL of several nodes, instead of SQLite.
+    pub url: Option<String>,
+    /// A private CA for PostgreSQL's TLS (`sslmode=require`), beside the public roots.
+    pub ca_file: Option<PathBuf>,
     /// How often the server looks for changes made by the CLI.
     pub refresh_interval_ms: u64,
     /// fsync each hold and each ledger batch, to survive power loss, not
@@ -334,6 +340,14 @@ pub struct StoreConfig {
 }
 
 impl StoreConfig {
+    /// SQLite at `path`, the rest as by default.
+    pub fn at(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            ..Self::default()
+        }
+    }
+
     /// The hold journal's folder, beside the database.
     pub fn journal_dir(&self) -> PathBuf {
         let mut name = self.path.clone().into_os_string();
@@ -346,6 +360,8 @@ impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             path: "abhiapi.db".into(),
+            url: None,
+            ca_file: None,
             refresh_interval_ms: 250,
             fsync: false,
         }
@@ -496,6 +512,15 @@ impl Config {
             crate::upstream::Target::parse(url)
                 .map_err(|e| Error::Config(format!("[signup] public_url: {e}")))?;
         }
+        if let Some(url) = &self.store.url {
+            let scheme = url.starts_with("postgres://") || url.starts_with("postgresql://");
+            let parsed = <postgres::Config as std::str::FromStr>::from_str(url);
+            if let (false, _) | (_, Err(_)) = (scheme, &parsed) {
+                return Err(Error::Config(
+                    "[store] url: expected postgres://user:password@host:port/database".into(),
+                ));
+            }
+        }
         let s = &self.server;
         if s.listen.is_none() && s.plain_listen.is_none() {
             return Err(Error::Config(
@@ -591,6 +616,7 @@ impl Config {
             &mut self.server.tls_cert,
             &mut self.server.tls_key,
             &mut self.upstream.ca_file,
+            &mut self.store.ca_file,
         ]
         .into_iter()
         .flatten()

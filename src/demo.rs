@@ -41,7 +41,7 @@ pub async fn prepare(config: &mut Config) -> Result<Demo, Error> {
         secret_key: STRIPE_KEY.into(),
         webhook_secret: WEBHOOK_SECRET.into(),
     });
-    let mut conn = store::open(&config.store.path)?;
+    let mut conn = store::open(&config.store)?;
     let created = admin::create_key(
         &mut conn,
         ACCOUNT,

@@ -12,7 +12,7 @@ pub enum Error {
     #[error("config: {0}")]
     Config(String),
     #[error("database: {0}")]
-    Store(#[from] rusqlite::Error),
+    Store(#[from] crate::store::sql::StoreError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("tls: {0}")]
@@ -22,6 +22,12 @@ pub enum Error {
     /// The account has as many live keys as `[limits] max_keys_per_account` allows.
     #[error("account {account:?} has {max} live keys, the most it may have: disable one first")]
     KeyLimit { account: String, max: u64 },
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        Error::Store(e.into())
+    }
 }
 
 /// Everything a single request can fail with. Each variant knows its status

@@ -121,7 +121,7 @@ impl Jobs {
     /// Loads pending jobs (taking their holds again) and the most recent
     /// ended ones (so their owners can still read them).
     pub fn load(
-        conn: &rusqlite::Connection,
+        conn: &mut crate::store::sql::Conn,
         registry: &Registry,
         ledger: Arc<Ledger>,
         writer: StoreWriter,

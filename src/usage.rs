@@ -1,7 +1,6 @@
 //! An account's usage report: charges and totals per model, and top-ups by
 //! card, for the CLI's `usage` and the admin API.
 
-use rusqlite::Connection;
 use serde::Serialize;
 
 use crate::billing::pricing::PriceTable;
@@ -28,7 +27,7 @@ pub struct UsageReport {
 
 /// `since` is a UTC date (`YYYY-MM-DD`); `None` means everything.
 pub fn report(
-    conn: &mut Connection,
+    conn: &mut crate::store::sql::Conn,
     prices: &PriceTable,
     name: &str,
     since: Option<String>,

@@ -314,8 +314,8 @@ mod tests {
 
     /// A ledger on a fresh database with one key of an account holding `credits`.
     fn ledger(dir: &std::path::Path, credits: i64) -> (Arc<Ledger>, Arc<ApiKey>) {
-        let db = dir.join("abhiapi.db");
-        let mut conn = store::open(&db).unwrap();
+        let mut conn =
+            store::open(&crate::config::StoreConfig::at(dir.join("abhiapi.db"))).unwrap();
         let origin = admin::KeyOrigin {
             created_by: None,
             max_keys: 20,

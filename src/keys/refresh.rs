@@ -1,13 +1,13 @@
 //! Carries CLI edits into a running server: a thread polls the change feed
 //! and applies what it finds to the registry.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::Registry;
+use crate::config::StoreConfig;
 use crate::error::Error;
 use crate::store::{self, snapshot};
 
@@ -21,12 +21,12 @@ pub struct Refresher {
 impl Refresher {
     /// Starts polling after change `seq` (the snapshot's) every `interval`.
     pub fn spawn(
-        db: PathBuf,
+        db: &StoreConfig,
         registry: Arc<Registry>,
         seq: i64,
         interval: Duration,
     ) -> Result<Self, Error> {
-        let mut conn = store::open(&db)?;
+        let mut conn = store::open(db)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = Arc::clone(&stop);
         let applied = Arc::new(AtomicI64::new(seq));

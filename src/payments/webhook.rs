@@ -75,7 +75,7 @@ impl Webhook {
     /// Applies a verified event.
     pub fn apply(
         &self,
-        conn: &mut rusqlite::Connection,
+        conn: &mut crate::store::sql::Conn,
         body: &mut [u8],
     ) -> Result<Applied, ApiError> {
         // simd-json parses in place: the head is read from a copy.

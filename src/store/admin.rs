@@ -1,10 +1,10 @@
 //! The operator's edits (the CLI's commands). Each runs in one transaction
 //! and records a `changes` row, which is how a running server learns of it.
 
-use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
-
 use super::now_secs;
 use super::snapshot::{account_row, AccountRow, ACCOUNT_COLS};
+use super::sql::{Conn, Mode, Sql, Tx};
+use crate::args;
 use crate::error::Error;
 use crate::keys::secret;
 
@@ -62,35 +62,50 @@ pub(super) fn check_topup(account: &AccountRow, credits: i64) -> Result<(), Erro
     Ok(())
 }
 
-pub(super) fn write_tx(conn: &mut Connection) -> Result<Transaction<'_>, Error> {
-    Ok(conn.transaction_with_behavior(TransactionBehavior::Immediate)?)
+pub(super) fn write_tx(conn: &mut Conn) -> Result<Tx<'_>, Error> {
+    Ok(conn.transaction(Mode::Serial)?)
 }
 
+/// Adds to the change feed. Only in a [`Mode::Serial`] transaction: the
+/// feed is read by `seq`, so rows must become visible in `seq` order, which
+/// PostgreSQL promises only to writers that take turns.
 pub(super) fn record_change(
-    tx: &Transaction,
+    tx: &mut dyn Sql,
     account_id: Option<i64>,
     key_id: Option<i64>,
     delta: i64,
 ) -> Result<(), Error> {
-    tx.execute(
+    tx.exec(
         "INSERT INTO changes (account_id, key_id, balance_delta, at) VALUES (?1, ?2, ?3, ?4)",
-        params![account_id, key_id, delta, now_secs()],
+        args![account_id, key_id, delta, now_secs()],
     )?;
     Ok(())
 }
 
-pub(super) fn find_account(tx: &Transaction, name: &str) -> Result<Option<AccountRow>, Error> {
-    let sql = format!("SELECT {ACCOUNT_COLS} FROM accounts WHERE name = ?1");
-    Ok(tx.query_row(&sql, [name], account_row).optional()?)
+/// Inserts a row and returns its new `id`.
+pub(super) fn insert_returning_id(
+    tx: &mut dyn Sql,
+    sql: &str,
+    args: &[super::sql::Param<'_>],
+) -> Result<i64, Error> {
+    Ok(tx.value(&format!("{sql} RETURNING id"), args)?)
 }
 
-pub(super) fn require_account(tx: &Transaction, name: &str) -> Result<AccountRow, Error> {
+pub(super) fn find_account(tx: &mut dyn Sql, name: &str) -> Result<Option<AccountRow>, Error> {
+    let sql = format!("SELECT {ACCOUNT_COLS} FROM accounts WHERE name = ?1");
+    Ok(tx
+        .row(&sql, args![name])?
+        .map(|r| account_row(&r))
+        .transpose()?)
+}
+
+pub(super) fn require_account(tx: &mut dyn Sql, name: &str) -> Result<AccountRow, Error> {
     find_account(tx, name)?.ok_or_else(|| Error::Usage(format!("no account named {name:?}")))
 }
 
 /// Creates an account; an existing name is refused.
 pub fn create_account(
-    conn: &mut Connection,
+    conn: &mut Conn,
     name: &str,
     credits: i64,
     plan: &str,
@@ -99,17 +114,17 @@ pub fn create_account(
         return Err(Error::Usage("an account needs a name".into()));
     }
     check_opening(credits)?;
-    let tx = write_tx(conn)?;
-    if find_account(&tx, name)?.is_some() {
+    let mut tx = write_tx(conn)?;
+    if find_account(&mut tx, name)?.is_some() {
         return Err(Error::Usage(format!("account {name:?} exists")));
     }
-    tx.execute(
+    let id = insert_returning_id(
+        &mut tx,
         "INSERT INTO accounts (name, plan, balance, created_at) VALUES (?1, ?2, ?3, ?4)",
-        params![name, plan, credits, now_secs()],
+        args![name, plan, credits, now_secs()],
     )?;
-    let id = tx.last_insert_rowid();
-    record_change(&tx, Some(id), None, credits)?;
-    let row = require_account(&tx, name)?;
+    record_change(&mut tx, Some(id), None, credits)?;
+    let row = require_account(&mut tx, name)?;
     tx.commit()?;
     Ok(row)
 }
@@ -137,7 +152,7 @@ impl KeyOrigin {
 /// (with `credits` and `plan`). For an existing account those two are left
 /// as they are. Refused when the account already has `origin.max_keys` live keys.
 pub fn create_key(
-    conn: &mut Connection,
+    conn: &mut Conn,
     account: &str,
     credits: i64,
     plan: &str,
@@ -148,27 +163,26 @@ pub fn create_key(
     }
     check_opening(credits)?;
     let new = secret::generate().map_err(|e| Error::Usage(format!("no OS randomness: {e}")))?;
-    let tx = write_tx(conn)?;
-    let (account, new_account) = match find_account(&tx, account)? {
+    let mut tx = write_tx(conn)?;
+    let (account, new_account) = match find_account(&mut tx, account)? {
         Some(a) => (a, false),
         None => {
-            tx.execute(
+            let id = insert_returning_id(
+                &mut tx,
                 "INSERT INTO accounts (name, plan, balance, created_at) VALUES (?1, ?2, ?3, ?4)",
-                params![account, plan, credits, now_secs()],
+                args![account, plan, credits, now_secs()],
             )?;
-            let id = tx.last_insert_rowid();
             // A running server meets a new account at balance 0 and adds this
             // delta, as for any top-up, so the opening balance counts once.
-            record_change(&tx, Some(id), None, credits)?;
-            (require_account(&tx, account)?, true)
+            record_change(&mut tx, Some(id), None, credits)?;
+            (require_account(&mut tx, account)?, true)
         }
     };
     // Counted in the same write transaction as the insert: concurrent
     // creations cannot together pass the cap.
-    let live: u64 = tx.query_row(
+    let live: u64 = (&mut tx as &mut dyn Sql).value(
         "SELECT COUNT(*) FROM api_keys WHERE account_id = ?1 AND disabled = 0",
-        [account.id],
-        |r| r.get(0),
+        args![account.id],
     )?;
     if live >= origin.max_keys {
         return Err(Error::KeyLimit {
@@ -176,10 +190,11 @@ pub fn create_key(
             max: origin.max_keys,
         });
     }
-    tx.execute(
+    let id = insert_returning_id(
+        &mut tx,
         "INSERT INTO api_keys (account_id, hash, display_prefix, created_at, created_by)
          VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![
+        args![
             account.id,
             &new.hash[..],
             new.display_prefix,
@@ -187,8 +202,7 @@ pub fn create_key(
             origin.created_by
         ],
     )?;
-    let id = tx.last_insert_rowid();
-    record_change(&tx, Some(account.id), Some(id), 0)?;
+    record_change(&mut tx, Some(account.id), Some(id), 0)?;
     tx.commit()?;
     Ok(CreatedKey {
         id,
@@ -199,122 +213,123 @@ pub fn create_key(
     })
 }
 
-pub fn list_keys(conn: &Connection, account: Option<&str>) -> Result<Vec<KeyListing>, Error> {
-    let mut stmt = conn.prepare(
+pub fn list_keys(conn: &mut dyn Sql, account: Option<&str>) -> Result<Vec<KeyListing>, Error> {
+    let rows = conn.rows(
         "SELECT k.id, k.display_prefix, a.name, k.disabled, k.last_used_at
          FROM api_keys k JOIN accounts a ON a.id = k.account_id
-         WHERE ?1 IS NULL OR a.name = ?1 ORDER BY k.id",
+         WHERE CAST(?1 AS TEXT) IS NULL OR a.name = ?1 ORDER BY k.id",
+        args![account],
     )?;
-    let rows = stmt.query_map([account], |r| {
-        Ok(KeyListing {
-            id: r.get(0)?,
-            display_prefix: r.get(1)?,
-            account: r.get(2)?,
-            disabled: r.get(3)?,
-            last_used_at: r.get(4)?,
+    rows.iter()
+        .map(|r| {
+            Ok(KeyListing {
+                id: r.get(0)?,
+                display_prefix: r.get(1)?,
+                account: r.get(2)?,
+                disabled: r.get(3)?,
+                last_used_at: r.get(4)?,
+            })
         })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+        .collect()
 }
 
 /// The account a key belongs to, if the key exists.
-pub fn key_account(conn: &Connection, id: i64) -> Result<Option<i64>, Error> {
+pub fn key_account(conn: &mut dyn Sql, id: i64) -> Result<Option<i64>, Error> {
     Ok(conn
-        .query_row("SELECT account_id FROM api_keys WHERE id = ?1", [id], |r| {
-            r.get(0)
-        })
-        .optional()?)
+        .row("SELECT account_id FROM api_keys WHERE id = ?1", args![id])?
+        .map(|r| r.get(0))
+        .transpose()?)
 }
 
-pub fn set_key_disabled(conn: &mut Connection, id: i64, disabled: bool) -> Result<(), Error> {
-    let tx = write_tx(conn)?;
-    let account_id: Option<i64> = tx
-        .query_row("SELECT account_id FROM api_keys WHERE id = ?1", [id], |r| {
-            r.get(0)
-        })
-        .optional()?;
-    let account_id = account_id.ok_or_else(|| Error::Usage(format!("no key with id {id}")))?;
-    tx.execute(
+pub fn set_key_disabled(conn: &mut Conn, id: i64, disabled: bool) -> Result<(), Error> {
+    let mut tx = write_tx(conn)?;
+    let account_id =
+        key_account(&mut tx, id)?.ok_or_else(|| Error::Usage(format!("no key with id {id}")))?;
+    tx.exec(
         "UPDATE api_keys SET disabled = ?1 WHERE id = ?2",
-        params![disabled, id],
+        args![disabled, id],
     )?;
-    record_change(&tx, Some(account_id), Some(id), 0)?;
+    record_change(&mut tx, Some(account_id), Some(id), 0)?;
     Ok(tx.commit()?)
 }
 
 /// Disables key `id` of account `account_id` and every key created with it,
 /// and with those, down the line: a leaked key's offspring go with it.
 /// Returns the ids disabled (`id` first), or none when `id` is not the account's.
-pub fn revoke_key(conn: &mut Connection, id: i64, account_id: i64) -> Result<Vec<i64>, Error> {
-    let tx = write_tx(conn)?;
-    let ids = {
-        let mut stmt = tx.prepare(
+pub fn revoke_key(conn: &mut Conn, id: i64, account_id: i64) -> Result<Vec<i64>, Error> {
+    let mut tx = write_tx(conn)?;
+    let ids = tx
+        .rows(
             "WITH RECURSIVE tree(id) AS (
                  SELECT id FROM api_keys WHERE id = ?1 AND account_id = ?2
                  UNION SELECT k.id FROM api_keys k JOIN tree t ON k.created_by = t.id
                  WHERE k.account_id = ?2
              )
              SELECT id FROM tree ORDER BY id",
-        )?;
-        let ids = stmt.query_map(params![id, account_id], |r| r.get::<_, i64>(0))?;
-        ids.collect::<Result<Vec<_>, _>>()?
-    };
+            args![id, account_id],
+        )?
+        .iter()
+        .map(|r| r.get(0))
+        .collect::<Result<Vec<i64>, _>>()?;
     for &key in &ids {
-        tx.execute("UPDATE api_keys SET disabled = 1 WHERE id = ?1", [key])?;
-        record_change(&tx, Some(account_id), Some(key), 0)?;
+        tx.exec("UPDATE api_keys SET disabled = 1 WHERE id = ?1", args![key])?;
+        record_change(&mut tx, Some(account_id), Some(key), 0)?;
     }
     tx.commit()?;
     Ok(ids)
 }
 
 /// Adds `credits` to the balance; returns the account as it is afterwards.
-pub fn topup(conn: &mut Connection, name: &str, credits: i64) -> Result<AccountRow, Error> {
-    let tx = write_tx(conn)?;
-    let account = require_account(&tx, name)?;
+pub fn topup(conn: &mut Conn, name: &str, credits: i64) -> Result<AccountRow, Error> {
+    let mut tx = write_tx(conn)?;
+    let account = require_account(&mut tx, name)?;
     // Against the stored balance, which is never below the server's (its
     // charges reach SQLite after they are made): never too lenient.
     check_topup(&account, credits)?;
-    tx.execute(
+    tx.exec(
         "UPDATE accounts SET balance = balance + ?1 WHERE id = ?2",
-        params![credits, account.id],
+        args![credits, account.id],
     )?;
-    record_change(&tx, Some(account.id), None, credits)?;
-    let after = require_account(&tx, name)?;
+    record_change(&mut tx, Some(account.id), None, credits)?;
+    let after = require_account(&mut tx, name)?;
     tx.commit()?;
     Ok(after)
 }
 
-pub fn set_suspended(conn: &mut Connection, name: &str, suspended: bool) -> Result<(), Error> {
-    let tx = write_tx(conn)?;
-    let account = require_account(&tx, name)?;
-    tx.execute(
+pub fn set_suspended(conn: &mut Conn, name: &str, suspended: bool) -> Result<(), Error> {
+    let mut tx = write_tx(conn)?;
+    let account = require_account(&mut tx, name)?;
+    tx.exec(
         "UPDATE accounts SET suspended = ?1 WHERE id = ?2",
-        params![suspended, account.id],
+        args![suspended, account.id],
     )?;
-    record_change(&tx, Some(account.id), None, 0)?;
+    record_change(&mut tx, Some(account.id), None, 0)?;
     Ok(tx.commit()?)
 }
 
 /// Moves an account to another plan; a running server applies it within a refresh.
-pub fn set_plan(conn: &mut Connection, name: &str, plan: &str) -> Result<(), Error> {
-    let tx = write_tx(conn)?;
-    let account = require_account(&tx, name)?;
-    tx.execute(
+pub fn set_plan(conn: &mut Conn, name: &str, plan: &str) -> Result<(), Error> {
+    let mut tx = write_tx(conn)?;
+    let account = require_account(&mut tx, name)?;
+    tx.exec(
         "UPDATE accounts SET plan = ?1 WHERE id = ?2",
-        params![plan, account.id],
+        args![plan, account.id],
     )?;
-    record_change(&tx, Some(account.id), None, 0)?;
+    record_change(&mut tx, Some(account.id), None, 0)?;
     Ok(tx.commit()?)
 }
 
-pub fn account(conn: &mut Connection, name: &str) -> Result<AccountRow, Error> {
-    let tx = conn.transaction()?;
-    require_account(&tx, name)
+pub fn account(conn: &mut dyn Sql, name: &str) -> Result<AccountRow, Error> {
+    require_account(conn, name)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sqlite(dir: &tempfile::TempDir) -> crate::config::StoreConfig {
+        crate::config::StoreConfig::at(dir.path().join("a.db"))
+    }
 
     fn origin(created_by: Option<i64>) -> KeyOrigin {
         KeyOrigin {
@@ -327,7 +342,7 @@ mod tests {
     #[test]
     fn revoking_takes_the_keys_made_with_a_key_and_no_others() {
         let dir = tempfile::tempdir().unwrap();
-        let mut conn = crate::store::open(&dir.path().join("a.db")).unwrap();
+        let mut conn = crate::store::open(&sqlite(&dir)).unwrap();
         let mut key = |by| create_key(&mut conn, "acme", 0, "free", origin(by)).unwrap();
         let owner = key(None);
         let leaked = key(Some(owner.id));
@@ -342,7 +357,7 @@ mod tests {
             revoke_key(&mut conn, leaked.id, account).unwrap(),
             [leaked.id, child.id]
         );
-        let live: Vec<i64> = list_keys(&conn, Some("acme"))
+        let live: Vec<i64> = list_keys(&mut conn, Some("acme"))
             .unwrap()
             .iter()
             .filter(|k| !k.disabled)
@@ -355,7 +370,7 @@ mod tests {
     #[test]
     fn the_cap_counts_live_keys() {
         let dir = tempfile::tempdir().unwrap();
-        let mut conn = crate::store::open(&dir.path().join("a.db")).unwrap();
+        let mut conn = crate::store::open(&sqlite(&dir)).unwrap();
         let ids: Vec<i64> = (0..4)
             .map(|_| {
                 create_key(&mut conn, "acme", 0, "free", origin(None))

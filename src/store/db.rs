@@ -2,23 +2,23 @@
 //! dashboard's endpoints, the admin API), used off the async threads. The
 //! hot path never touches it.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use rusqlite::Connection;
 
+use super::sql::Conn;
+use crate::config::StoreConfig;
 use crate::error::Error;
 
 #[derive(Clone)]
 pub struct Db {
-    conn: Arc<Mutex<Connection>>,
+    conn: Arc<Mutex<Conn>>,
 }
 
 impl Db {
-    pub fn open(path: &Path) -> Result<Self, Error> {
+    pub fn open(config: &StoreConfig) -> Result<Self, Error> {
         Ok(Self {
-            conn: Arc::new(Mutex::new(super::open(path)?)),
+            conn: Arc::new(Mutex::new(super::open(config)?)),
         })
     }
 
@@ -26,7 +26,7 @@ impl Db {
     pub async fn run<T, F>(&self, f: F) -> Result<T, Error>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<T, Error> + Send + 'static,
+        F: FnOnce(&mut Conn) -> Result<T, Error> + Send + 'static,
     {
         let conn = Arc::clone(&self.conn);
         tokio::task::spawn_blocking(move || f(&mut conn.lock()))

@@ -1,9 +1,9 @@
-//! Queued jobs in SQLite: who owns each one, the hold it carries, and how it
+//! Queued jobs in the store: who owns each one, the hold it carries, and how it
 //! ended, so that ownership and pending holds survive a restart.
 
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
-
 use super::ledger;
+use super::sql::{Row, Sql, StoreError};
+use crate::args;
 use crate::billing::facts::RequestFacts;
 use crate::billing::journal::HoldRecord;
 use crate::billing::pricing::Tariff;
@@ -58,54 +58,57 @@ pub struct StoredEnd {
     pub at_ms: i64,
 }
 
-pub fn insert(tx: &Transaction, job: &JobRecord) -> rusqlite::Result<()> {
-    tx.prepare_cached(
-        "INSERT OR IGNORE INTO jobs (request_id, hold_id, account_id, key_id, app, model, held,
+pub fn insert(tx: &mut dyn Sql, job: &JobRecord) -> Result<(), StoreError> {
+    tx.exec(
+        "INSERT INTO jobs (request_id, hold_id, account_id, key_id, app, model, held,
             estimate_units, facts, state, created_at_ms, tariff)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'pending', ?10, ?11)",
-    )?
-    .execute(params![
-        job.request_id,
-        job.hold.id,
-        job.hold.account_id,
-        job.hold.key_id,
-        job.app,
-        job.hold.model,
-        job.hold.credits,
-        job.estimate_units,
-        job.facts.encode(),
-        job.hold.created_at_ms,
-        job.tariff.as_ref().map(Tariff::encode)
-    ])?;
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'pending', ?10, ?11)
+         ON CONFLICT DO NOTHING",
+        args![
+            job.request_id,
+            job.hold.id,
+            job.hold.account_id,
+            job.hold.key_id,
+            job.app,
+            job.hold.model,
+            job.hold.credits,
+            job.estimate_units,
+            job.facts.encode(),
+            job.hold.created_at_ms,
+            job.tariff.as_ref().map(Tariff::encode)
+        ],
+    )?;
     Ok(())
 }
 
 pub fn settle(
-    tx: &Transaction,
+    tx: &mut dyn Sql,
     request_id: &str,
     end: JobEnd,
     credits_used: u64,
     balance_remaining: i64,
     at_ms: i64,
-) -> rusqlite::Result<()> {
-    tx.prepare_cached(
+) -> Result<(), StoreError> {
+    tx.exec(
         "UPDATE jobs SET state = ?2, credits_used = ?3, balance_remaining = ?4, settled_at_ms = ?5
          WHERE request_id = ?1 AND state = 'pending'",
-    )?
-    .execute(params![
-        request_id,
-        end.as_str(),
-        credits_used,
-        balance_remaining,
-        at_ms
-    ])?;
+        args![
+            request_id,
+            end.as_str(),
+            credits_used,
+            balance_remaining,
+            at_ms
+        ],
+    )?;
     Ok(())
 }
 
 /// Notes that fal reported the job COMPLETED.
-pub fn completed(tx: &Transaction, request_id: &str) -> rusqlite::Result<()> {
-    tx.prepare_cached("UPDATE jobs SET completed = 1 WHERE request_id = ?1")?
-        .execute([request_id])?;
+pub fn completed(tx: &mut dyn Sql, request_id: &str) -> Result<(), StoreError> {
+    tx.exec(
+        "UPDATE jobs SET completed = 1 WHERE request_id = ?1",
+        args![request_id],
+    )?;
     Ok(())
 }
 
@@ -123,54 +126,54 @@ const SELECT: &str =
 /// Every pending job, and the `ended_limit` most recent ended ones created
 /// since `since_ms`.
 pub fn load(
-    conn: &Connection,
+    conn: &mut dyn Sql,
     since_ms: i64,
     ended_limit: usize,
-) -> rusqlite::Result<Vec<StoredJob>> {
-    let mut jobs = conn
-        .prepare(&format!("{SELECT} WHERE j.state = 'pending'"))?
-        .query_map([], stored)?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+) -> Result<Vec<StoredJob>, StoreError> {
     let limit = i64::try_from(ended_limit).unwrap_or(i64::MAX);
-    let mut ended = conn.prepare(&format!(
-        "{SELECT} WHERE j.created_at_ms >= ?1 AND j.state <> 'pending'
-         ORDER BY j.created_at_ms DESC LIMIT ?2"
-    ))?;
-    for job in ended.query_map(params![since_ms, limit], stored)? {
-        jobs.push(job?);
-    }
-    Ok(jobs)
+    let mut rows = conn.rows(&format!("{SELECT} WHERE j.state = 'pending'"), &[])?;
+    rows.extend(conn.rows(
+        &format!(
+            "{SELECT} WHERE j.created_at_ms >= ?1 AND j.state <> 'pending'
+             ORDER BY j.created_at_ms DESC LIMIT ?2"
+        ),
+        args![since_ms, limit],
+    )?);
+    rows.iter().map(stored).collect()
 }
 
 /// The job `request_id` if `account_id` owns it and it is pending or was
 /// created since `since_ms`.
 pub fn find(
-    conn: &Connection,
+    conn: &mut dyn Sql,
     request_id: &str,
     account_id: i64,
     since_ms: i64,
-) -> rusqlite::Result<Option<StoredJob>> {
-    conn.prepare_cached(&format!(
-        "{SELECT} WHERE j.request_id = ?1 AND j.account_id = ?2
-           AND (j.state = 'pending' OR j.created_at_ms >= ?3)"
-    ))?
-    .query_row(params![request_id, account_id, since_ms], stored)
-    .optional()
+) -> Result<Option<StoredJob>, StoreError> {
+    conn.row(
+        &format!(
+            "{SELECT} WHERE j.request_id = ?1 AND j.account_id = ?2
+               AND (j.state = 'pending' OR j.created_at_ms >= ?3)"
+        ),
+        args![request_id, account_id, since_ms],
+    )?
+    .map(|r| stored(&r))
+    .transpose()
 }
 
-fn stored(r: &rusqlite::Row) -> rusqlite::Result<StoredJob> {
+fn stored(r: &Row) -> Result<StoredJob, StoreError> {
     let record = JobRecord {
         request_id: r.get(0)?,
         app: r.get(1)?,
         hold: ledger::hold_row(r, 2)?,
         estimate_units: r.get(8)?,
-        facts: RequestFacts::decode(&r.get::<_, String>(9)?),
+        facts: RequestFacts::decode(&r.get::<String>(9)?),
         tariff: r
-            .get::<_, Option<String>>(16)?
+            .get::<Option<String>>(16)?
             .and_then(|t| Tariff::decode(&t)),
     };
     let state: String = r.get(10)?;
-    let charge: Option<(String, u64)> = match r.get::<_, Option<String>>(13)? {
+    let charge: Option<(String, u64)> = match r.get::<Option<String>>(13)? {
         Some(outcome) => Some((outcome, r.get(14)?)),
         None => None,
     };
@@ -194,7 +197,7 @@ fn stored(r: &rusqlite::Row) -> rusqlite::Result<StoredJob> {
             credits_used: r.get(11)?,
             balance_remaining: r.get(12)?,
             at_ms: r
-                .get::<_, Option<i64>>(18)?
+                .get::<Option<i64>>(18)?
                 .unwrap_or(record.hold.created_at_ms),
         }),
     };

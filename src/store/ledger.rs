@@ -1,9 +1,10 @@
-//! The ledger in SQLite: holds and charges written in the writer's batches,
-//! recovery of holds a killed process left behind, and usage reports.
+//! The ledger in the store: holds and charges written in the writer's
+//! batches, recovery of holds a killed process left behind, and usage reports.
 
-use rusqlite::{params, CachedStatement, Connection, Transaction};
 use serde::Serialize;
 
+use super::sql::{Conn, Dialect, Mode, Row, Sql, StoreError};
+use crate::args;
 use crate::billing::journal::{Entry, HoldRecord};
 
 /// How a hold ended.
@@ -54,49 +55,33 @@ pub struct ChargeRecord {
     pub settled_at_ms: i64,
 }
 
-/// The ledger's row writes, each statement prepared once per transaction:
-/// the writer runs them for every request in its batch, where finding a
-/// cached statement by its text, per row, cost a tenth of the commit.
-pub struct Writes<'t> {
-    hold: CachedStatement<'t>,
-    charge: CachedStatement<'t>,
-    unhold: CachedStatement<'t>,
-    debit: CachedStatement<'t>,
-}
+/// The ledger's row writes, within the writer's transaction.
+pub struct Writes<'t, 'c>(pub &'t mut super::sql::Tx<'c>);
 
-impl<'t> Writes<'t> {
-    pub fn prepare(tx: &'t Transaction) -> rusqlite::Result<Self> {
-        Ok(Self {
-            hold: tx.prepare_cached(
-                "INSERT OR IGNORE INTO holds (id, account_id, key_id, model, credits, created_at_ms)
-                 SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE NOT EXISTS (SELECT 1 FROM charges WHERE id = ?1)",
-            )?,
-            charge: tx.prepare_cached(
-                "INSERT OR IGNORE INTO charges (id, account_id, key_id, model, units_milli, credits,
-                    held, shortfall, fal_status, outcome, started_at_ms, settled_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-            )?,
-            unhold: tx.prepare_cached("DELETE FROM holds WHERE id = ?1")?,
-            debit: tx.prepare_cached("UPDATE accounts SET balance = balance - ?1 WHERE id = ?2")?,
-        })
-    }
-
+impl Writes<'_, '_> {
     /// A hold, unless its id was settled before.
-    pub fn hold(&mut self, h: &HoldRecord) -> rusqlite::Result<()> {
-        self.hold.execute(params![
-            h.id,
-            h.account_id,
-            h.key_id,
-            h.model,
-            h.credits,
-            h.created_at_ms
-        ])?;
+    pub fn hold(&mut self, h: &HoldRecord) -> Result<(), StoreError> {
+        self.0.exec(
+            "INSERT INTO holds (id, account_id, key_id, model, credits, created_at_ms)
+             SELECT ?1, CAST(?2 AS BIGINT), CAST(?3 AS BIGINT), CAST(?4 AS TEXT),
+                 CAST(?5 AS BIGINT), CAST(?6 AS BIGINT)
+             WHERE NOT EXISTS (SELECT 1 FROM charges WHERE id = ?1)
+             ON CONFLICT DO NOTHING",
+            args![
+                h.id,
+                h.account_id,
+                h.key_id,
+                h.model,
+                h.credits,
+                h.created_at_ms
+            ],
+        )?;
         Ok(())
     }
 
     /// Records a settlement once: a replay of the same id changes nothing, so
     /// the balance moves by each charge exactly once.
-    pub fn settle(&mut self, c: &ChargeRecord) -> rusqlite::Result<bool> {
+    pub fn settle(&mut self, c: &ChargeRecord) -> Result<bool, StoreError> {
         let inserted = self.charge(c)?;
         if inserted {
             self.debit(c.account_id, c.credits)?;
@@ -107,34 +92,43 @@ impl<'t> Writes<'t> {
 
     /// The `charges` row alone; false when the id was recorded before (then
     /// nothing may be debited for it).
-    pub fn charge(&mut self, c: &ChargeRecord) -> rusqlite::Result<bool> {
-        let inserted = self.charge.execute(params![
-            c.id,
-            c.account_id,
-            c.key_id,
-            c.model,
-            c.units_milli,
-            c.credits,
-            c.held,
-            c.shortfall,
-            c.fal_status,
-            c.outcome.as_str(),
-            c.started_at_ms,
-            c.settled_at_ms
-        ])?;
+    pub fn charge(&mut self, c: &ChargeRecord) -> Result<bool, StoreError> {
+        let inserted = self.0.exec(
+            "INSERT INTO charges (id, account_id, key_id, model, units_milli, credits,
+                held, shortfall, fal_status, outcome, started_at_ms, settled_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+             ON CONFLICT DO NOTHING",
+            args![
+                c.id,
+                c.account_id,
+                c.key_id,
+                c.model,
+                c.units_milli,
+                c.credits,
+                c.held,
+                c.shortfall,
+                c.fal_status,
+                c.outcome.as_str(),
+                c.started_at_ms,
+                c.settled_at_ms
+            ],
+        )?;
         Ok(inserted == 1)
     }
 
     /// Moves a balance down by `credits` (a delta: never a write of the whole balance).
-    pub fn debit(&mut self, account_id: i64, credits: u64) -> rusqlite::Result<()> {
+    pub fn debit(&mut self, account_id: i64, credits: u64) -> Result<(), StoreError> {
         if credits > 0 {
-            self.debit.execute(params![credits, account_id])?;
+            self.0.exec(
+                "UPDATE accounts SET balance = balance - ?1 WHERE id = ?2",
+                args![credits, account_id],
+            )?;
         }
         Ok(())
     }
 
-    pub fn unhold(&mut self, id: &str) -> rusqlite::Result<()> {
-        self.unhold.execute([id])?;
+    pub fn unhold(&mut self, id: &str) -> Result<(), StoreError> {
+        self.0.exec("DELETE FROM holds WHERE id = ?1", args![id])?;
         Ok(())
     }
 }
@@ -155,30 +149,27 @@ pub struct Recovered {
 /// in `holds` or only in the journal, may have been served by fal, so it is
 /// charged its held amount, which the balance covered when it was taken; a
 /// pending queued job keeps its hold (the job settles it).
-pub fn recover(
-    conn: &mut Connection,
-    journal: &[Entry],
-    now_ms: i64,
-) -> rusqlite::Result<Recovered> {
-    let tx = conn.transaction()?;
-    let mut writes = Writes::prepare(&tx)?;
+pub fn recover(conn: &mut Conn, journal: &[Entry], now_ms: i64) -> Result<Recovered, StoreError> {
+    let mut tx = conn.transaction(Mode::Plain)?;
     let mut done = Recovered::default();
     for entry in journal {
         match entry {
-            Entry::Hold(h) => writes.hold(h)?,
-            Entry::Settle(c) => done.settled += u64::from(writes.settle(c)?),
+            Entry::Hold(h) => Writes(&mut tx).hold(h)?,
+            Entry::Settle(c) => done.settled += u64::from(Writes(&mut tx).settle(c)?),
             // Pending again, with its hold: the job settles it, not recovery.
-            Entry::Job(j) => super::jobs::insert(&tx, j)?,
-            Entry::Completed(id) => super::jobs::completed(&tx, id)?,
+            Entry::Job(j) => super::jobs::insert(&mut tx, j)?,
+            Entry::Completed(id) => super::jobs::completed(&mut tx, id)?,
         }
     }
     let orphans: Vec<HoldRecord> = tx
-        .prepare(
+        .rows(
             "SELECT id, account_id, key_id, credits, created_at_ms, model FROM holds
              WHERE id NOT IN (SELECT hold_id FROM jobs WHERE state = 'pending')
              ORDER BY created_at_ms",
+            &[],
         )?
-        .query_map([], |r| hold_row(r, 0))?
+        .iter()
+        .map(|r| hold_row(r, 0))
         .collect::<Result<_, _>>()?;
     for h in orphans {
         let charge = ChargeRecord {
@@ -195,33 +186,31 @@ pub fn recover(
             started_at_ms: h.created_at_ms,
             settled_at_ms: now_ms,
         };
-        if writes.settle(&charge)? {
+        if Writes(&mut tx).settle(&charge)? {
             done.holds += 1;
             done.credits += charge.credits;
         }
     }
     // A job whose charge was recorded but whose end was not (a kill between
     // the two) is ended now, from its charge, so that it is not pending for ever.
-    tx.execute(
+    tx.exec(
         "UPDATE jobs SET
             state = CASE c.outcome WHEN 'released' THEN 'released' ELSE 'charged' END,
             credits_used = c.credits,
             balance_remaining = (SELECT balance FROM accounts WHERE id = jobs.account_id),
             settled_at_ms = c.settled_at_ms
          FROM charges c WHERE c.id = jobs.hold_id AND jobs.state = 'pending'",
-        [],
+        &[],
     )?;
-    drop(writes);
     tx.commit()?;
     Ok(done)
 }
 
 /// Credits held by requests in flight, as last written by a running server.
-pub fn held(conn: &Connection, account_id: i64) -> rusqlite::Result<i64> {
-    conn.query_row(
-        "SELECT COALESCE(SUM(credits), 0) FROM holds WHERE account_id = ?1",
-        [account_id],
-        |r| r.get(0),
+pub fn held(conn: &mut dyn Sql, account_id: i64) -> Result<i64, StoreError> {
+    conn.value(
+        "SELECT CAST(COALESCE(SUM(credits), 0) AS BIGINT) FROM holds WHERE account_id = ?1",
+        args![account_id],
     )
 }
 
@@ -236,7 +225,7 @@ pub struct ModelUsage {
 
 /// Reads a hold's `id, account_id, key_id, credits, created_at_ms, model`
 /// from column `first` on.
-pub(super) fn hold_row(r: &rusqlite::Row, first: usize) -> rusqlite::Result<HoldRecord> {
+pub(super) fn hold_row(r: &Row, first: usize) -> Result<HoldRecord, StoreError> {
     Ok(HoldRecord {
         id: r.get(first)?,
         account_id: r.get(first + 1)?,
@@ -248,7 +237,7 @@ pub(super) fn hold_row(r: &rusqlite::Row, first: usize) -> rusqlite::Result<Hold
 }
 
 /// Reads `id, model, credits, outcome, fal_status, settled_at_ms, shortfall`.
-fn charge_row(r: &rusqlite::Row) -> rusqlite::Result<ChargeRow> {
+fn charge_row(r: &Row) -> Result<ChargeRow, StoreError> {
     Ok(ChargeRow {
         id: r.get(0)?,
         model: r.get(1)?,
@@ -274,31 +263,36 @@ pub struct ChargeRow {
 
 /// Charges since `since_ms`, newest first, and totals per model.
 pub fn usage(
-    conn: &Connection,
+    conn: &mut dyn Sql,
     account_id: i64,
     since_ms: i64,
-) -> rusqlite::Result<(Vec<ModelUsage>, Vec<ChargeRow>)> {
+) -> Result<(Vec<ModelUsage>, Vec<ChargeRow>), StoreError> {
     let totals = conn
-        .prepare(
-            "SELECT model, COUNT(*), SUM(credits), SUM(shortfall) FROM charges
+        .rows(
+            "SELECT model, COUNT(*), CAST(SUM(credits) AS BIGINT), CAST(SUM(shortfall) AS BIGINT)
+             FROM charges
              WHERE account_id = ?1 AND settled_at_ms >= ?2 AND outcome != 'released'
              GROUP BY model ORDER BY SUM(credits) DESC, model",
+            args![account_id, since_ms],
         )?
-        .query_map([account_id, since_ms], |r| {
+        .iter()
+        .map(|r| {
             Ok(ModelUsage {
                 model: r.get(0)?,
                 requests: r.get(1)?,
                 credits: r.get(2)?,
                 shortfall: r.get(3)?,
             })
-        })?
-        .collect::<Result<_, _>>()?;
+        })
+        .collect::<Result<_, StoreError>>()?;
     let charges = conn
-        .prepare(
+        .rows(
             "SELECT id, model, credits, outcome, fal_status, settled_at_ms, shortfall FROM charges
              WHERE account_id = ?1 AND settled_at_ms >= ?2 ORDER BY settled_at_ms DESC, id",
+            args![account_id, since_ms],
         )?
-        .query_map([account_id, since_ms], charge_row)?
+        .iter()
+        .map(charge_row)
         .collect::<Result<_, _>>()?;
     Ok((totals, charges))
 }
@@ -312,31 +306,47 @@ pub struct DailyUsage {
 }
 
 pub fn daily(
-    conn: &Connection,
+    conn: &mut dyn Sql,
     account_id: i64,
     since_ms: i64,
-) -> rusqlite::Result<Vec<DailyUsage>> {
-    conn.prepare_cached(
-        "SELECT date(settled_at_ms / 1000, 'unixepoch') AS day, model, SUM(credits) FROM charges
-         WHERE account_id = ?1 AND settled_at_ms >= ?2 AND credits > 0
-         GROUP BY day, model ORDER BY day, model",
+) -> Result<Vec<DailyUsage>, StoreError> {
+    let day = match conn.dialect() {
+        Dialect::Sqlite => "date(settled_at_ms / 1000, 'unixepoch')",
+        Dialect::Postgres => {
+            "to_char(to_timestamp(settled_at_ms / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+        }
+    };
+    conn.rows(
+        &format!(
+            "SELECT {day} AS day, model, CAST(SUM(credits) AS BIGINT) FROM charges
+             WHERE account_id = ?1 AND settled_at_ms >= ?2 AND credits > 0
+             GROUP BY day, model ORDER BY day, model"
+        ),
+        args![account_id, since_ms],
     )?
-    .query_map([account_id, since_ms], |r| {
+    .iter()
+    .map(|r| {
         Ok(DailyUsage {
             day: r.get(0)?,
             model: r.get(1)?,
             credits: r.get(2)?,
         })
-    })?
+    })
     .collect()
 }
 
 /// The account's latest `limit` charges, newest first.
-pub fn recent(conn: &Connection, account_id: i64, limit: u32) -> rusqlite::Result<Vec<ChargeRow>> {
-    conn.prepare_cached(
+pub fn recent(
+    conn: &mut dyn Sql,
+    account_id: i64,
+    limit: u32,
+) -> Result<Vec<ChargeRow>, StoreError> {
+    conn.rows(
         "SELECT id, model, credits, outcome, fal_status, settled_at_ms, shortfall FROM charges
          WHERE account_id = ?1 ORDER BY settled_at_ms DESC, id LIMIT ?2",
+        args![account_id, limit],
     )?
-    .query_map(params![account_id, limit], charge_row)?
+    .iter()
+    .map(charge_row)
     .collect()
 }

@@ -1,15 +1,19 @@
-//! SQLite: the durable side of accounts, keys and (later) the ledger.
-//! WAL lets the server's writer, its refresher and the CLI work side by side.
+//! The durable side of accounts, keys and the ledger: SQLite for one node
+//! (WAL lets the server's writer, its refresher and the CLI work side by
+//! side), or PostgreSQL shared by several.
 
 pub mod admin;
+pub mod copy;
 pub mod db;
 pub mod jobs;
 pub mod ledger;
 pub mod lock;
 pub mod payments;
+pub mod postgres;
 mod schema;
 pub mod sessions;
 pub mod snapshot;
+pub mod sql;
 pub mod writer;
 
 use std::os::unix::fs::OpenOptionsExt;
@@ -18,21 +22,38 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::Connection;
 
+use crate::config::StoreConfig;
 use crate::error::Error;
+pub use schema::TABLES;
+use sql::Conn;
 
-/// Opens (creating and migrating if needed) the database at `path`.
-pub fn open(path: &Path) -> Result<Connection, Error> {
+/// Opens the store `config` names, migrating it if needed: PostgreSQL at
+/// `url`, else SQLite at `path`.
+pub fn open(config: &StoreConfig) -> Result<Conn, Error> {
+    let mut conn = match &config.url {
+        Some(url) => Conn::Postgres(Box::new(postgres::Pg::open(postgres::Target::parse(
+            url,
+            config.ca_file.as_deref(),
+        )?)?)),
+        None => Conn::Sqlite(open_sqlite(&config.path, config.fsync)?),
+    };
+    schema::migrate(&mut conn)?;
+    Ok(conn)
+}
+
+/// Opens (creating if needed) the SQLite database at `path`, unmigrated;
+/// with `fsync`, each commit waits for the disk (power loss, not only a kill).
+fn open_sqlite(path: &Path, fsync: bool) -> Result<Connection, Error> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
     create_private(path)?;
-    let mut conn = Connection::open(path)?;
+    let conn = Connection::open(path)?;
     // The CLI may write while the server's threads hold the database: wait, don't fail.
     conn.busy_timeout(Duration::from_secs(10))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "synchronous", if fsync { "FULL" } else { "NORMAL" })?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
-    schema::migrate(&mut conn)?;
     Ok(conn)
 }
 

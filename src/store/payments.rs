@@ -1,13 +1,14 @@
-//! Card payments in SQLite: a paid Checkout Session credits its account
+//! Card payments in the store: a paid Checkout Session credits its account
 //! once, a refund takes back what Stripe reports refunded beyond what was
 //! taken back before. Both move the balance by a delta through the change
 //! feed, as a top-up does, so a running server applies each exactly once.
 
-use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 
 use super::admin::{check_topup, find_account, record_change, write_tx};
 use super::now_ms;
+use super::sql::{Conn, Sql};
+use crate::args;
 use crate::error::Error;
 
 /// A paid Checkout Session, as its signed event reports it.
@@ -37,15 +38,15 @@ pub enum Recorded {
     NoSuchAccount,
 }
 
-pub fn record_paid(conn: &mut rusqlite::Connection, p: &Paid) -> Result<Recorded, Error> {
-    let tx = write_tx(conn)?;
-    let Some(account) = find_account(&tx, p.account)? else {
+pub fn record_paid(conn: &mut Conn, p: &Paid) -> Result<Recorded, Error> {
+    let mut tx = write_tx(conn)?;
+    let Some(account) = find_account(&mut tx, p.account)? else {
         return Ok(Recorded::NoSuchAccount);
     };
-    let inserted = tx.execute(
-        "INSERT OR IGNORE INTO payments (id, account_id, payment_intent, currency, amount, credits, created_at_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![p.session, account.id, p.payment_intent, p.currency, p.amount, p.credits, now_ms()],
+    let inserted = tx.exec(
+        "INSERT INTO payments (id, account_id, payment_intent, currency, amount, credits, created_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING",
+        args![p.session, account.id, p.payment_intent, p.currency, p.amount, p.credits, now_ms()],
     )?;
     if inserted == 0 {
         return Ok(Recorded::Replayed);
@@ -53,23 +54,21 @@ pub fn record_paid(conn: &mut rusqlite::Connection, p: &Paid) -> Result<Recorded
     // Positive, and within the most a balance may hold (no overflow); else
     // the transaction, payment row and all, is dropped.
     check_topup(&account, p.credits)?;
-    tx.execute(
+    tx.exec(
         "UPDATE accounts SET balance = balance + ?1 WHERE id = ?2",
-        params![p.credits, account.id],
+        args![p.credits, account.id],
     )?;
-    record_change(&tx, Some(account.id), None, p.credits)?;
+    record_change(&mut tx, Some(account.id), None, p.credits)?;
     let mut taken_back = 0;
     if let Some(intent) = p.payment_intent {
-        let early = tx
-            .query_row(
-                "DELETE FROM early_refunds WHERE payment_intent = ?1 RETURNING currency, amount_refunded",
-                [intent],
-                |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)),
-            )
-            .optional()?;
-        if let Some((currency, amount_refunded)) = early {
+        let early = tx.row(
+            "DELETE FROM early_refunds WHERE payment_intent = ?1 RETURNING currency, amount_refunded",
+            args![intent],
+        )?;
+        if let Some(early) = early {
+            let (currency, amount_refunded): (String, i64) = (early.get(0)?, early.get(1)?);
             if let Refunded::Debited { credits, .. } =
-                take_back(&tx, intent, &currency, amount_refunded)?
+                take_back(&mut tx, intent, &currency, amount_refunded)?
             {
                 taken_back = credits;
             }
@@ -97,19 +96,21 @@ pub enum Refunded {
 /// credits taken back are that share of the payment's credits (all of them
 /// once it is refunded in full), less what earlier refunds took.
 pub fn record_refund(
-    conn: &mut rusqlite::Connection,
+    conn: &mut Conn,
     payment_intent: &str,
     currency: &str,
     amount_refunded: i64,
 ) -> Result<Refunded, Error> {
-    let tx = write_tx(conn)?;
-    let refunded = take_back(&tx, payment_intent, currency, amount_refunded)?;
+    let mut tx = write_tx(conn)?;
+    let refunded = take_back(&mut tx, payment_intent, currency, amount_refunded)?;
     if refunded == Refunded::UnknownPayment {
-        tx.execute(
+        tx.exec(
             "INSERT INTO early_refunds (payment_intent, currency, amount_refunded) VALUES (?1, ?2, ?3)
              ON CONFLICT (payment_intent) DO UPDATE
-             SET amount_refunded = max(amount_refunded, excluded.amount_refunded)",
-            params![payment_intent, currency, amount_refunded],
+             SET amount_refunded = CASE
+                 WHEN excluded.amount_refunded > early_refunds.amount_refunded
+                 THEN excluded.amount_refunded ELSE early_refunds.amount_refunded END",
+            args![payment_intent, currency, amount_refunded],
         )?;
     }
     tx.commit()?;
@@ -118,33 +119,22 @@ pub fn record_refund(
 
 /// [`record_refund`] within `tx`.
 fn take_back(
-    tx: &rusqlite::Transaction,
+    tx: &mut dyn Sql,
     payment_intent: &str,
     currency: &str,
     amount_refunded: i64,
 ) -> Result<Refunded, Error> {
-    let row = tx
-        .query_row(
-            "SELECT id, account_id, currency, amount, credits, refunded_amount, refunded_credits
-             FROM payments WHERE payment_intent = ?1",
-            [payment_intent],
-            |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, i64>(4)?,
-                    r.get::<_, i64>(5)?,
-                    r.get::<_, i64>(6)?,
-                ))
-            },
-        )
-        .optional()?;
-    let Some((id, account_id, paid_in, amount, credits, before_amount, before_credits)) = row
-    else {
+    let row = tx.row(
+        "SELECT id, account_id, currency, amount, credits, refunded_amount, refunded_credits
+         FROM payments WHERE payment_intent = ?1",
+        args![payment_intent],
+    )?;
+    let Some(r) = row else {
         return Ok(Refunded::UnknownPayment);
     };
+    let (id, account_id, paid_in): (String, i64, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
+    let (amount, credits, before_amount, before_credits): (i64, i64, i64, i64) =
+        (r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?);
     if !paid_in.eq_ignore_ascii_case(currency) {
         return Err(Error::Usage(format!(
             "a refund in {currency} of a payment in {paid_in}"
@@ -161,13 +151,13 @@ fn take_back(
             .unwrap_or(credits)
     };
     let taken = taken_total - before_credits;
-    tx.execute(
+    tx.exec(
         "UPDATE payments SET refunded_amount = ?1, refunded_credits = ?2 WHERE id = ?3",
-        params![total, taken_total, id],
+        args![total, taken_total, id],
     )?;
-    tx.execute(
+    tx.exec(
         "UPDATE accounts SET balance = balance - ?1 WHERE id = ?2",
-        params![taken, account_id],
+        args![taken, account_id],
     )?;
     record_change(tx, Some(account_id), None, -taken)?;
     Ok(Refunded::Debited {
@@ -192,41 +182,37 @@ pub struct PaymentRow {
 
 /// Keeps the receipt of a card charge (the latest Stripe sent), by its
 /// payment intent.
-pub fn record_receipt(
-    conn: &rusqlite::Connection,
-    payment_intent: &str,
-    url: &str,
-) -> Result<(), Error> {
-    conn.execute(
+pub fn record_receipt(conn: &mut dyn Sql, payment_intent: &str, url: &str) -> Result<(), Error> {
+    conn.exec(
         "INSERT INTO receipts (payment_intent, url) VALUES (?1, ?2)
          ON CONFLICT (payment_intent) DO UPDATE SET url = excluded.url",
-        params![payment_intent, url],
+        args![payment_intent, url],
     )?;
     Ok(())
 }
 
 /// An account's payments, newest first.
-pub fn list(conn: &rusqlite::Connection, account_id: i64) -> Result<Vec<PaymentRow>, Error> {
-    let rows = conn
-        .prepare(
-            "SELECT p.id, p.payment_intent, p.currency, p.amount, p.credits, p.refunded_amount,
-                p.refunded_credits, p.created_at_ms, r.url
-             FROM payments p LEFT JOIN receipts r ON r.payment_intent = p.payment_intent
-             WHERE p.account_id = ?1 ORDER BY p.created_at_ms DESC, p.id",
-        )?
-        .query_map([account_id], |r| {
-            Ok(PaymentRow {
-                id: r.get(0)?,
-                payment_intent: r.get(1)?,
-                currency: r.get(2)?,
-                amount: r.get(3)?,
-                credits: r.get(4)?,
-                refunded_amount: r.get(5)?,
-                refunded_credits: r.get(6)?,
-                created_at_ms: r.get(7)?,
-                receipt_url: r.get(8)?,
-            })
-        })?
-        .collect::<Result<_, _>>()?;
-    Ok(rows)
+pub fn list(conn: &mut dyn Sql, account_id: i64) -> Result<Vec<PaymentRow>, Error> {
+    conn.rows(
+        "SELECT p.id, p.payment_intent, p.currency, p.amount, p.credits, p.refunded_amount,
+            p.refunded_credits, p.created_at_ms, r.url
+         FROM payments p LEFT JOIN receipts r ON r.payment_intent = p.payment_intent
+         WHERE p.account_id = ?1 ORDER BY p.created_at_ms DESC, p.id",
+        args![account_id],
+    )?
+    .iter()
+    .map(|r| {
+        Ok(PaymentRow {
+            id: r.get(0)?,
+            payment_intent: r.get(1)?,
+            currency: r.get(2)?,
+            amount: r.get(3)?,
+            credits: r.get(4)?,
+            refunded_amount: r.get(5)?,
+            refunded_credits: r.get(6)?,
+            created_at_ms: r.get(7)?,
+            receipt_url: r.get(8)?,
+        })
+    })
+    .collect()
 }

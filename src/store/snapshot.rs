@@ -1,7 +1,7 @@
 //! What the server reads: the whole state at start, then only what changed.
 
-use rusqlite::{Connection, OptionalExtension, Row};
-
+use super::sql::{Conn, Mode, Row, Sql, StoreError};
+use crate::args;
 use crate::keys::secret::KeyHash;
 
 pub struct AccountRow {
@@ -36,7 +36,7 @@ pub struct Change {
 pub(super) const ACCOUNT_COLS: &str = "id, name, plan, balance, suspended";
 const KEY_COLS: &str = "id, account_id, hash, disabled";
 
-pub(super) fn account_row(r: &Row) -> rusqlite::Result<AccountRow> {
+pub(super) fn account_row(r: &Row) -> Result<AccountRow, StoreError> {
     Ok(AccountRow {
         id: r.get(0)?,
         name: r.get(1)?,
@@ -46,7 +46,7 @@ pub(super) fn account_row(r: &Row) -> rusqlite::Result<AccountRow> {
     })
 }
 
-fn key_row(r: &Row) -> rusqlite::Result<KeyRow> {
+fn key_row(r: &Row) -> Result<KeyRow, StoreError> {
     Ok(KeyRow {
         id: r.get(0)?,
         account_id: r.get(1)?,
@@ -56,28 +56,37 @@ fn key_row(r: &Row) -> rusqlite::Result<KeyRow> {
 }
 
 /// One key as stored now, by its id.
-pub fn key_by_id(conn: &Connection, id: i64) -> rusqlite::Result<Option<KeyRow>> {
-    conn.query_row(
+pub fn key_by_id(conn: &mut dyn Sql, id: i64) -> Result<Option<KeyRow>, StoreError> {
+    conn.row(
         &format!("SELECT {KEY_COLS} FROM api_keys WHERE id = ?1"),
-        [id],
-        key_row,
-    )
-    .optional()
+        args![id],
+    )?
+    .map(|r| key_row(&r))
+    .transpose()
+}
+
+fn account_by_id(conn: &mut dyn Sql, id: i64) -> Result<Option<AccountRow>, StoreError> {
+    conn.row(
+        &format!("SELECT {ACCOUNT_COLS} FROM accounts WHERE id = ?1"),
+        args![id],
+    )?
+    .map(|r| account_row(&r))
+    .transpose()
 }
 
 /// Reads everything in one transaction, so the rows and `seq` agree.
-pub fn load(conn: &mut Connection) -> rusqlite::Result<Snapshot> {
-    let tx = conn.transaction()?;
-    let seq = tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM changes", [], |r| {
-        r.get(0)
-    })?;
+pub fn load(conn: &mut Conn) -> Result<Snapshot, StoreError> {
+    let mut tx = conn.transaction(Mode::Plain)?;
+    let seq = latest_change(&mut tx)?;
     let accounts = tx
-        .prepare(&format!("SELECT {ACCOUNT_COLS} FROM accounts"))?
-        .query_map([], account_row)?
+        .rows(&format!("SELECT {ACCOUNT_COLS} FROM accounts"), &[])?
+        .iter()
+        .map(account_row)
         .collect::<Result<_, _>>()?;
     let keys = tx
-        .prepare(&format!("SELECT {KEY_COLS} FROM api_keys"))?
-        .query_map([], key_row)?
+        .rows(&format!("SELECT {KEY_COLS} FROM api_keys"), &[])?
+        .iter()
+        .map(key_row)
         .collect::<Result<_, _>>()?;
     tx.commit()?;
     Ok(Snapshot {
@@ -87,46 +96,34 @@ pub fn load(conn: &mut Connection) -> rusqlite::Result<Snapshot> {
     })
 }
 
-/// Changes after `seq`, oldest first, with the new high-water mark.
 /// The newest change in the feed (0 if none).
-pub fn latest_change(conn: &Connection) -> rusqlite::Result<i64> {
-    conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM changes", [], |r| {
-        r.get(0)
-    })
+pub fn latest_change(conn: &mut dyn Sql) -> Result<i64, StoreError> {
+    conn.value("SELECT COALESCE(MAX(seq), 0) FROM changes", &[])
 }
 
-pub fn changes_since(conn: &mut Connection, seq: i64) -> rusqlite::Result<(i64, Vec<Change>)> {
-    let tx = conn.transaction()?;
-    let rows: Vec<(i64, Option<i64>, Option<i64>, i64)> = tx
-        .prepare_cached(
-            "SELECT seq, account_id, key_id, balance_delta FROM changes WHERE seq > ?1 ORDER BY seq",
-        )?
-        .query_map([seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
-        .collect::<Result<_, _>>()?;
+/// Changes after `seq`, oldest first, with the new high-water mark.
+pub fn changes_since(conn: &mut Conn, seq: i64) -> Result<(i64, Vec<Change>), StoreError> {
+    let mut tx = conn.transaction(Mode::Plain)?;
+    let rows = tx.rows(
+        "SELECT seq, account_id, key_id, balance_delta FROM changes WHERE seq > ?1 ORDER BY seq",
+        args![seq],
+    )?;
     let mut last = seq;
     let mut changes = Vec::with_capacity(rows.len());
-    for (s, account_id, key_id, balance_delta) in rows {
-        last = s;
-        let account = match account_id {
-            Some(id) => tx
-                .prepare_cached(&format!(
-                    "SELECT {ACCOUNT_COLS} FROM accounts WHERE id = ?1"
-                ))?
-                .query_row([id], account_row)
-                .optional()?,
+    for row in rows {
+        last = row.get(0)?;
+        let account = match row.get::<Option<i64>>(1)? {
+            Some(id) => account_by_id(&mut tx, id)?,
             None => None,
         };
-        let key = match key_id {
-            Some(id) => tx
-                .prepare_cached(&format!("SELECT {KEY_COLS} FROM api_keys WHERE id = ?1"))?
-                .query_row([id], key_row)
-                .optional()?,
+        let key = match row.get::<Option<i64>>(2)? {
+            Some(id) => key_by_id(&mut tx, id)?,
             None => None,
         };
         changes.push(Change {
             account,
             key,
-            balance_delta,
+            balance_delta: row.get(3)?,
         });
     }
     tx.commit()?;

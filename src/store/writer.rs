@@ -11,12 +11,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use rusqlite::Connection;
 use tokio::sync::mpsc;
 
 use super::jobs::{self, JobEnd, JobRecord};
 use super::ledger::{self, ChargeRecord};
 use super::now_ms;
+use super::sql::{Conn, Mode, Sql, StoreError};
+use crate::args;
 use crate::billing::journal::{HoldRecord, Journal, Sealed};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -124,7 +125,7 @@ impl StoreWriter {
     /// committed (or set aside), false if it gave up with entries left to
     /// the journal.
     pub fn spawn(
-        conn: Connection,
+        conn: Conn,
         journal: Arc<Journal>,
         metrics: Arc<Metrics>,
     ) -> (Self, JoinHandle<bool>) {
@@ -187,7 +188,7 @@ impl StoreWriter {
 }
 
 struct Writer {
-    conn: Connection,
+    conn: Conn,
     journal: Arc<Journal>,
     metrics: Arc<Metrics>,
     shared: Arc<Shared>,
@@ -197,33 +198,8 @@ struct Writer {
     sealed: Vec<Sealed>,
 }
 
-/// Errors that say SQLite cannot take any write now, whatever the entry:
-/// retried until it can. Any other error is the entry's own.
-fn unavailable(e: &rusqlite::Error) -> bool {
-    use rusqlite::ErrorCode::*;
-    matches!(
-        e.sqlite_error_code(),
-        Some(
-            DatabaseBusy
-                | DatabaseLocked
-                | DiskFull
-                | ReadOnly
-                | SystemIoFailure
-                | CannotOpen
-                | PermissionDenied
-                | OutOfMemory
-                | FileLockingProtocolFailed
-        )
-    )
-}
-
 impl Writer {
-    fn new(
-        conn: Connection,
-        journal: Arc<Journal>,
-        metrics: Arc<Metrics>,
-        shared: Arc<Shared>,
-    ) -> Self {
+    fn new(conn: Conn, journal: Arc<Journal>, metrics: Arc<Metrics>, shared: Arc<Shared>) -> Self {
         Self {
             conn,
             journal,
@@ -277,7 +253,7 @@ impl Writer {
                     self.mark_committed(batch);
                     return true;
                 }
-                Err(e) if unavailable(&e) => {
+                Err(e) if e.unavailable() => {
                     if !self.shared.down.swap(true, Ordering::AcqRel) {
                         tracing::error!(error = %e, "the ledger cannot be written: refusing billable requests until it can");
                     }
@@ -303,7 +279,7 @@ impl Writer {
     /// Records an entry SQLite refused, with the reason, where an operator
     /// can read it (`ledger_rejects`), and in the log. A refused settlement's
     /// hold row goes too, so no later start charges it again.
-    fn set_aside(&mut self, op: &WriteOp, reason: &rusqlite::Error) -> bool {
+    fn set_aside(&mut self, op: &WriteOp, reason: &StoreError) -> bool {
         let entry = format!("{op:?}");
         tracing::error!(%entry, error = %reason, "ledger entry refused by SQLite: set aside in ledger_rejects");
         let mut delay = Duration::from_millis(10);
@@ -313,7 +289,7 @@ impl Writer {
                     self.mark_committed(std::slice::from_ref(op));
                     return true;
                 }
-                Err(e) if unavailable(&e) => {
+                Err(e) if e.unavailable() => {
                     if self.give_up_at().is_some_and(|t| Instant::now() >= t) {
                         return false;
                     }
@@ -354,19 +330,14 @@ impl Writer {
     }
 }
 
-fn set_aside(
-    conn: &mut Connection,
-    op: &WriteOp,
-    entry: &str,
-    reason: &str,
-) -> rusqlite::Result<()> {
-    let tx = conn.transaction()?;
-    tx.execute(
+fn set_aside(conn: &mut Conn, op: &WriteOp, entry: &str, reason: &str) -> Result<(), StoreError> {
+    let mut tx = conn.transaction(Mode::Plain)?;
+    tx.exec(
         "INSERT INTO ledger_rejects (subject, entry, reason, at_ms) VALUES (?1, ?2, ?3, ?4)",
-        rusqlite::params![op.subject(), entry, reason, now_ms()],
+        args![op.subject(), entry, reason, now_ms()],
     )?;
     if let WriteOp::Settle { charge, .. } = op {
-        ledger::Writes::prepare(&tx)?.unhold(&charge.id)?;
+        ledger::Writes(&mut tx).unhold(&charge.id)?;
     }
     tx.commit()
 }
@@ -397,7 +368,7 @@ fn gather(rx: &mut mpsc::Receiver<WriteOp>, batch: &mut Vec<WriteOp>) {
 /// One transaction for the batch. A hold settled within the same batch is
 /// never written as a hold (the journal covers it until the commit), and
 /// balances move by one summed delta per account. Public for the bench.
-pub fn commit(conn: &mut Connection, batch: &[WriteOp]) -> rusqlite::Result<()> {
+pub fn commit(conn: &mut Conn, batch: &[WriteOp]) -> Result<(), StoreError> {
     // ahash, not SipHash: these two sets were a twentieth of the writer's time.
     let held_here: HashSet<&str, ahash::RandomState> = batch
         .iter()
@@ -414,20 +385,21 @@ pub fn commit(conn: &mut Connection, batch: &[WriteOp]) -> rusqlite::Result<()> 
         })
         .collect();
     let mut debits: HashMap<i64, u64> = HashMap::new();
-    let tx = conn.transaction()?;
+    let mut tx = conn.transaction(Mode::Plain)?;
     {
-        let mut writes = ledger::Writes::prepare(&tx)?;
-        let mut used = tx.prepare_cached(
-            "UPDATE api_keys SET last_used_at = MAX(COALESCE(last_used_at, 0), ?2) WHERE id = ?1",
-        )?;
         for op in batch {
             match op {
                 WriteOp::KeyUsed { key_id, at } => {
-                    used.execute([key_id, at])?;
+                    tx.exec(
+                        "UPDATE api_keys SET last_used_at = ?2
+                         WHERE id = ?1 AND COALESCE(last_used_at, 0) < ?2",
+                        args![key_id, at],
+                    )?;
                 }
                 WriteOp::Hold { hold, .. } if settled_here.contains(hold.id.as_str()) => {}
-                WriteOp::Hold { hold, .. } => writes.hold(hold)?,
+                WriteOp::Hold { hold, .. } => ledger::Writes(&mut tx).hold(hold)?,
                 WriteOp::Settle { charge, .. } => {
+                    let mut writes = ledger::Writes(&mut tx);
                     if writes.charge(charge)? {
                         *debits.entry(charge.account_id).or_default() += charge.credits;
                     }
@@ -435,8 +407,8 @@ pub fn commit(conn: &mut Connection, batch: &[WriteOp]) -> rusqlite::Result<()> 
                         writes.unhold(&charge.id)?;
                     }
                 }
-                WriteOp::JobSubmitted { job, .. } => jobs::insert(&tx, job)?,
-                WriteOp::JobCompleted { request_id, .. } => jobs::completed(&tx, request_id)?,
+                WriteOp::JobSubmitted { job, .. } => jobs::insert(&mut tx, job)?,
+                WriteOp::JobCompleted { request_id, .. } => jobs::completed(&mut tx, request_id)?,
                 WriteOp::JobEnded {
                     request_id,
                     end,
@@ -445,7 +417,7 @@ pub fn commit(conn: &mut Connection, batch: &[WriteOp]) -> rusqlite::Result<()> 
                     at_ms,
                     ..
                 } => jobs::settle(
-                    &tx,
+                    &mut tx,
                     request_id,
                     *end,
                     *credits_used,
@@ -456,7 +428,7 @@ pub fn commit(conn: &mut Connection, batch: &[WriteOp]) -> rusqlite::Result<()> 
             }
         }
         for (account_id, credits) in debits {
-            writes.debit(account_id, credits)?;
+            ledger::Writes(&mut tx).debit(account_id, credits)?;
         }
     }
     tx.commit()

@@ -2,6 +2,8 @@
 //! and database in a temp dir, in front of the mock fal on 127.0.0.1:0.
 #![allow(dead_code)] // each test binary uses a different part of it
 
+pub mod pg;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -64,6 +66,8 @@ pub struct Options {
     pub tls_files: Option<(PathBuf, PathBuf)>,
     /// More `[limits]` lines, as TOML.
     pub limits: String,
+    /// `[store] url`: PostgreSQL (see [`pg::database`]) instead of SQLite.
+    pub store_url: Option<String>,
 }
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
@@ -132,6 +136,7 @@ impl Options {
             smtp_url: None,
             tls_files: None,
             limits: String::new(),
+            store_url: None,
         }
     }
 
@@ -195,7 +200,7 @@ idle_timeout_secs = {upstream_idle}
 {ca}
 [store]
 path = "{db}"
-refresh_interval_ms = 250
+{store_url}refresh_interval_ms = 250
 fsync = {fsync}
 
 {admin}
@@ -242,6 +247,11 @@ max_json_body_bytes = {max_json}
             timeout = self.timeout_secs,
             upstream_idle = self.upstream_idle_timeout_secs,
             db = dir.join("abhiapi.db").display(),
+            store_url = self
+                .store_url
+                .as_ref()
+                .map(|u| format!("url = {u:?}\n"))
+                .unwrap_or_default(),
             max_json = self.max_json_body_bytes,
             limits = self.limits,
             pricing = self.pricing,
@@ -312,6 +322,24 @@ impl Server {
         let conn = rusqlite::Connection::open(self.dir.path().join("abhiapi.db")).unwrap();
         conn.busy_timeout(Duration::from_secs(10)).unwrap();
         conn
+    }
+
+    /// Runs `sql` on the server's store, as its config names it (SQLite
+    /// or PostgreSQL), on a thread of its own: PostgreSQL's blocking client
+    /// refuses a thread that runs async tasks.
+    pub fn query(&self, sql: &str) -> Vec<abhiapi::store::sql::Row> {
+        use abhiapi::store::sql::Sql;
+        let config = abhiapi::config::Config::load(Some(&self.config)).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                abhiapi::store::open(&config.store)
+                    .unwrap()
+                    .rows(sql, &[])
+                    .unwrap()
+            })
+            .join()
+            .unwrap()
+        })
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -729,29 +757,28 @@ impl Books {
     }
 }
 
-/// Every account's books, by name.
+/// Every account's books, by name, from the server's store (SQLite or PostgreSQL).
 pub fn books(server: &Server) -> Vec<(String, Books)> {
-    let db = server.db();
-    let mut stmt = db
-        .prepare(
-            "SELECT a.name,
-                (SELECT COALESCE(SUM(balance_delta), 0) FROM changes WHERE account_id = a.id),
-                (SELECT COALESCE(SUM(credits), 0) FROM charges WHERE account_id = a.id),
-                a.balance,
-                (SELECT COALESCE(SUM(credits), 0) FROM holds WHERE account_id = a.id)
-             FROM accounts a ORDER BY a.name",
-        )
-        .unwrap();
-    let rows = stmt.query_map([], |r| {
-        let books = Books {
-            deposited: r.get(1)?,
-            charged: r.get(2)?,
-            balance: r.get(3)?,
-            held: r.get(4)?,
-        };
-        Ok((r.get(0)?, books))
-    });
-    rows.unwrap().map(Result::unwrap).collect()
+    let sum = |table: &str, column: &str| {
+        format!("(SELECT CAST(COALESCE(SUM({column}), 0) AS BIGINT) FROM {table} WHERE account_id = a.id)")
+    };
+    let rows = server.query(&format!(
+        "SELECT a.name, {}, {}, a.balance, {} FROM accounts a ORDER BY a.name",
+        sum("changes", "balance_delta"),
+        sum("charges", "credits"),
+        sum("holds", "credits")
+    ));
+    rows.iter()
+        .map(|r| {
+            let books = Books {
+                deposited: r.get(1).unwrap(),
+                charged: r.get(2).unwrap(),
+                balance: r.get(3).unwrap(),
+                held: r.get(4).unwrap(),
+            };
+            (r.get(0).unwrap(), books)
+        })
+        .collect()
 }
 
 /// Waits (up to 10 s) for the ledger writer until every account's books

@@ -1,0 +1,299 @@
+//! PostgreSQL, for several nodes on one database. Each user of the store
+//! (the ledger writer, the refresher, the server's low-rate reads, the CLI)
+//! owns one connection, as with SQLite; a connection that broke is made
+//! again on its next use, and each statement text is prepared once on it.
+
+use std::error::Error as StdError;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use postgres::types::{IsNull, ToSql, Type};
+use postgres::{Client, Config};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use super::sql::{Mode, Param, Prepared, Row, StoreError, Value};
+use crate::error::Error;
+
+/// Serialises [`Mode::Serial`] transactions across every node: the key of a
+/// transaction-scoped advisory lock ("abhi").
+const SERIAL_LOCK: i64 = 0x6162_6869;
+
+/// How long connecting may take, unless the URL says otherwise.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the database is and how to reach it.
+#[derive(Clone)]
+pub struct Target {
+    config: Config,
+    tls: MakeRustlsConnect,
+}
+
+impl Target {
+    /// `url` as libpq reads it (`postgres://user:pass@host:port/db?sslmode=require`);
+    /// TLS through rustls with the public roots, plus `ca_file` if given.
+    pub fn parse(url: &str, ca_file: Option<&Path>) -> Result<Self, Error> {
+        let mut config =
+            Config::from_str(url).map_err(|e| Error::Config(format!("[store] url: {e}")))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(30));
+        let mut tls = (*crate::tls::client_config(ca_file)?).clone();
+        tls.alpn_protocols.clear();
+        Ok(Self {
+            config,
+            tls: MakeRustlsConnect::new(tls),
+        })
+    }
+
+    fn connect(&self) -> Result<Client, StoreError> {
+        Ok(self.config.connect(self.tls.clone())?)
+    }
+
+    /// A connection for the change feed's notifications, off the request threads.
+    pub fn config(&self) -> (&Config, &MakeRustlsConnect) {
+        (&self.config, &self.tls)
+    }
+}
+
+pub struct Pg {
+    target: Target,
+    client: Option<Client>,
+    prepared: Prepared,
+    /// `SET` statements this connection keeps across reconnections.
+    settings: Vec<String>,
+}
+
+impl Pg {
+    pub fn open(target: Target) -> Result<Self, StoreError> {
+        let client = target.connect()?;
+        Ok(Self {
+            target,
+            client: Some(client),
+            prepared: Prepared::new(),
+            settings: Vec::new(),
+        })
+    }
+
+    pub fn lock_wait(&mut self, wait: Duration) -> Result<(), StoreError> {
+        let set = format!("SET lock_timeout = {}", wait.as_millis());
+        self.live()?.0.batch_execute(&set)?;
+        self.settings.push(set);
+        Ok(())
+    }
+
+    /// The live connection, made again if it broke.
+    fn live(&mut self) -> Result<(&mut Client, &mut Prepared), StoreError> {
+        if self.client.as_ref().is_none_or(Client::is_closed) {
+            self.client = None;
+            self.prepared.clear();
+            let mut client = self.target.connect()?;
+            for set in &self.settings {
+                client.batch_execute(set)?;
+            }
+            self.client = Some(client);
+        }
+        let client = self.client.as_mut().expect("connected above");
+        Ok((client, &mut self.prepared))
+    }
+
+    pub fn transaction(&mut self, mode: Mode) -> Result<PgTx<'_>, StoreError> {
+        let (client, prepared) = self.live()?;
+        let mut tx = client.transaction()?;
+        if mode == Mode::Serial {
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SERIAL_LOCK])?;
+        }
+        Ok(PgTx { tx, prepared })
+    }
+
+    pub fn exec(&mut self, sql: &str, args: &[Param<'_>]) -> Result<u64, StoreError> {
+        let (client, prepared) = self.live()?;
+        let stmt = prepare(prepared, sql, |text| client.prepare(text))?;
+        Ok(client.execute(&stmt, &bind(args))?)
+    }
+
+    pub fn rows(&mut self, sql: &str, args: &[Param<'_>]) -> Result<Vec<Row>, StoreError> {
+        let (client, prepared) = self.live()?;
+        let stmt = prepare(prepared, sql, |text| client.prepare(text))?;
+        client.query(&stmt, &bind(args))?.iter().map(row).collect()
+    }
+
+    /// Runs statements as they are, without arguments (the schema's migrations).
+    pub fn batch(&mut self, sql: &str) -> Result<(), StoreError> {
+        Ok(self.live()?.0.batch_execute(sql)?)
+    }
+}
+
+pub struct PgTx<'c> {
+    tx: postgres::Transaction<'c>,
+    prepared: &'c mut Prepared,
+}
+
+impl PgTx<'_> {
+    pub fn commit(self) -> Result<(), StoreError> {
+        Ok(self.tx.commit()?)
+    }
+
+    pub fn exec(&mut self, sql: &str, args: &[Param<'_>]) -> Result<u64, StoreError> {
+        let tx = &mut self.tx;
+        let stmt = prepare(self.prepared, sql, |text| tx.prepare(text))?;
+        Ok(tx.execute(&stmt, &bind(args))?)
+    }
+
+    pub fn rows(&mut self, sql: &str, args: &[Param<'_>]) -> Result<Vec<Row>, StoreError> {
+        let tx = &mut self.tx;
+        let stmt = prepare(self.prepared, sql, |text| tx.prepare(text))?;
+        tx.query(&stmt, &bind(args))?.iter().map(row).collect()
+    }
+
+    pub fn batch(&mut self, sql: &str) -> Result<(), StoreError> {
+        Ok(self.tx.batch_execute(sql)?)
+    }
+}
+
+/// The statement for `sql`, prepared on first use. Our statements number
+/// `?1, ?2, …` as SQLite does; PostgreSQL numbers `$1, $2, …`.
+fn prepare(
+    prepared: &mut Prepared,
+    sql: &str,
+    make: impl FnOnce(&str) -> Result<postgres::Statement, postgres::Error>,
+) -> Result<postgres::Statement, StoreError> {
+    if let Some(stmt) = prepared.get(sql) {
+        return Ok(stmt.clone());
+    }
+    let stmt = make(&numbered(sql))?;
+    prepared.insert(sql.to_owned(), stmt.clone());
+    Ok(stmt)
+}
+
+/// `?N` → `$N`. Our statements hold no `?` in string literals.
+pub(super) fn numbered(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '?' && chars.peek().is_some_and(char::is_ascii_digit) {
+            out.push('$');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn bind<'a>(args: &'a [Param<'a>]) -> Vec<&'a (dyn ToSql + Sync)> {
+    args.iter().map(|a| a as &(dyn ToSql + Sync)).collect()
+}
+
+fn row(r: &postgres::Row) -> Result<Row, StoreError> {
+    let mut values = Vec::with_capacity(r.len());
+    for (i, column) in r.columns().iter().enumerate() {
+        let ty = column.type_();
+        let value = if *ty == Type::INT8 {
+            r.try_get::<_, Option<i64>>(i)?.map(Value::Int)
+        } else if *ty == Type::INT4 {
+            r.try_get::<_, Option<i32>>(i)?
+                .map(|v| Value::Int(v.into()))
+        } else if *ty == Type::INT2 {
+            r.try_get::<_, Option<i16>>(i)?
+                .map(|v| Value::Int(v.into()))
+        } else if *ty == Type::BOOL {
+            r.try_get::<_, Option<bool>>(i)?
+                .map(|v| Value::Int(v.into()))
+        } else if *ty == Type::BYTEA {
+            r.try_get::<_, Option<Vec<u8>>>(i)?.map(Value::Blob)
+        } else if [Type::TEXT, Type::VARCHAR, Type::BPCHAR, Type::NAME].contains(ty) {
+            r.try_get::<_, Option<String>>(i)?.map(Value::Text)
+        } else {
+            return Err(StoreError::Value(format!(
+                "column {} is {ty}: cast it to BIGINT or TEXT",
+                column.name()
+            )));
+        };
+        values.push(value.unwrap_or(Value::Null));
+    }
+    Ok(Row(values))
+}
+
+impl ToSql for Param<'_> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
+        match *self {
+            Param::Null => Ok(IsNull::Yes),
+            Param::Int(i) => int(i, ty, out),
+            Param::UInt(u) => int(Param::int(u)?, ty, out),
+            Param::Text(s) => s.to_sql_checked(ty, out),
+            Param::Blob(b) => b.to_sql_checked(ty, out),
+        }
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    fn to_sql_checked(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
+        self.to_sql(ty, out)
+    }
+}
+
+/// An integer into whatever integer column PostgreSQL inferred, if it fits.
+fn int(i: i64, ty: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
+    if *ty == Type::INT4 {
+        i32::try_from(i)?.to_sql_checked(ty, out)
+    } else if *ty == Type::INT2 {
+        i16::try_from(i)?.to_sql_checked(ty, out)
+    } else if *ty == Type::BOOL {
+        (i != 0).to_sql_checked(ty, out)
+    } else {
+        i.to_sql_checked(ty, out)
+    }
+}
+
+/// The database cannot take work now (gone, restarting, full, or a
+/// conflict to retry), as opposed to refusing one statement.
+pub(super) fn unavailable(e: &postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.as_db_error() {
+        Some(db) => {
+            let code = db.code().code();
+            ["08", "53", "57", "58"]
+                .iter()
+                .any(|class| code.starts_with(class))
+                || ["40001", "40P01", "25006", "55P03"].contains(&code)
+        }
+        // No answer from the server (I/O, TLS, a timeout), unless it is a
+        // value of ours that could not be sent.
+        None => {
+            let mut cause = e.source();
+            while let Some(c) = cause {
+                if c.is::<StoreError>() || c.is::<std::num::TryFromIntError>() {
+                    return false;
+                }
+                cause = c.source();
+            }
+            true
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn placeholders_are_renumbered_for_postgres() {
+        assert_eq!(
+            super::numbered("SELECT a FROM t WHERE id = ?1 AND b > ?12 OR c = '?'"),
+            "SELECT a FROM t WHERE id = $1 AND b > $12 OR c = '?'"
+        );
+    }
+}
