@@ -162,7 +162,12 @@ pub async fn serve(
     on_ready: impl FnOnce(&Bound),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
-    let _serving = store::lock::acquire(&config.store.path)?;
+    let _serving = {
+        let store = config.store.clone();
+        tokio::task::spawn_blocking(move || store::lock::acquire_store(&store))
+            .await
+            .map_err(|e| Error::Usage(format!("start-up failed: {e}")))??
+    };
     memory::unmap_large_buffers();
     let threads = server::threads::count(config.server.workers);
     let upstream = Upstream::new(&config.upstream, fal_key)?;

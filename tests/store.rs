@@ -119,6 +119,39 @@ async fn job_result(server: &Server, key: &str, fal_id: &str) -> bool {
     false
 }
 
+/// A second server on the same PostgreSQL database, with files of its own
+/// (another machine), is refused before it touches anything: until nodes
+/// share the database, its recovery would settle the first one's live
+/// holds. The first stops cleanly on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_the_same_postgres_is_refused() {
+    let (_mock, mut server, key) = start(Backend::Postgres, "acme", 1000).await;
+    let elsewhere = tempfile::tempdir().unwrap();
+    let db = |dir: &std::path::Path| dir.join("abhiapi.db").display().to_string();
+    let text = std::fs::read_to_string(&server.config)
+        .unwrap()
+        .replace(&db(server.dir.path()), &db(elsewhere.path()));
+    let second_config = elsewhere.path().join("config.toml");
+    std::fs::write(&second_config, text).unwrap();
+    let second = std::process::Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&second_config)
+        .env("ABHIAPI_TEST_FAL_KEY", FAL_KEY)
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        said.contains("another `abhiapi serve` is running"),
+        "{said}"
+    );
+
+    assert_eq!(image(&server, &key).await, (200, Some(972)));
+    assert!(books_close(&server, &[("acme", 28)]).await);
+    server.signal("TERM");
+    assert!(server.wait().success(), "{}", server.stderr_log());
+}
+
 /// The binary with `args`, no config.
 fn abhiapi_cli(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_abhiapi"))

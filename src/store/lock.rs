@@ -12,9 +12,23 @@ use std::path::{Path, PathBuf};
 
 use crate::error::Error;
 
-/// Held while the server runs; the lock goes with the descriptor, also when the process dies.
+/// Held while the server runs; the lock goes with the descriptor (or
+/// PostgreSQL's session), also when the process dies.
 pub struct ServeLock {
     _file: File,
+    _shared: Option<super::postgres::ServeLock>,
+}
+
+/// The file lock beside `config.path`, and with `config.url`, PostgreSQL's
+/// lock too: a second server on the same database (or a copy of this
+/// config on another machine) is refused. Blocks: not on an async thread.
+pub fn acquire_store(config: &crate::config::StoreConfig) -> Result<ServeLock, Error> {
+    let mut lock = acquire(&config.path)?;
+    if let Some(url) = &config.url {
+        let target = super::postgres::Target::parse(url, config.ca_file.as_deref())?;
+        lock._shared = Some(super::postgres::ServeLock::acquire(target)?);
+    }
+    Ok(lock)
 }
 
 pub fn lock_path(db: &Path) -> PathBuf {
@@ -48,7 +62,10 @@ pub fn acquire(db: &Path) -> Result<ServeLock, Error> {
         }
         return Err(e.into());
     }
-    Ok(ServeLock { _file: file })
+    Ok(ServeLock {
+        _file: file,
+        _shared: None,
+    })
 }
 
 #[cfg(test)]

@@ -127,6 +127,46 @@ impl Pg {
     }
 }
 
+impl Drop for Pg {
+    /// The client owns a runtime of its own, which may not be dropped on a
+    /// thread that runs async tasks (a server stopping): it goes on a thread.
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                let _ = std::thread::Builder::new()
+                    .name("pg-close".into())
+                    .spawn(move || drop(client));
+            }
+        }
+    }
+}
+
+/// Held while one server uses the database: a session-level advisory lock,
+/// released when its connection closes, also when the process dies.
+pub struct ServeLock {
+    _pg: Pg,
+}
+
+/// The key of [`ServeLock`]'s advisory lock ("serv").
+const SERVE_LOCK: i64 = 0x7365_7276;
+
+impl ServeLock {
+    /// Takes the lock, or says that another server has it.
+    pub fn acquire(target: Target) -> Result<Self, Error> {
+        let mut pg = Pg::open(target)?;
+        let rows = pg.rows("SELECT pg_try_advisory_lock(?1)", crate::args![SERVE_LOCK])?;
+        let locked: bool = rows.first().ok_or_else(StoreError::no_row)?.get(0)?;
+        if !locked {
+            return Err(Error::Usage(
+                "another `abhiapi serve` is running on this PostgreSQL database: one server at a time \
+                 until nodes share it (the keys and accounts commands work beside it)"
+                    .into(),
+            ));
+        }
+        Ok(Self { _pg: pg })
+    }
+}
+
 pub struct PgTx<'c> {
     tx: postgres::Transaction<'c>,
     prepared: &'c mut Prepared,
