@@ -49,6 +49,8 @@ pub struct Core {
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     pub writer: StoreWriter,
+    /// The low-rate reads and edits' connection, shared with the admin API.
+    pub db: Db,
     refresher: Refresher,
     journal: Arc<Journal>,
     writer_thread: std::thread::JoinHandle<bool>,
@@ -102,6 +104,7 @@ impl Core {
             writer.clone(),
             Retention::of(&config.queue),
         )?);
+        let db = Db::open(&config.store)?;
         let proxy = Arc::new(Proxy::new(
             config,
             Wiring {
@@ -111,7 +114,7 @@ impl Core {
                 ledger: Arc::clone(&ledger),
                 clock,
                 jobs: Arc::clone(&jobs),
-                db: Db::open(&config.store)?,
+                db: db.clone(),
                 metrics: Arc::clone(&metrics),
                 refresh: refresher.waker(),
                 public_url,
@@ -124,6 +127,7 @@ impl Core {
             registry,
             metrics,
             writer,
+            db,
             refresher,
             journal,
             writer_thread,
@@ -237,7 +241,7 @@ pub async fn serve(
                 Arc::clone(&reloader),
                 AdminWiring {
                     token,
-                    db: Db::open(&config.store)?,
+                    db: core.db.clone(),
                     registry: Arc::clone(&core.registry),
                     refresh: core.refresher.waker(),
                     metrics: Arc::clone(&core.metrics),

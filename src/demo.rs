@@ -34,7 +34,9 @@ pub async fn prepare(config: &mut Config) -> Result<Demo, Error> {
     config.upstream.storage = mock.storage_url(false);
     let dir = std::env::temp_dir().join(format!("abhiapi-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    // The demo's own throwaway SQLite, never the configured store.
     config.store.path = dir.join("demo.db");
+    config.store.url = None;
     let stripe = MockStripe::start(STRIPE_KEY).await?;
     config.payments.api_base = stripe.url();
     config.payments.demo_secrets = Some(StripeSecrets {

@@ -85,7 +85,11 @@ impl Reloader {
                 "[upstream]",
                 format!("{:?}", old.upstream) != format!("{:?}", new.upstream),
             ),
-            ("[store]", old.store.path != new.store.path),
+            (
+                "[store]",
+                (&old.store.path, &old.store.url, &old.store.ca_file)
+                    != (&new.store.path, &new.store.url, &new.store.ca_file),
+            ),
             ("[admin]", old.admin.listen != new.admin.listen),
         ];
         for (section, differs) in changed {

@@ -163,6 +163,8 @@ fn abhiapi_cli(args: &[&str]) -> std::process::Output {
 async fn start(backend: Backend, account: &str, credits: i64) -> (MockFal, Server, String) {
     let mock = MockFal::start(None).await.unwrap();
     let mut opts = Options::new(mock.url(false));
+    // The admin API shares the store's connection: started on both.
+    opts.admin = true;
     if let Backend::Postgres = backend {
         opts.store_url = Some(pg::database());
     }

@@ -41,6 +41,11 @@ pub fn sqlite_to_postgres(from: &Path, to: &str) -> Result<Vec<(&'static str, u6
     if !matches!(target, Conn::Postgres(_)) {
         return Err(Error::Usage("--to must be a postgres:// URL".into()));
     }
+    // No server on the target meanwhile: it would read the copy half-made.
+    let _target_serving =
+        super::postgres::ServeLock::acquire(super::postgres::Target::parse(to, None)?)?;
+    // One view of the source, which the CLI cannot edit until the copy is done.
+    let mut source = source.transaction(Mode::Serial)?;
     let mut tx = target.transaction(Mode::Serial)?;
     for table in TABLES {
         let rows: i64 =
@@ -78,7 +83,7 @@ pub fn sqlite_to_postgres(from: &Path, to: &str) -> Result<Vec<(&'static str, u6
 }
 
 /// A table's columns, in SQLite's order.
-fn columns(conn: &mut Conn, table: &str) -> Result<Vec<String>, StoreError> {
+fn columns(conn: &mut dyn Sql, table: &str) -> Result<Vec<String>, StoreError> {
     conn.rows(
         "SELECT name FROM pragma_table_info(?1) ORDER BY cid",
         crate::args![table],

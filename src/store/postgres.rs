@@ -102,7 +102,14 @@ impl Pg {
 
     pub fn transaction(&mut self, mode: Mode) -> Result<PgTx<'_>, StoreError> {
         let (client, prepared) = self.live()?;
-        let mut tx = client.transaction()?;
+        let mut tx = match mode {
+            Mode::Snapshot => client
+                .build_transaction()
+                .isolation_level(postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()?,
+            Mode::Plain | Mode::Serial => client.transaction()?,
+        };
         if mode == Mode::Serial {
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SERIAL_LOCK])?;
         }

@@ -76,7 +76,7 @@ fn account_by_id(conn: &mut dyn Sql, id: i64) -> Result<Option<AccountRow>, Stor
 
 /// Reads everything in one transaction, so the rows and `seq` agree.
 pub fn load(conn: &mut Conn) -> Result<Snapshot, StoreError> {
-    let mut tx = conn.transaction(Mode::Plain)?;
+    let mut tx = conn.transaction(Mode::Snapshot)?;
     let seq = latest_change(&mut tx)?;
     let accounts = tx
         .rows(&format!("SELECT {ACCOUNT_COLS} FROM accounts"), &[])?
@@ -103,7 +103,7 @@ pub fn latest_change(conn: &mut dyn Sql) -> Result<i64, StoreError> {
 
 /// Changes after `seq`, oldest first, with the new high-water mark.
 pub fn changes_since(conn: &mut Conn, seq: i64) -> Result<(i64, Vec<Change>), StoreError> {
-    let mut tx = conn.transaction(Mode::Plain)?;
+    let mut tx = conn.transaction(Mode::Snapshot)?;
     let rows = tx.rows(
         "SELECT seq, account_id, key_id, balance_delta FROM changes WHERE seq > ?1 ORDER BY seq",
         args![seq],

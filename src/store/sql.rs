@@ -303,6 +303,10 @@ pub enum Mode {
     /// Reads, and the ledger writer's own writes, which commute (inserts
     /// by id, balance deltas).
     Plain,
+    /// Reads that must agree with each other (the snapshot and the change
+    /// feed's position): one view of the database for the whole
+    /// transaction, as SQLite's always is.
+    Snapshot,
     /// An edit that reads, decides and writes (a key cap, a top-up, the
     /// change feed): one at a time across every node and the CLI, as
     /// SQLite's single writer does.
@@ -329,7 +333,7 @@ impl Conn {
     pub fn transaction(&mut self, mode: Mode) -> Result<Tx<'_>, StoreError> {
         Ok(Tx(match self {
             Conn::Sqlite(c) => TxInner::Sqlite(c.transaction_with_behavior(match mode {
-                Mode::Plain => rusqlite::TransactionBehavior::Deferred,
+                Mode::Plain | Mode::Snapshot => rusqlite::TransactionBehavior::Deferred,
                 Mode::Serial => rusqlite::TransactionBehavior::Immediate,
             })?),
             Conn::Postgres(pg) => TxInner::Postgres(pg.transaction(mode)?),
@@ -433,7 +437,10 @@ fn sqlite_rows(
                         "a real number ({f}) in column {i}"
                     )))
                 }
-                ValueRef::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
+                ValueRef::Text(t) => Value::Text(
+                    String::from_utf8(t.to_vec())
+                        .map_err(|_| StoreError::Value(format!("column {i} is not UTF-8")))?,
+                ),
                 ValueRef::Blob(b) => Value::Blob(b.to_vec()),
             });
         }
