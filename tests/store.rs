@@ -44,12 +44,7 @@ on_both!(
 async fn a_sqlite_database_migrates_to_postgres_exactly() {
     let (_mock, mut server, key) = start(Backend::Sqlite, "acme", 1000).await;
     assert_eq!(image(&server, &key).await, (200, Some(972)));
-    let resp = call(&server, &key, "/queue/fal-ai/flux/dev", "{}").await;
-    assert_eq!(resp.status(), 200);
-    let fal_id = json(&body(resp).await)
-        .get_str("request_id")
-        .unwrap()
-        .to_owned();
+    let fal_id = submit(&server, &key).await;
     assert!(job_result(&server, &key, &fal_id).await);
     ok(server.cli(&["accounts", "topup", "acme", "--credits", "100"]));
     assert!(books_close(&server, &[("acme", 56)]).await);
@@ -97,6 +92,16 @@ async fn a_sqlite_database_migrates_to_postgres_exactly() {
         .await
     );
     assert!(books_close(&copy, &[("acme", 56), ("newer", 28)]).await);
+}
+
+/// Submits a 1 MP image to fal's queue; fal's request id.
+async fn submit(server: &Server, key: &str) -> String {
+    let resp = call(server, key, "/queue/fal-ai/flux/dev", "{}").await;
+    assert_eq!(resp.status(), 200);
+    json(&body(resp).await)
+        .get_str("request_id")
+        .unwrap()
+        .to_owned()
 }
 
 /// Polls job `fal_id` until its result comes; true when it came charged 28.
@@ -287,12 +292,7 @@ async fn a_killed_server_settles_every_hold_on_restart(backend: Backend) {
 
 async fn a_queued_job_outlives_a_restart_and_is_charged_once(backend: Backend) {
     let (_mock, mut server, key) = start(backend, "acme", 1000).await;
-    let resp = call(&server, &key, "/queue/fal-ai/flux/dev", "{}").await;
-    assert_eq!(resp.status(), 200);
-    let fal_id = json(&body(resp).await)
-        .get_str("request_id")
-        .unwrap()
-        .to_owned();
+    let fal_id = submit(&server, &key).await;
     server.restart();
     // Fetched again and again, charged 28 once.
     for _ in 0..3 {
