@@ -4,12 +4,16 @@
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::Registry;
 use crate::config::StoreConfig;
 use crate::error::Error;
+use crate::store::sql::Conn;
 use crate::store::{self, snapshot};
+
+/// Longest wait for a notification before the thread looks at its stop flag.
+const NOTIFY_SLICE: Duration = Duration::from_millis(500);
 
 pub struct Refresher {
     stop: Arc<AtomicBool>,
@@ -34,17 +38,46 @@ impl Refresher {
         let handle = std::thread::Builder::new()
             .name("key-refresh".into())
             .spawn(move || {
+                if let Conn::Postgres(pg) = &mut conn {
+                    // Listening before the first read: no change falls between.
+                    let _ = pg.notified(snapshot::CHANGES, Duration::ZERO);
+                }
                 let mut seq = seq;
+                let mut poll_at = Instant::now();
                 while !stopping.load(Ordering::Acquire) {
-                    match snapshot::changes_since(&mut conn, seq) {
-                        Ok((next, changes)) => {
-                            registry.apply(&changes);
-                            seq = next;
-                            applying.store(seq, Ordering::Release);
+                    if Instant::now() >= poll_at {
+                        match snapshot::changes_since(&mut conn, seq) {
+                            Ok((next, changes)) => {
+                                registry.apply(&changes);
+                                seq = next;
+                                applying.store(seq, Ordering::Release);
+                            }
+                            Err(e) => tracing::warn!(error = %e, "reading the change feed failed"),
                         }
-                        Err(e) => tracing::warn!(error = %e, "reading the change feed failed"),
+                        poll_at = Instant::now() + interval;
                     }
-                    std::thread::park_timeout(interval);
+                    let until_poll = poll_at.saturating_duration_since(Instant::now());
+                    let changed = match &mut conn {
+                        // Every node's edits notify: the feed is read when
+                        // one does, and polled every `interval` besides.
+                        Conn::Postgres(pg) => {
+                            pg.notified(snapshot::CHANGES, until_poll.min(NOTIFY_SLICE))
+                        }
+                        // SQLite has no notifications: this server's own
+                        // edits wake the thread, the CLI's wait for the poll.
+                        Conn::Sqlite(_) => {
+                            std::thread::park_timeout(until_poll);
+                            Ok(true)
+                        }
+                    };
+                    match changed {
+                        Ok(true) => poll_at = Instant::now(),
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "waiting for the change feed failed");
+                            std::thread::park_timeout(until_poll.min(NOTIFY_SLICE));
+                        }
+                    }
                 }
             })?;
         Ok(Self {

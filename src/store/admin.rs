@@ -3,7 +3,7 @@
 
 use super::now_secs;
 use super::snapshot::{account_row, AccountRow, ACCOUNT_COLS};
-use super::sql::{Conn, Mode, Sql, Tx};
+use super::sql::{Conn, Dialect, Mode, Sql, Tx};
 use crate::args;
 use crate::error::Error;
 use crate::keys::secret;
@@ -79,6 +79,10 @@ pub(super) fn record_change(
         "INSERT INTO changes (account_id, key_id, balance_delta, at) VALUES (?1, ?2, ?3, ?4)",
         args![account_id, key_id, delta, now_secs()],
     )?;
+    if tx.dialect() == Dialect::Postgres {
+        // Delivered when the transaction commits, once however many rows it added.
+        tx.exec("SELECT pg_notify(?1, '')", args![super::snapshot::CHANGES])?;
+    }
     Ok(())
 }
 

@@ -9,6 +9,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::{IsNull, ToSql, Type};
 use postgres::{Client, Config};
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -126,6 +127,21 @@ impl Pg {
         let (client, prepared) = self.live()?;
         let stmt = prepare(prepared, sql, |text| client.prepare(text))?;
         client.query(&stmt, &bind(args))?.iter().map(row).collect()
+    }
+
+    /// Waits up to `timeout` for a notification on `channel`, listening from
+    /// the first call on (and again after a reconnection); true if one came.
+    pub fn notified(&mut self, channel: &str, timeout: Duration) -> Result<bool, StoreError> {
+        let listen = format!("LISTEN {channel}");
+        if !self.settings.contains(&listen) {
+            self.live()?.0.batch_execute(&listen)?;
+            self.settings.push(listen);
+        }
+        let mut notifications = self.live()?.0.notifications();
+        let came = notifications.timeout_iter(timeout).next()?.is_some();
+        // Those that queued meanwhile are one read of the feed, too.
+        while notifications.iter().next()?.is_some() {}
+        Ok(came)
     }
 
     /// Runs statements as they are, without arguments (the schema's migrations).

@@ -33,6 +33,10 @@ pub struct Change {
     pub balance_delta: i64,
 }
 
+/// The PostgreSQL channel an edit notifies, so that every node reads the
+/// change feed at once rather than at its next poll.
+pub const CHANGES: &str = "abhiapi_changes";
+
 pub(super) const ACCOUNT_COLS: &str = "id, name, plan, balance, suspended";
 const KEY_COLS: &str = "id, account_id, hash, disabled";
 

@@ -66,6 +66,8 @@ pub struct Options {
     pub tls_files: Option<(PathBuf, PathBuf)>,
     /// More `[limits]` lines, as TOML.
     pub limits: String,
+    /// `[store] refresh_interval_ms`: how often the change feed is polled.
+    pub refresh_interval_ms: u64,
     /// `[store] url`: PostgreSQL (see [`pg::database`]) instead of SQLite.
     pub store_url: Option<String>,
 }
@@ -137,6 +139,7 @@ impl Options {
             tls_files: None,
             limits: String::new(),
             store_url: None,
+            refresh_interval_ms: 250,
         }
     }
 
@@ -200,7 +203,7 @@ idle_timeout_secs = {upstream_idle}
 {ca}
 [store]
 path = "{db}"
-{store_url}refresh_interval_ms = 250
+{store_url}refresh_interval_ms = {refresh}
 fsync = {fsync}
 
 {admin}
@@ -247,6 +250,7 @@ max_json_body_bytes = {max_json}
             timeout = self.timeout_secs,
             upstream_idle = self.upstream_idle_timeout_secs,
             db = dir.join("abhiapi.db").display(),
+            refresh = self.refresh_interval_ms,
             store_url = self
                 .store_url
                 .as_ref()
