@@ -64,8 +64,9 @@ fn bench(c: &mut Criterion) {
         .unwrap(),
         Arc::clone(&journal),
         Arc::clone(&metrics),
+        None,
     );
-    let ledger = Arc::new(Ledger::new(writer, journal, metrics));
+    let ledger = Arc::new(Ledger::new(writer, journal, metrics, None));
     let quote = Quote {
         units_milli: 1000,
         credits: 28,
@@ -206,7 +207,7 @@ fn ledger_commit(c: &mut Criterion) {
                     })
                     .collect::<Vec<_>>()
             },
-            |batch| writer::commit(&mut conn, &batch).unwrap(),
+            |batch| writer::commit(&mut conn, &batch, None).unwrap(),
             criterion::BatchSize::LargeInput,
         )
     });

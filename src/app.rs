@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 
 use crate::admin::{Admin, AdminWiring};
 use crate::billing::journal::Journal;
+use crate::billing::lease::{Leaser, Sweeper};
 use crate::billing::ledger::Ledger;
 use crate::clock::Clock;
 use crate::config::Config;
@@ -25,7 +26,8 @@ use crate::proxy::{Proxy, Wiring};
 use crate::reload::Reloader;
 use crate::server::threads::{Socketed, Threads};
 use crate::server::{self, Listener};
-use crate::store::{self, db::Db, ledger, snapshot, writer::StoreWriter};
+use crate::store::writer::{self, StoreWriter};
+use crate::store::{self, db::Db, ledger, snapshot};
 use crate::tls;
 use crate::upstream::Upstream;
 
@@ -52,6 +54,8 @@ pub struct Core {
     /// The low-rate reads and edits' connection, shared with the admin API.
     pub db: Db,
     refresher: Refresher,
+    /// On a shared database: gives back leased credit this node leaves unused.
+    sweeper: Option<Sweeper>,
     journal: Arc<Journal>,
     writer_thread: std::thread::JoinHandle<bool>,
 }
@@ -67,13 +71,22 @@ impl Core {
         public_url: String,
     ) -> Result<Self, Error> {
         let mut conn = store::open(&config.store)?;
-        recover_holds(&mut conn, &config.store.journal_dir())?;
+        // On a shared database this node leases what it spends, under its name.
+        let node = config
+            .store
+            .url
+            .as_ref()
+            .map(|_| config.cluster.node_name());
+        recover_holds(&mut conn, &config.store.journal_dir(), node.as_deref())?;
         let journal = Arc::new(Journal::open(
             &config.store.journal_dir(),
             config.store.fsync,
         )?);
         let snapshot = snapshot::load(&mut conn)?;
-        let registry = Arc::new(Registry::from_snapshot(&snapshot));
+        let registry = Arc::new(match node {
+            Some(_) => Registry::leasing(&snapshot),
+            None => Registry::from_snapshot(&snapshot),
+        });
         tracing::info!(
             accounts = snapshot.accounts.len(),
             keys = snapshot.keys.len(),
@@ -90,12 +103,30 @@ impl Core {
         // milliseconds; one held longer means the ledger cannot be written,
         // and billable requests are refused until it can.
         conn.lock_wait(WRITER_BUSY_WAIT)?;
+        let leaser = node
+            .clone()
+            .map(|node| Arc::new(Leaser::new(&config.store, &config.cluster, node)));
+        let sweeper = leaser
+            .as_ref()
+            .map(|l| l.spawn_sweeper(Arc::clone(&registry)));
+        let node = node.map(|name| {
+            let registry = Arc::clone(&registry);
+            writer::Node {
+                name,
+                debited: Box::new(move |account_id, credits| {
+                    if let Some(account) = registry.account(account_id) {
+                        account.flushed(i64::try_from(credits).unwrap_or(i64::MAX));
+                    }
+                }),
+            }
+        });
         let (writer, writer_thread) =
-            StoreWriter::spawn(conn, Arc::clone(&journal), Arc::clone(&metrics));
+            StoreWriter::spawn(conn, Arc::clone(&journal), Arc::clone(&metrics), node);
         let ledger = Arc::new(Ledger::new(
             writer.clone(),
             Arc::clone(&journal),
             Arc::clone(&metrics),
+            leaser,
         ));
         let jobs = Arc::new(Jobs::load(
             &mut store::open(&config.store)?,
@@ -129,6 +160,7 @@ impl Core {
             writer,
             db,
             refresher,
+            sweeper,
             journal,
             writer_thread,
         })
@@ -140,6 +172,11 @@ impl Core {
     /// SQLite and the journal is emptied; otherwise the next start recovers
     /// it from the journal.
     pub async fn stop(self, drained: bool, grace: Duration) -> Result<(), Error> {
+        if let Some(sweeper) = self.sweeper {
+            tokio::task::spawn_blocking(move || sweeper.stop())
+                .await
+                .map_err(|e| Error::Usage(format!("lease sweeper: {e}")))?;
+        }
         self.writer.close(grace).await;
         let thread = self.writer_thread;
         let joined = tokio::task::spawn_blocking(move || thread.join());
@@ -167,8 +204,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
     let _serving = {
-        let store = config.store.clone();
-        tokio::task::spawn_blocking(move || store::lock::acquire_store(&store))
+        let (store, node) = (config.store.clone(), config.cluster.node_name());
+        tokio::task::spawn_blocking(move || store::lock::acquire_store(&store, &node))
             .await
             .map_err(|e| Error::Usage(format!("start-up failed: {e}")))??
     };
@@ -379,9 +416,13 @@ fn spawn_background(
 
 /// Settles holds that a process which did not stop cleanly left behind,
 /// before any balance is read into memory.
-fn recover_holds(conn: &mut store::sql::Conn, journal_dir: &std::path::Path) -> Result<(), Error> {
+fn recover_holds(
+    conn: &mut store::sql::Conn,
+    journal_dir: &std::path::Path,
+    node: Option<&str>,
+) -> Result<(), Error> {
     let journalled = Journal::read_all(journal_dir)?;
-    let done = ledger::recover(conn, &journalled, store::now_ms())?;
+    let done = ledger::recover(conn, &journalled, store::now_ms(), node)?;
     if done.settled > 0 || done.holds > 0 {
         tracing::warn!(
             settled = done.settled,

@@ -43,6 +43,8 @@ pub struct Config {
     pub signup: SignupConfig,
     #[serde(default)]
     pub email: EmailConfig,
+    #[serde(default)]
+    pub cluster: ClusterConfig,
     /// Rate-limit plans by name; `free` is every new account's.
     #[serde(default = "default_plans")]
     pub plans: BTreeMap<String, PlanConfig>,
@@ -318,6 +320,49 @@ impl Default for UpstreamConfig {
             idle_timeout_secs: 50,
             ca_file: None,
         }
+    }
+}
+
+/// Several nodes on one PostgreSQL (`[store] url`): each spends credit it
+/// has leased from the database, never more than the account has.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// This node's name, unique among the nodes and the same across its
+    /// restarts (its holds and leases are recorded under it). Default: the
+    /// host's name.
+    pub node: Option<String>,
+    /// Credits a node leases beyond what a request needs, while the account
+    /// has plenty; when it has less, a node leases per request.
+    pub lease_credits: u64,
+    /// Unused leased credit goes back after this long without a request
+    /// for the account on this node.
+    pub lease_idle_secs: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            node: None,
+            lease_credits: 1000,
+            lease_idle_secs: 3,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// This node's name: configured, else the host's.
+    pub fn node_name(&self) -> String {
+        self.node.clone().unwrap_or_else(|| {
+            let mut buf = [0u8; 256];
+            // SAFETY: gethostname writes at most `buf.len()` bytes into our buffer.
+            let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+            let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+            match ok {
+                true => String::from_utf8_lossy(&buf[..end]).into_owned(),
+                false => "node".into(),
+            }
+        })
     }
 }
 

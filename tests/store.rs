@@ -124,12 +124,12 @@ async fn job_result(server: &Server, key: &str, fal_id: &str) -> bool {
     false
 }
 
-/// A second server on the same PostgreSQL database, with files of its own
-/// (another machine), is refused before it touches anything: until nodes
-/// share the database, its recovery would settle the first one's live
-/// holds. The first stops cleanly on SIGTERM.
+/// A second server under the same node name on the same PostgreSQL (a copy
+/// of the config on another machine) is refused before it touches
+/// anything: its recovery would settle the first one's live holds as its
+/// own. The first stops cleanly on SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_server_on_the_same_postgres_is_refused() {
+async fn a_second_server_under_the_same_node_name_is_refused() {
     let (_mock, mut server, key) = start(Backend::Postgres, "acme", 1000).await;
     let elsewhere = tempfile::tempdir().unwrap();
     let db = |dir: &std::path::Path| dir.join("abhiapi.db").display().to_string();

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::journal::{HoldRecord, Journal};
+use super::lease::Leaser;
 use super::pricing::Quote;
 use crate::error::ApiError;
 use crate::keys::{Account, ApiKey};
@@ -23,6 +24,8 @@ pub struct Ledger {
     writer: StoreWriter,
     journal: Arc<Journal>,
     metrics: Arc<Metrics>,
+    /// On a shared database: where more credit comes from.
+    leaser: Option<Arc<Leaser>>,
     /// Past the shutdown deadline: see [`Ledger::abandon`].
     abandoned: AtomicBool,
 }
@@ -51,11 +54,17 @@ const NOTHING: Quote = Quote {
 };
 
 impl Ledger {
-    pub fn new(writer: StoreWriter, journal: Arc<Journal>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        writer: StoreWriter,
+        journal: Arc<Journal>,
+        metrics: Arc<Metrics>,
+        leaser: Option<Arc<Leaser>>,
+    ) -> Self {
         Self {
             writer,
             journal,
             metrics,
+            leaser,
             abandoned: AtomicBool::new(false),
         }
     }
@@ -85,12 +94,7 @@ impl Ledger {
         let permit = self.writer.permit().await?;
         let account = Arc::clone(&key.account);
         let credits = i64::try_from(estimate.credits).unwrap_or(i64::MAX);
-        account
-            .try_hold(credits)
-            .map_err(|available| ApiError::InsufficientCredits {
-                needed: estimate.credits,
-                available,
-            })?;
+        self.hold(&account, credits).await?;
         let record = HoldRecord {
             id: request_id.to_owned(),
             account_id: account.id,
@@ -129,6 +133,34 @@ impl Ledger {
             return Err(ApiError::LedgerUnavailable);
         }
         Ok(reservation)
+    }
+
+    /// Holds `credits` on the account: from its balance, or on a shared
+    /// database from this node's lease, leasing more when it runs short.
+    async fn hold(&self, account: &Arc<Account>, credits: i64) -> Result<(), ApiError> {
+        let insufficient = |available| ApiError::InsufficientCredits {
+            needed: credits as u64,
+            available,
+        };
+        let Some(leaser) = &self.leaser else {
+            return account.try_hold(credits).map_err(insufficient);
+        };
+        // Another request on this node may spend what was just leased: a
+        // few rounds, each leasing what is still missing.
+        for _ in 0..3 {
+            match account.try_hold(credits) {
+                Ok(()) => {
+                    leaser.used(account);
+                    return Ok(());
+                }
+                Err(available) => {
+                    if !leaser.lease(account, credits - available.max(0)).await? {
+                        return Err(insufficient(available));
+                    }
+                }
+            }
+        }
+        account.try_hold(credits).map_err(insufficient)
     }
 
     /// Resolves once every entry journalled so far is on disk: at once
@@ -170,7 +202,7 @@ impl Ledger {
 
     /// A hold that outlived its process (a queued job's), taken again in memory at start-up.
     pub fn restore(&self, account: Arc<Account>, record: HoldRecord, estimate: Quote) -> Hold {
-        account.restore_hold(record.credits as i64);
+        account.restore_hold(record.credits as i64, self.leaser.is_some());
         self.metrics.hold_opened();
         Hold {
             account,
@@ -326,8 +358,8 @@ mod tests {
         let journal = Arc::new(Journal::open(&dir.join("holds"), false).unwrap());
         let metrics = Arc::new(Metrics::default());
         let (writer, _thread) =
-            StoreWriter::spawn(conn, Arc::clone(&journal), Arc::clone(&metrics));
-        (Arc::new(Ledger::new(writer, journal, metrics)), key)
+            StoreWriter::spawn(conn, Arc::clone(&journal), Arc::clone(&metrics), None);
+        (Arc::new(Ledger::new(writer, journal, metrics, None)), key)
     }
 
     const QUOTE: Quote = Quote {

@@ -10,6 +10,7 @@ mod flusher;
 pub mod journal;
 pub mod json;
 pub mod lax;
+pub mod lease;
 pub mod ledger;
 pub mod pricing;
 pub mod splice;

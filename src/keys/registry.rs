@@ -35,28 +35,66 @@ pub struct Account {
     /// Bytes of billable request bodies read into memory and not yet sent
     /// on: capped, so that one account's stalled bodies cannot fill RAM.
     buffered: AtomicUsize,
+    /// On a shared database: when this node last leased for the account
+    /// (unix ms), and whether the account had too little free credit to
+    /// lease more than a request needed (then what is unused goes back at
+    /// once, not after an idle while).
+    pub leased_at_ms: AtomicI64,
+    pub scarce: AtomicBool,
+    /// On a shared database, where memory holds this node's lease: the
+    /// account's balance as this node last read it, less its own charges
+    /// since (what `_billing` and the account API show), and its charges
+    /// not yet written.
+    leasing: bool,
+    booked: AtomicI64,
+    unflushed: AtomicI64,
 }
 
 impl Account {
-    /// `balance` as stored; nothing is held when a server starts (recovery settles every old hold).
-    fn from_row(row: &AccountRow, balance: i64) -> Self {
+    /// `balance` as stored; nothing is held when a server starts (recovery
+    /// settles every old hold). A leasing node starts with nothing to spend.
+    fn from_row(row: &AccountRow, balance: i64, leasing: bool) -> Self {
         Self {
+            leasing,
+            booked: AtomicI64::new(balance),
+            unflushed: AtomicI64::new(0),
             id: row.id,
             name: row.name.clone(),
             plan: ArcSwap::from_pointee(row.plan.clone()),
             suspended: AtomicBool::new(row.suspended),
-            available: AtomicI64::new(balance),
+            available: AtomicI64::new(if leasing { 0 } else { balance }),
             held: AtomicI64::new(0),
             rate_tat: AtomicU64::new(0),
             key_creation_tat: AtomicU64::new(0),
             session_poll_tat: AtomicU64::new(0),
             buffered: AtomicUsize::new(0),
+            leased_at_ms: AtomicI64::new(0),
+            scarce: AtomicBool::new(false),
         }
     }
 
-    /// Credits owned: available plus held.
+    /// Credits owned: available plus held; on a shared database, the
+    /// account's balance as this node knows it.
     pub fn balance(&self) -> i64 {
+        if self.leasing {
+            return self.booked.load(Ordering::Acquire);
+        }
         self.available() + self.held()
+    }
+
+    /// The balance the database has for the account (its charges from
+    /// this node written up to now): this node's own not yet written ones
+    /// are taken off it.
+    pub fn rebook(&self, stored: i64) {
+        self.booked.store(
+            stored - self.unflushed.load(Ordering::Acquire),
+            Ordering::Release,
+        );
+    }
+
+    /// `credits` of this node's charges were written to the database.
+    pub fn flushed(&self, credits: i64) {
+        self.unflushed.fetch_sub(credits, Ordering::AcqRel);
     }
 
     pub fn available(&self) -> i64 {
@@ -77,10 +115,28 @@ impl Account {
         Ok(())
     }
 
-    /// Takes again a hold that was already covered before a restart.
-    pub fn restore_hold(&self, credits: i64) {
-        self.available.fetch_sub(credits, Ordering::AcqRel);
+    /// Takes again a hold that was already covered before a restart: out
+    /// of the balance, or on a shared database out of the node's lease,
+    /// which recovery set to the holds it took up again.
+    pub fn restore_hold(&self, credits: i64, leasing: bool) {
+        if !leasing {
+            self.available.fetch_sub(credits, Ordering::AcqRel);
+        }
         self.held.fetch_add(credits, Ordering::AcqRel);
+    }
+
+    /// Credits this node leased for the account, to spend.
+    pub fn add_leased(&self, credits: i64) {
+        self.available.fetch_add(credits, Ordering::AcqRel);
+    }
+
+    /// Takes every available credit (none if the account is in debt), to give back.
+    pub fn take_unused(&self) -> i64 {
+        self.available
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| {
+                (a > 0).then_some(0)
+            })
+            .unwrap_or(0)
     }
 
     /// Ends a hold of `held` credits with a charge of `cost`. A cost above
@@ -89,6 +145,10 @@ impl Account {
     /// until it is topped up. Returns the part of the cost that took the
     /// balance below zero (the shortfall), for usage and metrics.
     pub fn settle(&self, held: i64, cost: i64) -> i64 {
+        if self.leasing {
+            self.booked.fetch_sub(cost, Ordering::AcqRel);
+            self.unflushed.fetch_add(cost, Ordering::AcqRel);
+        }
         self.held.fetch_sub(held, Ordering::AcqRel);
         let delta = held - cost;
         let after = self.available.fetch_add(delta, Ordering::AcqRel) + delta;
@@ -146,15 +206,31 @@ impl ApiKey {
 pub struct Registry {
     keys: DashMap<KeyHash, Arc<ApiKey>>,
     accounts: DashMap<i64, Arc<Account>>,
+    /// On a shared database an account's memory holds what this node has
+    /// leased, not its balance: balances and top-ups stay in the database.
+    leasing: bool,
 }
 
 impl Registry {
     pub fn from_snapshot(snapshot: &Snapshot) -> Self {
-        let registry = Self::default();
+        Self::hydrate(snapshot, false)
+    }
+
+    /// For a node of several: accounts start with nothing leased.
+    pub fn leasing(snapshot: &Snapshot) -> Self {
+        Self::hydrate(snapshot, true)
+    }
+
+    fn hydrate(snapshot: &Snapshot, leasing: bool) -> Self {
+        let registry = Self {
+            leasing,
+            ..Self::default()
+        };
         for row in &snapshot.accounts {
-            registry
-                .accounts
-                .insert(row.id, Arc::new(Account::from_row(row, row.balance)));
+            registry.accounts.insert(
+                row.id,
+                Arc::new(Account::from_row(row, row.balance, leasing)),
+            );
         }
         for row in &snapshot.keys {
             registry.upsert_key(row);
@@ -186,6 +262,18 @@ impl Registry {
         self.accounts.iter().map(|a| a.held()).sum()
     }
 
+    /// Every account, as of now.
+    pub fn accounts(&self) -> Vec<Arc<Account>> {
+        self.accounts
+            .iter()
+            .map(|a| Arc::clone(a.value()))
+            .collect()
+    }
+
+    pub fn is_leasing(&self) -> bool {
+        self.leasing
+    }
+
     pub fn account(&self, id: i64) -> Option<Arc<Account>> {
         self.accounts.get(&id).map(|a| Arc::clone(a.value()))
     }
@@ -199,15 +287,17 @@ impl Registry {
                 let account = self
                     .accounts
                     .entry(row.id)
-                    .or_insert_with(|| Arc::new(Account::from_row(row, 0)))
+                    .or_insert_with(|| Arc::new(Account::from_row(row, 0, self.leasing)))
                     .clone();
                 account.suspended.store(row.suspended, Ordering::Release);
                 if **account.plan.load() != row.plan {
                     account.plan.store(Arc::new(row.plan.clone()));
                 }
-                account
-                    .available
-                    .fetch_add(change.balance_delta, Ordering::AcqRel);
+                let credited = match self.leasing {
+                    true => &account.booked,
+                    false => &account.available,
+                };
+                credited.fetch_add(change.balance_delta, Ordering::AcqRel);
             }
             if let Some(row) = &change.key {
                 self.upsert_key(row);
@@ -272,7 +362,7 @@ mod tests {
             balance,
             suspended: false,
         };
-        Account::from_row(&row, balance)
+        Account::from_row(&row, balance, false)
     }
 
     #[test]

@@ -43,7 +43,7 @@ pub fn sqlite_to_postgres(from: &Path, to: &str) -> Result<Vec<(&'static str, u6
     }
     // No server on the target meanwhile: it would read the copy half-made.
     let _target_serving =
-        super::postgres::ServeLock::acquire(super::postgres::Target::parse(to, None)?)?;
+        super::postgres::ServeLock::alone(super::postgres::Target::parse(to, None)?)?;
     // One view of the source, which the CLI cannot edit until the copy is done.
     let mut source = source.transaction(Mode::Serial)?;
     let mut tx = target.transaction(Mode::Serial)?;

@@ -55,16 +55,25 @@ pub struct ChargeRecord {
     pub settled_at_ms: i64,
 }
 
-/// The ledger's row writes, within the writer's transaction.
-pub struct Writes<'t, 'c>(pub &'t mut super::sql::Tx<'c>);
+/// The ledger's row writes, within the writer's transaction, for `node`:
+/// the node whose holds these are and whose lease a charge spends (`None`
+/// on a single node, which leases nothing).
+pub struct Writes<'t, 'c> {
+    tx: &'t mut super::sql::Tx<'c>,
+    node: Option<&'t str>,
+}
 
-impl Writes<'_, '_> {
+impl<'t, 'c> Writes<'t, 'c> {
+    pub fn new(tx: &'t mut super::sql::Tx<'c>, node: Option<&'t str>) -> Self {
+        Self { tx, node }
+    }
+
     /// A hold, unless its id was settled before.
     pub fn hold(&mut self, h: &HoldRecord) -> Result<(), StoreError> {
-        self.0.exec(
-            "INSERT INTO holds (id, account_id, key_id, model, credits, created_at_ms)
+        self.tx.exec(
+            "INSERT INTO holds (id, account_id, key_id, model, credits, created_at_ms, node)
              SELECT ?1, CAST(?2 AS BIGINT), CAST(?3 AS BIGINT), CAST(?4 AS TEXT),
-                 CAST(?5 AS BIGINT), CAST(?6 AS BIGINT)
+                 CAST(?5 AS BIGINT), CAST(?6 AS BIGINT), CAST(?7 AS TEXT)
              WHERE NOT EXISTS (SELECT 1 FROM charges WHERE id = ?1)
              ON CONFLICT DO NOTHING",
             args![
@@ -73,7 +82,8 @@ impl Writes<'_, '_> {
                 h.key_id,
                 h.model,
                 h.credits,
-                h.created_at_ms
+                h.created_at_ms,
+                self.node.unwrap_or("")
             ],
         )?;
         Ok(())
@@ -93,7 +103,7 @@ impl Writes<'_, '_> {
     /// The `charges` row alone; false when the id was recorded before (then
     /// nothing may be debited for it).
     pub fn charge(&mut self, c: &ChargeRecord) -> Result<bool, StoreError> {
-        let inserted = self.0.exec(
+        let inserted = self.tx.exec(
             "INSERT INTO charges (id, account_id, key_id, model, units_milli, credits,
                 held, shortfall, fal_status, outcome, started_at_ms, settled_at_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
@@ -116,19 +126,27 @@ impl Writes<'_, '_> {
         Ok(inserted == 1)
     }
 
-    /// Moves a balance down by `credits` (a delta: never a write of the whole balance).
+    /// Moves a balance down by `credits` (a delta: never a write of the
+    /// whole balance), and the node's lease with it: what was charged was
+    /// spent from it.
     pub fn debit(&mut self, account_id: i64, credits: u64) -> Result<(), StoreError> {
         if credits > 0 {
-            self.0.exec(
+            self.tx.exec(
                 "UPDATE accounts SET balance = balance - ?1 WHERE id = ?2",
                 args![credits, account_id],
             )?;
+            if let Some(node) = self.node {
+                self.tx.exec(
+                    "UPDATE leases SET credits = credits - ?1 WHERE account_id = ?2 AND node = ?3",
+                    args![credits, account_id, node],
+                )?;
+            }
         }
         Ok(())
     }
 
     pub fn unhold(&mut self, id: &str) -> Result<(), StoreError> {
-        self.0.exec("DELETE FROM holds WHERE id = ?1", args![id])?;
+        self.tx.exec("DELETE FROM holds WHERE id = ?1", args![id])?;
         Ok(())
     }
 }
@@ -149,13 +167,18 @@ pub struct Recovered {
 /// in `holds` or only in the journal, may have been served by fal, so it is
 /// charged its held amount, which the balance covered when it was taken; a
 /// pending queued job keeps its hold (the job settles it).
-pub fn recover(conn: &mut Conn, journal: &[Entry], now_ms: i64) -> Result<Recovered, StoreError> {
+pub fn recover(
+    conn: &mut Conn,
+    journal: &[Entry],
+    now_ms: i64,
+    node: Option<&str>,
+) -> Result<Recovered, StoreError> {
     let mut tx = conn.transaction(Mode::Plain)?;
     let mut done = Recovered::default();
     for entry in journal {
         match entry {
-            Entry::Hold(h) => Writes(&mut tx).hold(h)?,
-            Entry::Settle(c) => done.settled += u64::from(Writes(&mut tx).settle(c)?),
+            Entry::Hold(h) => Writes::new(&mut tx, node).hold(h)?,
+            Entry::Settle(c) => done.settled += u64::from(Writes::new(&mut tx, node).settle(c)?),
             // Pending again, with its hold: the job settles it, not recovery.
             Entry::Job(j) => super::jobs::insert(&mut tx, j)?,
             Entry::Completed(id) => super::jobs::completed(&mut tx, id)?,
@@ -164,9 +187,9 @@ pub fn recover(conn: &mut Conn, journal: &[Entry], now_ms: i64) -> Result<Recove
     let orphans: Vec<HoldRecord> = tx
         .rows(
             "SELECT id, account_id, key_id, credits, created_at_ms, model FROM holds
-             WHERE id NOT IN (SELECT hold_id FROM jobs WHERE state = 'pending')
+             WHERE node = ?1 AND id NOT IN (SELECT hold_id FROM jobs WHERE state = 'pending')
              ORDER BY created_at_ms",
-            &[],
+            args![node.unwrap_or("")],
         )?
         .iter()
         .map(|r| hold_row(r, 0))
@@ -186,7 +209,7 @@ pub fn recover(conn: &mut Conn, journal: &[Entry], now_ms: i64) -> Result<Recove
             started_at_ms: h.created_at_ms,
             settled_at_ms: now_ms,
         };
-        if Writes(&mut tx).settle(&charge)? {
+        if Writes::new(&mut tx, node).settle(&charge)? {
             done.holds += 1;
             done.credits += charge.credits;
         }
@@ -202,6 +225,17 @@ pub fn recover(conn: &mut Conn, journal: &[Entry], now_ms: i64) -> Result<Recove
          FROM charges c WHERE c.id = jobs.hold_id AND jobs.state = 'pending'",
         &[],
     )?;
+    if let Some(node) = node {
+        // What the node leased before is free again, but for the holds of
+        // its pending jobs, which it takes up again.
+        tx.exec("DELETE FROM leases WHERE node = ?1", args![node])?;
+        tx.exec(
+            "INSERT INTO leases (account_id, node, credits)
+             SELECT account_id, ?1, CAST(SUM(credits) AS BIGINT) FROM holds WHERE node = ?1
+             GROUP BY account_id",
+            args![node],
+        )?;
+    }
     tx.commit()?;
     Ok(done)
 }

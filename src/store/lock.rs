@@ -20,13 +20,14 @@ pub struct ServeLock {
 }
 
 /// The file lock beside `config.path`, and with `config.url`, PostgreSQL's
-/// lock too: a second server on the same database (or a copy of this
-/// config on another machine) is refused. Blocks: not on an async thread.
-pub fn acquire_store(config: &crate::config::StoreConfig) -> Result<ServeLock, Error> {
+/// lock for node `node` too: a second process under the same node name (or
+/// a copy of this config on another machine) is refused. Blocks: not on
+/// an async thread.
+pub fn acquire_store(config: &crate::config::StoreConfig, node: &str) -> Result<ServeLock, Error> {
     let mut lock = acquire(&config.path)?;
     if let Some(url) = &config.url {
         let target = super::postgres::Target::parse(url, config.ca_file.as_deref())?;
-        lock._shared = Some(super::postgres::ServeLock::acquire(target)?);
+        lock._shared = Some(super::postgres::ServeLock::node(target, node)?);
     }
     Ok(lock)
 }

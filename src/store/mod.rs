@@ -6,6 +6,7 @@ pub mod admin;
 pub mod copy;
 pub mod db;
 pub mod jobs;
+pub mod leases;
 pub mod ledger;
 pub mod lock;
 pub mod payments;

@@ -15,6 +15,7 @@ use postgres::{Client, Config};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::sql::{Mode, Param, Prepared, Row, StoreError, Value};
+use crate::args;
 use crate::error::Error;
 
 /// Serialises [`Mode::Serial`] transactions across every node: the key of a
@@ -164,30 +165,62 @@ impl Drop for Pg {
     }
 }
 
-/// Held while one server uses the database: a session-level advisory lock,
-/// released when its connection closes, also when the process dies.
+/// Held while a server uses the database: session-level advisory locks,
+/// released when their connection closes, also when the process dies.
 pub struct ServeLock {
     _pg: Pg,
 }
 
-/// The key of [`ServeLock`]'s advisory lock ("serv").
+/// Every node holds it shared; `store migrate` holds it alone ("serv").
 const SERVE_LOCK: i64 = 0x7365_7276;
+/// With a hash of the node's name: one process per node name ("node").
+const NODE_LOCK: i64 = 0x6e6f_6465;
 
 impl ServeLock {
-    /// Takes the lock, or says that another server has it.
-    pub fn acquire(target: Target) -> Result<Self, Error> {
+    /// For node `node`: refused while another process runs under the same
+    /// name (it would recover this one's live holds as its own) or while
+    /// the database is being migrated into.
+    pub fn node(target: Target, node: &str) -> Result<Self, Error> {
         let mut pg = Pg::open(target)?;
-        let rows = pg.rows("SELECT pg_try_advisory_lock(?1)", crate::args![SERVE_LOCK])?;
-        let locked: bool = rows.first().ok_or_else(StoreError::no_row)?.get(0)?;
-        if !locked {
+        let mine = lock(
+            &mut pg,
+            "pg_try_advisory_lock(?1::int4, hashtext(?2))",
+            args![NODE_LOCK, node],
+        )?;
+        if !mine {
+            return Err(Error::Usage(format!(
+                "another `abhiapi serve` is running as node {node:?} on this PostgreSQL database: \
+                 give each node its own [cluster] node (the keys and accounts commands work beside it)"
+            )));
+        }
+        if !lock(
+            &mut pg,
+            "pg_try_advisory_lock_shared(?1)",
+            args![SERVE_LOCK],
+        )? {
             return Err(Error::Usage(
-                "another `abhiapi serve` is running on this PostgreSQL database: one server at a time \
-                 until nodes share it (the keys and accounts commands work beside it)"
+                "the PostgreSQL database is being migrated into: start the nodes after `store migrate`".into(),
+            ));
+        }
+        Ok(Self { _pg: pg })
+    }
+
+    /// For `store migrate`: refused while any node runs on the database.
+    pub fn alone(target: Target) -> Result<Self, Error> {
+        let mut pg = Pg::open(target)?;
+        if !lock(&mut pg, "pg_try_advisory_lock(?1)", args![SERVE_LOCK])? {
+            return Err(Error::Usage(
+                "an `abhiapi serve` is running on this PostgreSQL database: stop every node first"
                     .into(),
             ));
         }
         Ok(Self { _pg: pg })
     }
+}
+
+fn lock(pg: &mut Pg, call: &str, args: &[Param<'_>]) -> Result<bool, StoreError> {
+    let rows = pg.rows(&format!("SELECT {call}"), args)?;
+    rows.first().ok_or_else(StoreError::no_row)?.get(0)
 }
 
 pub struct PgTx<'c> {

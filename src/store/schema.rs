@@ -152,6 +152,16 @@ const MIGRATIONS: &[&str] = &[
         payment_intent TEXT PRIMARY KEY,
         url TEXT NOT NULL
     );",
+    // 13: several nodes on one database. A hold belongs to the node that
+    // took it ('' on a single node), and a node spends only credit it has
+    // leased: the account's balance less every lease is free to lease.
+    "ALTER TABLE holds ADD COLUMN node TEXT NOT NULL DEFAULT '';
+    CREATE TABLE leases (
+        account_id INTEGER NOT NULL REFERENCES accounts(id),
+        node TEXT NOT NULL,
+        credits INTEGER NOT NULL,
+        PRIMARY KEY (account_id, node)
+    );",
 ];
 
 /// Brings the schema up to date, in one transaction; nodes starting together
@@ -231,6 +241,7 @@ pub const TABLES: &[&str] = &[
     "sign_in_links",
     "sessions",
     "receipts",
+    "leases",
 ];
 
 #[cfg(test)]

@@ -128,10 +128,11 @@ impl StoreWriter {
         conn: Conn,
         journal: Arc<Journal>,
         metrics: Arc<Metrics>,
+        node: Option<Node>,
     ) -> (Self, JoinHandle<bool>) {
         let (tx, rx) = mpsc::channel(QUEUE);
         let shared = Arc::new(Shared::default());
-        let writer = Writer::new(conn, journal, metrics, Arc::clone(&shared));
+        let writer = Writer::new(conn, journal, metrics, Arc::clone(&shared), node);
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || writer.run(rx))
@@ -187,8 +188,16 @@ impl StoreWriter {
     }
 }
 
+/// A node of several on a shared database: its name (its holds and its
+/// lease) and who to tell, per account, of charges committed.
+pub struct Node {
+    pub name: String,
+    pub debited: Box<dyn Fn(i64, u64) + Send>,
+}
+
 struct Writer {
     conn: Conn,
+    node: Option<Node>,
     journal: Arc<Journal>,
     metrics: Arc<Metrics>,
     shared: Arc<Shared>,
@@ -199,9 +208,16 @@ struct Writer {
 }
 
 impl Writer {
-    fn new(conn: Conn, journal: Arc<Journal>, metrics: Arc<Metrics>, shared: Arc<Shared>) -> Self {
+    fn new(
+        conn: Conn,
+        journal: Arc<Journal>,
+        metrics: Arc<Metrics>,
+        shared: Arc<Shared>,
+        node: Option<Node>,
+    ) -> Self {
         Self {
             conn,
+            node,
             journal,
             metrics,
             shared,
@@ -247,8 +263,14 @@ impl Writer {
         }
         let mut delay = Duration::from_millis(10);
         loop {
-            match commit(&mut self.conn, batch) {
-                Ok(()) => {
+            let name = self.node.as_ref().map(|n| n.name.as_str());
+            match commit(&mut self.conn, batch, name) {
+                Ok(debits) => {
+                    if let Some(node) = &self.node {
+                        for (account_id, credits) in debits {
+                            (node.debited)(account_id, credits);
+                        }
+                    }
                     self.shared.down.store(false, Ordering::Release);
                     self.mark_committed(batch);
                     return true;
@@ -284,7 +306,8 @@ impl Writer {
         tracing::error!(%entry, error = %reason, "ledger entry refused by SQLite: set aside in ledger_rejects");
         let mut delay = Duration::from_millis(10);
         loop {
-            match set_aside(&mut self.conn, op, &entry, &reason.to_string()) {
+            let name = self.node.as_ref().map(|n| n.name.as_str());
+            match set_aside(&mut self.conn, op, &entry, &reason.to_string(), name) {
                 Ok(()) => {
                     self.mark_committed(std::slice::from_ref(op));
                     return true;
@@ -330,14 +353,20 @@ impl Writer {
     }
 }
 
-fn set_aside(conn: &mut Conn, op: &WriteOp, entry: &str, reason: &str) -> Result<(), StoreError> {
+fn set_aside(
+    conn: &mut Conn,
+    op: &WriteOp,
+    entry: &str,
+    reason: &str,
+    node: Option<&str>,
+) -> Result<(), StoreError> {
     let mut tx = conn.transaction(Mode::Plain)?;
     tx.exec(
         "INSERT INTO ledger_rejects (subject, entry, reason, at_ms) VALUES (?1, ?2, ?3, ?4)",
         args![op.subject(), entry, reason, now_ms()],
     )?;
     if let WriteOp::Settle { charge, .. } = op {
-        ledger::Writes(&mut tx).unhold(&charge.id)?;
+        ledger::Writes::new(&mut tx, node).unhold(&charge.id)?;
     }
     tx.commit()
 }
@@ -367,8 +396,13 @@ fn gather(rx: &mut mpsc::Receiver<WriteOp>, batch: &mut Vec<WriteOp>) {
 
 /// One transaction for the batch. A hold settled within the same batch is
 /// never written as a hold (the journal covers it until the commit), and
-/// balances move by one summed delta per account. Public for the bench.
-pub fn commit(conn: &mut Conn, batch: &[WriteOp]) -> Result<(), StoreError> {
+/// balances move by one summed delta per account, which it returns. Public
+/// for the bench.
+pub fn commit(
+    conn: &mut Conn,
+    batch: &[WriteOp],
+    node: Option<&str>,
+) -> Result<HashMap<i64, u64>, StoreError> {
     // ahash, not SipHash: these two sets were a twentieth of the writer's time.
     let held_here: HashSet<&str, ahash::RandomState> = batch
         .iter()
@@ -397,9 +431,9 @@ pub fn commit(conn: &mut Conn, batch: &[WriteOp]) -> Result<(), StoreError> {
                     )?;
                 }
                 WriteOp::Hold { hold, .. } if settled_here.contains(hold.id.as_str()) => {}
-                WriteOp::Hold { hold, .. } => ledger::Writes(&mut tx).hold(hold)?,
+                WriteOp::Hold { hold, .. } => ledger::Writes::new(&mut tx, node).hold(hold)?,
                 WriteOp::Settle { charge, .. } => {
-                    let mut writes = ledger::Writes(&mut tx);
+                    let mut writes = ledger::Writes::new(&mut tx, node);
                     if writes.charge(charge)? {
                         *debits.entry(charge.account_id).or_default() += charge.credits;
                     }
@@ -427,9 +461,10 @@ pub fn commit(conn: &mut Conn, batch: &[WriteOp]) -> Result<(), StoreError> {
                 WriteOp::Close => {}
             }
         }
-        for (account_id, credits) in debits {
-            ledger::Writes(&mut tx).debit(account_id, credits)?;
+        for (&account_id, &credits) in &debits {
+            ledger::Writes::new(&mut tx, node).debit(account_id, credits)?;
         }
     }
-    tx.commit()
+    tx.commit()?;
+    Ok(debits)
 }

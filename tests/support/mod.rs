@@ -66,6 +66,8 @@ pub struct Options {
     pub tls_files: Option<(PathBuf, PathBuf)>,
     /// More `[limits]` lines, as TOML.
     pub limits: String,
+    /// `[cluster]`, as TOML: this node's name among several on one PostgreSQL.
+    pub cluster: String,
     /// `[store] refresh_interval_ms`: how often the change feed is polled.
     pub refresh_interval_ms: u64,
     /// `[store] url`: PostgreSQL (see [`pg::database`]) instead of SQLite.
@@ -140,6 +142,7 @@ impl Options {
             limits: String::new(),
             store_url: None,
             refresh_interval_ms: 250,
+            cluster: String::new(),
         }
     }
 
@@ -218,6 +221,7 @@ max_json_body_bytes = {max_json}
 {limits}
 {pricing}
 {plans}
+{cluster}
 "#,
             hrt = self.header_read_timeout_secs,
             tht = self.tls_handshake_timeout_secs,
@@ -251,6 +255,7 @@ max_json_body_bytes = {max_json}
             upstream_idle = self.upstream_idle_timeout_secs,
             db = dir.join("abhiapi.db").display(),
             refresh = self.refresh_interval_ms,
+            cluster = self.cluster,
             store_url = self
                 .store_url
                 .as_ref()

@@ -1,0 +1,160 @@
+//! A node of several spends credit it has leased from the shared database
+//! (`store::leases`): a hold is still one compare-exchange in memory; when
+//! the lease runs short, one round trip to the database leases more, and
+//! what goes unused goes back, so no node strands what another could spend.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use crate::config::{ClusterConfig, StoreConfig};
+use crate::error::{ApiError, Error};
+use crate::keys::{Account, Registry};
+use crate::store::sql::Conn;
+use crate::store::{self, leases, now_ms};
+
+/// Connections kept for lease requests; more are opened while these are busy.
+const POOL: usize = 4;
+/// How often unused credit is looked for.
+const SWEEP: Duration = Duration::from_millis(200);
+
+pub struct Leaser {
+    store: StoreConfig,
+    node: String,
+    extra: i64,
+    idle_ms: i64,
+    idle: Mutex<Vec<Conn>>,
+}
+
+impl Leaser {
+    pub fn new(store: &StoreConfig, cluster: &ClusterConfig, node: String) -> Self {
+        Self {
+            store: store.clone(),
+            node,
+            extra: i64::try_from(cluster.lease_credits).unwrap_or(i64::MAX),
+            idle_ms: i64::try_from(cluster.lease_idle_secs.saturating_mul(1000))
+                .unwrap_or(i64::MAX),
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Runs `f` on a pooled connection, on a blocking thread.
+    async fn with_conn<T, F>(self: &Arc<Self>, f: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Conn, &str) -> Result<T, Error> + Send + 'static,
+    {
+        let this = Arc::clone(self);
+        tokio::task::spawn_blocking(move || this.blocking(f))
+            .await
+            .map_err(|e| Error::Usage(format!("lease task failed: {e}")))?
+    }
+
+    fn blocking<T>(&self, f: impl FnOnce(&mut Conn, &str) -> Result<T, Error>) -> Result<T, Error> {
+        let taken = self.idle.lock().pop();
+        let mut conn = match taken {
+            Some(conn) => conn,
+            None => store::open(&self.store)?,
+        };
+        let result = f(&mut conn, &self.node);
+        let mut idle = self.idle.lock();
+        if idle.len() < POOL {
+            idle.push(conn);
+        }
+        result
+    }
+
+    /// Leases at least `need` more credits for `account`; false when the
+    /// account has not that much free. 503 while the database cannot be
+    /// reached. The credit reaches memory on the blocking thread, with the
+    /// database's answer: a client that leaves meanwhile strands nothing.
+    pub async fn lease(
+        self: &Arc<Self>,
+        account: &Arc<Account>,
+        need: i64,
+    ) -> Result<bool, ApiError> {
+        let (account, extra) = (Arc::clone(account), self.extra);
+        self.with_conn(move |conn, node| {
+            let grant = leases::grant(conn, account.id, node, need, extra)?;
+            account.rebook(grant.balance);
+            if grant.credits > 0 {
+                account.add_leased(grant.credits);
+                account
+                    .scarce
+                    .store(grant.credits == need, Ordering::Release);
+                account.leased_at_ms.store(now_ms(), Ordering::Release);
+            }
+            Ok(grant.credits > 0)
+        })
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "cannot lease credit: refusing billable requests");
+            ApiError::LedgerUnavailable
+        })
+    }
+
+    /// Notes a hold on `account`: its lease is in use.
+    pub fn used(&self, account: &Account) {
+        account.leased_at_ms.store(now_ms(), Ordering::Release);
+    }
+
+    /// Gives back what `account` has unused on this node.
+    fn give_back(&self, account: &Account) {
+        let unused = account.take_unused();
+        if unused == 0 {
+            return;
+        }
+        let id = account.id;
+        if let Err(e) = self.blocking(|conn, node| Ok(leases::give_back(conn, id, node, unused)?)) {
+            // Kept, to spend or to give back at the next sweep.
+            account.add_leased(unused);
+            tracing::warn!(error = %e, "cannot give leased credit back");
+        }
+    }
+
+    /// A thread that gives back unused credit: at once where the account is
+    /// scarce and nothing is held, else after `lease_idle_secs` without a lease.
+    pub fn spawn_sweeper(self: &Arc<Self>, registry: Arc<Registry>) -> Sweeper {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (this, stopping) = (Arc::clone(self), Arc::clone(&stop));
+        let handle = std::thread::Builder::new()
+            .name("lease-sweeper".into())
+            .spawn(move || {
+                while !stopping.load(Ordering::Acquire) {
+                    std::thread::park_timeout(SWEEP);
+                    let now = now_ms();
+                    for account in registry.accounts() {
+                        let idle =
+                            now - account.leased_at_ms.load(Ordering::Acquire) >= this.idle_ms;
+                        let scarce = account.scarce.load(Ordering::Acquire) && account.held() == 0;
+                        if idle || scarce {
+                            this.give_back(&account);
+                        }
+                    }
+                }
+                // Stopping: everything unused goes back.
+                for account in registry.accounts() {
+                    this.give_back(&account);
+                }
+            })
+            .expect("spawn the lease sweeper");
+        Sweeper { stop, handle }
+    }
+}
+
+pub struct Sweeper {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: JoinHandle<()>,
+}
+
+impl Sweeper {
+    /// Gives back every unused credit and stops.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::Release);
+        self.handle.thread().unpark();
+        let _ = self.handle.join();
+    }
+}

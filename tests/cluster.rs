@@ -1,0 +1,104 @@
+//! Several nodes on one PostgreSQL: each spends only credit it has leased
+//! from the database, so together they never spend more than the account
+//! has, and its last credits can be spent through any of them.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+struct Cluster {
+    mock: MockFal,
+    nodes: Vec<Server>,
+    key: String,
+}
+
+/// `n` nodes on a fresh PostgreSQL, and a key of an account with `credits`.
+async fn cluster(n: usize, credits: i64) -> Cluster {
+    let mock = MockFal::start(None).await.unwrap();
+    let url = pg::database();
+    let options = |i: usize| {
+        let mut opts = Options::new(mock.url(false));
+        opts.store_url = Some(url.clone());
+        opts.cluster = format!("[cluster]\nnode = \"node-{i}\"\nlease_credits = 10\n");
+        opts
+    };
+    let (first, key) = Server::start_with_key(options(1), "acme", credits);
+    let mut nodes = vec![first];
+    nodes.extend((2..=n).map(|i| Server::start(options(i))));
+    Cluster { mock, nodes, key }
+}
+
+/// `/mock/canned`: priced by the catch-all rule, 2 credits a request.
+async fn spread(cluster: &Cluster, requests: usize) -> Vec<u16> {
+    let calls: Vec<_> = (0..requests)
+        .map(|i| {
+            let url = cluster.nodes[i % cluster.nodes.len()].url("/mock/canned");
+            let key = cluster.key.clone();
+            tokio::spawn(async move {
+                client()
+                    .request(post(&url, Some(&key), "application/json", "{}"))
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0)
+            })
+        })
+        .collect();
+    let mut statuses = Vec::with_capacity(requests);
+    for call in calls {
+        statuses.push(call.await.unwrap());
+    }
+    statuses
+}
+
+fn served(cluster: &Cluster) -> usize {
+    cluster
+        .mock
+        .seen()
+        .iter()
+        .filter(|s| s.target == "/mock/canned")
+        .count()
+}
+
+/// Credit still leased to nodes, by the store.
+fn leased(server: &Server) -> i64 {
+    server.query("SELECT CAST(COALESCE(SUM(credits), 0) AS BIGINT) FROM leases")[0]
+        .get(0)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_spend_exactly_the_balance_and_no_more() {
+    let cluster = cluster(3, 74).await;
+    let statuses = spread(&cluster, 200).await;
+    let ok = statuses.iter().filter(|&&s| s == 200).count();
+    let refused = statuses.iter().filter(|&&s| s == 402).count();
+    assert_eq!((ok, refused), (37, 163), "{statuses:?}");
+    assert_eq!(served(&cluster), 37);
+    assert!(books_close(&cluster.nodes[0], &[("acme", 74)]).await);
+    assert_eq!(leased(&cluster.nodes[0]), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unused_credit_goes_back_and_a_stopped_node_returns_its_lease() {
+    let mut cluster = cluster(2, 1000).await;
+    // One request through node 1 leases more than it needs (10 beyond).
+    assert_eq!(spread(&cluster, 1).await, [200]);
+    assert!(leased(&cluster.nodes[0]) > 0);
+    // Idle for `lease_idle_secs`, it goes back.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            leased(&cluster.nodes[0]) == 0
+        })
+        .await,
+        "unused credit stayed leased"
+    );
+    assert_eq!(spread(&cluster, 4).await, [200; 4]);
+    for node in &mut cluster.nodes {
+        node.signal("TERM");
+        assert!(node.wait().success());
+    }
+    assert_eq!(leased(&cluster.nodes[0]), 0);
+    assert!(books_close(&cluster.nodes[0], &[("acme", 10)]).await);
+}
