@@ -26,6 +26,8 @@ use crate::proxy::{Proxy, Wiring};
 use crate::reload::Reloader;
 use crate::server::threads::{Socketed, Threads};
 use crate::server::{self, Listener};
+use crate::shared_limits::SharedLimits;
+use crate::store::pool::Pool;
 use crate::store::writer::{self, StoreWriter};
 use crate::store::{self, db::Db, ledger, snapshot};
 use crate::tls;
@@ -106,6 +108,9 @@ impl Core {
         let leaser = node
             .clone()
             .map(|node| Arc::new(Leaser::new(&config.store, &config.cluster, node)));
+        let shared_limits = node
+            .as_ref()
+            .map(|_| SharedLimits::new(Pool::new(&config.store)));
         let sweeper = leaser
             .as_ref()
             .map(|l| l.spawn_sweeper(Arc::clone(&registry)));
@@ -149,6 +154,7 @@ impl Core {
                 metrics: Arc::clone(&metrics),
                 refresh: refresher.waker(),
                 public_url,
+                shared_limits,
             },
         )?);
         Ok(Self {

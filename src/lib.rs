@@ -29,6 +29,7 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod reload;
 pub mod server;
+pub mod shared_limits;
 pub mod signin;
 pub mod store;
 pub mod tls;

@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::config::{Config, DEFAULT_PLAN};
 use crate::keys::{Account, ApiKey};
+use crate::shared_limits::SharedLimits;
+use std::sync::Arc;
 
 /// One limit: `burst` requests at once, then one every `interval_ns`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,9 +63,29 @@ impl Gcra {
         }
     }
 
+    pub fn interval_ns(&self) -> u64 {
+        self.interval_ns
+    }
+
     /// Largest lead TAT may have over `now` for a request to pass.
-    fn tolerance(&self) -> u64 {
+    pub fn tolerance(&self) -> u64 {
         (self.burst - 1) * self.interval_ns
+    }
+
+    /// A request allowed, TAT now `lead` ahead.
+    pub fn allowed(&self, lead: u64) -> Decision {
+        Decision::Allow {
+            remaining: (self.burst * self.interval_ns).saturating_sub(lead) / self.interval_ns,
+            reset_ns: lead,
+        }
+    }
+
+    /// A request refused, TAT `lead` ahead.
+    pub fn denied(&self, lead: u64) -> Decision {
+        Decision::Deny {
+            retry_after_ns: lead.saturating_sub(self.tolerance()),
+            reset_ns: lead,
+        }
     }
 
     /// Decides one request at `now` against the state in `tat`.
@@ -73,21 +95,11 @@ impl Gcra {
             let start = current.max(now);
             let lead = start - now;
             if lead > self.tolerance() {
-                return Decision::Deny {
-                    retry_after_ns: lead - self.tolerance(),
-                    reset_ns: lead,
-                };
+                return self.denied(lead);
             }
             let next = start + self.interval_ns;
             match tat.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => {
-                    let lead = next - now;
-                    return Decision::Allow {
-                        remaining: (self.burst * self.interval_ns).saturating_sub(lead)
-                            / self.interval_ns,
-                        reset_ns: lead,
-                    };
-                }
+                Ok(_) => return self.allowed(next - now),
                 Err(actual) => current = actual,
             }
         }
@@ -214,6 +226,12 @@ impl RateLimits {
             .expect("config validation guarantees the default plan")
     }
 
+    /// The key's plan: its requests per minute, the key's limit and the account's cap.
+    pub fn generation_limits(&self, key: &ApiKey) -> (u64, Gcra, Option<Gcra>) {
+        let plan = self.plan(key);
+        (plan.requests_per_minute, plan.key, plan.account)
+    }
+
     /// A request that starts work at fal: the key's limit, then the account's cap.
     pub fn generation(&self, key: &ApiKey, now: u64) -> Verdict {
         let plan = self.plan(key);
@@ -272,6 +290,8 @@ impl RateLimits {
 pub struct Allowance<'a> {
     limits: &'a RateLimits,
     key: &'a ApiKey,
+    /// Taken from the limits the nodes share, not this node's.
+    shared: Option<Arc<SharedLimits>>,
     spent: bool,
 }
 
@@ -281,6 +301,17 @@ impl<'a> Allowance<'a> {
         Self {
             limits,
             key,
+            shared: None,
+            spent: false,
+        }
+    }
+
+    /// For a request [`SharedLimits::generation`] allowed.
+    pub fn shared(limits: &'a RateLimits, key: &'a ApiKey, shared: Arc<SharedLimits>) -> Self {
+        Self {
+            limits,
+            key,
+            shared: Some(shared),
             spent: false,
         }
     }
@@ -293,8 +324,12 @@ impl<'a> Allowance<'a> {
 
 impl Drop for Allowance<'_> {
     fn drop(&mut self) {
-        if !self.spent {
-            self.limits.refund_generation(self.key);
+        if self.spent {
+            return;
+        }
+        match &self.shared {
+            Some(shared) => shared.refund(self.limits, self.key),
+            None => self.limits.refund_generation(self.key),
         }
     }
 }

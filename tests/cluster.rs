@@ -16,10 +16,15 @@ struct Cluster {
 
 /// `n` nodes on a fresh PostgreSQL, and a key of an account with `credits`.
 async fn cluster(n: usize, credits: i64) -> Cluster {
+    cluster_on_plans(n, credits, UNLIMITED_PLANS).await
+}
+
+async fn cluster_on_plans(n: usize, credits: i64, plans: &str) -> Cluster {
     let mock = MockFal::start(None).await.unwrap();
     let url = pg::database();
     let options = |i: usize| {
         let mut opts = Options::new(mock.url(false));
+        opts.plans = plans.to_owned();
         opts.store_url = Some(url.clone());
         opts.cluster = format!("[cluster]\nnode = \"node-{i}\"\nlease_credits = 10\n");
         opts
@@ -32,10 +37,15 @@ async fn cluster(n: usize, credits: i64) -> Cluster {
 
 /// `/mock/canned`: priced by the catch-all rule, 2 credits a request.
 async fn spread(cluster: &Cluster, requests: usize) -> Vec<u16> {
+    spread_keys(cluster, &[cluster.key.clone()], requests).await
+}
+
+/// `requests` at once, round the nodes and round `keys`.
+async fn spread_keys(cluster: &Cluster, keys: &[String], requests: usize) -> Vec<u16> {
     let calls: Vec<_> = (0..requests)
         .map(|i| {
             let url = cluster.nodes[i % cluster.nodes.len()].url("/mock/canned");
-            let key = cluster.key.clone();
+            let key = keys[i % keys.len()].clone();
             tokio::spawn(async move {
                 client()
                     .request(post(&url, Some(&key), "application/json", "{}"))
@@ -101,4 +111,42 @@ async fn unused_credit_goes_back_and_a_stopped_node_returns_its_lease() {
     }
     assert_eq!(leased(&cluster.nodes[0]), 0);
     assert!(books_close(&cluster.nodes[0], &[("acme", 10)]).await);
+}
+
+fn count(statuses: &[u16], status: u16) -> usize {
+    statuses.iter().filter(|&&s| s == status).count()
+}
+
+/// A key's 30 a minute hold across the nodes together, and so does an
+/// account's cap across its keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_hold_across_nodes() {
+    let plans = "[plans.free]\nrequests_per_minute = 30\n[plans.capped]\nrequests_per_minute = 1000\naccount_requests_per_minute = 30\n";
+    let cluster = cluster_on_plans(3, 100_000, plans).await;
+    let statuses = spread(&cluster, 100).await;
+    assert_eq!((count(&statuses, 200), count(&statuses, 429)), (30, 70));
+
+    let config = &cluster.nodes[0].config;
+    let first = create_key(config, "capped", 100_000);
+    assert!(cli(config, &["accounts", "plan", "capped", "capped"]).status.success());
+    let second = create_key(config, "capped", 0);
+    let keys = [first.clone(), second.clone()];
+    // Every node knows both keys and the plan before the burst.
+    for node in &cluster.nodes {
+        for key in &keys {
+            assert!(
+                eventually(Duration::from_secs(5), || async {
+                    let resp = client()
+                        .request(get(&node.url("/v1/account"), Some(key)))
+                        .await
+                        .unwrap();
+                    resp.status() == 200
+                })
+                .await
+            );
+        }
+    }
+    let statuses = spread_keys(&cluster, &keys, 100).await;
+    assert_eq!((count(&statuses, 200), count(&statuses, 429)), (30, 70));
+    assert!(books_close(&cluster.nodes[0], &[("acme", 60), ("capped", 60)]).await);
 }

@@ -8,63 +8,31 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use parking_lot::Mutex;
-
 use crate::config::{ClusterConfig, StoreConfig};
-use crate::error::{ApiError, Error};
+use crate::error::ApiError;
 use crate::keys::{Account, Registry};
-use crate::store::sql::Conn;
-use crate::store::{self, leases, now_ms};
+use crate::store::pool::Pool;
+use crate::store::{leases, now_ms};
 
-/// Connections kept for lease requests; more are opened while these are busy.
-const POOL: usize = 4;
 /// How often unused credit is looked for.
 const SWEEP: Duration = Duration::from_millis(200);
 
 pub struct Leaser {
-    store: StoreConfig,
-    node: String,
+    pool: Arc<Pool>,
+    node: Arc<str>,
     extra: i64,
     idle_ms: i64,
-    idle: Mutex<Vec<Conn>>,
 }
 
 impl Leaser {
     pub fn new(store: &StoreConfig, cluster: &ClusterConfig, node: String) -> Self {
         Self {
-            store: store.clone(),
-            node,
+            pool: Pool::new(store),
+            node: node.into(),
             extra: i64::try_from(cluster.lease_credits).unwrap_or(i64::MAX),
             idle_ms: i64::try_from(cluster.lease_idle_secs.saturating_mul(1000))
                 .unwrap_or(i64::MAX),
-            idle: Mutex::new(Vec::new()),
         }
-    }
-
-    /// Runs `f` on a pooled connection, on a blocking thread.
-    async fn with_conn<T, F>(self: &Arc<Self>, f: F) -> Result<T, Error>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Conn, &str) -> Result<T, Error> + Send + 'static,
-    {
-        let this = Arc::clone(self);
-        tokio::task::spawn_blocking(move || this.blocking(f))
-            .await
-            .map_err(|e| Error::Usage(format!("lease task failed: {e}")))?
-    }
-
-    fn blocking<T>(&self, f: impl FnOnce(&mut Conn, &str) -> Result<T, Error>) -> Result<T, Error> {
-        let taken = self.idle.lock().pop();
-        let mut conn = match taken {
-            Some(conn) => conn,
-            None => store::open(&self.store)?,
-        };
-        let result = f(&mut conn, &self.node);
-        let mut idle = self.idle.lock();
-        if idle.len() < POOL {
-            idle.push(conn);
-        }
-        result
     }
 
     /// Leases at least `need` more credits for `account`; false when the
@@ -76,24 +44,25 @@ impl Leaser {
         account: &Arc<Account>,
         need: i64,
     ) -> Result<bool, ApiError> {
-        let (account, extra) = (Arc::clone(account), self.extra);
-        self.with_conn(move |conn, node| {
-            let grant = leases::grant(conn, account.id, node, need, extra)?;
-            account.rebook(grant.balance);
-            if grant.credits > 0 {
-                account.add_leased(grant.credits);
-                account
-                    .scarce
-                    .store(grant.credits == need, Ordering::Release);
-                account.leased_at_ms.store(now_ms(), Ordering::Release);
-            }
-            Ok(grant.credits > 0)
-        })
-        .await
-        .map_err(|e| {
-            tracing::error!(error = %e, "cannot lease credit: refusing billable requests");
-            ApiError::LedgerUnavailable
-        })
+        let (account, extra, node) = (Arc::clone(account), self.extra, Arc::clone(&self.node));
+        self.pool
+            .run(move |conn| {
+                let grant = leases::grant(conn, account.id, &node, need, extra)?;
+                account.rebook(grant.balance);
+                if grant.credits > 0 {
+                    account.add_leased(grant.credits);
+                    account
+                        .scarce
+                        .store(grant.credits == need, Ordering::Release);
+                    account.leased_at_ms.store(now_ms(), Ordering::Release);
+                }
+                Ok(grant.credits > 0)
+            })
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot lease credit: refusing billable requests");
+                ApiError::LedgerUnavailable
+            })
     }
 
     /// Notes a hold on `account`: its lease is in use.
@@ -108,7 +77,10 @@ impl Leaser {
             return;
         }
         let id = account.id;
-        if let Err(e) = self.blocking(|conn, node| Ok(leases::give_back(conn, id, node, unused)?)) {
+        if let Err(e) = self
+            .pool
+            .blocking(|conn| Ok(leases::give_back(conn, id, &self.node, unused)?))
+        {
             // Kept, to spend or to give back at the next sweep.
             account.add_leased(unused);
             tracing::warn!(error = %e, "cannot give leased credit back");

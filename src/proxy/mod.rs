@@ -43,6 +43,7 @@ use crate::metrics::{Denial, Metrics};
 use crate::payments::checkout::Checkout;
 use crate::payments::{self, Webhook};
 use crate::ratelimit::{ceil_secs, Allowance, Decision, RateLimits, Verdict};
+use crate::shared_limits::SharedLimits;
 use crate::signin::SignIn;
 use crate::store::{db::Db, now_secs, writer::StoreWriter};
 use crate::upstream::{FalBody, Upstream};
@@ -76,6 +77,7 @@ pub struct Proxy {
     refresh: RefreshWaker,
     /// People's sign-in by email link, and their sessions.
     signin: SignIn,
+    shared_limits: Option<Arc<SharedLimits>>,
 }
 
 /// What the request's connection says about how the client reached us.
@@ -148,6 +150,8 @@ pub struct Wiring {
     pub refresh: RefreshWaker,
     /// The base of the links we email: `[signup] public_url`, or the listener's.
     pub public_url: String,
+    /// On a database several nodes share: the generation allowance is decided there.
+    pub shared_limits: Option<Arc<SharedLimits>>,
 }
 
 impl Proxy {
@@ -171,6 +175,7 @@ impl Proxy {
             checkout: Checkout::from_config(config)?,
             refresh: w.refresh,
             signin: SignIn::new(config, w.db.clone(), w.public_url)?,
+            shared_limits: w.shared_limits,
         })
     }
 
@@ -356,7 +361,7 @@ impl Proxy {
             .tariff(model)
             .ok_or_else(|| ApiError::UnpricedModel(model.to_owned()))?;
         trace.model = Some(Arc::clone(&tariff.rule.pattern));
-        let allowance = self.allow_generation(&tunables, key, trace)?;
+        let allowance = self.allow_generation(&tunables, key, trace).await?;
         let cheapest = tariff.cheapest();
         let available = key.account.available();
         // A node of several knows only its own lease: the hold asks for more.
@@ -432,13 +437,16 @@ impl Proxy {
     }
 
     /// The generation allowance, taken once per request; 429 when spent.
-    fn allow_generation<'a>(
+    async fn allow_generation<'a>(
         &self,
         tunables: &'a Tunables,
         key: &'a ApiKey,
         trace: &mut Trace,
     ) -> Result<Allowance<'a>, ApiError> {
-        let verdict = tunables.limits.generation(key, self.clock.now_ns());
+        let verdict = match &self.shared_limits {
+            Some(shared) => shared.generation(&tunables.limits, key).await?,
+            None => tunables.limits.generation(key, self.clock.now_ns()),
+        };
         trace.rate = Some(verdict);
         if let Decision::Deny { retry_after_ns, .. } = verdict.decision {
             let by = if verdict.by_account {
@@ -452,7 +460,10 @@ impl Proxy {
                 by_account: verdict.by_account,
             });
         }
-        Ok(Allowance::taken(&tunables.limits, key))
+        Ok(match &self.shared_limits {
+            Some(shared) => Allowance::shared(&tunables.limits, key, Arc::clone(shared)),
+            None => Allowance::taken(&tunables.limits, key),
+        })
     }
 
     /// The poll allowance: status, result, cancel, and storage calls.

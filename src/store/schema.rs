@@ -162,6 +162,12 @@ const MIGRATIONS: &[&str] = &[
         credits INTEGER NOT NULL,
         PRIMARY KEY (account_id, node)
     );",
+    // 14: rate limits several nodes share: a GCRA state per key or account
+    // (`k<id>`, `a<id>`), in nanoseconds of the database's clock.
+    "CREATE TABLE rate_limits (
+        subject TEXT PRIMARY KEY,
+        tat_ns INTEGER NOT NULL
+    );",
 ];
 
 /// Brings the schema up to date, in one transaction; nodes starting together
@@ -242,6 +248,7 @@ pub const TABLES: &[&str] = &[
     "sessions",
     "receipts",
     "leases",
+    "rate_limits",
 ];
 
 #[cfg(test)]
