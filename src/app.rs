@@ -105,9 +105,14 @@ impl Core {
         // milliseconds; one held longer means the ledger cannot be written,
         // and billable requests are refused until it can.
         conn.lock_wait(WRITER_BUSY_WAIT)?;
-        let leaser = node
-            .clone()
-            .map(|node| Arc::new(Leaser::new(&config.store, &config.cluster, node)));
+        let leaser = match node.clone() {
+            Some(node) => Some(Arc::new(Leaser::start(
+                &config.store,
+                &config.cluster,
+                node,
+            )?)),
+            None => None,
+        };
         let shared_limits = node
             .as_ref()
             .map(|_| SharedLimits::new(Pool::new(&config.store)));

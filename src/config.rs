@@ -338,6 +338,11 @@ pub struct ClusterConfig {
     /// Unused leased credit goes back after this long without a request
     /// for the account on this node.
     pub lease_idle_secs: u64,
+    /// A node not heard from for this long is taken for gone: a peer
+    /// charges its unsettled holds at their held amount and frees its
+    /// leases. A node that cannot reach the database for half of it stops
+    /// taking billable work first.
+    pub lease_ttl_secs: u64,
 }
 
 impl Default for ClusterConfig {
@@ -346,6 +351,7 @@ impl Default for ClusterConfig {
             node: None,
             lease_credits: 1000,
             lease_idle_secs: 3,
+            lease_ttl_secs: 10,
         }
     }
 }

@@ -26,7 +26,8 @@ async fn cluster_on_plans(n: usize, credits: i64, plans: &str) -> Cluster {
         let mut opts = Options::new(mock.url(false));
         opts.plans = plans.to_owned();
         opts.store_url = Some(url.clone());
-        opts.cluster = format!("[cluster]\nnode = \"node-{i}\"\nlease_credits = 10\n");
+        opts.cluster =
+            format!("[cluster]\nnode = \"node-{i}\"\nlease_credits = 10\nlease_ttl_secs = 2\n");
         opts
     };
     let (first, key) = Server::start_with_key(options(1), "acme", credits);
@@ -37,7 +38,7 @@ async fn cluster_on_plans(n: usize, credits: i64, plans: &str) -> Cluster {
 
 /// `/mock/canned`: priced by the catch-all rule, 2 credits a request.
 async fn spread(cluster: &Cluster, requests: usize) -> Vec<u16> {
-    spread_keys(cluster, &[cluster.key.clone()], requests).await
+    spread_keys(cluster, std::slice::from_ref(&cluster.key), requests).await
 }
 
 /// `requests` at once, round the nodes and round `keys`.
@@ -128,7 +129,9 @@ async fn rate_limits_hold_across_nodes() {
 
     let config = &cluster.nodes[0].config;
     let first = create_key(config, "capped", 100_000);
-    assert!(cli(config, &["accounts", "plan", "capped", "capped"]).status.success());
+    assert!(cli(config, &["accounts", "plan", "capped", "capped"])
+        .status
+        .success());
     let second = create_key(config, "capped", 0);
     let keys = [first.clone(), second.clone()];
     // Every node knows both keys and the plan before the burst.
@@ -149,4 +152,120 @@ async fn rate_limits_hold_across_nodes() {
     let statuses = spread_keys(&cluster, &keys, 100).await;
     assert_eq!((count(&statuses, 200), count(&statuses, 429)), (30, 70));
     assert!(books_close(&cluster.nodes[0], &[("acme", 60), ("capped", 60)]).await);
+}
+
+/// Rows of `sql`'s first column, as integers.
+fn number(server: &Server, sql: &str) -> i64 {
+    server.query(sql)[0].get(0).unwrap()
+}
+
+/// A node killed with requests in flight and left down: a peer charges its
+/// unsettled holds at their held amount and frees its lease, after the
+/// lease TTL (2 s here), and goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_left_down_is_taken_over_by_a_peer() {
+    let mut cluster = cluster(2, 1000).await;
+    let url = cluster.nodes[1].url("/mock/slow/5000");
+    let calls: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, key) = (url.clone(), cluster.key.clone());
+            tokio::spawn(async move {
+                let _ = client()
+                    .request(post(&url, Some(&key), "application/json", "{}"))
+                    .await;
+            })
+        })
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            number(
+                &cluster.nodes[0],
+                "SELECT COUNT(*) FROM holds WHERE node = 'node-2'",
+            ) == 4
+        })
+        .await,
+        "the holds never reached the database"
+    );
+    cluster.nodes[1].kill();
+    let first = &cluster.nodes[0];
+    for call in calls {
+        let _ = call.await;
+    }
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            number(first, "SELECT COUNT(*) FROM holds") == 0
+                && number(
+                    first,
+                    "SELECT CAST(COALESCE(SUM(credits), 0) AS BIGINT) FROM leases WHERE node = 'node-2'",
+                ) == 0
+        })
+        .await,
+        "the silent node's holds and lease were never taken over"
+    );
+    assert!(books_close(first, &[("acme", 8)]).await);
+    let served = spread_to(first, &cluster.key, 3).await;
+    assert_eq!(served, [200; 3]);
+    assert!(books_close(first, &[("acme", 14)]).await);
+}
+
+/// A node killed mid-load and started again settles its own holds: every
+/// request fal served is charged, nothing twice, and the books close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_load_recovers_on_restart() {
+    let mut cluster = cluster(2, 10_000).await;
+    let load = tokio::spawn({
+        let urls: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| n.url("/mock/canned"))
+            .collect();
+        let key = cluster.key.clone();
+        async move {
+            let calls: Vec<_> = (0..60)
+                .map(|i| {
+                    let (url, key) = (urls[i % 2].clone(), key.clone());
+                    tokio::spawn(async move {
+                        let _ = client()
+                            .request(post(&url, Some(&key), "application/json", "{}"))
+                            .await;
+                    })
+                })
+                .collect();
+            for call in calls {
+                let _ = call.await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    cluster.nodes[1].kill();
+    load.await.unwrap();
+    cluster.nodes[1].restart();
+    let served = served(&cluster) as i64;
+    let first = &cluster.nodes[0];
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let b = books(first)[0].1;
+            b.balance() && b.charged % 2 == 0 && (2 * served..=120).contains(&b.charged)
+        })
+        .await,
+        "served {served}: {:?}",
+        books(first)
+    );
+}
+
+async fn spread_to(node: &Server, key: &str, requests: usize) -> Vec<u16> {
+    let mut statuses = Vec::new();
+    for _ in 0..requests {
+        let resp = client()
+            .request(post(
+                &node.url("/mock/canned"),
+                Some(key),
+                "application/json",
+                "{}",
+            ))
+            .await
+            .unwrap();
+        statuses.push(resp.status().as_u16());
+    }
+    statuses
 }

@@ -71,7 +71,12 @@ async fn a_sqlite_database_migrates_to_postgres_exactly() {
         .replace("[store]\n", &format!("[store]\nurl = {url:?}\n"));
     std::fs::write(&pg_config, text).unwrap();
     let copy = Server::start_config(tempfile::tempdir().unwrap(), pg_config.clone());
-    for table in abhiapi::store::TABLES {
+    // What the copy's own node writes as it starts (its liveness, leases
+    // and shared limits) is its own, not the copy's.
+    let copied = abhiapi::store::TABLES
+        .iter()
+        .filter(|t| !["nodes", "leases", "rate_limits"].contains(t));
+    for table in copied {
         let all = format!("SELECT * FROM {table} ORDER BY 1");
         assert_eq!(server.query(&all), copy.query(&all), "{table}");
     }

@@ -145,6 +145,9 @@ impl Ledger {
         let Some(leaser) = &self.leaser else {
             return account.try_hold(credits).map_err(insufficient);
         };
+        if leaser.fenced() {
+            return Err(ApiError::LedgerUnavailable);
+        }
         // Another request on this node may spend what was just leased: a
         // few rounds, each leasing what is still missing.
         for _ in 0..3 {

@@ -10,6 +10,7 @@ pub mod leases;
 pub mod ledger;
 pub mod limits;
 pub mod lock;
+pub mod nodes;
 pub mod payments;
 pub mod pool;
 pub mod postgres;

@@ -168,6 +168,13 @@ const MIGRATIONS: &[&str] = &[
         subject TEXT PRIMARY KEY,
         tat_ns INTEGER NOT NULL
     );",
+    // 15: the nodes of a shared database, each heard from every second.
+    // `epoch` moves when a peer takes a silent node's holds and leases over.
+    "CREATE TABLE nodes (
+        name TEXT PRIMARY KEY,
+        seen_at_ms INTEGER NOT NULL,
+        epoch INTEGER NOT NULL DEFAULT 0
+    );",
 ];
 
 /// Brings the schema up to date, in one transaction; nodes starting together
@@ -249,6 +256,7 @@ pub const TABLES: &[&str] = &[
     "receipts",
     "leases",
     "rate_limits",
+    "nodes",
 ];
 
 #[cfg(test)]
