@@ -74,11 +74,8 @@ impl Core {
     ) -> Result<Self, Error> {
         let mut conn = store::open(&config.store)?;
         // On a shared database this node leases what it spends, under its name.
-        let node = config
-            .store
-            .url
-            .as_ref()
-            .map(|_| config.cluster.node_name());
+        let node_name = config.cluster.node_name();
+        let node = config.store.url.as_ref().map(|_| node_name.clone());
         recover_holds(&mut conn, &config.store.journal_dir(), node.as_deref())?;
         let journal = Arc::new(Journal::open(
             &config.store.journal_dir(),
@@ -144,6 +141,7 @@ impl Core {
             Arc::clone(&ledger),
             writer.clone(),
             Retention::of(&config.queue),
+            config.store.url.as_ref().map(|_| node_name.as_str()),
         )?);
         let db = Db::open(&config.store)?;
         let proxy = Arc::new(Proxy::new(

@@ -215,14 +215,18 @@ pub fn run_admin(config: &Config, command: Command) -> Result<String, Error> {
         Command::Accounts(AccountsCommand::Show { name }) => {
             let a = admin::account(&mut conn, &name)?;
             let held = ledger::held(&mut conn, a.id)?;
+            let leased = store::leases::leased(&mut conn, a.id)?;
+            // A node's holds are spent from its lease: what is free is the
+            // balance less the larger of the two.
             format!(
-                "account   {}\nplan      {}\nstate     {}\nbalance   {} credits\nheld      {} credits\navailable {} credits",
+                "account   {}\nplan      {}\nstate     {}\nbalance   {} credits\nleased    {} credits (to nodes)\nheld      {} credits (by requests in flight)\navailable {} credits",
                 a.name,
                 a.plan,
                 if a.suspended { "suspended" } else { "active" },
                 a.balance,
+                leased,
                 held,
-                a.balance - held
+                a.balance - held.max(leased)
             )
         }
         Command::Accounts(AccountsCommand::Plan { name, plan }) => {

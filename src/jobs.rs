@@ -22,7 +22,13 @@ use crate::store::writer::{StoreWriter, WriteOp};
 
 enum JobState {
     Pending(Hold),
-    Ended { settled: Settled, at_ms: i64 },
+    Ended {
+        settled: Settled,
+        at_ms: i64,
+    },
+    /// Pending on another node of a shared database, which holds its
+    /// credits and settles it: here it is only passed through to fal.
+    Foreign,
 }
 
 /// What `std::mem::take` leaves for the moment a pending hold is taken out to be settled.
@@ -88,10 +94,15 @@ impl Job {
         matches!(*self.state.lock(), JobState::Pending(_))
     }
 
+    /// Another node's pending job: passed through, never settled here.
+    pub fn is_foreign(&self) -> bool {
+        matches!(*self.state.lock(), JobState::Foreign)
+    }
+
     /// When it ended; `None` while pending.
     fn ended_at_ms(&self) -> Option<i64> {
         match *self.state.lock() {
-            JobState::Pending(_) => None,
+            JobState::Pending(_) | JobState::Foreign => None,
             JobState::Ended { at_ms, .. } => Some(at_ms),
         }
     }
@@ -115,6 +126,8 @@ pub struct Jobs {
     ledger: Arc<Ledger>,
     writer: StoreWriter,
     retention: Retention,
+    /// The database is shared with other nodes, whose jobs may be asked for here.
+    shared: bool,
 }
 
 impl Jobs {
@@ -126,10 +139,11 @@ impl Jobs {
         ledger: Arc<Ledger>,
         writer: StoreWriter,
         retention: Retention,
+        node: Option<&str>,
     ) -> Result<Self, Error> {
         let by_id = DashMap::new();
         let since_ms = retention.readable_since(now_ms());
-        for stored in jobs::load(conn, since_ms, retention.max_ended_in_memory)? {
+        for stored in jobs::load(conn, since_ms, retention.max_ended_in_memory, node)? {
             let r = &stored.record;
             let Some(account) = registry.account(r.hold.account_id) else {
                 continue;
@@ -151,6 +165,7 @@ impl Jobs {
             ledger,
             writer,
             retention,
+            shared: node.is_some(),
         })
     }
 
@@ -159,12 +174,17 @@ impl Jobs {
     }
 
     /// A job read back from the store because memory no longer keeps it:
-    /// an ended one, seen as it ended. One the store still has pending is
-    /// an end not yet committed (every pending job is in memory), and is
+    /// an ended one, seen as it ended. One the store still has pending is,
+    /// on a shared database, another node's (every pending job of this
+    /// node is in memory); on a single node, an end not yet committed,
     /// refused for now rather than held again.
     pub fn from_store(&self, stored: StoredJob) -> Result<Arc<Job>, ApiError> {
-        let end = stored.ended.ok_or(ApiError::LedgerUnavailable)?;
-        Ok(Arc::new(job(stored, ended(end))))
+        let state = match stored.ended {
+            Some(end) => ended(end),
+            None if self.shared => JobState::Foreign,
+            None => return Err(ApiError::LedgerUnavailable),
+        };
+        Ok(Arc::new(job(stored, state)))
     }
 
     /// Records a job fal accepted; from now on it owns `hold`.
@@ -283,6 +303,11 @@ impl Jobs {
             JobState::Ended { settled, at_ms } => {
                 *state = JobState::Ended { settled, at_ms };
                 return settled;
+            }
+            // Its node settles it; the queue passes it through unpriced.
+            JobState::Foreign => {
+                *state = JobState::Foreign;
+                return Settled::default();
             }
         };
         let settled = match end {

@@ -6,6 +6,7 @@ mod support;
 
 use std::time::Duration;
 
+use simd_json::prelude::*;
 use support::*;
 
 struct Cluster {
@@ -25,6 +26,7 @@ async fn cluster_on_plans(n: usize, credits: i64, plans: &str) -> Cluster {
     let options = |i: usize| {
         let mut opts = Options::new(mock.url(false));
         opts.plans = plans.to_owned();
+        opts.reconcile_interval_secs = 1;
         opts.store_url = Some(url.clone());
         opts.cluster =
             format!("[cluster]\nnode = \"node-{i}\"\nlease_credits = 10\nlease_ttl_secs = 2\n");
@@ -268,4 +270,72 @@ async fn spread_to(node: &Server, key: &str, requests: usize) -> Vec<u16> {
         statuses.push(resp.status().as_u16());
     }
     statuses
+}
+
+/// A job submitted through one node is polled through another and fetched
+/// through a third, by its owner only, and charged once: by the node that
+/// holds its credits, when it reads the result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_belongs_to_the_cluster() {
+    let mut cluster = cluster(3, 1000).await;
+    let key = &cluster.key;
+    let resp = call(&cluster.nodes[0], key, "/queue/fal-ai/flux/dev", "{}").await;
+    assert_eq!(resp.status(), 200);
+    let fal_id = json(&body(resp).await)
+        .get_str("request_id")
+        .unwrap()
+        .to_owned();
+    let status = format!("/fal-ai/queue/requests/{fal_id}");
+    let result = format!("/queue/fal-ai/flux/requests/{fal_id}");
+    // Seen by the other nodes once its node's writer has committed it.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            [200, 202].contains(&get_on(&cluster.nodes[1], &status, key).await)
+        })
+        .await
+    );
+    // A node that starts again takes up its own pending jobs, not this one.
+    cluster.nodes[1].restart();
+    let stranger = create_key(&cluster.nodes[0].config, "stranger", 10);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            get_on(&cluster.nodes[1], &result, &stranger).await != 401
+        })
+        .await
+    );
+    assert_eq!(get_on(&cluster.nodes[1], &status, &stranger).await, 404);
+    assert_eq!(get_on(&cluster.nodes[2], &result, &stranger).await, 404);
+    let mut fetched = false;
+    for _ in 0..10 {
+        let _ = get_on(&cluster.nodes[1], &status, key).await;
+        if get_on(&cluster.nodes[2], &result, key).await == 200 {
+            fetched = true;
+            break;
+        }
+    }
+    assert!(fetched, "the result never came through node 3");
+    assert_eq!(get_on(&cluster.nodes[2], &result, key).await, 200);
+    assert!(books_close(&cluster.nodes[0], &[("acme", 28)]).await);
+    // Charged from the lease of the node that held it, no other: once idle,
+    // every lease is given back whole.
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            number(
+                &cluster.nodes[0],
+                "SELECT COUNT(*) FROM leases WHERE credits <> 0",
+            ) == 0
+        })
+        .await,
+        "credit stranded in a lease"
+    );
+}
+
+/// The status of a GET of `path` through `node` with `key`.
+async fn get_on(node: &Server, path: &str, key: &str) -> u16 {
+    client()
+        .request(get(&node.url(path), Some(key)))
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
 }

@@ -297,6 +297,9 @@ impl Proxy {
         let (mut parts, incoming) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
         let limit = self.tunables.load().max_json_response_bytes;
+        // Another node's job: its node prices and settles it (its reconciler
+        // reads the result from fal), so here fal's answer only passes through.
+        let foreign = job.is_foreign();
         match action {
             // Server-sent events go through as they come, never buffered.
             Action::StatusStream => Ok(Response::from_parts(parts, Body::Answer(incoming))),
@@ -308,10 +311,14 @@ impl Proxy {
                     return Ok(Response::from_parts(parts, Body::Answer(incoming)));
                 }
                 let bytes = whole(incoming, limit, self.upstream.timeout()).await?;
-                self.observe_status(job, status, &bytes);
+                if !foreign {
+                    self.observe_status(job, status, &bytes);
+                }
                 Ok(rewritten(parts, &bytes, self.upstream.queue_base(), base))
             }
-            Action::Result if !fetched => Ok(Response::from_parts(parts, Body::Answer(incoming))),
+            Action::Result if !fetched || foreign => {
+                Ok(Response::from_parts(parts, Body::Answer(incoming)))
+            }
             Action::Result if !status.is_success() => {
                 // No result: not ready yet, or the job ended without one
                 // (cancelled, failed). Only fal's status tells which.

@@ -125,13 +125,25 @@ const SELECT: &str =
 
 /// Every pending job, and the `ended_limit` most recent ended ones created
 /// since `since_ms`.
+/// On a database several nodes share, the pending jobs are `node`'s only:
+/// another node's hold is that node's to settle.
 pub fn load(
     conn: &mut dyn Sql,
     since_ms: i64,
     ended_limit: usize,
+    node: Option<&str>,
 ) -> Result<Vec<StoredJob>, StoreError> {
     let limit = i64::try_from(ended_limit).unwrap_or(i64::MAX);
-    let mut rows = conn.rows(&format!("{SELECT} WHERE j.state = 'pending'"), &[])?;
+    let mut rows = match node {
+        None => conn.rows(&format!("{SELECT} WHERE j.state = 'pending'"), &[])?,
+        Some(node) => conn.rows(
+            &format!(
+                "{SELECT} WHERE j.state = 'pending'
+                   AND EXISTS (SELECT 1 FROM holds h WHERE h.id = j.hold_id AND h.node = ?1)"
+            ),
+            args![node],
+        )?,
+    };
     rows.extend(conn.rows(
         &format!(
             "{SELECT} WHERE j.created_at_ms >= ?1 AND j.state <> 'pending'

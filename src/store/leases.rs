@@ -84,3 +84,11 @@ pub fn give_back(
     )?;
     Ok(())
 }
+
+/// Credits of the account leased to nodes now (0 on a single node).
+pub fn leased(conn: &mut dyn Sql, account_id: i64) -> Result<i64, StoreError> {
+    conn.value(
+        "SELECT CAST(COALESCE(SUM(credits), 0) AS BIGINT) FROM leases WHERE account_id = ?1",
+        args![account_id],
+    )
+}

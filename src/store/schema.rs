@@ -290,7 +290,7 @@ mod tests {
         let tariff = PriceTable::new(&config.billing, &config.pricing)
             .unwrap()
             .tariff("fal-ai/flux/dev");
-        let mut record = jobs::load(&mut conn, 0, usize::MAX)
+        let mut record = jobs::load(&mut conn, 0, usize::MAX, None)
             .unwrap()
             .remove(0)
             .record;
@@ -302,7 +302,7 @@ mod tests {
         let mut tx = conn.transaction(Mode::Plain).unwrap();
         jobs::insert(&mut tx, &record).unwrap();
         tx.commit().unwrap();
-        let loaded = jobs::load(&mut conn, 0, usize::MAX).unwrap();
+        let loaded = jobs::load(&mut conn, 0, usize::MAX, None).unwrap();
         let new = loaded
             .iter()
             .find(|j| j.record.request_id == "new")
