@@ -115,7 +115,7 @@ impl Core {
             .map(|_| SharedLimits::new(Pool::new(&config.store)));
         let sweeper = leaser
             .as_ref()
-            .map(|l| l.spawn_sweeper(Arc::clone(&registry)));
+            .map(|l| l.spawn_sweeper(&config.store, Arc::clone(&registry)));
         let node = node.map(|name| {
             let registry = Arc::clone(&registry);
             writer::Node {

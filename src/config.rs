@@ -329,8 +329,8 @@ impl Default for UpstreamConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
     /// This node's name, unique among the nodes and the same across its
-    /// restarts (its holds and leases are recorded under it). Default: the
-    /// host's name.
+    /// restarts (its holds and leases are recorded under it); required
+    /// with `[store] url` (a host's name may change with each restart).
     pub node: Option<String>,
     /// Credits a node leases beyond what a request needs, while the account
     /// has plenty; when it has less, a node leases per request.
@@ -357,18 +357,9 @@ impl Default for ClusterConfig {
 }
 
 impl ClusterConfig {
-    /// This node's name: configured, else the host's.
+    /// This node's name (empty on a single node, which needs none).
     pub fn node_name(&self) -> String {
-        self.node.clone().unwrap_or_else(|| {
-            let mut buf = [0u8; 256];
-            // SAFETY: gethostname writes at most `buf.len()` bytes into our buffer.
-            let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
-            let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-            match ok {
-                true => String::from_utf8_lossy(&buf[..end]).into_owned(),
-                false => "node".into(),
-            }
-        })
+        self.node.clone().unwrap_or_default()
     }
 }
 
@@ -564,6 +555,18 @@ impl Config {
                 .map_err(|e| Error::Config(format!("[signup] public_url: {e}")))?;
         }
         if let Some(url) = &self.store.url {
+            if self
+                .cluster
+                .node
+                .as_deref()
+                .is_none_or(|n| n.trim().is_empty())
+            {
+                return Err(Error::Config(
+                    "[cluster] node is required with [store] url: a name unique among the nodes, \
+                     the same across restarts"
+                        .into(),
+                ));
+            }
             let scheme = url.starts_with("postgres://") || url.starts_with("postgresql://");
             let parsed = <postgres::Config as std::str::FromStr>::from_str(url);
             if let (false, _) | (_, Err(_)) = (scheme, &parsed) {

@@ -26,6 +26,10 @@ async fn cluster_on_plans(n: usize, credits: i64, plans: &str) -> Cluster {
     let options = |i: usize| {
         let mut opts = Options::new(mock.url(false));
         opts.plans = plans.to_owned();
+        // The mock's upscaler answers 4 MP whatever it was asked: a cost above its hold.
+        opts.pricing = format!(
+            "{TEST_PRICING}\n[[pricing]]\nmodel = \"fal-ai/upscale/*\"\nunit = \"megapixel\"\nusd = 0.01\n"
+        );
         opts.reconcile_interval_secs = 1;
         opts.store_url = Some(url.clone());
         opts.cluster =
@@ -338,4 +342,31 @@ async fn get_on(node: &Server, path: &str, key: &str) -> u16 {
         .unwrap()
         .status()
         .as_u16()
+}
+
+/// A cost above its hold comes out of the account's free credit once, not
+/// out of the node's lease as well: the other nodes can then spend only
+/// what is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cost_above_its_hold_is_not_spent_twice() {
+    let cluster = cluster(2, 60).await;
+    // Held 1 MP (11 credits), charged 4 MP (44): the balance is 16.
+    let resp = call(
+        &cluster.nodes[0],
+        &cluster.key,
+        "/fal-ai/upscale/x",
+        r#"{"image_size":{"width":1024,"height":1024}}"#,
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            leased(&cluster.nodes[0]) == 0
+        })
+        .await,
+        "node 1's lease was never given back whole"
+    );
+    let statuses = spread_to(&cluster.nodes[1], &cluster.key, 10).await;
+    assert_eq!(count(&statuses, 200), 8, "{statuses:?}");
+    assert!(books_close(&cluster.nodes[0], &[("acme", 44 + 16)]).await);
 }

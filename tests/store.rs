@@ -68,7 +68,8 @@ async fn a_sqlite_database_migrates_to_postgres_exactly() {
     let pg_config = server.dir.path().join("pg.toml");
     let text = std::fs::read_to_string(&server.config)
         .unwrap()
-        .replace("[store]\n", &format!("[store]\nurl = {url:?}\n"));
+        .replace("[store]\n", &format!("[store]\nurl = {url:?}\n"))
+        + "\n[cluster]\nnode = \"copy\"\n";
     std::fs::write(&pg_config, text).unwrap();
     let copy = Server::start_config(tempfile::tempdir().unwrap(), pg_config.clone());
     // What the copy's own node writes as it starts (its liveness, leases

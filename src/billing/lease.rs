@@ -2,19 +2,24 @@
 //! (`store::leases`): a hold is still one compare-exchange in memory; when
 //! the lease runs short, one round trip to the database leases more, and
 //! what goes unused goes back, so no node strands what another could spend.
+//!
+//! A node is heard from every second (`store::nodes`). One not heard for
+//! the lease TTL is taken over by a peer, which frees its leases; so a node
+//! the database has not heard for half the TTL stops spending first, and
+//! every lease and give-back checks that the node's epoch (moved by a
+//! takeover) is still the one it knows.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
-
 use crate::config::{ClusterConfig, StoreConfig};
 use crate::error::{ApiError, Error};
 use crate::keys::{Account, Registry};
 use crate::store::pool::Pool;
-use crate::store::{leases, nodes, now_ms};
+use crate::store::sql::Conn;
+use crate::store::{self, leases, nodes, now_ms};
 
 /// How often unused credit is looked for.
 const SWEEP: Duration = Duration::from_millis(200);
@@ -29,15 +34,16 @@ pub struct Leaser {
     ttl: Duration,
     /// This node's epoch: a peer that took it over moved the database's.
     epoch: AtomicI64,
-    /// The last time the database heard this node.
-    heard: Mutex<Instant>,
-    /// Not heard for half the TTL: a peer may soon take this node over, so
-    /// it takes no billable work until it is heard again.
-    fenced: AtomicBool,
+    /// Milliseconds since `origin` at which the last heartbeat the
+    /// database answered was sent.
+    heard_ms: AtomicI64,
+    origin: Instant,
 }
 
 impl Leaser {
-    /// Joins the nodes of the database (after this node's own recovery).
+    /// Joins the nodes of the database (after this node's own recovery),
+    /// in a new epoch: an earlier process under this name, if one somehow
+    /// still runs, learns at its next heartbeat that it must stop spending.
     pub fn start(
         store: &StoreConfig,
         cluster: &ClusterConfig,
@@ -53,70 +59,45 @@ impl Leaser {
                 .unwrap_or(i64::MAX),
             ttl: Duration::from_secs(cluster.lease_ttl_secs.max(1)),
             epoch: AtomicI64::new(epoch),
-            heard: Mutex::new(Instant::now()),
-            fenced: AtomicBool::new(false),
+            heard_ms: AtomicI64::new(0),
+            origin: Instant::now(),
         })
     }
 
-    /// True while this node must not spend: see `fenced`.
-    pub fn fenced(&self) -> bool {
-        self.fenced.load(Ordering::Acquire)
+    pub fn epoch(&self) -> i64 {
+        self.epoch.load(Ordering::Acquire)
     }
 
-    /// Says this node is alive, and takes over peers silent past the TTL.
-    /// A node that learns it was taken over drops what it had leased (the
-    /// peer freed it); one the database has not heard for half the TTL
-    /// fences itself.
-    fn beat(&self, registry: &Registry) {
-        let beat = self
-            .pool
-            .blocking(|conn| Ok(nodes::heartbeat(conn, &self.node)?));
-        match beat {
-            Ok(epoch) => {
-                *self.heard.lock() = Instant::now();
-                if self.epoch.swap(epoch, Ordering::AcqRel) != epoch {
-                    tracing::error!(
-                        "a peer took this node over while it was silent: its leases are gone"
-                    );
-                    for account in registry.accounts() {
-                        account.take_unused();
-                    }
-                }
-                self.fenced.store(false, Ordering::Release);
-            }
-            Err(e) => {
-                if self.heard.lock().elapsed() >= self.ttl / 2
-                    && !self.fenced.swap(true, Ordering::AcqRel)
-                {
-                    tracing::error!(error = %e, "the database has not heard this node for half the lease TTL: refusing billable requests");
-                }
-                return;
-            }
-        }
-        let ttl_ms = i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX);
-        let taken = self
-            .pool
-            .blocking(|conn| Ok(nodes::take_over_silent(conn, &self.node, ttl_ms, now_ms())?));
-        if let Err(e) = taken {
-            tracing::warn!(error = %e, "cannot take silent nodes over");
-        }
+    fn elapsed_ms(&self) -> i64 {
+        i64::try_from(self.origin.elapsed().as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// The database has not heard this node for half the TTL (however the
+    /// heartbeat failed or hung): a peer may soon take it over, so it
+    /// spends nothing until it is heard again.
+    pub fn fenced(&self) -> bool {
+        let half = i64::try_from(self.ttl.as_millis() / 2).unwrap_or(i64::MAX);
+        self.elapsed_ms() - self.heard_ms.load(Ordering::Acquire) >= half
     }
 
     /// Leases at least `need` more credits for `account`; false when the
     /// account has not that much free. 503 while the database cannot be
-    /// reached. The credit reaches memory on the blocking thread, with the
-    /// database's answer: a client that leaves meanwhile strands nothing.
+    /// reached or the node was taken over. The credit reaches memory on the
+    /// blocking thread, with the database's answer: a client that leaves
+    /// meanwhile strands nothing.
     pub async fn lease(
         self: &Arc<Self>,
         account: &Arc<Account>,
         need: i64,
     ) -> Result<bool, ApiError> {
-        let (account, extra, node) = (Arc::clone(account), self.extra, Arc::clone(&self.node));
+        let this = Arc::clone(self);
+        let account = Arc::clone(account);
         self.pool
             .run(move |conn| {
-                let grant = leases::grant(conn, account.id, &node, need, extra)?;
+                let epoch = this.epoch();
+                let grant = leases::grant(conn, account.id, &this.node, epoch, need, this.extra)?;
                 account.rebook(grant.balance);
-                if grant.credits > 0 {
+                if grant.credits > 0 && this.epoch() == epoch {
                     account.add_leased(grant.credits);
                     account
                         .scarce
@@ -137,38 +118,87 @@ impl Leaser {
         account.leased_at_ms.store(now_ms(), Ordering::Release);
     }
 
-    /// Gives back what `account` has unused on this node.
+    /// Gives back what `account` has unused on this node. Should the
+    /// answer be lost, the credit is not spent again here: it stays leased
+    /// in the database until this node starts again or is taken over.
     fn give_back(&self, account: &Account) {
         let unused = account.take_unused();
         if unused == 0 {
             return;
         }
-        let id = account.id;
-        if let Err(e) = self
+        let (id, epoch) = (account.id, self.epoch());
+        let given = self
             .pool
-            .blocking(|conn| Ok(leases::give_back(conn, id, &self.node, unused)?))
-        {
-            // Kept, to spend or to give back at the next sweep.
-            account.add_leased(unused);
-            tracing::warn!(error = %e, "cannot give leased credit back");
+            .blocking(|conn| Ok(leases::give_back(conn, id, &self.node, epoch, unused)?));
+        if let Err(e) = given {
+            tracing::warn!(error = %e, credits = unused, "cannot give leased credit back: it stays leased");
         }
     }
 
-    /// A thread that gives back unused credit: at once where the account is
-    /// scarce and nothing is held, else after `lease_idle_secs` without a lease.
-    pub fn spawn_sweeper(self: &Arc<Self>, registry: Arc<Registry>) -> Sweeper {
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (this, stopping) = (Arc::clone(self), Arc::clone(&stop));
-        let handle = std::thread::Builder::new()
+    /// Says this node is alive, and takes over peers silent past the TTL. A
+    /// node that learns it was taken over drops what it had leased (the
+    /// peer freed it). On its own connection: a busy pool cannot delay it.
+    fn beat(&self, conn: &mut Option<Conn>, store: &StoreConfig, registry: &Registry) {
+        let sent = self.elapsed_ms();
+        let conn = match conn {
+            Some(conn) => conn,
+            None => match store::connect(store) {
+                Ok(c) => conn.insert(c),
+                Err(e) => return tracing::warn!(error = %e, "heartbeat: cannot connect"),
+            },
+        };
+        match nodes::heartbeat(conn, &self.node) {
+            Ok(epoch) => {
+                if self.epoch.swap(epoch, Ordering::AcqRel) != epoch {
+                    tracing::error!(
+                        "a peer took this node over while it was silent: its leases are gone"
+                    );
+                    for account in registry.accounts() {
+                        account.take_unused();
+                    }
+                }
+                self.heard_ms.store(sent, Ordering::Release);
+            }
+            Err(e) => {
+                if self.fenced() {
+                    tracing::error!(error = %e, "the database has not heard this node for half the lease TTL: refusing billable requests");
+                }
+                return;
+            }
+        }
+        let ttl_ms = i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX);
+        if let Err(e) = nodes::take_over_silent(conn, &self.node, ttl_ms, now_ms()) {
+            tracing::warn!(error = %e, "cannot take silent nodes over");
+        }
+    }
+
+    /// Two threads: the heartbeat, and the sweeper that gives back unused
+    /// credit (at once where the account is scarce and nothing is held, else
+    /// after `lease_idle_secs` without a lease, and all of it on stop).
+    pub fn spawn_sweeper(
+        self: &Arc<Self>,
+        store: &StoreConfig,
+        registry: Arc<Registry>,
+    ) -> Sweeper {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (this, stopping, beating) =
+            (Arc::clone(self), Arc::clone(&stop), Arc::clone(&registry));
+        let (store, beater, beat_stop) = (store.clone(), Arc::clone(self), Arc::clone(&stop));
+        let heartbeat = std::thread::Builder::new()
+            .name("heartbeat".into())
+            .spawn(move || {
+                let mut conn = None;
+                while !beat_stop.load(Ordering::Acquire) {
+                    beater.beat(&mut conn, &store, &beating);
+                    std::thread::park_timeout(BEAT);
+                }
+            })
+            .expect("spawn the heartbeat");
+        let sweeper = std::thread::Builder::new()
             .name("lease-sweeper".into())
             .spawn(move || {
-                let mut beat_at = Instant::now();
                 while !stopping.load(Ordering::Acquire) {
                     std::thread::park_timeout(SWEEP);
-                    if beat_at.elapsed() >= BEAT {
-                        this.beat(&registry);
-                        beat_at = Instant::now();
-                    }
                     let now = now_ms();
                     for account in registry.accounts() {
                         let idle =
@@ -179,26 +209,30 @@ impl Leaser {
                         }
                     }
                 }
-                // Stopping: everything unused goes back.
                 for account in registry.accounts() {
                     this.give_back(&account);
                 }
             })
             .expect("spawn the lease sweeper");
-        Sweeper { stop, handle }
+        Sweeper {
+            stop,
+            threads: [heartbeat, sweeper],
+        }
     }
 }
 
 pub struct Sweeper {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    handle: JoinHandle<()>,
+    stop: Arc<AtomicBool>,
+    threads: [JoinHandle<()>; 2],
 }
 
 impl Sweeper {
     /// Gives back every unused credit and stops.
     pub fn stop(self) {
         self.stop.store(true, Ordering::Release);
-        self.handle.thread().unpark();
-        let _ = self.handle.join();
+        for thread in self.threads {
+            thread.thread().unpark();
+            let _ = thread.join();
+        }
     }
 }

@@ -46,6 +46,10 @@ pub struct Hold {
     pub record: HoldRecord,
     /// What was held, and the units it stands for.
     pub estimate: Quote,
+    /// On a shared database, the node's epoch when it was taken: if a peer
+    /// has taken the node over since, the lease it came from is gone, and
+    /// what it did not cost goes back to no lease.
+    epoch: i64,
 }
 
 const NOTHING: Quote = Quote {
@@ -122,6 +126,7 @@ impl Ledger {
                 account,
                 record,
                 estimate,
+                epoch: self.epoch(),
             }),
             answered: false,
         };
@@ -211,7 +216,13 @@ impl Ledger {
             account,
             record,
             estimate,
+            epoch: self.epoch(),
         }
+    }
+
+    /// This node's epoch on a shared database (0 on a single node).
+    fn epoch(&self) -> i64 {
+        self.leaser.as_ref().map_or(0, |l| l.epoch())
     }
 
     /// Charges `actual` for a hold whose work fal did.
@@ -235,7 +246,12 @@ impl Ledger {
     ) -> Settled {
         let held = hold.record.credits as i64;
         let cost = i64::try_from(quote.credits).unwrap_or(i64::MAX);
-        let shortfall = hold.account.settle(held, cost);
+        let shortfall = match &self.leaser {
+            Some(leaser) => hold
+                .account
+                .settle_leased(held, cost, leaser.epoch() == hold.epoch),
+            None => hold.account.settle(held, cost),
+        };
         self.metrics.hold_closed();
         self.metrics.charged(quote.credits, shortfall as u64);
         if shortfall > 0 {

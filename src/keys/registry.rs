@@ -146,8 +146,7 @@ impl Account {
     /// balance below zero (the shortfall), for usage and metrics.
     pub fn settle(&self, held: i64, cost: i64) -> i64 {
         if self.leasing {
-            self.booked.fetch_sub(cost, Ordering::AcqRel);
-            self.unflushed.fetch_add(cost, Ordering::AcqRel);
+            return self.settle_leased(held, cost, true);
         }
         self.held.fetch_sub(held, Ordering::AcqRel);
         let delta = held - cost;
@@ -156,6 +155,25 @@ impl Account {
             return 0;
         }
         (-delta).min(-after)
+    }
+
+    /// On a shared database: what the hold did not cost goes back to the
+    /// node's lease (unless `to_lease` is false: the lease it came from is
+    /// gone), and a cost beyond the hold comes out of the account's free
+    /// credit, as the database debits it, not out of the lease. The
+    /// shortfall is measured against the balance this node knows.
+    pub fn settle_leased(&self, held: i64, cost: i64, to_lease: bool) -> i64 {
+        self.held.fetch_sub(held, Ordering::AcqRel);
+        if to_lease {
+            self.available
+                .fetch_add((held - cost).max(0), Ordering::AcqRel);
+        }
+        self.unflushed.fetch_add(cost, Ordering::AcqRel);
+        let after = self.booked.fetch_sub(cost, Ordering::AcqRel) - cost;
+        if cost <= held || after >= 0 {
+            return 0;
+        }
+        (cost - held).min(-after)
     }
 
     /// Counts `bytes` more as buffered if that keeps the account within `cap`.

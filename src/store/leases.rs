@@ -24,10 +24,12 @@ pub struct Grant {
 /// for every node that leases too); else exactly `need`, so that the last
 /// credits are never stranded in an idle node's lease. One lease request
 /// per account at a time: the account's row is locked for it.
+/// Refused when `node` is no longer in `epoch` (a peer took it over).
 pub fn grant(
     conn: &mut Conn,
     account_id: i64,
     node: &str,
+    epoch: i64,
     need: i64,
     extra: i64,
 ) -> Result<Grant, StoreError> {
@@ -39,6 +41,20 @@ pub fn grant(
         "SELECT id FROM accounts WHERE id = ?1 FOR UPDATE",
         args![account_id],
     )?;
+    // A takeover moves the epoch with the node's row locked: read shared,
+    // it cannot move until this lease is committed.
+    let current: Option<i64> = tx
+        .row(
+            "SELECT epoch FROM nodes WHERE name = ?1 FOR SHARE",
+            args![node],
+        )?
+        .map(|r| r.get(0))
+        .transpose()?;
+    if current != Some(epoch) {
+        return Err(StoreError::Value(format!(
+            "node {node:?} was taken over: it leases nothing until it has seen so"
+        )));
+    }
     let row = tx
         .row(
             "SELECT balance,
@@ -71,16 +87,20 @@ pub fn grant(
     })
 }
 
-/// Gives `credits` of the node's lease back to the account's free credit.
+/// Gives `credits` of the node's lease back to the account's free credit,
+/// unless a peer took the node over since `epoch` (and freed the lease).
 pub fn give_back(
     conn: &mut dyn Sql,
     account_id: i64,
     node: &str,
+    epoch: i64,
     credits: i64,
 ) -> Result<(), StoreError> {
     conn.exec(
-        "UPDATE leases SET credits = credits - ?1 WHERE account_id = ?2 AND node = ?3",
-        args![credits, account_id, node],
+        "UPDATE leases SET credits = credits - ?1
+         WHERE account_id = ?2 AND node = ?3
+           AND EXISTS (SELECT 1 FROM nodes WHERE name = ?3 AND epoch = ?4)",
+        args![credits, account_id, node, epoch],
     )?;
     Ok(())
 }

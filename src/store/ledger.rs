@@ -37,6 +37,13 @@ impl Outcome {
     }
 }
 
+impl ChargeRecord {
+    /// What of the charge its hold covered: what a node's lease paid.
+    pub fn from_lease(&self) -> u64 {
+        self.credits.min(self.held)
+    }
+}
+
 /// One settled request, as written to `charges`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChargeRecord {
@@ -94,7 +101,7 @@ impl<'t, 'c> Writes<'t, 'c> {
     pub fn settle(&mut self, c: &ChargeRecord) -> Result<bool, StoreError> {
         let inserted = self.charge(c)?;
         if inserted {
-            self.debit(c.account_id, c.credits)?;
+            self.debit(c.account_id, c.credits, c.from_lease())?;
         }
         self.unhold(&c.id)?;
         Ok(inserted)
@@ -127,20 +134,21 @@ impl<'t, 'c> Writes<'t, 'c> {
     }
 
     /// Moves a balance down by `credits` (a delta: never a write of the
-    /// whole balance), and the node's lease with it: what was charged was
-    /// spent from it.
-    pub fn debit(&mut self, account_id: i64, credits: u64) -> Result<(), StoreError> {
+    /// whole balance), and the node's lease by `leased`, the part of them
+    /// its holds covered: a cost beyond its hold comes out of the account's
+    /// free credit, not out of a lease that never had it.
+    pub fn debit(&mut self, account_id: i64, credits: u64, leased: u64) -> Result<(), StoreError> {
         if credits > 0 {
             self.tx.exec(
                 "UPDATE accounts SET balance = balance - ?1 WHERE id = ?2",
                 args![credits, account_id],
             )?;
-            if let Some(node) = self.node {
-                self.tx.exec(
-                    "UPDATE leases SET credits = credits - ?1 WHERE account_id = ?2 AND node = ?3",
-                    args![credits, account_id, node],
-                )?;
-            }
+        }
+        if let (Some(node), true) = (self.node, leased > 0) {
+            self.tx.exec(
+                "UPDATE leases SET credits = credits - ?1 WHERE account_id = ?2 AND node = ?3",
+                args![leased, account_id, node],
+            )?;
         }
         Ok(())
     }
@@ -174,14 +182,26 @@ pub fn recover(
     node: Option<&str>,
 ) -> Result<Recovered, StoreError> {
     let mut tx = conn.transaction(Mode::Plain)?;
+    let done = recover_in(&mut tx, journal, now_ms, node)?;
+    tx.commit()?;
+    Ok(done)
+}
+
+/// [`recover`], within `tx`.
+pub fn recover_in(
+    tx: &mut super::sql::Tx<'_>,
+    journal: &[Entry],
+    now_ms: i64,
+    node: Option<&str>,
+) -> Result<Recovered, StoreError> {
     let mut done = Recovered::default();
     for entry in journal {
         match entry {
-            Entry::Hold(h) => Writes::new(&mut tx, node).hold(h)?,
-            Entry::Settle(c) => done.settled += u64::from(Writes::new(&mut tx, node).settle(c)?),
+            Entry::Hold(h) => Writes::new(tx, node).hold(h)?,
+            Entry::Settle(c) => done.settled += u64::from(Writes::new(tx, node).settle(c)?),
             // Pending again, with its hold: the job settles it, not recovery.
-            Entry::Job(j) => super::jobs::insert(&mut tx, j)?,
-            Entry::Completed(id) => super::jobs::completed(&mut tx, id)?,
+            Entry::Job(j) => super::jobs::insert(tx, j)?,
+            Entry::Completed(id) => super::jobs::completed(tx, id)?,
         }
     }
     let orphans: Vec<HoldRecord> = tx
@@ -209,7 +229,7 @@ pub fn recover(
             started_at_ms: h.created_at_ms,
             settled_at_ms: now_ms,
         };
-        if Writes::new(&mut tx, node).settle(&charge)? {
+        if Writes::new(tx, node).settle(&charge)? {
             done.holds += 1;
             done.credits += charge.credits;
         }
@@ -236,7 +256,6 @@ pub fn recover(
             args![node],
         )?;
     }
-    tx.commit()?;
     Ok(done)
 }
 

@@ -34,15 +34,20 @@ use sql::Conn;
 /// Opens the store `config` names, migrating it if needed: PostgreSQL at
 /// `url`, else SQLite at `path`.
 pub fn open(config: &StoreConfig) -> Result<Conn, Error> {
-    let mut conn = match &config.url {
+    let mut conn = connect(config)?;
+    schema::migrate(&mut conn)?;
+    Ok(conn)
+}
+
+/// A connection to a store already migrated (by this process's `open`).
+pub fn connect(config: &StoreConfig) -> Result<Conn, Error> {
+    Ok(match &config.url {
         Some(url) => Conn::Postgres(Box::new(postgres::Pg::open(postgres::Target::parse(
             url,
             config.ca_file.as_deref(),
         )?)?)),
         None => Conn::Sqlite(open_sqlite(&config.path, config.fsync)?),
-    };
-    schema::migrate(&mut conn)?;
-    Ok(conn)
+    })
 }
 
 /// Opens (creating if needed) the SQLite database at `path`, unmigrated;

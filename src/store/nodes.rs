@@ -5,58 +5,69 @@
 //! node), and moves its epoch so that, should it come back, it knows to
 //! drop what it had leased.
 
-use super::sql::{Conn, Sql, StoreError};
+use super::sql::{Conn, Mode, Sql, StoreError};
 use crate::args;
 
 /// The database's clock, in milliseconds since the epoch.
 const NOW_MS: &str = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)";
 
-/// Registers `name` as alive (after its own recovery at start); its epoch.
+/// Registers `name` as alive (after its own recovery at start), in a new
+/// epoch; its epoch.
 pub fn join(conn: &mut dyn Sql, name: &str) -> Result<i64, StoreError> {
     conn.value(
         &format!(
             "INSERT INTO nodes (name, seen_at_ms) VALUES (?1, {NOW_MS})
-             ON CONFLICT (name) DO UPDATE SET seen_at_ms = excluded.seen_at_ms
+             ON CONFLICT (name) DO UPDATE
+             SET seen_at_ms = excluded.seen_at_ms, epoch = nodes.epoch + 1
              RETURNING epoch"
         ),
         args![name],
     )
 }
 
-/// `name` is alive; its epoch, which a peer moved if it took it over.
+/// `name` is alive; its epoch, which a peer (or a new process under the
+/// same name) moved if it took it over.
 pub fn heartbeat(conn: &mut dyn Sql, name: &str) -> Result<i64, StoreError> {
-    join(conn, name)
+    conn.value(
+        &format!("UPDATE nodes SET seen_at_ms = {NOW_MS} WHERE name = ?1 RETURNING epoch"),
+        args![name],
+    )
 }
 
-/// Claims the nodes silent for longer than `ttl_ms`, each by one peer only
-/// (the claim moves its epoch and its last sign of life), and takes each
-/// over; their names.
+/// Takes over the nodes silent for longer than `ttl_ms`, one at a time,
+/// each in one transaction with its claim (which moves its epoch and its
+/// last sign of life, so one peer only takes each); their names.
 pub fn take_over_silent(
     conn: &mut Conn,
     me: &str,
     ttl_ms: i64,
     now_ms: i64,
 ) -> Result<Vec<String>, StoreError> {
-    let claimed: Vec<String> = conn
-        .rows(
+    let mut taken = Vec::new();
+    loop {
+        let mut tx = conn.transaction(Mode::Plain)?;
+        let claimed = tx.row(
             &format!(
                 "UPDATE nodes SET epoch = epoch + 1, seen_at_ms = {NOW_MS}
-                 WHERE name <> ?1 AND seen_at_ms < {NOW_MS} - ?2
+                 WHERE name = (SELECT name FROM nodes
+                               WHERE name <> ?1 AND seen_at_ms < {NOW_MS} - ?2
+                               LIMIT 1 FOR UPDATE SKIP LOCKED)
                  RETURNING name"
             ),
             args![me, ttl_ms],
-        )?
-        .iter()
-        .map(|r| r.get(0))
-        .collect::<Result<_, _>>()?;
-    for name in &claimed {
-        let done = super::ledger::recover(conn, &[], now_ms, Some(name))?;
+        )?;
+        let Some(row) = claimed else {
+            return Ok(taken);
+        };
+        let name: String = row.get(0)?;
+        let done = super::ledger::recover_in(&mut tx, &[], now_ms, Some(&name))?;
+        tx.commit()?;
         tracing::warn!(
             node = %name,
             holds = done.holds,
             credits = done.credits,
             "took over a silent node: its unsettled holds charged at their held amount, its leases freed"
         );
+        taken.push(name);
     }
-    Ok(claimed)
 }

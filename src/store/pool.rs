@@ -1,30 +1,66 @@
 //! A few store connections for async callers on the request threads (a
 //! lease, a rate-limit decision shared by the nodes): each call runs on a
-//! blocking thread with a connection taken from here, or a new one while
-//! these are busy.
+//! blocking thread with a connection from here. There are at most `SIZE`:
+//! past that a call waits for one, rather than exhausting the database's
+//! connections under load.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use super::sql::Conn;
 use crate::config::StoreConfig;
 use crate::error::Error;
 
-/// Connections kept between calls.
-const KEEP: usize = 4;
+const SIZE: usize = 8;
+/// The longest one statement of a pooled call may take.
+const STATEMENT: Duration = Duration::from_secs(5);
+
+#[derive(Default)]
+struct Slots {
+    idle: Vec<Conn>,
+    open: usize,
+}
 
 pub struct Pool {
     store: StoreConfig,
-    idle: Mutex<Vec<Conn>>,
+    slots: Mutex<Slots>,
+    freed: Condvar,
 }
 
 impl Pool {
     pub fn new(store: &StoreConfig) -> Arc<Self> {
         Arc::new(Self {
             store: store.clone(),
-            idle: Mutex::new(Vec::new()),
+            slots: Mutex::new(Slots::default()),
+            freed: Condvar::new(),
         })
+    }
+
+    /// An idle connection, a new one while there are fewer than `SIZE`, or
+    /// the next one given back.
+    fn take(&self) -> Result<Conn, Error> {
+        let mut slots = self.slots.lock();
+        loop {
+            if let Some(conn) = slots.idle.pop() {
+                return Ok(conn);
+            }
+            if slots.open < SIZE {
+                slots.open += 1;
+                drop(slots);
+                let opened = super::connect(&self.store).and_then(|mut conn| {
+                    conn.statement_timeout(STATEMENT)?;
+                    Ok(conn)
+                });
+                if opened.is_err() {
+                    self.slots.lock().open -= 1;
+                    self.freed.notify_one();
+                }
+                return opened;
+            }
+            self.freed.wait(&mut slots);
+        }
     }
 
     /// Runs `f` on a blocking thread. It runs to the end even if the caller
@@ -43,16 +79,10 @@ impl Pool {
 
     /// Runs `f` here, on a thread that may block.
     pub fn blocking<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T, Error>) -> Result<T, Error> {
-        let taken = self.idle.lock().pop();
-        let mut conn = match taken {
-            Some(conn) => conn,
-            None => super::open(&self.store)?,
-        };
+        let mut conn = self.take()?;
         let result = f(&mut conn);
-        let mut idle = self.idle.lock();
-        if idle.len() < KEEP {
-            idle.push(conn);
-        }
+        self.slots.lock().idle.push(conn);
+        self.freed.notify_one();
         result
     }
 }

@@ -41,8 +41,12 @@ impl Target {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
+        // A peer gone without a word (a cut network) is noticed in seconds,
+        // not after the kernel's two hours.
         config.keepalives(true);
-        config.keepalives_idle(Duration::from_secs(30));
+        config.keepalives_idle(Duration::from_secs(5));
+        config.keepalives_interval(Duration::from_secs(2));
+        config.keepalives_retries(3);
         let mut tls = (*crate::tls::client_config(ca_file)?).clone();
         tls.alpn_protocols.clear();
         Ok(Self {
@@ -81,9 +85,13 @@ impl Pg {
     }
 
     pub fn lock_wait(&mut self, wait: Duration) -> Result<(), StoreError> {
-        let set = format!("SET lock_timeout = {}", wait.as_millis());
-        self.live()?.0.batch_execute(&set)?;
-        self.settings.push(set);
+        self.keep_setting(&format!("SET lock_timeout = {}", wait.as_millis()))
+    }
+
+    /// Runs `set` now and again on every reconnection.
+    pub fn keep_setting(&mut self, set: &str) -> Result<(), StoreError> {
+        self.live()?.0.batch_execute(set)?;
+        self.settings.push(set.to_owned());
         Ok(())
     }
 

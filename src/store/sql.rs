@@ -330,6 +330,17 @@ impl Conn {
         }
     }
 
+    /// The longest one statement may run (PostgreSQL; SQLite's statements
+    /// wait only for locks, see [`Conn::lock_wait`]).
+    pub fn statement_timeout(&mut self, limit: std::time::Duration) -> Result<(), StoreError> {
+        match self {
+            Conn::Sqlite(_) => Ok(()),
+            Conn::Postgres(pg) => {
+                pg.keep_setting(&format!("SET statement_timeout = {}", limit.as_millis()))
+            }
+        }
+    }
+
     pub fn transaction(&mut self, mode: Mode) -> Result<Tx<'_>, StoreError> {
         Ok(Tx(match self {
             Conn::Sqlite(c) => TxInner::Sqlite(c.transaction_with_behavior(match mode {

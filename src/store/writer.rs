@@ -418,7 +418,8 @@ pub fn commit(
             _ => None,
         })
         .collect();
-    let mut debits: HashMap<i64, u64> = HashMap::new();
+    // Per account: credits charged, and what of them holds covered.
+    let mut debits: HashMap<i64, (u64, u64)> = HashMap::new();
     let mut tx = conn.transaction(Mode::Plain)?;
     {
         for op in batch {
@@ -435,7 +436,9 @@ pub fn commit(
                 WriteOp::Settle { charge, .. } => {
                     let mut writes = ledger::Writes::new(&mut tx, node);
                     if writes.charge(charge)? {
-                        *debits.entry(charge.account_id).or_default() += charge.credits;
+                        let debit = debits.entry(charge.account_id).or_default();
+                        debit.0 += charge.credits;
+                        debit.1 += charge.from_lease();
                     }
                     if !held_here.contains(charge.id.as_str()) {
                         writes.unhold(&charge.id)?;
@@ -461,10 +464,13 @@ pub fn commit(
                 WriteOp::Close => {}
             }
         }
-        for (&account_id, &credits) in &debits {
-            ledger::Writes::new(&mut tx, node).debit(account_id, credits)?;
+        for (&account_id, &(credits, leased)) in &debits {
+            ledger::Writes::new(&mut tx, node).debit(account_id, credits, leased)?;
         }
     }
     tx.commit()?;
-    Ok(debits)
+    Ok(debits
+        .into_iter()
+        .map(|(id, (credits, _))| (id, credits))
+        .collect())
 }

@@ -255,7 +255,10 @@ max_json_body_bytes = {max_json}
             upstream_idle = self.upstream_idle_timeout_secs,
             db = dir.join("abhiapi.db").display(),
             refresh = self.refresh_interval_ms,
-            cluster = self.cluster,
+            cluster = match (&self.store_url, self.cluster.is_empty()) {
+                (Some(_), true) => "[cluster]\nnode = \"test\"\n".to_owned(),
+                _ => self.cluster.clone(),
+            },
             store_url = self
                 .store_url
                 .as_ref()
