@@ -173,6 +173,9 @@ struct Target {
     target_url: Option<String>,
     /// The processes whose CPU time is the proxy's.
     pids: Vec<u32>,
+    /// More nodes of the same proxy (plain HTTP/1.1): connections are dealt
+    /// round `h1` and these.
+    more: Vec<SocketAddr>,
 }
 
 impl Target {
@@ -234,13 +237,17 @@ fn cpu_secs(pids: &[u32]) -> f64 {
 
 /// `conns` connections, each sending its next request as soon as the last is answered.
 async fn closed_loop(t: &Target, proto: Proto, conns: u64, secs: u64) -> Run {
-    let addr = proto.addr(t).unwrap();
+    let first = proto.addr(t).unwrap();
+    let nodes: Vec<SocketAddr> = std::iter::once(first)
+        .chain(t.more.iter().copied().filter(|_| proto == Proto::H1))
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(secs);
     let cpu_before = cpu_secs(&t.pids);
     let start = Instant::now();
     let tasks: Vec<_> = (0..conns)
-        .map(|_| {
+        .map(|i| {
             let t = t.clone();
+            let addr = nodes[i as usize % nodes.len()];
             tokio::spawn(async move {
                 let mut conn = Conn::open(addr, proto).await;
                 let (mut lat, mut errors) = (Vec::new(), 0u64);
@@ -326,8 +333,22 @@ fn start_abhiapi(
     dir: &Path,
     mock: &MockFal,
 ) -> (Child, SocketAddr, SocketAddr, String) {
+    start_node(bin, dir, mock, None)
+}
+
+/// [`start_abhiapi`], as node `node` of a PostgreSQL at `url` when given.
+fn start_node(
+    bin: &Path,
+    dir: &Path,
+    mock: &MockFal,
+    postgres: Option<(&str, &str)>,
+) -> (Child, SocketAddr, SocketAddr, String) {
     let config = dir.join("abhiapi.toml");
     let mut toml = common::config_toml(mock, &dir.join("abhiapi.db"));
+    if let Some((url, node)) = postgres {
+        toml = toml.replace("[store]\n", &format!("[store]\nurl = {url:?}\n"));
+        toml.push_str(&format!("[cluster]\nnode = {node:?}\n"));
+    }
     // `--fsync`: every AbhiAPI started runs with `[store] fsync = true`.
     if std::env::args().any(|a| a == "--fsync") {
         toml = toml.replace("[store]\n", "[store]\nfsync = true\n");
@@ -613,26 +634,51 @@ fn main() {
         let dir = tempfile::tempdir().unwrap();
         let mock = MockFal::start(None).await.unwrap();
         let (mut proxy, proxy_addr, proxy_tls, key) = start_abhiapi(&release_binary(), dir.path(), &mock);
-        let direct = Target { name: "a direct", h1: mock.addr, h2: Some(mock.addr), tls: None, path: "/mock/canned", key: None, target_url: None, pids: vec![] };
-        let abhiapi = Target { name: "b abhiapi", h1: proxy_addr, h2: Some(proxy_addr), tls: Some(proxy_tls), path: "/mock/canned", key: Some(key.clone()), target_url: None, pids: vec![proxy.id()] };
+        let direct = Target { name: "a direct", h1: mock.addr, h2: Some(mock.addr), tls: None, path: "/mock/canned", key: None, target_url: None, pids: vec![], more: vec![] };
+        let abhiapi = Target { name: "b abhiapi", h1: proxy_addr, h2: Some(proxy_addr), tls: Some(proxy_tls), path: "/mock/canned", key: Some(key.clone()), target_url: None, pids: vec![proxy.id()], more: vec![] };
         let (nginx_h1, nginx_h2, nginx_tls) = (free_port(), free_port(), free_port());
         let nginx = start_nginx(dir.path(), mock.addr, nginx_h1, nginx_h2, nginx_tls);
         let (mut hyper_ref, hyper_addr, hyper_tls) = start_reference(mock.addr);
-        let reference = Target { name: "r hyper", h1: hyper_addr, h2: Some(hyper_addr), tls: Some(hyper_tls), path: "/mock/canned", key: None, target_url: None, pids: vec![hyper_ref.id()] };
+        let reference = Target { name: "r hyper", h1: hyper_addr, h2: Some(hyper_addr), tls: Some(hyper_tls), path: "/mock/canned", key: None, target_url: None, pids: vec![hyper_ref.id()], more: vec![] };
         let mut targets = vec![direct.clone(), abhiapi.clone(), reference];
         if let Some((_, pids)) = &nginx {
-            targets.push(Target { name: "c nginx", h1: nginx_h1, h2: Some(nginx_h2), tls: Some(nginx_tls), path: "/mock/canned", key: None, target_url: None, pids: pids.clone() });
+            targets.push(Target { name: "c nginx", h1: nginx_h1, h2: Some(nginx_h2), tls: Some(nginx_tls), path: "/mock/canned", key: None, target_url: None, pids: pids.clone(), more: vec![] });
         }
         // An earlier build of AbhiAPI beside this one, for a before/after in one run.
         let baseline_dir = tempfile::tempdir().unwrap();
         let baseline = arg_text("--baseline").map(|bin| start_abhiapi(Path::new(&bin), baseline_dir.path(), &mock));
         if let Some((child, addr, tls, key)) = &baseline {
-            targets.push(Target { name: "b0 baseline", h1: *addr, h2: Some(*addr), tls: Some(*tls), path: "/mock/canned", key: Some(key.clone()), target_url: None, pids: vec![child.id()] });
+            targets.push(Target { name: "b0 baseline", h1: *addr, h2: Some(*addr), tls: Some(*tls), path: "/mock/canned", key: Some(key.clone()), target_url: None, pids: vec![child.id()], more: vec![] });
+        }
+        // `--postgres-url URL`: AbhiAPI on PostgreSQL too, as 1, 2 and 3
+        // nodes of one database (plain HTTP/1.1), beside SQLite's `b`.
+        let pg_dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let pg_nodes: Vec<_> = match arg_text("--postgres-url") {
+            Some(url) => pg_dirs
+                .iter()
+                .enumerate()
+                .map(|(i, d)| start_node(&release_binary(), d.path(), &mock, Some((&url, &format!("node-{i}")))))
+                .collect(),
+            None => Vec::new(),
+        };
+        for (n, name) in [(1, "p1 postgres"), (2, "p2 postgres"), (3, "p3 postgres")] {
+            let Some(nodes) = pg_nodes.get(..n) else { break };
+            targets.push(Target {
+                name,
+                h1: nodes[0].1,
+                h2: None,
+                tls: None,
+                path: "/mock/canned",
+                key: Some(nodes[0].3.clone()),
+                target_url: None,
+                pids: nodes.iter().map(|node| node.0.id()).collect(),
+                more: nodes[1..].iter().map(|node| node.1).collect(),
+            });
         }
         let fal_proxy = start_fal_proxy(&mock);
         if let Some((child, addr)) = &fal_proxy {
             let target_url = Some(format!("{}/mock/canned", mock.url(false)));
-            targets.push(Target { name: "d fal server-proxy", h1: *addr, h2: None, tls: None, path: "/api/fal/proxy", key: None, target_url, pids: vec![child.id()] });
+            targets.push(Target { name: "d fal server-proxy", h1: *addr, h2: None, tls: None, path: "/api/fal/proxy", key: None, target_url, pids: vec![child.id()], more: vec![] });
         }
 
         println!("## Closed loop: {conns} connections, {secs} s each, {rounds} rounds\n");
@@ -695,6 +741,16 @@ fn main() {
                 println!("{proto}: CPU per request b/b0 (this build over the baseline) = {}", spread(ratios("b abhiapi", "b0 baseline", h2, cpu)));
                 println!("{proto}: throughput b/b0 = {}", spread(ratios("b abhiapi", "b0 baseline", h2, rps)));
             }
+            if h2 == Proto::H1 && !pg_nodes.is_empty() {
+                let p50: fn(&Run) -> Option<f64> = |r| Some(r.percentile(0.50));
+                let p99: fn(&Run) -> Option<f64> = |r| Some(r.percentile(0.99));
+                println!("{proto}: CPU per request p1/b (PostgreSQL over SQLite, one node) = {}", spread(ratios("p1 postgres", "b abhiapi", h2, cpu)));
+                println!("{proto}: throughput p1/b = {}", spread(ratios("p1 postgres", "b abhiapi", h2, rps)));
+                println!("{proto}: p50 latency p1/b = {}", spread(ratios("p1 postgres", "b abhiapi", h2, p50)));
+                println!("{proto}: p99 latency p1/b = {}", spread(ratios("p1 postgres", "b abhiapi", h2, p99)));
+                println!("{proto}: throughput p2/p1 (two nodes over one, same 2 cores) = {}", spread(ratios("p2 postgres", "p1 postgres", h2, rps)));
+                println!("{proto}: throughput p3/p1 = {}", spread(ratios("p3 postgres", "p1 postgres", h2, rps)));
+            }
         }
 
         println!("\n## Fixed rate: {rate} requests/s over HTTP/1.1, {secs} s\n");
@@ -747,6 +803,9 @@ fn main() {
             let _ = sproxy.kill();
         }
         let _ = hyper_ref.kill();
+        for (mut node, _, _, _) in pg_nodes {
+            let _ = node.kill();
+        }
         if let Some((mut b0, _, _, _)) = baseline {
             let _ = b0.kill();
         }
