@@ -202,6 +202,7 @@ fn ledger_commit(c: &mut Criterion) {
                             WriteOp::Settle {
                                 charge,
                                 segment: Some(1),
+                                epoch: 0,
                             },
                         ]
                     })

@@ -21,6 +21,10 @@ async fn cluster(n: usize, credits: i64) -> Cluster {
 }
 
 async fn cluster_on_plans(n: usize, credits: i64, plans: &str) -> Cluster {
+    cluster_with(n, credits, plans, 250).await
+}
+
+async fn cluster_with(n: usize, credits: i64, plans: &str, refresh_interval_ms: u64) -> Cluster {
     let mock = MockFal::start(None).await.unwrap();
     let url = pg::database();
     let options = |i: usize| {
@@ -31,6 +35,7 @@ async fn cluster_on_plans(n: usize, credits: i64, plans: &str) -> Cluster {
             "{TEST_PRICING}\n[[pricing]]\nmodel = \"fal-ai/upscale/*\"\nunit = \"megapixel\"\nusd = 0.01\n"
         );
         opts.reconcile_interval_secs = 1;
+        opts.refresh_interval_ms = refresh_interval_ms;
         opts.store_url = Some(url.clone());
         opts.cluster =
             format!("[cluster]\nnode = \"node-{i}\"\nlease_credits = 10\nlease_ttl_secs = 2\n");
@@ -165,9 +170,10 @@ fn number(server: &Server, sql: &str) -> i64 {
     server.query(sql)[0].get(0).unwrap()
 }
 
-/// A node killed with requests in flight and left down: a peer charges its
-/// unsettled holds at their held amount and frees its lease, after the
-/// lease TTL (2 s here), and goes on serving.
+/// A node killed with requests in flight and a job pending, and left down:
+/// a peer charges its unsettled holds at their held amount (the job's too,
+/// ending it) and frees its lease, after the lease TTL (2 s here), and
+/// goes on serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_left_down_is_taken_over_by_a_peer() {
     let mut cluster = cluster(2, 1000).await;
@@ -182,12 +188,20 @@ async fn a_node_left_down_is_taken_over_by_a_peer() {
             })
         })
         .collect();
+    // And a queued job, pending when the node goes: no one else would settle it.
+    let resp = call(
+        &cluster.nodes[1],
+        &cluster.key,
+        "/queue/fal-ai/flux/dev",
+        "{}",
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
     assert!(
         eventually(Duration::from_secs(10), || async {
-            number(
-                &cluster.nodes[0],
-                "SELECT COUNT(*) FROM holds WHERE node = 'node-2'",
-            ) == 4
+            let node = &cluster.nodes[0];
+            number(node, "SELECT COUNT(*) FROM holds WHERE node = 'node-2'") == 5
+                && number(node, "SELECT COUNT(*) FROM jobs") == 1
         })
         .await,
         "the holds never reached the database"
@@ -208,10 +222,14 @@ async fn a_node_left_down_is_taken_over_by_a_peer() {
         .await,
         "the silent node's holds and lease were never taken over"
     );
-    assert!(books_close(first, &[("acme", 8)]).await);
+    assert!(books_close(first, &[("acme", 8 + 28)]).await);
+    assert_eq!(
+        number(first, "SELECT COUNT(*) FROM jobs WHERE state = 'charged'"),
+        1
+    );
     let served = spread_to(first, &cluster.key, 3).await;
     assert_eq!(served, [200; 3]);
-    assert!(books_close(first, &[("acme", 14)]).await);
+    assert!(books_close(first, &[("acme", 8 + 28 + 6)]).await);
 }
 
 /// A node killed mid-load and started again settles its own holds: every
@@ -369,4 +387,32 @@ async fn a_cost_above_its_hold_is_not_spent_twice() {
     let statuses = spread_to(&cluster.nodes[1], &cluster.key, 10).await;
     assert_eq!(count(&statuses, 200), 8, "{statuses:?}");
     assert!(books_close(&cluster.nodes[0], &[("acme", 44 + 16)]).await);
+}
+
+/// A key disabled through one node's CLI is refused by every node when the
+/// edit commits: by notification, the change feed's poll being an hour away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_reaches_every_node_at_once() {
+    let cluster = cluster_with(3, 1000, UNLIMITED_PLANS, 3_600_000).await;
+    let key = &cluster.key;
+    for node in &cluster.nodes {
+        assert_eq!(spread_to(node, key, 1).await, [200]);
+    }
+    let id: i64 = number(&cluster.nodes[0], "SELECT MAX(id) FROM api_keys");
+    assert!(cli(
+        &cluster.nodes[0].config,
+        &["keys", "disable", &id.to_string()]
+    )
+    .status
+    .success());
+    for node in &cluster.nodes {
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                get_on(node, "/v1/account", key).await == 403
+            })
+            .await,
+            "a node still takes the key"
+        );
+    }
+    assert_eq!(spread_to(&cluster.nodes[2], key, 1).await, [403]);
 }

@@ -14,6 +14,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use parking_lot::RwLock;
+
 use crate::config::{ClusterConfig, StoreConfig};
 use crate::error::{ApiError, Error};
 use crate::keys::{Account, Registry};
@@ -38,6 +40,11 @@ pub struct Leaser {
     /// database answered was sent.
     heard_ms: AtomicI64,
     origin: Instant,
+    /// Taken to read the epoch and change memory as of it (a hold, a
+    /// settlement, leased credit arriving); taken alone to move to a new
+    /// epoch and drop what the old one leased, so nothing of the old epoch
+    /// lands in memory after that.
+    epoch_change: RwLock<()>,
 }
 
 impl Leaser {
@@ -61,11 +68,18 @@ impl Leaser {
             epoch: AtomicI64::new(epoch),
             heard_ms: AtomicI64::new(0),
             origin: Instant::now(),
+            epoch_change: RwLock::new(()),
         })
     }
 
     pub fn epoch(&self) -> i64 {
         self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Runs `f` with the epoch, which cannot move until it returns.
+    pub fn in_epoch<T>(&self, f: impl FnOnce(i64) -> T) -> T {
+        let _reading = self.epoch_change.read();
+        f(self.epoch())
     }
 
     fn elapsed_ms(&self) -> i64 {
@@ -97,13 +111,15 @@ impl Leaser {
                 let epoch = this.epoch();
                 let grant = leases::grant(conn, account.id, &this.node, epoch, need, this.extra)?;
                 account.rebook(grant.balance);
-                if grant.credits > 0 && this.epoch() == epoch {
-                    account.add_leased(grant.credits);
-                    account
-                        .scarce
-                        .store(grant.credits == need, Ordering::Release);
-                    account.leased_at_ms.store(now_ms(), Ordering::Release);
-                }
+                this.in_epoch(|now| {
+                    if grant.credits > 0 && now == epoch {
+                        account.add_leased(grant.credits);
+                        account
+                            .scarce
+                            .store(grant.credits == need, Ordering::Release);
+                        account.leased_at_ms.store(now_ms(), Ordering::Release);
+                    }
+                });
                 Ok(grant.credits > 0)
             })
             .await
@@ -142,20 +158,25 @@ impl Leaser {
         let sent = self.elapsed_ms();
         let conn = match conn {
             Some(conn) => conn,
-            None => match store::connect(store) {
+            None => match store::connect(store).and_then(|mut c| {
+                c.statement_timeout(BEAT * 2)?;
+                Ok(c)
+            }) {
                 Ok(c) => conn.insert(c),
                 Err(e) => return tracing::warn!(error = %e, "heartbeat: cannot connect"),
             },
         };
         match nodes::heartbeat(conn, &self.node) {
             Ok(epoch) => {
-                if self.epoch.swap(epoch, Ordering::AcqRel) != epoch {
-                    tracing::error!(
-                        "a peer took this node over while it was silent: its leases are gone"
-                    );
+                if self.epoch() != epoch {
+                    let _changing = self.epoch_change.write();
+                    self.epoch.store(epoch, Ordering::Release);
                     for account in registry.accounts() {
                         account.take_unused();
                     }
+                    tracing::error!(
+                        "a peer took this node over while it was silent: its leases are gone"
+                    );
                 }
                 self.heard_ms.store(sent, Ordering::Release);
             }

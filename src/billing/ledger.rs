@@ -98,7 +98,7 @@ impl Ledger {
         let permit = self.writer.permit().await?;
         let account = Arc::clone(&key.account);
         let credits = i64::try_from(estimate.credits).unwrap_or(i64::MAX);
-        self.hold(&account, credits).await?;
+        let epoch = self.hold(&account, credits).await?;
         let record = HoldRecord {
             id: request_id.to_owned(),
             account_id: account.id,
@@ -126,7 +126,7 @@ impl Ledger {
                 account,
                 record,
                 estimate,
-                epoch: self.epoch(),
+                epoch,
             }),
             answered: false,
         };
@@ -142,24 +142,25 @@ impl Ledger {
 
     /// Holds `credits` on the account: from its balance, or on a shared
     /// database from this node's lease, leasing more when it runs short.
-    async fn hold(&self, account: &Arc<Account>, credits: i64) -> Result<(), ApiError> {
+    /// Returns the node's epoch the hold was taken in (0 on a single node).
+    async fn hold(&self, account: &Arc<Account>, credits: i64) -> Result<i64, ApiError> {
         let insufficient = |available| ApiError::InsufficientCredits {
             needed: credits as u64,
             available,
         };
         let Some(leaser) = &self.leaser else {
-            return account.try_hold(credits).map_err(insufficient);
+            return account.try_hold(credits).map(|()| 0).map_err(insufficient);
         };
-        if leaser.fenced() {
-            return Err(ApiError::LedgerUnavailable);
-        }
         // Another request on this node may spend what was just leased: a
         // few rounds, each leasing what is still missing.
-        for _ in 0..3 {
-            match account.try_hold(credits) {
-                Ok(()) => {
+        for _ in 0..4 {
+            if leaser.fenced() {
+                return Err(ApiError::LedgerUnavailable);
+            }
+            match leaser.in_epoch(|epoch| account.try_hold(credits).map(|()| epoch)) {
+                Ok(epoch) => {
                     leaser.used(account);
-                    return Ok(());
+                    return Ok(epoch);
                 }
                 Err(available) => {
                     if !leaser.lease(account, credits - available.max(0)).await? {
@@ -168,7 +169,7 @@ impl Ledger {
                 }
             }
         }
-        account.try_hold(credits).map_err(insufficient)
+        Err(insufficient(account.available()))
     }
 
     /// Resolves once every entry journalled so far is on disk: at once
@@ -247,9 +248,9 @@ impl Ledger {
         let held = hold.record.credits as i64;
         let cost = i64::try_from(quote.credits).unwrap_or(i64::MAX);
         let shortfall = match &self.leaser {
-            Some(leaser) => hold
-                .account
-                .settle_leased(held, cost, leaser.epoch() == hold.epoch),
+            Some(leaser) => {
+                leaser.in_epoch(|epoch| hold.account.settle_leased(held, cost, epoch == hold.epoch))
+            }
             None => hold.account.settle(held, cost),
         };
         self.metrics.hold_closed();
@@ -292,6 +293,7 @@ impl Ledger {
         self.writer.send_now(WriteOp::Settle {
             charge: record,
             segment,
+            epoch: hold.epoch,
         });
         Settled {
             credits_used: quote.credits,

@@ -41,11 +41,12 @@ pub fn grant(
         "SELECT id FROM accounts WHERE id = ?1 FOR UPDATE",
         args![account_id],
     )?;
-    // A takeover moves the epoch with the node's row locked: read shared,
-    // it cannot move until this lease is committed.
+    // A takeover claims the node's row FOR UPDATE: with its key locked
+    // shared here, the epoch cannot move until this lease is committed,
+    // while the node's own heartbeat (an update of no key) goes on.
     let current: Option<i64> = tx
         .row(
-            "SELECT epoch FROM nodes WHERE name = ?1 FOR SHARE",
+            "SELECT epoch FROM nodes WHERE name = ?1 FOR KEY SHARE",
             args![node],
         )?
         .map(|r| r.get(0))

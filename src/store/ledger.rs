@@ -101,7 +101,7 @@ impl<'t, 'c> Writes<'t, 'c> {
     pub fn settle(&mut self, c: &ChargeRecord) -> Result<bool, StoreError> {
         let inserted = self.charge(c)?;
         if inserted {
-            self.debit(c.account_id, c.credits, c.from_lease())?;
+            self.debit(c.account_id, c.credits, c.from_lease(), None)?;
         }
         self.unhold(&c.id)?;
         Ok(inserted)
@@ -136,8 +136,16 @@ impl<'t, 'c> Writes<'t, 'c> {
     /// Moves a balance down by `credits` (a delta: never a write of the
     /// whole balance), and the node's lease by `leased`, the part of them
     /// its holds covered: a cost beyond its hold comes out of the account's
-    /// free credit, not out of a lease that never had it.
-    pub fn debit(&mut self, account_id: i64, credits: u64, leased: u64) -> Result<(), StoreError> {
+    /// free credit, not out of a lease that never had it. With `epoch`, the
+    /// lease pays only if the node is still in that epoch: a hold taken
+    /// before a peer took the node over came from a lease the peer freed.
+    pub fn debit(
+        &mut self,
+        account_id: i64,
+        credits: u64,
+        leased: u64,
+        epoch: Option<i64>,
+    ) -> Result<(), StoreError> {
         if credits > 0 {
             self.tx.exec(
                 "UPDATE accounts SET balance = balance - ?1 WHERE id = ?2",
@@ -146,8 +154,10 @@ impl<'t, 'c> Writes<'t, 'c> {
         }
         if let (Some(node), true) = (self.node, leased > 0) {
             self.tx.exec(
-                "UPDATE leases SET credits = credits - ?1 WHERE account_id = ?2 AND node = ?3",
-                args![leased, account_id, node],
+                "UPDATE leases SET credits = credits - ?1 WHERE account_id = ?2 AND node = ?3
+                   AND (CAST(?4 AS BIGINT) IS NULL
+                        OR EXISTS (SELECT 1 FROM nodes WHERE name = ?3 AND epoch = ?4))",
+                args![leased, account_id, node, epoch],
             )?;
         }
         Ok(())
@@ -182,9 +192,20 @@ pub fn recover(
     node: Option<&str>,
 ) -> Result<Recovered, StoreError> {
     let mut tx = conn.transaction(Mode::Plain)?;
-    let done = recover_in(&mut tx, journal, now_ms, node)?;
+    let done = recover_in(&mut tx, journal, now_ms, node, Keep::PendingJobs)?;
     tx.commit()?;
     Ok(done)
+}
+
+/// Which holds recovery leaves alone.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// A node's own recovery: its pending jobs keep their holds, and it
+    /// settles them as they end.
+    PendingJobs,
+    /// A peer's takeover of a node that is gone: no one is left to settle
+    /// its pending jobs, so they are charged their hold like any other.
+    Nothing,
 }
 
 /// [`recover`], within `tx`.
@@ -193,6 +214,7 @@ pub fn recover_in(
     journal: &[Entry],
     now_ms: i64,
     node: Option<&str>,
+    keep: Keep,
 ) -> Result<Recovered, StoreError> {
     let mut done = Recovered::default();
     for entry in journal {
@@ -207,9 +229,10 @@ pub fn recover_in(
     let orphans: Vec<HoldRecord> = tx
         .rows(
             "SELECT id, account_id, key_id, credits, created_at_ms, model FROM holds
-             WHERE node = ?1 AND id NOT IN (SELECT hold_id FROM jobs WHERE state = 'pending')
+             WHERE node = ?1
+               AND (?2 = 0 OR id NOT IN (SELECT hold_id FROM jobs WHERE state = 'pending'))
              ORDER BY created_at_ms",
-            args![node.unwrap_or("")],
+            args![node.unwrap_or(""), keep == Keep::PendingJobs],
         )?
         .iter()
         .map(|r| hold_row(r, 0))

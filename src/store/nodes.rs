@@ -1,9 +1,9 @@
 //! The nodes of a shared PostgreSQL and their liveness: each is heard from
 //! every second (by the database's clock); one silent for longer than the
 //! lease TTL is taken over by a peer, which charges its unsettled holds at
-//! their held amount and frees its leases (`ledger::recover` for that
-//! node), and moves its epoch so that, should it come back, it knows to
-//! drop what it had leased.
+//! their held amount, its pending jobs' too (ending them), and frees its
+//! leases (`ledger::recover` for that node), and moves its epoch so that,
+//! should it come back, it knows to drop what it had leased.
 
 use super::sql::{Conn, Mode, Sql, StoreError};
 use crate::args;
@@ -60,7 +60,13 @@ pub fn take_over_silent(
             return Ok(taken);
         };
         let name: String = row.get(0)?;
-        let done = super::ledger::recover_in(&mut tx, &[], now_ms, Some(&name))?;
+        let done = super::ledger::recover_in(
+            &mut tx,
+            &[],
+            now_ms,
+            Some(&name),
+            super::ledger::Keep::Nothing,
+        )?;
         tx.commit()?;
         tracing::warn!(
             node = %name,

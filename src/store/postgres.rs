@@ -47,6 +47,12 @@ impl Target {
         config.keepalives_idle(Duration::from_secs(5));
         config.keepalives_interval(Duration::from_secs(2));
         config.keepalives_retries(3);
+        config.tcp_user_timeout(Duration::from_secs(10));
+        // A node cut off inside a transaction must not keep its rows
+        // locked for the others: the server ends such a session.
+        if config.get_options().is_none() {
+            config.options("-c idle_in_transaction_session_timeout=5000");
+        }
         let mut tls = (*crate::tls::client_config(ca_file)?).clone();
         tls.alpn_protocols.clear();
         Ok(Self {

@@ -43,6 +43,9 @@ pub enum WriteOp {
     Settle {
         charge: ChargeRecord,
         segment: Option<u64>,
+        /// On a shared database, the node's epoch when the hold was taken:
+        /// its lease pays only while the node is still in it.
+        epoch: i64,
     },
     /// A job accepted by fal's queue, carrying its hold; journalled in
     /// `segment` (`None` if the journal could not take it).
@@ -418,8 +421,8 @@ pub fn commit(
             _ => None,
         })
         .collect();
-    // Per account: credits charged, and what of them holds covered.
-    let mut debits: HashMap<i64, (u64, u64)> = HashMap::new();
+    // Per account and epoch: credits charged, and what of them holds covered.
+    let mut debits: HashMap<(i64, i64), (u64, u64)> = HashMap::new();
     let mut tx = conn.transaction(Mode::Plain)?;
     {
         for op in batch {
@@ -433,10 +436,10 @@ pub fn commit(
                 }
                 WriteOp::Hold { hold, .. } if settled_here.contains(hold.id.as_str()) => {}
                 WriteOp::Hold { hold, .. } => ledger::Writes::new(&mut tx, node).hold(hold)?,
-                WriteOp::Settle { charge, .. } => {
+                WriteOp::Settle { charge, epoch, .. } => {
                     let mut writes = ledger::Writes::new(&mut tx, node);
                     if writes.charge(charge)? {
-                        let debit = debits.entry(charge.account_id).or_default();
+                        let debit = debits.entry((charge.account_id, *epoch)).or_default();
                         debit.0 += charge.credits;
                         debit.1 += charge.from_lease();
                     }
@@ -464,13 +467,14 @@ pub fn commit(
                 WriteOp::Close => {}
             }
         }
-        for (&account_id, &(credits, leased)) in &debits {
-            ledger::Writes::new(&mut tx, node).debit(account_id, credits, leased)?;
+        for (&(account_id, epoch), &(credits, leased)) in &debits {
+            ledger::Writes::new(&mut tx, node).debit(account_id, credits, leased, Some(epoch))?;
         }
     }
     tx.commit()?;
-    Ok(debits
-        .into_iter()
-        .map(|(id, (credits, _))| (id, credits))
-        .collect())
+    let mut charged: HashMap<i64, u64> = HashMap::new();
+    for ((account_id, _), (credits, _)) in debits {
+        *charged.entry(account_id).or_default() += credits;
+    }
+    Ok(charged)
 }
