@@ -27,6 +27,7 @@ use crate::reload::Reloader;
 use crate::server::Handler;
 use crate::store::admin::{self, KeyListing};
 use crate::store::db::Db;
+use crate::store::leases::{self, Standing};
 use crate::store::payments;
 use crate::store::snapshot::{self, AccountRow};
 use crate::store::writer::StoreWriter;
@@ -61,9 +62,8 @@ struct AccountView {
     name: String,
     plan: String,
     suspended: bool,
-    balance: i64,
-    held: i64,
-    available: i64,
+    #[serde(flatten)]
+    standing: Standing,
 }
 
 #[derive(Serialize)]
@@ -279,18 +279,32 @@ impl Admin {
         }
     }
 
-    /// An account as it is now: in memory if this server knows it, else as stored.
-    fn view(&self, row: &AccountRow) -> AccountView {
+    /// An account as it is now: on a single node, in memory if this server
+    /// knows it, else as stored; on a database several nodes share, as the
+    /// database has it (each node's memory holds only its own lease).
+    async fn view(&self, row: &AccountRow) -> Result<AccountView, ApiError> {
         let live = self.w.registry.account(row.id);
-        let (balance, held) = live.map_or((row.balance, 0), |a| (a.balance(), a.held()));
-        AccountView {
+        let standing = match (self.w.registry.is_leasing(), live) {
+            (false, Some(a)) => Standing {
+                balance: a.balance(),
+                leased: 0,
+                held: a.held(),
+                available: a.available(),
+            },
+            _ => {
+                let id = row.id;
+                self.w
+                    .db
+                    .run(move |conn| Ok(leases::standing(conn, id)?))
+                    .await?
+            }
+        };
+        Ok(AccountView {
             name: row.name.clone(),
             plan: row.plan.clone(),
             suspended: row.suspended,
-            balance,
-            held,
-            available: balance - held,
-        }
+            standing,
+        })
     }
 
     async fn find(&self, name: &str) -> Result<AccountRow, ApiError> {
@@ -304,7 +318,7 @@ impl Admin {
 
     async fn account(&self, name: &str) -> Result<Response<Body>, ApiError> {
         let row = self.find(name).await?;
-        json(StatusCode::OK, &self.view(&row))
+        json(StatusCode::OK, &self.view(&row).await?)
     }
 
     async fn create_account(&self, new: NewAccount) -> Result<Response<Body>, ApiError> {
@@ -330,7 +344,7 @@ impl Admin {
             }
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
-        json(StatusCode::CREATED, &self.view(&row))
+        json(StatusCode::CREATED, &self.view(&row).await?)
     }
 
     /// Runs an edit of account `name` (404 if it does not exist), applies
@@ -343,7 +357,7 @@ impl Admin {
         let row = self.w.db.run(edit).await.map_err(invalid)?;
         self.w.registry.account_changed(&row);
         self.w.refresh.wake();
-        json(StatusCode::OK, &self.view(&row))
+        json(StatusCode::OK, &self.view(&row).await?)
     }
 
     async fn usage(&self, name: &str, since: Option<String>) -> Result<Response<Body>, ApiError> {

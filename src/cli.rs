@@ -10,7 +10,6 @@ use crate::billing::pricing::PriceTable;
 use crate::config::Config;
 use crate::dates;
 use crate::error::Error;
-use crate::store::ledger;
 use crate::store::{self, admin, payments};
 use crate::usage;
 
@@ -214,19 +213,16 @@ pub fn run_admin(config: &Config, command: Command) -> Result<String, Error> {
         }
         Command::Accounts(AccountsCommand::Show { name }) => {
             let a = admin::account(&mut conn, &name)?;
-            let held = ledger::held(&mut conn, a.id)?;
-            let leased = store::leases::leased(&mut conn, a.id)?;
-            // A node's holds are spent from its lease: what is free is the
-            // balance less the larger of the two.
+            let s = store::leases::standing(&mut conn, a.id)?;
             format!(
                 "account   {}\nplan      {}\nstate     {}\nbalance   {} credits\nleased    {} credits (to nodes)\nheld      {} credits (by requests in flight)\navailable {} credits",
                 a.name,
                 a.plan,
                 if a.suspended { "suspended" } else { "active" },
-                a.balance,
-                leased,
-                held,
-                a.balance - held.max(leased)
+                s.balance,
+                s.leased,
+                s.held,
+                s.available
             )
         }
         Command::Accounts(AccountsCommand::Plan { name, plan }) => {

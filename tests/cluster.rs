@@ -108,6 +108,37 @@ async fn unused_credit_goes_back_and_a_stopped_node_returns_its_lease() {
     // One request through node 1 leases more than it needs (10 beyond).
     assert_eq!(spread(&cluster, 1).await, [200]);
     assert!(leased(&cluster.nodes[0]) > 0);
+    // Every node, and the CLI, report the account as the database has it:
+    // what is leased to a node is not available to the others. (Leased 12,
+    // less the 2 charged once the charge is written.)
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            leased(&cluster.nodes[0]) == 10
+        })
+        .await
+    );
+    let config = &cluster.nodes[1].config;
+    let shown = String::from_utf8(cli(config, &["accounts", "show", "acme"]).stdout).unwrap();
+    assert!(
+        shown.contains("balance   998 credits") && shown.contains("leased    10 credits"),
+        "{shown}"
+    );
+    let resp = client()
+        .request(get(
+            &cluster.nodes[1].url("/v1/account"),
+            Some(&cluster.key),
+        ))
+        .await
+        .unwrap();
+    let view = json(&body(resp).await);
+    assert_eq!(
+        (
+            view.get_i64("balance"),
+            view.get_i64("leased"),
+            view.get_i64("available")
+        ),
+        (Some(998), Some(10), Some(988))
+    );
     // Idle for `lease_idle_secs`, it goes back.
     assert!(
         eventually(Duration::from_secs(10), || async {

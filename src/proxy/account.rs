@@ -18,6 +18,7 @@ use crate::metrics::Denial;
 use crate::payments::checkout::{Checkout, Offer};
 use crate::ratelimit::{ceil_secs, Decision};
 use crate::store::admin::{self, KeyListing, KeyOrigin};
+use crate::store::leases::{self, Standing};
 use crate::store::ledger::{self, ChargeRow, DailyUsage};
 use crate::store::now_ms;
 use crate::store::payments;
@@ -31,9 +32,8 @@ const MAX_TOPUP_BODY: usize = 1024;
 struct AccountView {
     account: String,
     plan: String,
-    balance: i64,
-    held: i64,
-    available: i64,
+    #[serde(flatten)]
+    standing: Standing,
     /// The key this request was made with, so a page can tell it apart
     /// (none when signed in by session).
     key_id: Option<i64>,
@@ -108,17 +108,27 @@ impl Proxy {
 
     async fn account_view(&self, caller: &Caller) -> Result<Response<Body>, ApiError> {
         let account = &caller.account;
-        let name = account.name.clone();
-        let keys = self
+        let (name, id) = (account.name.clone(), account.id);
+        // On a database several nodes share, this node's memory holds only
+        // its own lease: the account's standing is the database's.
+        let shared = self.registry.is_leasing();
+        let (keys, stored) = self
             .db
-            .run(move |conn| admin::list_keys(conn, Some(&name)))
+            .run(move |conn| {
+                let keys = admin::list_keys(conn, Some(&name))?;
+                let stored = shared.then(|| leases::standing(conn, id)).transpose()?;
+                Ok((keys, stored))
+            })
             .await?;
         let view = AccountView {
             account: account.name.clone(),
             plan: account.plan.load().to_string(),
-            balance: account.balance(),
-            held: account.held(),
-            available: account.available(),
+            standing: stored.unwrap_or(Standing {
+                balance: account.balance(),
+                leased: 0,
+                held: account.held(),
+                available: account.available(),
+            }),
             key_id: caller.key.as_ref().map(|k| k.id),
             email: caller.session.as_ref().and_then(|s| s.email.clone()),
             csrf_token: caller.session.as_ref().map(|s| s.csrf.clone()),

@@ -106,10 +106,35 @@ pub fn give_back(
     Ok(())
 }
 
-/// Credits of the account leased to nodes now (0 on a single node).
-pub fn leased(conn: &mut dyn Sql, account_id: i64) -> Result<i64, StoreError> {
-    conn.value(
-        "SELECT CAST(COALESCE(SUM(credits), 0) AS BIGINT) FROM leases WHERE account_id = ?1",
-        args![account_id],
-    )
+/// An account's credits as the database has them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Standing {
+    /// Put in, less every charge written.
+    pub balance: i64,
+    /// Leased to nodes (0 on a single node).
+    pub leased: i64,
+    /// Held by requests in flight, as last written.
+    pub held: i64,
+    /// Free to spend: a node's holds are spent from its lease, so the
+    /// balance less the larger of the two.
+    pub available: i64,
+}
+
+pub fn standing(conn: &mut dyn Sql, account_id: i64) -> Result<Standing, StoreError> {
+    let row = conn
+        .row(
+            "SELECT balance,
+                 (SELECT CAST(COALESCE(SUM(credits), 0) AS BIGINT) FROM leases WHERE account_id = ?1),
+                 (SELECT CAST(COALESCE(SUM(credits), 0) AS BIGINT) FROM holds WHERE account_id = ?1)
+             FROM accounts WHERE id = ?1",
+            args![account_id],
+        )?
+        .ok_or_else(StoreError::no_row)?;
+    let (balance, leased, held): (i64, i64, i64) = (row.get(0)?, row.get(1)?, row.get(2)?);
+    Ok(Standing {
+        balance,
+        leased,
+        held,
+        available: balance - held.max(leased),
+    })
 }

@@ -282,14 +282,6 @@ pub fn recover_in(
     Ok(done)
 }
 
-/// Credits held by requests in flight, as last written by a running server.
-pub fn held(conn: &mut dyn Sql, account_id: i64) -> Result<i64, StoreError> {
-    conn.value(
-        "SELECT CAST(COALESCE(SUM(credits), 0) AS BIGINT) FROM holds WHERE account_id = ?1",
-        args![account_id],
-    )
-}
-
 #[derive(Debug, Serialize)]
 pub struct ModelUsage {
     pub model: String,
