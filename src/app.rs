@@ -120,7 +120,7 @@ impl Core {
             let registry = Arc::clone(&registry);
             writer::Node {
                 name,
-                debited: Box::new(move |account_id, credits| {
+                written: Box::new(move |account_id, credits| {
                     if let Some(account) = registry.account(account_id) {
                         account.flushed(i64::try_from(credits).unwrap_or(i64::MAX));
                     }

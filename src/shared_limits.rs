@@ -57,8 +57,12 @@ impl SharedLimits {
                     Ok(lead) => lead,
                 };
                 if let Some(cap) = cap {
-                    if let Err(lead) = take(&mut *conn, &a, cap)? {
+                    // The key's place goes back whether the cap refused or failed.
+                    let capped = take(&mut *conn, &a, cap);
+                    if !matches!(capped, Ok(Ok(_))) {
                         limits::refund(&mut *conn, &k, ns(own.interval_ns()))?;
+                    }
+                    if let Err(lead) = capped? {
                         return Ok((cap.denied(lead as u64), true));
                     }
                 }

@@ -77,12 +77,28 @@ impl Pool {
             .map_err(|e| Error::Usage(format!("store task failed: {e}")))?
     }
 
-    /// Runs `f` here, on a thread that may block.
+    /// Runs `f` here, on a thread that may block. The connection comes
+    /// back to the pool however `f` ends, a panic included.
     pub fn blocking<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T, Error>) -> Result<T, Error> {
-        let mut conn = self.take()?;
-        let result = f(&mut conn);
-        self.slots.lock().idle.push(conn);
-        self.freed.notify_one();
-        result
+        let mut lent = Lent {
+            pool: self,
+            conn: Some(self.take()?),
+        };
+        f(lent.conn.as_mut().expect("lent until dropped"))
+    }
+}
+
+/// A connection out of the pool, given back when dropped.
+struct Lent<'a> {
+    pool: &'a Pool,
+    conn: Option<Conn>,
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.slots.lock().idle.push(conn);
+            self.pool.freed.notify_one();
+        }
     }
 }

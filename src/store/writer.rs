@@ -192,10 +192,12 @@ impl StoreWriter {
 }
 
 /// A node of several on a shared database: its name (its holds and its
-/// lease) and who to tell, per account, of charges committed.
+/// lease) and who to tell, per account, of settlements the store now has
+/// (committed, or set aside), so that the node stops counting them as its
+/// own unwritten charges.
 pub struct Node {
     pub name: String,
-    pub debited: Box<dyn Fn(i64, u64) + Send>,
+    pub written: Box<dyn Fn(i64, u64) + Send>,
 }
 
 struct Writer {
@@ -268,12 +270,7 @@ impl Writer {
         loop {
             let name = self.node.as_ref().map(|n| n.name.as_str());
             match commit(&mut self.conn, batch, name) {
-                Ok(debits) => {
-                    if let Some(node) = &self.node {
-                        for (account_id, credits) in debits {
-                            (node.debited)(account_id, credits);
-                        }
-                    }
+                Ok(()) => {
                     self.shared.down.store(false, Ordering::Release);
                     self.mark_committed(batch);
                     return true;
@@ -333,8 +330,14 @@ impl Writer {
 
     fn mark_committed(&mut self, batch: &[WriteOp]) {
         for op in batch {
-            if let WriteOp::JobEnded { stored, .. } = op {
-                stored.store(true, Ordering::Release);
+            match op {
+                WriteOp::JobEnded { stored, .. } => stored.store(true, Ordering::Release),
+                WriteOp::Settle { charge, .. } => {
+                    if let Some(node) = &self.node {
+                        (node.written)(charge.account_id, charge.credits);
+                    }
+                }
+                _ => {}
             }
         }
         for segment in batch.iter().filter_map(WriteOp::segment) {
@@ -399,13 +402,8 @@ fn gather(rx: &mut mpsc::Receiver<WriteOp>, batch: &mut Vec<WriteOp>) {
 
 /// One transaction for the batch. A hold settled within the same batch is
 /// never written as a hold (the journal covers it until the commit), and
-/// balances move by one summed delta per account, which it returns. Public
-/// for the bench.
-pub fn commit(
-    conn: &mut Conn,
-    batch: &[WriteOp],
-    node: Option<&str>,
-) -> Result<HashMap<i64, u64>, StoreError> {
+/// balances move by one summed delta per account. Public for the bench.
+pub fn commit(conn: &mut Conn, batch: &[WriteOp], node: Option<&str>) -> Result<(), StoreError> {
     // ahash, not SipHash: these two sets were a twentieth of the writer's time.
     let held_here: HashSet<&str, ahash::RandomState> = batch
         .iter()
@@ -471,10 +469,5 @@ pub fn commit(
             ledger::Writes::new(&mut tx, node).debit(account_id, credits, leased, Some(epoch))?;
         }
     }
-    tx.commit()?;
-    let mut charged: HashMap<i64, u64> = HashMap::new();
-    for ((account_id, _), (credits, _)) in debits {
-        *charged.entry(account_id).or_default() += credits;
-    }
-    Ok(charged)
+    tx.commit()
 }
