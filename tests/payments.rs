@@ -505,15 +505,6 @@ async fn assert_live_balance(server: &Server, key: &str, want: i64) {
     );
 }
 
-/// The balance the running server holds in memory, as its key sees it.
-async fn live_balance(server: &Server, key: &str) -> Option<i64> {
-    let resp = client()
-        .request(get(&server.url("/v1/account"), Some(key)))
-        .await
-        .unwrap();
-    json(&body(resp).await).get_i64("balance")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refund_delivered_before_its_payment_is_taken_back_when_the_payment_arrives() {
     // Stripe does not promise the order of its events: the payment's event

@@ -230,16 +230,6 @@ async fn image(server: &Server, key: &str) -> (u16, Option<i64>) {
     (status, balance)
 }
 
-/// The balance the server holds in memory, as the account API reports it
-/// (`None` while the API refuses: too many polls, an unknown key).
-async fn live_balance(server: &Server, key: &str) -> Option<i64> {
-    let resp = client()
-        .request(get(&server.url("/v1/account"), Some(key)))
-        .await
-        .unwrap();
-    json(&body(resp).await).get_i64("balance")
-}
-
 fn ok(out: std::process::Output) -> String {
     assert!(
         out.status.success(),
