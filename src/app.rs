@@ -27,7 +27,8 @@ use crate::reload::Reloader;
 use crate::server::threads::{Socketed, Threads};
 use crate::server::{self, Listener};
 use crate::shared_limits::SharedLimits;
-use crate::store::pool::Pool;
+use crate::store::limits::Remote;
+use crate::store::postgres;
 use crate::store::writer::{self, StoreWriter};
 use crate::store::{self, db::Db, ledger, snapshot};
 use crate::tls;
@@ -110,9 +111,13 @@ impl Core {
             )?)),
             None => None,
         };
-        let shared_limits = node
-            .as_ref()
-            .map(|_| SharedLimits::new(Pool::new(&config.store)));
+        let shared_limits = match (&node, &config.store.url) {
+            (Some(_), Some(url)) => Some(SharedLimits::new(Remote::new(
+                postgres::Target::parse(url, config.store.ca_file.as_deref())?,
+                tokio::runtime::Handle::current(),
+            ))),
+            _ => None,
+        };
         let sweeper = leaser
             .as_ref()
             .map(|l| l.spawn_sweeper(&config.store, Arc::clone(&registry)));

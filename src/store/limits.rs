@@ -1,50 +1,144 @@
 //! Rate limits that hold across the nodes of one PostgreSQL: GCRA (see
 //! `ratelimit`) on a row per key or account instead of an atomic, by the
 //! database's clock, so that every node decides against the same state.
+//!
+//! Every billable request makes this round trip, so it is async, from the
+//! request threads themselves, on one connection that pipelines them (its
+//! connection task runs on the background runtime): no blocking thread
+//! and no pool slot per request.
 
-use super::sql::{Sql, StoreError};
-use crate::args;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use tokio_postgres::{Client, Statement};
+
+use super::postgres::{bind, numbered, Target};
+use super::sql::{Param, StoreError};
 
 /// The database's clock, in nanoseconds since the epoch.
 const NOW_NS: &str = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000000 AS BIGINT)";
+/// The longest one decision may take before it counts as the database
+/// being unreachable.
+const DEADLINE: Duration = Duration::from_secs(5);
 
-/// One request against `subject`'s limit: `Ok(lead)` when allowed, with
-/// the lead of its new theoretical arrival time over now; `Err(lead)` when
-/// refused, with the current lead. Allowing moves the state; refusing
-/// leaves it.
-pub fn take(
-    conn: &mut dyn Sql,
-    subject: &str,
-    interval_ns: i64,
-    tolerance_ns: i64,
-) -> Result<Result<i64, i64>, StoreError> {
-    // `excluded.tat_ns - interval` is the statement's now, read once.
-    let taken = conn.row(
-        &format!(
-            "INSERT INTO rate_limits (subject, tat_ns) VALUES (?1, {NOW_NS} + ?2)
-             ON CONFLICT (subject) DO UPDATE
-             SET tat_ns = GREATEST(rate_limits.tat_ns, excluded.tat_ns - ?2) + ?2
-             WHERE GREATEST(rate_limits.tat_ns, excluded.tat_ns - ?2) - (excluded.tat_ns - ?2) <= ?3
-             RETURNING tat_ns - {NOW_NS}"
-        ),
-        args![subject, interval_ns, tolerance_ns],
-    )?;
-    if let Some(row) = taken {
-        return Ok(Ok(row.get(0)?));
-    }
-    let lead: i64 = conn.value(
-        &format!("SELECT tat_ns - {NOW_NS} FROM rate_limits WHERE subject = ?1"),
-        args![subject],
-    )?;
-    Ok(Err(lead.max(0)))
+pub struct Remote {
+    target: Target,
+    runtime: tokio::runtime::Handle,
+    live: ArcSwapOption<Live>,
+    connecting: tokio::sync::Mutex<()>,
 }
 
-/// Gives back one allowed request (refused by another limit after all, or
-/// one that never reached fal).
-pub fn refund(conn: &mut dyn Sql, subject: &str, interval_ns: i64) -> Result<(), StoreError> {
-    conn.exec(
-        "UPDATE rate_limits SET tat_ns = tat_ns - ?2 WHERE subject = ?1",
-        args![subject, interval_ns],
-    )?;
-    Ok(())
+struct Live {
+    client: Client,
+    take: Statement,
+    lead: Statement,
+    refund: Statement,
+}
+
+impl Remote {
+    /// Connects on first use; the connection's task runs on `runtime`.
+    pub fn new(target: Target, runtime: tokio::runtime::Handle) -> Self {
+        Self {
+            target,
+            runtime,
+            live: ArcSwapOption::empty(),
+            connecting: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The connection, made again (one caller at a time) if it broke.
+    async fn live(&self) -> Result<Arc<Live>, StoreError> {
+        if let Some(live) = self.live.load_full().filter(|l| !l.client.is_closed()) {
+            return Ok(live);
+        }
+        let _connecting = self.connecting.lock().await;
+        if let Some(live) = self.live.load_full().filter(|l| !l.client.is_closed()) {
+            return Ok(live);
+        }
+        let client = self.target.connect_async(&self.runtime).await?;
+        // `excluded.tat_ns - interval` is the statement's now, read once.
+        let take = client
+            .prepare(&numbered(&format!(
+                "INSERT INTO rate_limits (subject, tat_ns) VALUES (?1, {NOW_NS} + ?2)
+                 ON CONFLICT (subject) DO UPDATE
+                 SET tat_ns = GREATEST(rate_limits.tat_ns, excluded.tat_ns - ?2) + ?2
+                 WHERE GREATEST(rate_limits.tat_ns, excluded.tat_ns - ?2) - (excluded.tat_ns - ?2) <= ?3
+                 RETURNING tat_ns - {NOW_NS}"
+            )))
+            .await?;
+        let lead = client
+            .prepare(&numbered(&format!(
+                "SELECT tat_ns - {NOW_NS} FROM rate_limits WHERE subject = ?1"
+            )))
+            .await?;
+        let refund = client
+            .prepare(&numbered(
+                "UPDATE rate_limits SET tat_ns = tat_ns - ?2 WHERE subject = ?1",
+            ))
+            .await?;
+        let live = Arc::new(Live {
+            client,
+            take,
+            lead,
+            refund,
+        });
+        self.live.store(Some(Arc::clone(&live)));
+        Ok(live)
+    }
+
+    /// One request against `subject`'s limit: `Ok(lead)` when allowed, with
+    /// the lead of its new theoretical arrival time over now; `Err(lead)`
+    /// when refused, with the current lead. Allowing moves the state;
+    /// refusing leaves it.
+    pub async fn take(
+        &self,
+        subject: &str,
+        interval_ns: i64,
+        tolerance_ns: i64,
+    ) -> Result<Result<i64, i64>, StoreError> {
+        within(async {
+            let live = self.live().await?;
+            let args = [
+                Param::Text(subject),
+                Param::Int(interval_ns),
+                Param::Int(tolerance_ns),
+            ];
+            if let Some(row) = live.client.query_opt(&live.take, &bind(&args)).await? {
+                return Ok(Ok(row.try_get(0)?));
+            }
+            let args = [Param::Text(subject)];
+            let lead: i64 = live
+                .client
+                .query_one(&live.lead, &bind(&args))
+                .await?
+                .try_get(0)?;
+            Ok(Err(lead.max(0)))
+        })
+        .await
+    }
+
+    /// Gives back one allowed request (refused by another limit after all,
+    /// or one that never reached fal).
+    pub async fn refund(&self, subject: &str, interval_ns: i64) -> Result<(), StoreError> {
+        within(async {
+            let live = self.live().await?;
+            let args = [Param::Text(subject), Param::Int(interval_ns)];
+            live.client.execute(&live.refund, &bind(&args)).await?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+async fn within<T>(
+    work: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(DEADLINE, work)
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Value(
+                "the database took too long to decide".into(),
+            ))
+        })
 }

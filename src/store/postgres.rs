@@ -28,7 +28,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Where the database is and how to reach it.
 #[derive(Clone)]
 pub struct Target {
-    config: Config,
+    config: tokio_postgres::Config,
     tls: MakeRustlsConnect,
 }
 
@@ -36,10 +36,25 @@ impl Target {
     /// `url` as libpq reads it (`postgres://user:pass@host:port/db?sslmode=require`);
     /// TLS through rustls with the public roots, plus `ca_file` if given.
     pub fn parse(url: &str, ca_file: Option<&Path>) -> Result<Self, Error> {
-        let mut config =
-            Config::from_str(url).map_err(|e| Error::Config(format!("[store] url: {e}")))?;
+        use tokio_postgres::config::{Host, SslMode};
+        let mut config = tokio_postgres::Config::from_str(url)
+            .map_err(|e| Error::Config(format!("[store] url: {e}")))?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        // `prefer` falls back to plain text when a man in the middle says
+        // so: off this machine, TLS is required unless the URL disables it.
+        let local = config.get_hosts().iter().all(|h| match h {
+            Host::Tcp(name) => {
+                name == "localhost"
+                    || name
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+            Host::Unix(_) => true,
+        });
+        if !local && config.get_ssl_mode() == SslMode::Prefer {
+            config.ssl_mode(SslMode::Require);
         }
         // A peer gone without a word (a cut network) is noticed in seconds,
         // not after the kernel's two hours.
@@ -62,12 +77,21 @@ impl Target {
     }
 
     fn connect(&self) -> Result<Client, StoreError> {
-        Ok(self.config.connect(self.tls.clone())?)
+        Ok(Config::from(self.config.clone()).connect(self.tls.clone())?)
     }
 
-    /// A connection for the change feed's notifications, off the request threads.
-    pub fn config(&self) -> (&Config, &MakeRustlsConnect) {
-        (&self.config, &self.tls)
+    /// An async connection; its connection task runs on `runtime`.
+    pub async fn connect_async(
+        &self,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<tokio_postgres::Client, StoreError> {
+        let (client, connection) = self.config.connect(self.tls.clone()).await?;
+        runtime.spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(error = %e, "a PostgreSQL connection ended");
+            }
+        });
+        Ok(client)
     }
 }
 
@@ -280,7 +304,7 @@ fn prepare(
 }
 
 /// `?N` → `$N`. Our statements hold no `?` in string literals.
-pub(super) fn numbered(sql: &str) -> String {
+pub(crate) fn numbered(sql: &str) -> String {
     let mut out = String::with_capacity(sql.len());
     let mut chars = sql.chars().peekable();
     while let Some(c) = chars.next() {
@@ -293,7 +317,7 @@ pub(super) fn numbered(sql: &str) -> String {
     out
 }
 
-fn bind<'a>(args: &'a [Param<'a>]) -> Vec<&'a (dyn ToSql + Sync)> {
+pub(crate) fn bind<'a>(args: &'a [Param<'a>]) -> Vec<&'a (dyn ToSql + Sync)> {
     args.iter().map(|a| a as &(dyn ToSql + Sync)).collect()
 }
 
@@ -399,6 +423,29 @@ pub(super) fn unavailable(e: &postgres::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use tokio_postgres::config::SslMode;
+
+    /// Off this machine a URL that says nothing of TLS gets it required
+    /// (`prefer` would fall back to plain text when told to); on loopback,
+    /// or where the URL says so, it is left as it is.
+    #[test]
+    fn tls_is_required_off_this_machine() {
+        let mode = |url: &str| {
+            super::Target::parse(url, None)
+                .unwrap()
+                .config
+                .get_ssl_mode()
+        };
+        assert_eq!(mode("postgres://u@db.internal:5432/x"), SslMode::Require);
+        assert_eq!(mode("postgres://u@10.1.2.3/x"), SslMode::Require);
+        assert_eq!(mode("postgres://u@127.0.0.1:5432/x"), SslMode::Prefer);
+        assert_eq!(mode("postgres://u@localhost/x"), SslMode::Prefer);
+        assert_eq!(
+            mode("postgres://u@db.internal/x?sslmode=disable"),
+            SslMode::Disable
+        );
+    }
+
     #[test]
     fn placeholders_are_renumbered_for_postgres() {
         assert_eq!(
