@@ -13,8 +13,6 @@ pub struct Grant {
     /// Credits added to the node's lease: `need`, `need + extra`, or 0
     /// when the account's free credit is below `need`.
     pub credits: i64,
-    /// The account's free credit before the grant.
-    pub free: i64,
     /// The account's balance, as written so far.
     pub balance: i64,
 }
@@ -81,11 +79,7 @@ pub fn grant(
         )?;
     }
     tx.commit()?;
-    Ok(Grant {
-        credits,
-        free,
-        balance,
-    })
+    Ok(Grant { credits, balance })
 }
 
 /// Gives `credits` of the node's lease back to the account's free credit,
