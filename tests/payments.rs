@@ -119,13 +119,7 @@ async fn a_paid_checkout_credits_its_account_once_and_its_key_spends_it_at_once(
     assert_eq!(balance(&server, "acme"), 5000);
 
     // The running server has the credits without a restart.
-    let paid_call = eventually(std::time::Duration::from_secs(5), || async {
-        call(&server, &key, "/fal-ai/flux/dev", r#"{"prompt":"a"}"#)
-            .await
-            .status()
-            == 200
-    })
-    .await;
+    let paid_call = flux_answers(&server, &key, 200).await;
     assert!(paid_call);
 
     // The same event again, and another event for the same session: nothing more.
@@ -202,13 +196,7 @@ async fn refunds_take_back_their_share_once_even_below_zero() {
     assert_eq!(deliver(&server, &event, signed(&event)).await.0, 200);
     // Some of the credits are spent before the refunds.
     for _ in 0..3 {
-        let ok = eventually(std::time::Duration::from_secs(5), || async {
-            call(&server, &key, "/fal-ai/flux/dev", r#"{"prompt":"a"}"#)
-                .await
-                .status()
-                == 200
-        })
-        .await;
+        let ok = flux_answers(&server, &key, 200).await;
         assert!(ok);
     }
     let charged = || -> i64 {
@@ -252,13 +240,7 @@ async fn refunds_take_back_their_share_once_even_below_zero() {
     assert_eq!(balance(&server, "acme"), -spent);
 
     // Below zero, the key is refused until the account is topped up.
-    let refused = eventually(std::time::Duration::from_secs(5), || async {
-        call(&server, &key, "/fal-ai/flux/dev", r#"{"prompt":"a"}"#)
-            .await
-            .status()
-            == 402
-    })
-    .await;
+    let refused = flux_answers(&server, &key, 402).await;
     assert!(refused);
 }
 
@@ -428,13 +410,7 @@ async fn a_top_up_asks_stripe_for_a_checkout_and_paying_it_credits_once() {
     pay(&url).await;
     assert_eq!(balance(&server, "acme"), 5000);
     assert_eq!(payments(&server), 1);
-    let spent = eventually(std::time::Duration::from_secs(5), || async {
-        call(&server, &key, "/fal-ai/flux/dev", r#"{"prompt":"a"}"#)
-            .await
-            .status()
-            == 200
-    })
-    .await;
+    let spent = flux_answers(&server, &key, 200).await;
     assert!(spent);
 }
 
@@ -643,4 +619,16 @@ async fn futures_join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Out
     })
     .await;
     out.into_iter().map(Option::unwrap).collect()
+}
+
+/// Whether a priced call with `key` comes to answer `status` within 5 s
+/// (the server applies payments through its change feed).
+async fn flux_answers(server: &Server, key: &str, status: u16) -> bool {
+    eventually(std::time::Duration::from_secs(5), || async {
+        call(server, key, "/fal-ai/flux/dev", r#"{"prompt":"a"}"#)
+            .await
+            .status()
+            == status
+    })
+    .await
 }
