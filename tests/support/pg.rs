@@ -1,8 +1,8 @@
 //! A throwaway PostgreSQL for the tests: Debian's `postgresql` package
 //! (installed on first use, as the browser is), `initdb` into a temporary
 //! folder, one server per test process on a loopback port, run as an
-//! unprivileged user (PostgreSQL refuses root) and killed with the process.
-//! Each test gets a database of its own.
+//! unprivileged user (PostgreSQL refuses root) and killed with the process,
+//! its folder removed after it. Each test gets a database of its own.
 
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
@@ -176,21 +176,36 @@ fn serve(bin: &Path, dir: &Path, data: &Path, uid: u32, gid: u32) -> Result<u16,
         let port = free_port();
         let log = std::fs::File::create(dir.join(format!("server-{port}.log")))
             .map_err(|e| e.to_string())?;
-        let mut cmd = Command::new(bin.join("postgres"));
-        cmd.arg("-D")
-            .arg(data)
-            .args(["-p", &port.to_string(), "-k"])
-            .arg(dir)
-            .args([
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                "fsync=off",
-                "-c",
-                "max_connections=200",
-            ])
-            .stdout(Stdio::null())
-            .stderr(log);
+        // A shell between us and the server outlives the test process long
+        // enough to remove the data folder (about 90 MB) once the server
+        // has stopped: the parent-death signal reaches the shell, which
+        // passes it on and waits. A start that fails keeps the folder for
+        // the next port.
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            r#"dir=$1; shift; "$@" & pid=$!
+               trap 'kill -QUIT $pid; done=1' QUIT
+               trap 'kill -TERM $pid' TERM
+               wait $pid; wait $pid; [ -z "$done" ] || rm -rf "$dir""#,
+            "pg-reaper",
+        ])
+        .arg(dir)
+        .arg(bin.join("postgres"))
+        .arg("-D")
+        .arg(data)
+        .args(["-p", &port.to_string(), "-k"])
+        .arg(dir)
+        .args([
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "fsync=off",
+            "-c",
+            "max_connections=200",
+        ])
+        .stdout(Stdio::null())
+        .stderr(log);
         as_user(&mut cmd, uid, gid);
         let mut child = cmd.spawn().map_err(|e| format!("postgres: {e}"))?;
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -205,7 +220,9 @@ fn serve(bin: &Path, dir: &Path, data: &Path, uid: u32, gid: u32) -> Result<u16,
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = child.kill();
+        // SAFETY: a plain system call on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let _ = child.wait();
         last = std::fs::read_to_string(dir.join(format!("server-{port}.log"))).unwrap_or_default();
     }
     Err(format!("PostgreSQL did not start: {last}"))
