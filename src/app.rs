@@ -111,11 +111,14 @@ impl Core {
             )?)),
             None => None,
         };
-        let shared_limits = match (&node, &config.store.url) {
-            (Some(_), Some(url)) => Some(SharedLimits::new(Remote::new(
-                postgres::Target::parse(url, config.store.ca_file.as_deref())?,
-                tokio::runtime::Handle::current(),
-            ))),
+        let shared_limits = match (&leaser, &config.store.url) {
+            (Some(leaser), Some(url)) => Some(SharedLimits::new(
+                Remote::new(
+                    postgres::Target::parse(url, config.store.ca_file.as_deref())?,
+                    tokio::runtime::Handle::current(),
+                ),
+                Arc::clone(leaser),
+            )),
             _ => None,
         };
         let sweeper = leaser

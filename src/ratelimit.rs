@@ -67,6 +67,24 @@ impl Gcra {
         self.interval_ns
     }
 
+    /// One node's share of this limit when `nodes` decide it apart: each
+    /// admits a `nodes`-th of the rate and of the burst (at least one), so
+    /// that together they admit no more than the limit.
+    pub fn share(&self, nodes: u64) -> Self {
+        let nodes = nodes.max(1);
+        Self::new(
+            self.interval_ns.saturating_mul(nodes),
+            (self.burst / nodes).max(1),
+        )
+    }
+
+    /// Moves TAT to at least `lead` ahead of `now`: what a limit decided
+    /// elsewhere (the database) last reported, so that deciding here next
+    /// starts from it rather than from a fresh burst.
+    pub fn follow(tat: &AtomicU64, now: u64, lead: u64) {
+        tat.fetch_max(now.saturating_add(lead), Ordering::AcqRel);
+    }
+
     /// Largest lead TAT may have over `now` for a request to pass.
     pub fn tolerance(&self) -> u64 {
         (self.burst - 1) * self.interval_ns
@@ -232,18 +250,23 @@ impl RateLimits {
         (plan.requests_per_minute, plan.key, plan.account)
     }
 
-    /// A request that starts work at fal: the key's limit, then the account's cap.
-    pub fn generation(&self, key: &ApiKey, now: u64) -> Verdict {
+    /// A request that starts work at fal: the key's limit, then the
+    /// account's cap, or this node's share of them when `nodes` decide them
+    /// apart (1 on a node alone).
+    pub fn generation(&self, key: &ApiKey, now: u64, nodes: u64) -> Verdict {
         let plan = self.plan(key);
-        let decision = plan.key.check(&key.generation_tat, now);
+        let own = plan.key.share(nodes);
+        let decision = own.check(&key.generation_tat, now);
         let mut verdict = Verdict {
             limit: plan.requests_per_minute,
             decision,
             by_account: false,
         };
         if let (Decision::Allow { .. }, Some(cap)) = (decision, plan.account) {
-            if let denied @ Decision::Deny { .. } = cap.check(&key.account.rate_tat, now) {
-                plan.key.refund(&key.generation_tat);
+            if let denied @ Decision::Deny { .. } =
+                cap.share(nodes).check(&key.account.rate_tat, now)
+            {
+                own.refund(&key.generation_tat);
                 verdict.decision = denied;
                 verdict.by_account = true;
             }
@@ -251,12 +274,13 @@ impl RateLimits {
         verdict
     }
 
-    /// Gives back an allowed generation request that did not reach fal after all.
-    fn refund_generation(&self, key: &ApiKey) {
+    /// Gives back an allowed generation request that did not reach fal
+    /// after all, to the share it was taken from.
+    fn refund_generation(&self, key: &ApiKey, nodes: u64) {
         let plan = self.plan(key);
-        plan.key.refund(&key.generation_tat);
+        plan.key.share(nodes).refund(&key.generation_tat);
         if let Some(cap) = plan.account {
-            cap.refund(&key.account.rate_tat);
+            cap.share(nodes).refund(&key.account.rate_tat);
         }
     }
 
@@ -290,28 +314,26 @@ impl RateLimits {
 pub struct Allowance<'a> {
     limits: &'a RateLimits,
     key: &'a ApiKey,
-    /// Taken from the limits the nodes share, not this node's.
-    shared: Option<Arc<SharedLimits>>,
+    taken: Taken,
     spent: bool,
 }
 
-impl<'a> Allowance<'a> {
-    /// For a request [`RateLimits::generation`] allowed.
-    pub fn taken(limits: &'a RateLimits, key: &'a ApiKey) -> Self {
-        Self {
-            limits,
-            key,
-            shared: None,
-            spent: false,
-        }
-    }
+/// Where an allowed request took its place, for it to go back there.
+pub enum Taken {
+    /// This node's limits, or its share of limits `n` nodes decide apart
+    /// ([`RateLimits::generation`]).
+    Here { nodes: u64 },
+    /// The limits the nodes share, in the database
+    /// ([`SharedLimits::generation`]).
+    Shared(Arc<SharedLimits>),
+}
 
-    /// For a request [`SharedLimits::generation`] allowed.
-    pub fn shared(limits: &'a RateLimits, key: &'a ApiKey, shared: Arc<SharedLimits>) -> Self {
+impl<'a> Allowance<'a> {
+    pub fn new(limits: &'a RateLimits, key: &'a ApiKey, taken: Taken) -> Self {
         Self {
             limits,
             key,
-            shared: Some(shared),
+            taken,
             spent: false,
         }
     }
@@ -327,9 +349,9 @@ impl Drop for Allowance<'_> {
         if self.spent {
             return;
         }
-        match &self.shared {
-            Some(shared) => shared.refund(self.limits, self.key),
-            None => self.limits.refund_generation(self.key),
+        match &self.taken {
+            Taken::Shared(shared) => shared.refund(self.limits, self.key),
+            Taken::Here { nodes } => self.limits.refund_generation(self.key, *nodes),
         }
     }
 }
@@ -450,5 +472,32 @@ mod tests {
         assert!(matches!(limit.check(&tat, SEC), Decision::Allow { .. }));
         assert_eq!(ceil_secs(1), 1);
         assert_eq!(ceil_secs(2 * SEC), 2);
+    }
+
+    /// Three nodes deciding apart on their shares of 30 a minute admit 30
+    /// at once between them, and then 30 a minute.
+    #[test]
+    fn shares_together_admit_the_limit() {
+        let share = Gcra::per_minute(30, 30).share(3);
+        let tats: Vec<AtomicU64> = (0..3).map(|_| AtomicU64::new(0)).collect();
+        let admitted = |now: u64| {
+            tats.iter()
+                .map(|tat| {
+                    (0..100)
+                        .filter(|_| matches!(share.check(tat, now), Decision::Allow { .. }))
+                        .count()
+                })
+                .sum::<usize>()
+        };
+        assert_eq!(admitted(SEC), 30);
+        assert_eq!(admitted(SEC + 60 * SEC), 30);
+        // A node that learnt the shared state ten requests in starts there.
+        let tat = AtomicU64::new(0);
+        Gcra::follow(&tat, SEC, 10 * 2 * SEC);
+        let own = Gcra::per_minute(30, 30).share(1);
+        let left = (0..100)
+            .filter(|_| matches!(own.check(&tat, SEC), Decision::Allow { .. }))
+            .count();
+        assert_eq!(left, 20);
     }
 }

@@ -17,16 +17,51 @@ struct Cluster {
 
 /// `n` nodes on a fresh PostgreSQL, and a key of an account with `credits`.
 async fn cluster(n: usize, credits: i64) -> Cluster {
-    cluster_on_plans(n, credits, UNLIMITED_PLANS).await
+    cluster_with(Setup::new(n, credits)).await
 }
 
 async fn cluster_on_plans(n: usize, credits: i64, plans: &str) -> Cluster {
-    cluster_with(n, credits, plans, 250).await
+    cluster_with(Setup {
+        plans,
+        ..Setup::new(n, credits)
+    })
+    .await
 }
 
-async fn cluster_with(n: usize, credits: i64, plans: &str, refresh_interval_ms: u64) -> Cluster {
+struct Setup<'a> {
+    nodes: usize,
+    credits: i64,
+    plans: &'a str,
+    refresh_interval_ms: u64,
+    /// The database's URL as the nodes reach it.
+    url: String,
+    /// `[cluster]` settings besides the node's name.
+    lease: &'a str,
+}
+
+impl Setup<'_> {
+    fn new(nodes: usize, credits: i64) -> Self {
+        Self {
+            nodes,
+            credits,
+            plans: UNLIMITED_PLANS,
+            refresh_interval_ms: 250,
+            url: pg::database(),
+            lease: "lease_credits = 10\nlease_ttl_secs = 2\n",
+        }
+    }
+}
+
+async fn cluster_with(setup: Setup<'_>) -> Cluster {
     let mock = MockFal::start(None).await.unwrap();
-    let url = pg::database();
+    let Setup {
+        nodes: n,
+        credits,
+        plans,
+        refresh_interval_ms,
+        url,
+        lease,
+    } = setup;
     let options = |i: usize| {
         let mut opts = Options::new(mock.url(false));
         opts.plans = plans.to_owned();
@@ -37,8 +72,7 @@ async fn cluster_with(n: usize, credits: i64, plans: &str, refresh_interval_ms: 
         opts.reconcile_interval_secs = 1;
         opts.refresh_interval_ms = refresh_interval_ms;
         opts.store_url = Some(url.clone());
-        opts.cluster =
-            format!("[cluster]\nnode = \"node-{i}\"\nlease_credits = 10\nlease_ttl_secs = 2\n");
+        opts.cluster = format!("[cluster]\nnode = \"node-{i}\"\n{lease}");
         opts
     };
     let (first, key) = Server::start_with_key(options(1), "acme", credits);
@@ -424,7 +458,11 @@ async fn a_cost_above_its_hold_is_not_spent_twice() {
 /// edit commits: by notification, the change feed's poll being an hour away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_reaches_every_node_at_once() {
-    let cluster = cluster_with(3, 1000, UNLIMITED_PLANS, 3_600_000).await;
+    let cluster = cluster_with(Setup {
+        refresh_interval_ms: 3_600_000,
+        ..Setup::new(3, 1000)
+    })
+    .await;
     let key = &cluster.key;
     for node in &cluster.nodes {
         assert_eq!(spread_to(node, key, 1).await, [200]);
@@ -446,4 +484,152 @@ async fn a_revocation_reaches_every_node_at_once() {
         );
     }
     assert_eq!(spread_to(&cluster.nodes[2], key, 1).await, [403]);
+}
+
+/// `requests` at once to `node` with `key`: their statuses.
+async fn burst_to(node: &Server, key: &str, requests: usize) -> Vec<u16> {
+    let url = node.url("/mock/canned");
+    let calls: Vec<_> = (0..requests)
+        .map(|_| {
+            let (url, key) = (url.clone(), key.to_owned());
+            tokio::spawn(async move {
+                client()
+                    .request(post(&url, Some(&key), "application/json", "{}"))
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0)
+            })
+        })
+        .collect();
+    let mut statuses = Vec::with_capacity(requests);
+    for call in calls {
+        statuses.push(call.await.unwrap());
+    }
+    statuses
+}
+
+/// The database goes away under two nodes (`link` says how): each goes on
+/// serving from what it has leased, deciding a key's rate limit alone on
+/// its share (half the rate and burst, from where the database left it),
+/// refuses billable requests with 503 `ledger_unavailable` once its lease
+/// is fenced (half the TTL unheard), and serves again by itself once the
+/// database is back. Every request fal served is charged once.
+async fn ride_out(link: cut::Link) {
+    let database = pg::database();
+    let port = database
+        .split(':')
+        .nth(2)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap();
+    let relay = cut::Relay::start(format!("127.0.0.1:{port}").parse().unwrap()).await;
+    let url = database.replace(&format!(":{port}/"), &format!(":{}/", relay.addr.port()));
+    let plans =
+        "[plans.free]\nrequests_per_minute = 100000\n[plans.strict]\nrequests_per_minute = 30\n";
+    let cluster = cluster_with(Setup {
+        plans,
+        url,
+        // Nothing given back for being idle: what is leased stays to ride on.
+        lease: "lease_credits = 200\nlease_idle_secs = 600\nlease_ttl_secs = 10\n",
+        ..Setup::new(2, 100_000)
+    })
+    .await;
+    let config = &cluster.nodes[0].config;
+    let strict = create_key(config, "strict", 100_000);
+    assert!(cli(config, &["accounts", "plan", "strict", "strict"])
+        .status
+        .success());
+    // Requests answered 200, per account: acme, strict.
+    let mut paid = [0usize; 2];
+    // Each node leases for both accounts, and learns the plan and where the
+    // database has the key (2 of its 30 taken).
+    for node in &cluster.nodes {
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                let resp = client()
+                    .request(get(&node.url("/v1/account"), Some(&strict)))
+                    .await
+                    .unwrap();
+                resp.status() == 200 && json(&body(resp).await).get_str("plan") == Some("strict")
+            })
+            .await
+        );
+        assert_eq!(spread_to(node, &cluster.key, 1).await, [200]);
+        assert_eq!(spread_to(node, &strict, 1).await, [200]);
+        paid = [paid[0] + 1, paid[1] + 1];
+    }
+    // Two heartbeats, so that each node counts the other.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    relay.set(link);
+    let (one, two) = tokio::join!(
+        burst_to(&cluster.nodes[0], &strict, 40),
+        burst_to(&cluster.nodes[1], &strict, 40)
+    );
+    for statuses in [&one, &two] {
+        let ok = count(statuses, 200);
+        assert!(
+            (1..=15).contains(&ok) && ok + count(statuses, 429) == 40,
+            "{statuses:?}"
+        );
+        paid[1] += ok;
+    }
+    // Served from the lease until fenced, then refused, and nothing between.
+    let first = &cluster.nodes[0];
+    let before_fence = std::cell::Cell::new(0);
+    let refused = eventually(Duration::from_secs(30), || async {
+        let resp = call(first, &cluster.key, "/mock/canned", "{}").await;
+        match resp.status().as_u16() {
+            200 => {
+                before_fence.set(before_fence.get() + 1);
+                false
+            }
+            status => {
+                assert_eq!(status, 503);
+                let error = json(&body(resp).await);
+                assert_eq!(error.get_str("error_type"), Some("ledger_unavailable"));
+                true
+            }
+        }
+    })
+    .await;
+    assert!(
+        refused,
+        "a node without its database never stopped spending"
+    );
+    paid[0] += before_fence.get();
+
+    relay.set(cut::Link::Open);
+    for node in &cluster.nodes {
+        assert!(
+            eventually(Duration::from_secs(30), || async {
+                call(node, &cluster.key, "/mock/canned", "{}")
+                    .await
+                    .status()
+                    == 200
+            })
+            .await,
+            "a node did not come back with its database"
+        );
+        paid[0] += 1;
+    }
+    assert_eq!(served(&cluster), paid[0] + paid[1]);
+    assert!(
+        books_close(
+            first,
+            &[("acme", 2 * paid[0] as i64), ("strict", 2 * paid[1] as i64)]
+        )
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_ride_out_a_database_that_refuses_them() {
+    ride_out(cut::Link::Refused).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_ride_out_a_database_that_goes_silent() {
+    ride_out(cut::Link::Frozen).await;
 }

@@ -39,7 +39,16 @@ pub struct Leaser {
     /// Milliseconds since `origin` at which the last heartbeat the
     /// database answered was sent.
     heard_ms: AtomicI64,
+    /// When the heartbeats answered without a gap began: a node takes a
+    /// peer over only once it has been heard for a whole TTL itself, so
+    /// that after an outage of the database the first node back does not
+    /// take over peers whose only fault was the same outage.
+    heard_since_ms: AtomicI64,
     origin: Instant,
+    /// Nodes the database had heard within the TTL, this one included, at
+    /// the last heartbeat: what shares a rate limit while it cannot be
+    /// decided in the database.
+    live: AtomicI64,
     /// Taken to read the epoch and change memory as of it (a hold, a
     /// settlement, leased credit arriving); taken alone to move to a new
     /// epoch and drop what the old one leased, so nothing of the old epoch
@@ -67,7 +76,9 @@ impl Leaser {
             ttl: Duration::from_secs(cluster.lease_ttl_secs.max(1)),
             epoch: AtomicI64::new(epoch),
             heard_ms: AtomicI64::new(0),
+            heard_since_ms: AtomicI64::new(0),
             origin: Instant::now(),
+            live: AtomicI64::new(1),
             epoch_change: RwLock::new(()),
         })
     }
@@ -86,12 +97,28 @@ impl Leaser {
         i64::try_from(self.origin.elapsed().as_millis()).unwrap_or(i64::MAX)
     }
 
-    /// The database has not heard this node for half the TTL (however the
-    /// heartbeat failed or hung): a peer may soon take it over, so it
-    /// spends nothing until it is heard again.
+    /// How long this node goes on spending its lease without the database:
+    /// half the TTL, so that it has stopped well before a peer may take it
+    /// over and free that lease.
+    pub fn tolerance(&self) -> Duration {
+        self.ttl / 2
+    }
+
+    /// The database has not heard this node for [`Leaser::tolerance`]
+    /// (however the heartbeat failed or hung): a peer may soon take it
+    /// over, so it spends nothing until it is heard again.
     pub fn fenced(&self) -> bool {
-        let half = i64::try_from(self.ttl.as_millis() / 2).unwrap_or(i64::MAX);
-        self.elapsed_ms() - self.heard_ms.load(Ordering::Acquire) >= half
+        !self.heard_within(self.tolerance())
+    }
+
+    fn heard_within(&self, within: Duration) -> bool {
+        let within = i64::try_from(within.as_millis()).unwrap_or(i64::MAX);
+        self.elapsed_ms() - self.heard_ms.load(Ordering::Acquire) < within
+    }
+
+    /// Nodes alive at the last heartbeat, this one included.
+    pub fn live_nodes(&self) -> u64 {
+        self.live.load(Ordering::Acquire).max(1) as u64
     }
 
     /// Leases at least `need` more credits for `account`; false when the
@@ -166,8 +193,9 @@ impl Leaser {
                 Err(e) => return tracing::warn!(error = %e, "heartbeat: cannot connect"),
             },
         };
-        match nodes::heartbeat(conn, &self.node) {
-            Ok(epoch) => {
+        let ttl_ms = i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX);
+        match nodes::heartbeat(conn, &self.node, ttl_ms) {
+            Ok(nodes::Beat { epoch, live }) => {
                 if self.epoch() != epoch {
                     let _changing = self.epoch_change.write();
                     self.epoch.store(epoch, Ordering::Release);
@@ -178,7 +206,11 @@ impl Leaser {
                         "a peer took this node over while it was silent: its leases are gone"
                     );
                 }
-                self.heard_ms.store(sent, Ordering::Release);
+                self.live.store(live, Ordering::Release);
+                let gap = sent - self.heard_ms.swap(sent, Ordering::AcqRel);
+                if gap > 2 * BEAT.as_millis() as i64 {
+                    self.heard_since_ms.store(sent, Ordering::Release);
+                }
             }
             Err(e) => {
                 if self.fenced() {
@@ -187,7 +219,9 @@ impl Leaser {
                 return;
             }
         }
-        let ttl_ms = i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX);
+        if sent - self.heard_since_ms.load(Ordering::Acquire) < ttl_ms {
+            return;
+        }
         if let Err(e) = nodes::take_over_silent(conn, &self.node, ttl_ms, now_ms()) {
             tracing::warn!(error = %e, "cannot take silent nodes over");
         }
@@ -196,6 +230,9 @@ impl Leaser {
     /// Two threads: the heartbeat, and the sweeper that gives back unused
     /// credit (at once where the account is scarce and nothing is held, else
     /// after `lease_idle_secs` without a lease, and all of it on stop).
+    /// While the heartbeat goes unanswered the sweeper waits: a give-back
+    /// would fail, and the credit it took out of memory could not be spent
+    /// through the outage.
     pub fn spawn_sweeper(
         self: &Arc<Self>,
         store: &StoreConfig,
@@ -220,6 +257,9 @@ impl Leaser {
             .spawn(move || {
                 while !stopping.load(Ordering::Acquire) {
                     std::thread::park_timeout(SWEEP);
+                    if !this.heard_within(BEAT * 2) {
+                        continue;
+                    }
                     let now = now_ms();
                     for account in registry.accounts() {
                         let idle =

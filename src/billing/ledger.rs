@@ -8,6 +8,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::journal::{HoldRecord, Journal};
 use super::lease::Leaser;
@@ -95,7 +96,11 @@ impl Ledger {
         request_id: &str,
         estimate: Quote,
     ) -> Result<Reservation, ApiError> {
-        let permit = self.writer.permit().await?;
+        let tolerance = self
+            .leaser
+            .as_ref()
+            .map_or(Duration::ZERO, |l| l.tolerance());
+        let permit = self.writer.permit(tolerance).await?;
         let account = Arc::clone(&key.account);
         let credits = i64::try_from(estimate.credits).unwrap_or(i64::MAX);
         let epoch = self.hold(&account, credits).await?;

@@ -42,7 +42,7 @@ use crate::keys::{Account, ApiKey, Registry};
 use crate::metrics::{Denial, Metrics};
 use crate::payments::checkout::Checkout;
 use crate::payments::{self, Webhook};
-use crate::ratelimit::{ceil_secs, Allowance, Decision, RateLimits, Verdict};
+use crate::ratelimit::{ceil_secs, Allowance, Decision, RateLimits, Taken, Verdict};
 use crate::shared_limits::SharedLimits;
 use crate::signin::SignIn;
 use crate::store::{db::Db, now_secs, writer::StoreWriter};
@@ -443,9 +443,13 @@ impl Proxy {
         key: &'a ApiKey,
         trace: &mut Trace,
     ) -> Result<Allowance<'a>, ApiError> {
-        let verdict = match &self.shared_limits {
-            Some(shared) => shared.generation(&tunables.limits, key).await?,
-            None => tunables.limits.generation(key, self.clock.now_ns()),
+        let now = self.clock.now_ns();
+        let (verdict, taken) = match &self.shared_limits {
+            Some(shared) => shared.generation(&tunables.limits, key, now).await,
+            None => (
+                tunables.limits.generation(key, now, 1),
+                Taken::Here { nodes: 1 },
+            ),
         };
         trace.rate = Some(verdict);
         if let Decision::Deny { retry_after_ns, .. } = verdict.decision {
@@ -460,10 +464,7 @@ impl Proxy {
                 by_account: verdict.by_account,
             });
         }
-        Ok(match &self.shared_limits {
-            Some(shared) => Allowance::shared(&tunables.limits, key, Arc::clone(shared)),
-            None => Allowance::taken(&tunables.limits, key),
-        })
+        Ok(Allowance::new(&tunables.limits, key, taken))
     }
 
     /// The poll allowance: status, result, cancel, and storage calls.

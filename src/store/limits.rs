@@ -20,7 +20,7 @@ use super::sql::{Param, StoreError};
 const NOW_NS: &str = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000000 AS BIGINT)";
 /// The longest one decision may take before it counts as the database
 /// being unreachable.
-const DEADLINE: Duration = Duration::from_secs(5);
+const DEADLINE: Duration = Duration::from_secs(1);
 
 pub struct Remote {
     target: Target,
@@ -118,6 +118,21 @@ impl Remote {
         .await
     }
 
+    /// Where the connection's task runs.
+    pub fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.runtime
+    }
+
+    /// Whether the database answers (connecting again if need be).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        within(async {
+            let live = self.live().await?;
+            live.client.simple_query("SELECT 1").await?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Gives back one allowed request (refused by another limit after all,
     /// or one that never reached fal).
     pub async fn refund(&self, subject: &str, interval_ns: i64) -> Result<(), StoreError> {
@@ -137,7 +152,7 @@ async fn within<T>(
     tokio::time::timeout(DEADLINE, work)
         .await
         .unwrap_or_else(|_| {
-            Err(StoreError::Value(
+            Err(StoreError::Unanswered(
                 "the database took too long to decide".into(),
             ))
         })

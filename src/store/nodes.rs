@@ -25,13 +25,33 @@ pub fn join(conn: &mut dyn Sql, name: &str) -> Result<i64, StoreError> {
     )
 }
 
-/// `name` is alive; its epoch, which a peer (or a new process under the
-/// same name) moved if it took it over.
-pub fn heartbeat(conn: &mut dyn Sql, name: &str) -> Result<i64, StoreError> {
-    conn.value(
-        &format!("UPDATE nodes SET seen_at_ms = {NOW_MS} WHERE name = ?1 RETURNING epoch"),
-        args![name],
-    )
+/// What a heartbeat learnt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Beat {
+    /// The node's epoch, which a peer (or a new process under the same
+    /// name) moved if it took it over.
+    pub epoch: i64,
+    /// Nodes heard within `ttl_ms`, this one included.
+    pub live: i64,
+}
+
+/// `name` is alive.
+pub fn heartbeat(conn: &mut dyn Sql, name: &str, ttl_ms: i64) -> Result<Beat, StoreError> {
+    let row = conn
+        .row(
+            &format!(
+                "UPDATE nodes SET seen_at_ms = {NOW_MS} WHERE name = ?1
+                 RETURNING epoch,
+                     (SELECT COUNT(*) FROM nodes
+                      WHERE name = ?1 OR seen_at_ms >= {NOW_MS} - ?2)"
+            ),
+            args![name, ttl_ms],
+        )?
+        .ok_or_else(StoreError::no_row)?;
+    Ok(Beat {
+        epoch: row.get(0)?,
+        live: row.get(1)?,
+    })
 }
 
 /// Takes over the nodes silent for longer than `ttl_ms`, one at a time,

@@ -3,19 +3,29 @@
 //! blocking thread with a connection from here. There are at most `SIZE`:
 //! past that a call waits for one, rather than exhausting the database's
 //! connections under load.
+//!
+//! A database that hangs (it, or something between, takes the bytes and
+//! never answers) is met by no TCP timeout and no server-side one: a
+//! caller waits at most `WAIT` for a connection and `CALL` for its answer,
+//! so that a request gets its 503 while the call itself runs on, to its
+//! end, on its blocking thread. At most `SIZE` such threads hang.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
-use super::sql::Conn;
+use super::sql::{Conn, StoreError};
 use crate::config::StoreConfig;
 use crate::error::Error;
 
 const SIZE: usize = 8;
 /// The longest one statement of a pooled call may take.
 const STATEMENT: Duration = Duration::from_secs(5);
+/// The longest a call waits for a connection.
+const WAIT: Duration = Duration::from_secs(5);
+/// The longest a caller waits for a call's answer.
+const CALL: Duration = Duration::from_secs(10);
 
 #[derive(Default)]
 struct Slots {
@@ -42,6 +52,7 @@ impl Pool {
     /// the next one given back.
     fn take(&self) -> Result<Conn, Error> {
         let mut slots = self.slots.lock();
+        let deadline = std::time::Instant::now() + WAIT;
         loop {
             if let Some(conn) = slots.idle.pop() {
                 return Ok(conn);
@@ -59,7 +70,12 @@ impl Pool {
                 }
                 return opened;
             }
-            self.freed.wait(&mut slots);
+            if self.freed.wait_until(&mut slots, deadline).timed_out() {
+                return Err(StoreError::Unanswered(
+                    "every store connection is busy: the database may be hanging".into(),
+                )
+                .into());
+            }
         }
     }
 
@@ -72,8 +88,10 @@ impl Pool {
         F: FnOnce(&mut Conn) -> Result<T, Error> + Send + 'static,
     {
         let this = Arc::clone(self);
-        tokio::task::spawn_blocking(move || this.blocking(f))
+        let call = tokio::task::spawn_blocking(move || this.blocking(f));
+        tokio::time::timeout(CALL, call)
             .await
+            .map_err(|_| StoreError::Unanswered("the database did not answer in time".into()))?
             .map_err(|e| Error::Usage(format!("store task failed: {e}")))?
     }
 

@@ -25,6 +25,9 @@ pub enum StoreError {
     /// A value that does not fit where it goes (a negative count, a u64 past i64).
     #[error("{0}")]
     Value(String),
+    /// No answer in time: the database, or the way to it, hangs.
+    #[error("{0}")]
+    Unanswered(String),
 }
 
 impl StoreError {
@@ -50,6 +53,7 @@ impl StoreError {
                 )
             }
             StoreError::Postgres(e) => super::postgres::unavailable(e),
+            StoreError::Unanswered(_) => true,
             StoreError::Value(_) => false,
         }
     }

@@ -5,7 +5,7 @@
 //! everything the server stops taking billable work until it can write.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -101,14 +101,31 @@ impl WriteOp {
 }
 
 /// What the server and the writer thread share besides the queue.
-#[derive(Default)]
 struct Shared {
-    /// False while SQLite refuses every write (disk full, locked, read-only):
-    /// billable requests are then refused rather than served unrecorded.
-    down: AtomicBool,
+    /// Since when (milliseconds after `origin`, plus one) the store has
+    /// refused every write (disk full, locked, read-only, PostgreSQL
+    /// unreachable); 0 while it takes them. Billable requests are refused
+    /// once it has been down longer than their tolerance (see
+    /// [`StoreWriter::permit`]).
+    down_since_ms: AtomicI64,
+    origin: Instant,
     /// Set by [`StoreWriter::close`]: past it, a writer that still cannot
     /// commit stops and leaves its entries to the journal.
     give_up_at: Mutex<Option<Instant>>,
+}
+
+impl Shared {
+    fn new() -> Self {
+        Self {
+            down_since_ms: AtomicI64::new(0),
+            origin: Instant::now(),
+            give_up_at: Mutex::new(None),
+        }
+    }
+
+    fn elapsed_ms(&self) -> i64 {
+        i64::try_from(self.origin.elapsed().as_millis()).unwrap_or(i64::MAX)
+    }
 }
 
 /// The server's side of the writer; cheap to clone.
@@ -134,7 +151,7 @@ impl StoreWriter {
         node: Option<Node>,
     ) -> (Self, JoinHandle<bool>) {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared::new());
         let writer = Writer::new(conn, journal, metrics, Arc::clone(&shared), node);
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
@@ -148,10 +165,15 @@ impl StoreWriter {
         self.tx.max_capacity() - self.tx.capacity()
     }
 
-    /// Room for one entry, for a hold about to be taken: refused (503) while
-    /// SQLite cannot be written, or the queue stays full.
-    pub async fn permit(&self) -> Result<mpsc::Permit<'_, WriteOp>, ApiError> {
-        if self.shared.down.load(Ordering::Acquire) {
+    /// Room for one entry, for a hold about to be taken: refused (503) once
+    /// the store has refused writes for `tolerance`, or while the queue
+    /// stays full. One node owns its SQLite file and tolerates nothing; a
+    /// node of several spends from its lease meanwhile, every hold in its
+    /// journal, until the lease is fenced (see `billing::lease`).
+    pub async fn permit(&self, tolerance: Duration) -> Result<mpsc::Permit<'_, WriteOp>, ApiError> {
+        let since = self.shared.down_since_ms.load(Ordering::Acquire);
+        let tolerance_ms = i64::try_from(tolerance.as_millis()).unwrap_or(i64::MAX);
+        if since != 0 && self.shared.elapsed_ms() + 1 - since >= tolerance_ms {
             return Err(ApiError::LedgerUnavailable);
         }
         match tokio::time::timeout(ROOM_WAIT, self.tx.reserve()).await {
@@ -271,13 +293,21 @@ impl Writer {
             let name = self.node.as_ref().map(|n| n.name.as_str());
             match commit(&mut self.conn, batch, name) {
                 Ok(()) => {
-                    self.shared.down.store(false, Ordering::Release);
+                    if self.shared.down_since_ms.swap(0, Ordering::AcqRel) != 0 {
+                        tracing::warn!("the ledger can be written again");
+                    }
                     self.mark_committed(batch);
                     return true;
                 }
                 Err(e) if e.unavailable() => {
-                    if !self.shared.down.swap(true, Ordering::AcqRel) {
-                        tracing::error!(error = %e, "the ledger cannot be written: refusing billable requests until it can");
+                    let first = self.shared.down_since_ms.compare_exchange(
+                        0,
+                        self.shared.elapsed_ms() + 1,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
+                    if first.is_ok() {
+                        tracing::error!(error = %e, "the ledger cannot be written: billable requests are refused once that has lasted past their tolerance");
                     }
                     if self.give_up_at().is_some_and(|t| Instant::now() >= t) {
                         return false;

@@ -2,6 +2,7 @@
 //! and database in a temp dir, in front of the mock fal on 127.0.0.1:0.
 #![allow(dead_code)] // each test binary uses a different part of it
 
+pub mod cut;
 pub mod pg;
 
 use std::io::{BufRead, BufReader};
