@@ -123,7 +123,8 @@ impl Core {
         };
         let sweeper = leaser
             .as_ref()
-            .map(|l| l.spawn_sweeper(&config.store, Arc::clone(&registry)));
+            .map(|l| l.spawn_sweeper(&config.store, Arc::clone(&registry)))
+            .transpose()?;
         let node = node.map(|name| {
             let registry = Arc::clone(&registry);
             writer::Node {

@@ -20,8 +20,9 @@ use crate::config::{ClusterConfig, StoreConfig};
 use crate::error::{ApiError, Error};
 use crate::keys::{Account, Registry};
 use crate::store::pool::Pool;
-use crate::store::sql::Conn;
-use crate::store::{self, leases, nodes, now_ms};
+use crate::store::postgres::{AsyncConn, Target};
+use crate::store::sql::StoreError;
+use crate::store::{leases, nodes, now_ms};
 
 /// How often unused credit is looked for.
 const SWEEP: Duration = Duration::from_millis(200);
@@ -45,10 +46,13 @@ pub struct Leaser {
     /// take over peers whose only fault was the same outage.
     heard_since_ms: AtomicI64,
     origin: Instant,
-    /// Nodes the database had heard within the TTL, this one included, at
-    /// the last heartbeat: what shares a rate limit while it cannot be
-    /// decided in the database.
+    /// Nodes the database had heard within the TTL, this one included (the
+    /// most seen over the last TTL, and when): what shares a rate limit
+    /// while it cannot be decided in the database.
     live: AtomicI64,
+    live_at_ms: AtomicI64,
+    /// Where the heartbeat's async connection runs.
+    runtime: tokio::runtime::Handle,
     /// Taken to read the epoch and change memory as of it (a hold, a
     /// settlement, leased credit arriving); taken alone to move to a new
     /// epoch and drop what the old one leased, so nothing of the old epoch
@@ -79,6 +83,8 @@ impl Leaser {
             heard_since_ms: AtomicI64::new(0),
             origin: Instant::now(),
             live: AtomicI64::new(1),
+            live_at_ms: AtomicI64::new(0),
+            runtime: tokio::runtime::Handle::current(),
             epoch_change: RwLock::new(()),
         })
     }
@@ -178,80 +184,130 @@ impl Leaser {
         }
     }
 
-    /// Says this node is alive, and takes over peers silent past the TTL. A
-    /// node that learns it was taken over drops what it had leased (the
-    /// peer freed it). On its own connection: a busy pool cannot delay it.
-    fn beat(&self, conn: &mut Option<Conn>, store: &StoreConfig, registry: &Registry) {
+    /// Says this node is alive, within a deadline: a connection that does
+    /// not answer in time is dropped, and the next beat connects again, so
+    /// that a database that hangs does not keep the node fenced once it is
+    /// back. A node that learns it was taken over drops what it had leased
+    /// (the peer freed it).
+    fn beat(&self, link: &mut Option<AsyncConn>, target: &Target, registry: &Registry) {
         let sent = self.elapsed_ms();
-        let conn = match conn {
-            Some(conn) => conn,
-            None => match store::connect(store).and_then(|mut c| {
-                c.statement_timeout(BEAT * 2)?;
-                Ok(c)
-            }) {
-                Ok(c) => conn.insert(c),
-                Err(e) => return tracing::warn!(error = %e, "heartbeat: cannot connect"),
-            },
-        };
-        let ttl_ms = i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX);
-        match nodes::heartbeat(conn, &self.node, ttl_ms) {
-            Ok(nodes::Beat { epoch, live }) => {
-                if self.epoch() != epoch {
-                    let _changing = self.epoch_change.write();
-                    self.epoch.store(epoch, Ordering::Release);
-                    for account in registry.accounts() {
-                        account.take_unused();
-                    }
-                    tracing::error!(
-                        "a peer took this node over while it was silent: its leases are gone"
-                    );
+        let ttl_ms = self.ttl_ms();
+        let answered = self.runtime.block_on(async {
+            let work = async {
+                if link.as_ref().is_none_or(|c| c.client.is_closed()) {
+                    *link = Some(target.connect_async(&self.runtime).await?);
                 }
-                self.live.store(live, Ordering::Release);
-                let gap = sent - self.heard_ms.swap(sent, Ordering::AcqRel);
-                if gap > 2 * BEAT.as_millis() as i64 {
-                    self.heard_since_ms.store(sent, Ordering::Release);
-                }
-            }
+                let client = &link.as_ref().expect("connected above").client;
+                nodes::heartbeat(client, &self.node, ttl_ms).await
+            };
+            tokio::time::timeout(BEAT * 2, work)
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Unanswered("no heartbeat answer".into())))
+        });
+        let nodes::Beat { epoch, live } = match answered {
+            Ok(beat) => beat,
             Err(e) => {
+                *link = None;
                 if self.fenced() {
                     tracing::error!(error = %e, "the database has not heard this node for half the lease TTL: refusing billable requests");
                 }
                 return;
             }
+        };
+        if self.epoch() != epoch {
+            let _changing = self.epoch_change.write();
+            self.epoch.store(epoch, Ordering::Release);
+            for account in registry.accounts() {
+                account.take_unused();
+            }
+            tracing::error!("a peer took this node over while it was silent: its leases are gone");
         }
-        if sent - self.heard_since_ms.load(Ordering::Acquire) < ttl_ms {
+        self.count_live(live, sent);
+        let gap = sent - self.heard_ms.swap(sent, Ordering::AcqRel);
+        if gap >= self.streak_break_ms() {
+            self.heard_since_ms.store(sent, Ordering::Release);
+        }
+    }
+
+    fn ttl_ms(&self) -> i64 {
+        i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// A gap between answered heartbeats that starts a new streak: long
+    /// enough that one slow beat does not, short enough that an outage that
+    /// fenced this node does.
+    fn streak_break_ms(&self) -> i64 {
+        let beats = i64::try_from((BEAT * 2).as_millis()).unwrap_or(i64::MAX);
+        beats.max(self.ttl_ms() / 2)
+    }
+
+    /// Keeps the most nodes seen alive within the TTL: a node back from an
+    /// outage sees its peers stale for a moment, and a count too low would
+    /// give it too large a share of a rate limit.
+    fn count_live(&self, live: i64, at_ms: i64) {
+        let kept_at = self.live_at_ms.load(Ordering::Acquire);
+        if live >= self.live.load(Ordering::Acquire) || at_ms - kept_at >= self.ttl_ms() {
+            self.live.store(live, Ordering::Release);
+            self.live_at_ms.store(at_ms, Ordering::Release);
+        }
+    }
+
+    /// Takes over peers silent past the TTL, once this node has itself been
+    /// heard for a whole TTL. On a thread of its own: a takeover that
+    /// hangs delays no heartbeat.
+    fn take_over(&self) {
+        let heard_for = self.elapsed_ms() - self.heard_since_ms.load(Ordering::Acquire);
+        if self.fenced() || heard_for < self.ttl_ms() {
             return;
         }
-        if let Err(e) = nodes::take_over_silent(conn, &self.node, ttl_ms, now_ms()) {
+        let ttl_ms = self.ttl_ms();
+        let taken = self
+            .pool
+            .blocking(|conn| Ok(nodes::take_over_silent(conn, &self.node, ttl_ms, now_ms())?));
+        if let Err(e) = taken {
             tracing::warn!(error = %e, "cannot take silent nodes over");
         }
     }
 
-    /// Two threads: the heartbeat, and the sweeper that gives back unused
-    /// credit (at once where the account is scarce and nothing is held, else
-    /// after `lease_idle_secs` without a lease, and all of it on stop).
-    /// While the heartbeat goes unanswered the sweeper waits: a give-back
-    /// would fail, and the credit it took out of memory could not be spent
-    /// through the outage.
+    /// Three threads: the heartbeat; the takeover of silent peers; and the
+    /// sweeper that gives back unused credit (at once where the account is
+    /// scarce and nothing is held, else after `lease_idle_secs` without a
+    /// lease, and all of it on stop). While the heartbeat goes unanswered
+    /// the sweeper waits: a give-back would fail, and the credit it took
+    /// out of memory could not be spent through the outage.
     pub fn spawn_sweeper(
         self: &Arc<Self>,
         store: &StoreConfig,
         registry: Arc<Registry>,
-    ) -> Sweeper {
+    ) -> Result<Sweeper, Error> {
+        let target = Target::parse(
+            store.url.as_deref().unwrap_or_default(),
+            store.ca_file.as_deref(),
+        )?;
         let stop = Arc::new(AtomicBool::new(false));
-        let (this, stopping, beating) =
-            (Arc::clone(self), Arc::clone(&stop), Arc::clone(&registry));
-        let (store, beater, beat_stop) = (store.clone(), Arc::clone(self), Arc::clone(&stop));
-        let heartbeat = std::thread::Builder::new()
-            .name("heartbeat".into())
-            .spawn(move || {
-                let mut conn = None;
-                while !beat_stop.load(Ordering::Acquire) {
-                    beater.beat(&mut conn, &store, &beating);
-                    std::thread::park_timeout(BEAT);
-                }
-            })
-            .expect("spawn the heartbeat");
+        let every = |name: &str, period: Duration, work: Box<dyn FnMut() + Send>| {
+            let stop = Arc::clone(&stop);
+            let mut work = work;
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Acquire) {
+                        work();
+                        std::thread::park_timeout(period);
+                    }
+                })
+                .expect("spawn a lease thread")
+        };
+        let (beater, beating) = (Arc::clone(self), Arc::clone(&registry));
+        let mut link = None;
+        let heartbeat = every(
+            "heartbeat",
+            BEAT,
+            Box::new(move || beater.beat(&mut link, &target, &beating)),
+        );
+        let taker = Arc::clone(self);
+        let takeover = every("takeover", BEAT, Box::new(move || taker.take_over()));
+        let (this, stopping) = (Arc::clone(self), Arc::clone(&stop));
         let sweeper = std::thread::Builder::new()
             .name("lease-sweeper".into())
             .spawn(move || {
@@ -275,25 +331,39 @@ impl Leaser {
                 }
             })
             .expect("spawn the lease sweeper");
-        Sweeper {
+        Ok(Sweeper {
             stop,
-            threads: [heartbeat, sweeper],
-        }
+            threads: vec![heartbeat, takeover, sweeper],
+        })
     }
 }
 
 pub struct Sweeper {
     stop: Arc<AtomicBool>,
-    threads: [JoinHandle<()>; 2],
+    threads: Vec<JoinHandle<()>>,
 }
+
+/// The longest a stop waits for the lease threads: one stuck on a database
+/// that hangs is left behind, its credit to the node's next start.
+const STOP_WAIT: Duration = Duration::from_secs(10);
 
 impl Sweeper {
     /// Gives back every unused credit and stops.
     pub fn stop(self) {
         self.stop.store(true, Ordering::Release);
-        for thread in self.threads {
+        let deadline = Instant::now() + STOP_WAIT;
+        for thread in &self.threads {
             thread.thread().unpark();
-            let _ = thread.join();
+        }
+        for thread in self.threads {
+            while !thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            } else {
+                tracing::error!("a lease thread did not stop in time: left behind");
+            }
         }
     }
 }

@@ -11,9 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use tokio_postgres::{Client, Statement};
+use tokio_postgres::Statement;
 
-use super::postgres::{bind, numbered, Target};
+use super::postgres::{bind, numbered, AsyncConn, Target};
 use super::sql::{Param, StoreError};
 
 /// The database's clock, in nanoseconds since the epoch.
@@ -21,6 +21,8 @@ const NOW_NS: &str = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000000 AS
 /// The longest one decision may take before it counts as the database
 /// being unreachable.
 const DEADLINE: Duration = Duration::from_secs(1);
+/// The longest connecting and preparing may take: several round trips.
+const CONNECT: Duration = Duration::from_secs(5);
 
 pub struct Remote {
     target: Target,
@@ -30,7 +32,7 @@ pub struct Remote {
 }
 
 struct Live {
-    client: Client,
+    conn: AsyncConn,
     take: Statement,
     lead: Statement,
     refund: Statement,
@@ -47,16 +49,32 @@ impl Remote {
         }
     }
 
-    /// The connection, made again (one caller at a time) if it broke.
+    /// The connection, made again (one caller at a time) if it broke or
+    /// hung.
     async fn live(&self) -> Result<Arc<Live>, StoreError> {
-        if let Some(live) = self.live.load_full().filter(|l| !l.client.is_closed()) {
+        tokio::time::timeout(CONNECT, self.connect())
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Unanswered(
+                    "connecting to the database took too long".into(),
+                ))
+            })
+    }
+
+    async fn connect(&self) -> Result<Arc<Live>, StoreError> {
+        if let Some(live) = self.live.load_full().filter(|l| !l.conn.client.is_closed()) {
             return Ok(live);
         }
         let _connecting = self.connecting.lock().await;
-        if let Some(live) = self.live.load_full().filter(|l| !l.client.is_closed()) {
+        if let Some(live) = self.live.load_full().filter(|l| !l.conn.client.is_closed()) {
             return Ok(live);
         }
-        let client = self.target.connect_async(&self.runtime).await?;
+        let conn = self.target.connect_async(&self.runtime).await?;
+        let client = &conn.client;
+        // Each decision commits alone, and every request of a key updates
+        // its one row: waiting for the WAL flush made each wait for the
+        // last. A limit row lost in a crash of the database costs no money.
+        client.batch_execute("SET synchronous_commit = off").await?;
         // `excluded.tat_ns - interval` is the statement's now, read once.
         let take = client
             .prepare(&numbered(&format!(
@@ -78,7 +96,7 @@ impl Remote {
             ))
             .await?;
         let live = Arc::new(Live {
-            client,
+            conn,
             take,
             lead,
             refund,
@@ -97,18 +115,19 @@ impl Remote {
         interval_ns: i64,
         tolerance_ns: i64,
     ) -> Result<Result<i64, i64>, StoreError> {
-        within(async {
-            let live = self.live().await?;
+        let live = self.live().await?;
+        self.within(&live, async {
             let args = [
                 Param::Text(subject),
                 Param::Int(interval_ns),
                 Param::Int(tolerance_ns),
             ];
-            if let Some(row) = live.client.query_opt(&live.take, &bind(&args)).await? {
+            if let Some(row) = live.conn.client.query_opt(&live.take, &bind(&args)).await? {
                 return Ok(Ok(row.try_get(0)?));
             }
             let args = [Param::Text(subject)];
             let lead: i64 = live
+                .conn
                 .client
                 .query_one(&live.lead, &bind(&args))
                 .await?
@@ -125,35 +144,45 @@ impl Remote {
 
     /// Whether the database answers (connecting again if need be).
     pub async fn ping(&self) -> Result<(), StoreError> {
-        within(async {
-            let live = self.live().await?;
-            live.client.simple_query("SELECT 1").await?;
+        let live = self.live().await?;
+        self.within(&live, async {
+            live.conn.client.simple_query("SELECT 1").await?;
             Ok(())
         })
         .await
+    }
+
+    /// Runs `work` on `live` within [`DEADLINE`]; past it the connection
+    /// is dropped (its socket closed as the last user lets go), for the
+    /// next call to connect again.
+    async fn within<T>(
+        &self,
+        live: &Arc<Live>,
+        work: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(DEADLINE, work).await {
+            Ok(done) => done,
+            Err(_) => {
+                let current = self.live.load();
+                if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, live)) {
+                    self.live.store(None);
+                }
+                Err(StoreError::Unanswered(
+                    "the database took too long to decide".into(),
+                ))
+            }
+        }
     }
 
     /// Gives back one allowed request (refused by another limit after all,
     /// or one that never reached fal).
     pub async fn refund(&self, subject: &str, interval_ns: i64) -> Result<(), StoreError> {
-        within(async {
-            let live = self.live().await?;
+        let live = self.live().await?;
+        self.within(&live, async {
             let args = [Param::Text(subject), Param::Int(interval_ns)];
-            live.client.execute(&live.refund, &bind(&args)).await?;
+            live.conn.client.execute(&live.refund, &bind(&args)).await?;
             Ok(())
         })
         .await
     }
-}
-
-async fn within<T>(
-    work: impl std::future::Future<Output = Result<T, StoreError>>,
-) -> Result<T, StoreError> {
-    tokio::time::timeout(DEADLINE, work)
-        .await
-        .unwrap_or_else(|_| {
-            Err(StoreError::Unanswered(
-                "the database took too long to decide".into(),
-            ))
-        })
 }

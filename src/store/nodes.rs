@@ -5,7 +5,8 @@
 //! leases (`ledger::recover` for that node), and moves its epoch so that,
 //! should it come back, it knows to drop what it had leased.
 
-use super::sql::{Conn, Mode, Sql, StoreError};
+use super::postgres::{bind, numbered};
+use super::sql::{Conn, Mode, Param, Sql, StoreError};
 use crate::args;
 
 /// The database's clock, in milliseconds since the epoch.
@@ -35,22 +36,24 @@ pub struct Beat {
     pub live: i64,
 }
 
-/// `name` is alive.
-pub fn heartbeat(conn: &mut dyn Sql, name: &str, ttl_ms: i64) -> Result<Beat, StoreError> {
-    let row = conn
-        .row(
-            &format!(
-                "UPDATE nodes SET seen_at_ms = {NOW_MS} WHERE name = ?1
-                 RETURNING epoch,
-                     (SELECT COUNT(*) FROM nodes
-                      WHERE name = ?1 OR seen_at_ms >= {NOW_MS} - ?2)"
-            ),
-            args![name, ttl_ms],
-        )?
-        .ok_or_else(StoreError::no_row)?;
+/// `name` is alive. On an async connection of its own, so that the
+/// caller's deadline can drop it (see `postgres::AsyncConn`).
+pub async fn heartbeat(
+    client: &tokio_postgres::Client,
+    name: &str,
+    ttl_ms: i64,
+) -> Result<Beat, StoreError> {
+    let sql = numbered(&format!(
+        "UPDATE nodes SET seen_at_ms = {NOW_MS} WHERE name = ?1
+         RETURNING epoch,
+             (SELECT COUNT(*) FROM nodes
+              WHERE name = ?1 OR seen_at_ms >= {NOW_MS} - ?2)"
+    ));
+    let args = [Param::Text(name), Param::Int(ttl_ms)];
+    let row = client.query_one(&sql, &bind(&args)).await?;
     Ok(Beat {
-        epoch: row.get(0)?,
-        live: row.get(1)?,
+        epoch: row.try_get(0)?,
+        live: row.try_get(1)?,
     })
 }
 

@@ -84,14 +84,29 @@ impl Target {
     pub async fn connect_async(
         &self,
         runtime: &tokio::runtime::Handle,
-    ) -> Result<tokio_postgres::Client, StoreError> {
+    ) -> Result<AsyncConn, StoreError> {
         let (client, connection) = self.config.connect(self.tls.clone()).await?;
-        runtime.spawn(async move {
+        let task = runtime.spawn(async move {
             if let Err(e) = connection.await {
                 tracing::warn!(error = %e, "a PostgreSQL connection ended");
             }
         });
-        Ok(client)
+        Ok(AsyncConn { client, task })
+    }
+}
+
+/// An async connection that closes its socket when dropped, answers
+/// pending or not: a database that hangs (it, or something between, takes
+/// the bytes and never answers) is met by no TCP timeout, so the caller's
+/// deadline drops the connection and the next use connects again.
+pub struct AsyncConn {
+    pub client: tokio_postgres::Client,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for AsyncConn {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

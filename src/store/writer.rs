@@ -108,6 +108,10 @@ struct Shared {
     /// once it has been down longer than their tolerance (see
     /// [`StoreWriter::permit`]).
     down_since_ms: AtomicI64,
+    /// Since when (as above) the commit in progress has run; 0 between
+    /// commits. A commit that never returns (a database that hangs) is as
+    /// down as one that fails.
+    committing_since_ms: AtomicI64,
     origin: Instant,
     /// Set by [`StoreWriter::close`]: past it, a writer that still cannot
     /// commit stops and leaves its entries to the journal.
@@ -118,6 +122,7 @@ impl Shared {
     fn new() -> Self {
         Self {
             down_since_ms: AtomicI64::new(0),
+            committing_since_ms: AtomicI64::new(0),
             origin: Instant::now(),
             give_up_at: Mutex::new(None),
         }
@@ -138,6 +143,8 @@ pub struct StoreWriter {
 /// Longest a billable request waits for room in a full queue before it is
 /// refused: a writer that far behind is as good as down.
 const ROOM_WAIT: Duration = Duration::from_secs(5);
+/// Longest one commit may run before the store counts as down.
+const STUCK: Duration = Duration::from_secs(5);
 
 impl StoreWriter {
     /// Starts the thread; it stops after [`StoreWriter::close`] (or once every
@@ -171,9 +178,14 @@ impl StoreWriter {
     /// node of several spends from its lease meanwhile, every hold in its
     /// journal, until the lease is fenced (see `billing::lease`).
     pub async fn permit(&self, tolerance: Duration) -> Result<mpsc::Permit<'_, WriteOp>, ApiError> {
-        let since = self.shared.down_since_ms.load(Ordering::Acquire);
-        let tolerance_ms = i64::try_from(tolerance.as_millis()).unwrap_or(i64::MAX);
-        if since != 0 && self.shared.elapsed_ms() + 1 - since >= tolerance_ms {
+        let now = self.shared.elapsed_ms() + 1;
+        let past = |since: i64, tolerance: Duration| {
+            let tolerance = i64::try_from(tolerance.as_millis()).unwrap_or(i64::MAX);
+            since != 0 && now - since >= tolerance
+        };
+        let down = self.shared.down_since_ms.load(Ordering::Acquire);
+        let committing = self.shared.committing_since_ms.load(Ordering::Acquire);
+        if past(down, tolerance) || past(committing, tolerance.max(STUCK)) {
             return Err(ApiError::LedgerUnavailable);
         }
         match tokio::time::timeout(ROOM_WAIT, self.tx.reserve()).await {
@@ -291,7 +303,13 @@ impl Writer {
         let mut delay = Duration::from_millis(10);
         loop {
             let name = self.node.as_ref().map(|n| n.name.as_str());
-            match commit(&mut self.conn, batch, name) {
+            let started = self.shared.elapsed_ms() + 1;
+            self.shared
+                .committing_since_ms
+                .store(started, Ordering::Release);
+            let committed = commit(&mut self.conn, batch, name);
+            self.shared.committing_since_ms.store(0, Ordering::Release);
+            match committed {
                 Ok(()) => {
                     if self.shared.down_since_ms.swap(0, Ordering::AcqRel) != 0 {
                         tracing::warn!("the ledger can be written again");
