@@ -36,6 +36,7 @@ use crate::upstream::Upstream;
 
 /// How long the ledger writer waits on a lock before it reports the ledger unwritable.
 const WRITER_BUSY_WAIT: Duration = Duration::from_secs(2);
+const WRITER_STATEMENT: Duration = Duration::from_secs(10);
 
 /// The addresses actually bound (a configured port 0 becomes a real one).
 pub struct Bound {
@@ -103,6 +104,10 @@ impl Core {
         // milliseconds; one held longer means the ledger cannot be written,
         // and billable requests are refused until it can.
         conn.lock_wait(WRITER_BUSY_WAIT)?;
+        // On PostgreSQL, a statement that runs this long, or whose answer
+        // never comes, counts as the store being down: the writer connects
+        // again and retries, the journal keeping every entry meanwhile.
+        conn.statement_timeout(WRITER_STATEMENT)?;
         let leaser = match node.clone() {
             Some(node) => Some(Arc::new(Leaser::start(
                 &config.store,

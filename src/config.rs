@@ -568,7 +568,7 @@ impl Config {
                 ));
             }
             let scheme = url.starts_with("postgres://") || url.starts_with("postgresql://");
-            let parsed = <postgres::Config as std::str::FromStr>::from_str(url);
+            let parsed = <tokio_postgres::Config as std::str::FromStr>::from_str(url);
             if let (false, _) | (_, Err(_)) = (scheme, &parsed) {
                 return Err(Error::Config(
                     "[store] url: expected postgres://user:password@host:port/database".into(),

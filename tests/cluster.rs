@@ -513,8 +513,9 @@ async fn burst_to(node: &Server, key: &str, requests: usize) -> Vec<u16> {
 /// its share (half the rate and burst, from where the database left it),
 /// refuses billable requests with 503 `ledger_unavailable` once its lease
 /// is fenced (half the TTL unheard), and serves again by itself once the
-/// database is back. Every request fal served is charged once.
-async fn ride_out(link: cut::Link) {
+/// database is back (`back` says how). Every request fal served is charged
+/// once.
+async fn ride_out(link: cut::Link, back: cut::Link) {
     let database = pg::database();
     let port = database
         .split(':')
@@ -600,7 +601,7 @@ async fn ride_out(link: cut::Link) {
     );
     paid[0] += before_fence.get();
 
-    relay.set(cut::Link::Open);
+    relay.set(back);
     for node in &cluster.nodes {
         assert!(
             eventually(Duration::from_secs(30), || async {
@@ -626,10 +627,17 @@ async fn ride_out(link: cut::Link) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_ride_out_a_database_that_refuses_them() {
-    ride_out(cut::Link::Refused).await;
+    ride_out(cut::Link::Refused, cut::Link::Open).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_ride_out_a_database_that_goes_silent() {
-    ride_out(cut::Link::Frozen).await;
+    ride_out(cut::Link::Frozen, cut::Link::Open).await;
+}
+
+/// Back, but every connection the nodes had stays silent for good: each
+/// node drops them past their deadlines and connects again by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_leave_connections_that_never_answer_again() {
+    ride_out(cut::Link::Frozen, cut::Link::Back).await;
 }

@@ -9,9 +9,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use postgres::fallible_iterator::FallibleIterator;
-use postgres::types::{IsNull, ToSql, Type};
-use postgres::{Client, Config};
+use tokio_postgres::types::{IsNull, ToSql, Type};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::sql::{Mode, Param, Prepared, Row, StoreError, Value};
@@ -76,10 +74,6 @@ impl Target {
         })
     }
 
-    fn connect(&self) -> Result<Client, StoreError> {
-        Ok(Config::from(self.config.clone()).connect(self.tls.clone())?)
-    }
-
     /// An async connection; its connection task runs on `runtime`.
     pub async fn connect_async(
         &self,
@@ -110,77 +104,237 @@ impl Drop for AsyncConn {
     }
 }
 
+/// One connection for a blocking caller (the ledger writer, the refresher,
+/// the pool's calls, the CLI). It runs its connection on a runtime of its
+/// own while a call waits, as the blocking client does, but every call has
+/// a deadline: a database that hangs (it, or something between, takes the
+/// bytes and never answers) meets no TCP timeout, so past the deadline the
+/// connection is dropped and the next call connects again.
 pub struct Pg {
     target: Target,
-    client: Option<Client>,
+    link: Option<Link>,
+    runtime: Driver,
     prepared: Prepared,
     /// `SET` statements this connection keeps across reconnections.
     settings: Vec<String>,
+    /// The longest one call waits for its answer.
+    deadline: Duration,
+    /// A call in a transaction went unanswered: the transaction held the
+    /// connection, so it is dropped before the next call instead.
+    hung: bool,
+}
+
+/// Without a statement timeout: a call that takes this long is hanging.
+const DEADLINE: Duration = Duration::from_secs(300);
+/// Beyond the statement timeout, for its answer to come back.
+const ANSWER_SLACK: Duration = Duration::from_secs(2);
+
+/// A live connection: its client, and the task that drives it (aborted
+/// with it, closing the socket), which passes notifications on.
+struct Link {
+    client: tokio_postgres::Client,
+    notices: tokio::sync::mpsc::UnboundedReceiver<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Waits for `work` on `runtime`, at most `deadline`.
+fn block<T>(
+    runtime: &tokio::runtime::Runtime,
+    deadline: Duration,
+    work: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    runtime.block_on(async {
+        tokio::time::timeout(deadline, work)
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Unanswered(format!(
+                    "PostgreSQL did not answer within {deadline:?}"
+                )))
+            })
+    })
 }
 
 impl Pg {
     pub fn open(target: Target) -> Result<Self, StoreError> {
-        let client = target.connect()?;
-        Ok(Self {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Value(format!("a runtime for PostgreSQL: {e}")))?;
+        let mut pg = Self {
             target,
-            client: Some(client),
+            link: None,
+            runtime: Driver(Some(runtime)),
             prepared: Prepared::new(),
             settings: Vec::new(),
-        })
+            deadline: DEADLINE,
+            hung: false,
+        };
+        pg.live()?;
+        Ok(pg)
     }
 
     pub fn lock_wait(&mut self, wait: Duration) -> Result<(), StoreError> {
         self.keep_setting(&format!("SET lock_timeout = {}", wait.as_millis()))
     }
 
+    /// The longest one statement may run, on the server; the caller waits
+    /// for its answer a little longer, then drops the connection.
+    pub fn statement_timeout(&mut self, limit: Duration) -> Result<(), StoreError> {
+        self.keep_setting(&format!("SET statement_timeout = {}", limit.as_millis()))?;
+        self.deadline = limit + ANSWER_SLACK;
+        Ok(())
+    }
+
     /// Runs `set` now and again on every reconnection.
     pub fn keep_setting(&mut self, set: &str) -> Result<(), StoreError> {
-        self.live()?.0.batch_execute(set)?;
+        self.batch(set)?;
         self.settings.push(set.to_owned());
         Ok(())
     }
 
-    /// The live connection, made again if it broke.
-    fn live(&mut self) -> Result<(&mut Client, &mut Prepared), StoreError> {
-        if self.client.as_ref().is_none_or(Client::is_closed) {
-            self.client = None;
+    /// The live connection, made again if it broke or hung.
+    fn live(&mut self) -> Result<&tokio_postgres::Client, StoreError> {
+        let broken = self.link.as_ref().is_none_or(|l| l.client.is_closed());
+        if broken || self.hung {
+            self.link = None;
+            self.hung = false;
             self.prepared.clear();
-            let mut client = self.target.connect()?;
+            let (config, tls) = (&self.target.config, self.target.tls.clone());
+            let (client, mut connection) = block(&self.runtime, self.deadline, async {
+                Ok(config.connect(tls).await?)
+            })?;
+            let (tx, notices) = tokio::sync::mpsc::unbounded_channel();
+            let task = self.runtime.spawn(async move {
+                use tokio_postgres::AsyncMessage;
+                loop {
+                    match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                        Some(Ok(AsyncMessage::Notification(_))) => {
+                            let _ = tx.send(());
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "a PostgreSQL connection ended");
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+            });
+            let link = Link {
+                client,
+                notices,
+                task,
+            };
             for set in &self.settings {
-                client.batch_execute(set)?;
+                block(&self.runtime, self.deadline, async {
+                    Ok(link.client.batch_execute(set).await?)
+                })?;
             }
-            self.client = Some(client);
+            self.link = Some(link);
         }
-        let client = self.client.as_mut().expect("connected above");
-        Ok((client, &mut self.prepared))
+        Ok(&self.link.as_ref().expect("connected above").client)
+    }
+
+    /// What one call needs, on the live connection.
+    fn parts(&mut self) -> Result<Parts<'_>, StoreError> {
+        self.live()?;
+        Ok(Parts {
+            runtime: &self.runtime,
+            deadline: self.deadline,
+            client: &self.link.as_ref().expect("live").client,
+            prepared: &mut self.prepared,
+        })
+    }
+
+    /// A call that went unanswered drops the connection.
+    fn answered<T>(&mut self, done: Result<T, StoreError>) -> Result<T, StoreError> {
+        if matches!(done, Err(StoreError::Unanswered(_))) {
+            self.link = None;
+        }
+        done
     }
 
     pub fn transaction(&mut self, mode: Mode) -> Result<PgTx<'_>, StoreError> {
-        let (client, prepared) = self.live()?;
-        let mut tx = match mode {
-            Mode::Snapshot => client
-                .build_transaction()
-                .isolation_level(postgres::IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()?,
-            Mode::Plain | Mode::Serial => client.transaction()?,
-        };
-        if mode == Mode::Serial {
-            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SERIAL_LOCK])?;
+        self.live()?;
+        let Pg {
+            runtime,
+            link,
+            prepared,
+            deadline,
+            hung,
+            ..
+        } = self;
+        let client = &mut link.as_mut().expect("live").client;
+        let begun = block(runtime, *deadline, async {
+            let tx = match mode {
+                Mode::Snapshot => {
+                    client
+                        .build_transaction()
+                        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                        .read_only(true)
+                        .start()
+                        .await?
+                }
+                Mode::Plain | Mode::Serial => client.transaction().await?,
+            };
+            if mode == Mode::Serial {
+                tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SERIAL_LOCK])
+                    .await?;
+            }
+            Ok(tx)
+        });
+        match begun {
+            Ok(tx) => Ok(PgTx {
+                tx,
+                runtime,
+                prepared,
+                deadline: *deadline,
+                hung,
+            }),
+            Err(e) => {
+                *hung = matches!(e, StoreError::Unanswered(_));
+                Err(e)
+            }
         }
-        Ok(PgTx { tx, prepared })
     }
 
     pub fn exec(&mut self, sql: &str, args: &[Param<'_>]) -> Result<u64, StoreError> {
-        let (client, prepared) = self.live()?;
-        let stmt = prepare(prepared, sql, |text| client.prepare(text))?;
-        Ok(client.execute(&stmt, &bind(args))?)
+        let Parts {
+            runtime,
+            deadline,
+            client,
+            prepared,
+        } = self.parts()?;
+        let done = block(runtime, deadline, async {
+            let stmt = statement(prepared, client, sql).await?;
+            Ok(client.execute(&stmt, &bind(args)).await?)
+        });
+        self.answered(done)
     }
 
     pub fn rows(&mut self, sql: &str, args: &[Param<'_>]) -> Result<Vec<Row>, StoreError> {
-        let (client, prepared) = self.live()?;
-        let stmt = prepare(prepared, sql, |text| client.prepare(text))?;
-        client.query(&stmt, &bind(args))?.iter().map(row).collect()
+        let Parts {
+            runtime,
+            deadline,
+            client,
+            prepared,
+        } = self.parts()?;
+        let done = block(runtime, deadline, async {
+            let stmt = statement(prepared, client, sql).await?;
+            client
+                .query(&stmt, &bind(args))
+                .await?
+                .iter()
+                .map(row)
+                .collect()
+        });
+        self.answered(done)
     }
 
     /// Waits up to `timeout` for a notification on `channel`, listening from
@@ -188,31 +342,65 @@ impl Pg {
     pub fn notified(&mut self, channel: &str, timeout: Duration) -> Result<bool, StoreError> {
         let listen = format!("LISTEN {channel}");
         if !self.settings.contains(&listen) {
-            self.live()?.0.batch_execute(&listen)?;
-            self.settings.push(listen);
+            self.keep_setting(&listen)?;
         }
-        let mut notifications = self.live()?.0.notifications();
-        let came = notifications.timeout_iter(timeout).next()?.is_some();
+        self.live()?;
+        let link = self.link.as_mut().expect("live");
+        let came = self
+            .runtime
+            .block_on(async { tokio::time::timeout(timeout, link.notices.recv()).await });
+        let came = match came {
+            Ok(Some(())) => true,
+            Ok(None) => return Err(StoreError::Unanswered("the connection ended".into())),
+            Err(_) => false,
+        };
         // Those that queued meanwhile are one read of the feed, too.
-        while notifications.iter().next()?.is_some() {}
+        while link.notices.try_recv().is_ok() {}
         Ok(came)
     }
 
     /// Runs statements as they are, without arguments (the schema's migrations).
     pub fn batch(&mut self, sql: &str) -> Result<(), StoreError> {
-        Ok(self.live()?.0.batch_execute(sql)?)
+        let Parts {
+            runtime,
+            deadline,
+            client,
+            ..
+        } = self.parts()?;
+        let done = block(runtime, deadline, async {
+            Ok(client.batch_execute(sql).await?)
+        });
+        self.answered(done)
     }
 }
 
-impl Drop for Pg {
-    /// The client owns a runtime of its own, which may not be dropped on a
-    /// thread that runs async tasks (a server stopping): it goes on a thread.
+struct Parts<'a> {
+    runtime: &'a tokio::runtime::Runtime,
+    deadline: Duration,
+    client: &'a tokio_postgres::Client,
+    prepared: &'a mut Prepared,
+}
+
+/// The runtime a [`Pg`] drives its connection on. A runtime may not be
+/// dropped on a thread that runs async tasks (a server stopping): there it
+/// goes to a thread of its own.
+struct Driver(Option<tokio::runtime::Runtime>);
+
+impl std::ops::Deref for Driver {
+    type Target = tokio::runtime::Runtime;
+
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref().expect("kept until dropped")
+    }
+}
+
+impl Drop for Driver {
     fn drop(&mut self) {
-        if let Some(client) = self.client.take() {
+        if let Some(runtime) = self.0.take() {
             if tokio::runtime::Handle::try_current().is_ok() {
                 let _ = std::thread::Builder::new()
                     .name("pg-close".into())
-                    .spawn(move || drop(client));
+                    .spawn(move || drop(runtime));
             }
         }
     }
@@ -277,43 +465,74 @@ fn lock(pg: &mut Pg, call: &str, args: &[Param<'_>]) -> Result<bool, StoreError>
 }
 
 pub struct PgTx<'c> {
-    tx: postgres::Transaction<'c>,
+    tx: tokio_postgres::Transaction<'c>,
+    runtime: &'c tokio::runtime::Runtime,
     prepared: &'c mut Prepared,
+    deadline: Duration,
+    hung: &'c mut bool,
 }
 
 impl PgTx<'_> {
+    /// A call that went unanswered marks the connection to be made again
+    /// (the transaction holds it until dropped).
+    fn answered<T>(&mut self, done: Result<T, StoreError>) -> Result<T, StoreError> {
+        if matches!(done, Err(StoreError::Unanswered(_))) {
+            *self.hung = true;
+        }
+        done
+    }
+
     pub fn commit(self) -> Result<(), StoreError> {
-        Ok(self.tx.commit()?)
+        let (runtime, deadline, hung) = (self.runtime, self.deadline, self.hung);
+        let done = block(runtime, deadline, async { Ok(self.tx.commit().await?) });
+        if matches!(done, Err(StoreError::Unanswered(_))) {
+            *hung = true;
+        }
+        done
     }
 
     pub fn exec(&mut self, sql: &str, args: &[Param<'_>]) -> Result<u64, StoreError> {
-        let tx = &mut self.tx;
-        let stmt = prepare(self.prepared, sql, |text| tx.prepare(text))?;
-        Ok(tx.execute(&stmt, &bind(args))?)
+        let (tx, prepared) = (&self.tx, &mut *self.prepared);
+        let done = block(self.runtime, self.deadline, async {
+            let stmt = statement(prepared, tx, sql).await?;
+            Ok(tx.execute(&stmt, &bind(args)).await?)
+        });
+        self.answered(done)
     }
 
     pub fn rows(&mut self, sql: &str, args: &[Param<'_>]) -> Result<Vec<Row>, StoreError> {
-        let tx = &mut self.tx;
-        let stmt = prepare(self.prepared, sql, |text| tx.prepare(text))?;
-        tx.query(&stmt, &bind(args))?.iter().map(row).collect()
+        let (tx, prepared) = (&self.tx, &mut *self.prepared);
+        let done = block(self.runtime, self.deadline, async {
+            let stmt = statement(prepared, tx, sql).await?;
+            tx.query(&stmt, &bind(args))
+                .await?
+                .iter()
+                .map(row)
+                .collect()
+        });
+        self.answered(done)
     }
 
     pub fn batch(&mut self, sql: &str) -> Result<(), StoreError> {
-        Ok(self.tx.batch_execute(sql)?)
+        let tx = &self.tx;
+        let done = block(self.runtime, self.deadline, async {
+            Ok(tx.batch_execute(sql).await?)
+        });
+        self.answered(done)
     }
 }
 
 /// The statement for `sql`, prepared on first use. Our statements number
 /// `?1, ?2, …` as SQLite does; PostgreSQL numbers `$1, $2, …`.
-fn prepare(
+async fn statement(
     prepared: &mut Prepared,
+    client: &impl tokio_postgres::GenericClient,
     sql: &str,
-    make: impl FnOnce(&str) -> Result<postgres::Statement, postgres::Error>,
-) -> Result<postgres::Statement, StoreError> {
+) -> Result<tokio_postgres::Statement, StoreError> {
     if let Some(stmt) = prepared.get(sql) {
         return Ok(stmt.clone());
     }
-    let stmt = make(&numbered(sql))?;
+    let stmt = client.prepare(&numbered(sql)).await?;
     prepared.insert(sql.to_owned(), stmt.clone());
     Ok(stmt)
 }
@@ -336,7 +555,7 @@ pub(crate) fn bind<'a>(args: &'a [Param<'a>]) -> Vec<&'a (dyn ToSql + Sync)> {
     args.iter().map(|a| a as &(dyn ToSql + Sync)).collect()
 }
 
-fn row(r: &postgres::Row) -> Result<Row, StoreError> {
+fn row(r: &tokio_postgres::Row) -> Result<Row, StoreError> {
     let mut values = Vec::with_capacity(r.len());
     for (i, column) in r.columns().iter().enumerate() {
         let ty = column.type_();
@@ -409,7 +628,7 @@ fn int(i: i64, ty: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn StdError
 
 /// The database cannot take work now (gone, restarting, full, or a
 /// conflict to retry), as opposed to refusing one statement.
-pub(super) fn unavailable(e: &postgres::Error) -> bool {
+pub(super) fn unavailable(e: &tokio_postgres::Error) -> bool {
     if e.is_closed() {
         return true;
     }

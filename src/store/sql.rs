@@ -21,7 +21,7 @@ pub enum StoreError {
     #[error("{0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("{0}")]
-    Postgres(#[from] postgres::Error),
+    Postgres(#[from] tokio_postgres::Error),
     /// A value that does not fit where it goes (a negative count, a u64 past i64).
     #[error("{0}")]
     Value(String),
@@ -339,9 +339,7 @@ impl Conn {
     pub fn statement_timeout(&mut self, limit: std::time::Duration) -> Result<(), StoreError> {
         match self {
             Conn::Sqlite(_) => Ok(()),
-            Conn::Postgres(pg) => {
-                pg.keep_setting(&format!("SET statement_timeout = {}", limit.as_millis()))
-            }
+            Conn::Postgres(pg) => pg.statement_timeout(limit),
         }
     }
 
@@ -466,4 +464,4 @@ fn sqlite_rows(
 
 /// Prepared statements by their text, per connection: PostgreSQL prepares
 /// in a round trip of its own, so each text is prepared once.
-pub(super) type Prepared = HashMap<String, postgres::Statement>;
+pub(super) type Prepared = HashMap<String, tokio_postgres::Statement>;

@@ -16,6 +16,15 @@ pub enum Link {
     Refused,
     /// Nothing passes, and nothing closes, until the link changes.
     Frozen,
+    /// New connections pass again, but those frozen stay so for good, as a
+    /// proxy between holds the connections of a server that went away.
+    Back,
+}
+
+impl Link {
+    fn passes(self) -> bool {
+        matches!(self, Link::Open | Link::Back)
+    }
 }
 
 pub struct Relay {
@@ -48,14 +57,14 @@ async fn relay(mut client: TcpStream, target: SocketAddr, mut link: watch::Recei
     if now == Link::Frozen {
         let _ = link.changed().await;
     }
-    if *link.borrow_and_update() != Link::Open {
+    if !link.borrow_and_update().passes() {
         return reset(client);
     }
     let Ok(mut server) = TcpStream::connect(target).await else {
         return reset(client);
     };
     let cut = async {
-        let _ = link.wait_for(|l| *l != Link::Open).await;
+        let _ = link.wait_for(|l| !l.passes()).await;
     };
     tokio::select! {
         _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
@@ -64,6 +73,9 @@ async fn relay(mut client: TcpStream, target: SocketAddr, mut link: watch::Recei
     if *link.borrow() == Link::Frozen {
         // Held open, silent, until the link changes again.
         let _ = link.wait_for(|l| *l != Link::Frozen).await;
+        if *link.borrow() == Link::Back {
+            let _ = link.wait_for(|l| *l == Link::Refused).await;
+        }
     }
     let _ = server.shutdown().await;
     reset(client);
