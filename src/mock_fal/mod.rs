@@ -308,14 +308,19 @@ async fn test_route(
         // Where `initiate_upload` sends the SDK's file bytes (recorded like any request).
         ["upload", _name] => Response::new(full(Bytes::new())),
         ["status", code] => {
-            let code = code.parse().ok().and_then(|c| StatusCode::from_u16(c).ok());
-            let code = code.unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let code = failing(code);
             status_json(code, &format!("mock {}", code.as_u16()))
         }
         ["slow", ms] => {
             let ms = ms.parse().unwrap_or(1000);
             tokio::time::sleep(Duration::from_millis(ms)).await;
             status_json(StatusCode::OK, &format!("slept {ms} ms"))
+        }
+        // Slow, then failing: fal did no billable work.
+        ["slow", ms, code] => {
+            let ms = ms.parse().unwrap_or(1000);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            status_json(failing(code), &format!("slept {ms} ms, then failed"))
         }
         ["hang"] => std::future::pending().await,
         // A JSON answer whose app hangs after its first bytes: the body
@@ -341,6 +346,14 @@ async fn test_route(
         }
         _ => status_json(StatusCode::NOT_FOUND, "no such mock route"),
     }
+}
+
+/// The status a route's path names, 500 if it names none.
+fn failing(code: &str) -> StatusCode {
+    code.parse()
+        .ok()
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
 /// What `fal-ai/flux/dev` answers for one 1024×1024 image.

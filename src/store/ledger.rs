@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use super::sql::{Conn, Dialect, Mode, Row, Sql, StoreError};
+use super::sql::{Conn, Dialect, Mode, Param, Row, Sql, StoreError};
 use crate::args;
 use crate::billing::journal::{Entry, HoldRecord};
 
@@ -102,9 +102,53 @@ impl<'t, 'c> Writes<'t, 'c> {
         let inserted = self.charge(c)?;
         if inserted {
             self.debit(c.account_id, c.credits, c.from_lease(), None)?;
+        } else {
+            self.correct(c)?;
         }
         self.unhold(&c.id)?;
         Ok(inserted)
+    }
+
+    /// The real outcome of a hold that a peer's takeover charged at its
+    /// held amount while this node was cut off from the database: the
+    /// charge becomes what happened, and the balance moves by the
+    /// difference (back, for work fal did not do). Once: the charge is no
+    /// longer `recovered` after. Leases are not touched: the takeover
+    /// freed the one the hold came from.
+    pub fn correct(&mut self, c: &ChargeRecord) -> Result<(), StoreError> {
+        if c.outcome == Outcome::Recovered {
+            return Ok(());
+        }
+        let Some(row) = self.tx.row(
+            "SELECT credits FROM charges WHERE id = ?1 AND outcome = 'recovered'",
+            args![c.id],
+        )?
+        else {
+            return Ok(());
+        };
+        let recovered: i64 = row.get(0)?;
+        let corrected = self.tx.exec(
+            "UPDATE charges SET units_milli = ?2, credits = ?3, shortfall = ?4,
+                 fal_status = ?5, outcome = ?6, settled_at_ms = ?7
+             WHERE id = ?1 AND outcome = 'recovered'",
+            args![
+                c.id,
+                c.units_milli,
+                c.credits,
+                c.shortfall,
+                c.fal_status,
+                c.outcome.as_str(),
+                c.settled_at_ms
+            ],
+        )?;
+        let delta = Param::int(c.credits)? - recovered;
+        if corrected == 1 && delta != 0 {
+            self.tx.exec(
+                "UPDATE accounts SET balance = balance - ?1 WHERE id = ?2",
+                args![delta, c.account_id],
+            )?;
+        }
+        Ok(())
     }
 
     /// The `charges` row alone; false when the id was recorded before (then

@@ -488,6 +488,8 @@ pub fn commit(conn: &mut Conn, batch: &[WriteOp], node: Option<&str>) -> Result<
                         let debit = debits.entry((charge.account_id, *epoch)).or_default();
                         debit.0 += charge.credits;
                         debit.1 += charge.from_lease();
+                    } else {
+                        writes.correct(charge)?;
                     }
                     if !held_here.contains(charge.id.as_str()) {
                         writes.unhold(&charge.id)?;
