@@ -31,6 +31,7 @@ pub mod reload;
 pub mod server;
 pub mod shared_limits;
 pub mod signin;
+pub mod slices;
 pub mod store;
 pub mod tls;
 pub mod upstream;

@@ -1,6 +1,7 @@
 //! The generation allowance of a key (and its account's cap) when several
-//! nodes share one PostgreSQL: decided in the database, one round trip per
-//! request, so that the nodes together admit exactly what the plan allows.
+//! nodes share one PostgreSQL: decided in the database, so that the nodes
+//! together admit exactly what the plan allows, a slice of admissions per
+//! round trip while they fit (see `slices`), one near the limit.
 //!
 //! While the database cannot decide, each node decides alone on its share
 //! (the rate and burst divided by the nodes alive at its last heartbeat),
@@ -14,7 +15,8 @@ use std::time::Duration;
 
 use crate::billing::lease::Leaser;
 use crate::keys::ApiKey;
-use crate::ratelimit::{Decision, Gcra, RateLimits, Taken, Verdict};
+use crate::ratelimit::{Gcra, RateLimits, Taken, Verdict};
+use crate::slices::Slices;
 use crate::store::limits::Remote;
 use crate::store::sql::StoreError;
 
@@ -22,7 +24,8 @@ use crate::store::sql::StoreError;
 const PROBE: Duration = Duration::from_secs(1);
 
 pub struct SharedLimits {
-    remote: Remote,
+    remote: Arc<Remote>,
+    slices: Arc<Slices>,
     /// Who counts the nodes alive.
     leaser: Arc<Leaser>,
     /// Set while the database cannot decide; its probe clears it.
@@ -43,8 +46,11 @@ fn ns(v: u64) -> i64 {
 
 impl SharedLimits {
     pub fn new(remote: Remote, leaser: Arc<Leaser>) -> Arc<Self> {
+        let (remote, slices) = (Arc::new(remote), Arc::new(Slices::default()));
+        slices.spawn_sweeper(Arc::clone(&remote));
         Arc::new(Self {
             remote,
+            slices,
             leaser,
             alone: AtomicBool::new(false),
         })
@@ -95,68 +101,60 @@ impl SharedLimits {
         now: u64,
     ) -> Result<Verdict, StoreError> {
         let (per_minute, own, cap) = limits.generation_limits(key);
-        let decided: Result<(Decision, bool), StoreError> = async {
-            let k = key_subject(key);
-            let lead = match self
-                .remote
-                .take(&k, ns(own.interval_ns()), ns(own.tolerance()))
-                .await?
-            {
-                Err(lead) => {
-                    Gcra::follow(&key.generation_tat, now, lead as u64);
-                    return Ok((own.denied(lead as u64), false));
-                }
-                Ok(lead) => lead,
-            };
-            Gcra::follow(&key.generation_tat, now, lead.max(0) as u64);
-            if let Some(cap) = cap {
-                let capped = self
-                    .remote
-                    .take(
-                        &account_subject(key),
-                        ns(cap.interval_ns()),
-                        ns(cap.tolerance()),
-                    )
-                    .await;
-                // The key's place goes back whether the cap refused or failed.
-                if !matches!(capped, Ok(Ok(_))) {
-                    self.remote.refund(&k, ns(own.interval_ns())).await?;
-                }
-                let capped = capped?;
-                let (Ok(lead) | Err(lead)) = capped;
-                Gcra::follow(&key.account.rate_tat, now, lead.max(0) as u64);
-                if let Err(lead) = capped {
-                    return Ok((cap.denied(lead as u64), true));
-                }
-            }
-            Ok((own.allowed(lead.max(0) as u64), false))
-        }
-        .await;
-        let (decision, by_account) = decided?;
-        Ok(Verdict {
+        let nodes = self.leaser.live_nodes();
+        let take = |subject: String, limit: Gcra| async move {
+            let slice = self.slices.get(subject.clone());
+            let taken = self
+                .slices
+                .take(
+                    &self.remote,
+                    &slice,
+                    &subject,
+                    ns(limit.interval_ns()),
+                    ns(limit.tolerance()),
+                    nodes,
+                    &self.alone,
+                )
+                .await?;
+            Ok::<_, StoreError>((taken, slice))
+        };
+        let (taken, key_slice) = take(key_subject(key), own).await?;
+        let (Ok(lead) | Err(lead)) = taken;
+        Gcra::follow(&key.generation_tat, now, lead.max(0) as u64);
+        let verdict = |decision, by_account| Verdict {
             limit: per_minute,
             decision,
-            by_account: by_account && matches!(decision, Decision::Deny { .. }),
-        })
+            by_account,
+        };
+        let lead = match taken {
+            Err(lead) => return Ok(verdict(own.denied(lead as u64), false)),
+            Ok(lead) => lead,
+        };
+        if let Some(cap) = cap {
+            // The key's admission goes back to its slice whether the cap
+            // refused or failed.
+            let capped = take(account_subject(key), cap).await;
+            if !matches!(capped, Ok((Ok(_), _))) {
+                key_slice.give_back();
+            }
+            let (capped, _) = capped?;
+            let (Ok(cap_lead) | Err(cap_lead)) = capped;
+            Gcra::follow(&key.account.rate_tat, now, cap_lead.max(0) as u64);
+            if let Err(cap_lead) = capped {
+                return Ok(verdict(cap.denied(cap_lead as u64), true));
+            }
+        }
+        Ok(verdict(own.allowed(lead.max(0) as u64), false))
     }
 
-    /// Gives back an allowed request that did not reach fal, on a task of
-    /// its own (a drop cannot wait).
-    pub fn refund(self: &Arc<Self>, limits: &RateLimits, key: &ApiKey) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (_, own, cap) = limits.generation_limits(key);
-        let (k, a) = (key_subject(key), account_subject(key));
-        let this = Arc::clone(self);
-        runtime.spawn(async move {
-            let mut refunded = this.remote.refund(&k, ns(own.interval_ns())).await;
-            if let (Ok(()), Some(cap)) = (&refunded, cap) {
-                refunded = this.remote.refund(&a, ns(cap.interval_ns())).await;
-            }
-            if let Err(e) = refunded {
-                tracing::warn!(error = %e, "cannot give a shared rate-limit place back");
-            }
-        });
+    /// Gives back an allowed request that did not reach fal: to this
+    /// node's slices, for its next requests (what they leave unused goes
+    /// back to the database within a second or two).
+    pub fn refund(&self, limits: &RateLimits, key: &ApiKey) {
+        let (_, _, cap) = limits.generation_limits(key);
+        self.slices.get(key_subject(key)).give_back();
+        if cap.is_some() {
+            self.slices.get(account_subject(key)).give_back();
+        }
     }
 }

@@ -81,7 +81,7 @@ impl Remote {
                 "INSERT INTO rate_limits (subject, tat_ns) VALUES (?1, {NOW_NS} + ?2)
                  ON CONFLICT (subject) DO UPDATE
                  SET tat_ns = GREATEST(rate_limits.tat_ns, excluded.tat_ns - ?2) + ?2
-                 WHERE GREATEST(rate_limits.tat_ns, excluded.tat_ns - ?2) - (excluded.tat_ns - ?2) <= ?3
+                 WHERE GREATEST(rate_limits.tat_ns, excluded.tat_ns - ?2) - (excluded.tat_ns - ?2) + ?4 <= ?3
                  RETURNING tat_ns - {NOW_NS}"
             )))
             .await?;
@@ -105,22 +105,25 @@ impl Remote {
         Ok(live)
     }
 
-    /// One request against `subject`'s limit: `Ok(lead)` when allowed, with
-    /// the lead of its new theoretical arrival time over now; `Err(lead)`
-    /// when refused, with the current lead. Allowing moves the state;
-    /// refusing leaves it.
+    /// `count` requests at once against `subject`'s limit (all of them or
+    /// none; `count - 1` intervals must fit the tolerance): `Ok(lead)` when
+    /// allowed, with the lead of the new theoretical arrival time over now;
+    /// `Err(lead)` when refused, with the current lead. Allowing moves the
+    /// state; refusing leaves it.
     pub async fn take(
         &self,
         subject: &str,
         interval_ns: i64,
         tolerance_ns: i64,
+        count: i64,
     ) -> Result<Result<i64, i64>, StoreError> {
         let live = self.live().await?;
         self.within(&live, async {
             let args = [
                 Param::Text(subject),
-                Param::Int(interval_ns),
+                Param::Int(interval_ns.saturating_mul(count)),
                 Param::Int(tolerance_ns),
+                Param::Int(interval_ns.saturating_mul(count - 1)),
             ];
             if let Some(row) = live.conn.client.query_opt(&live.take, &bind(&args)).await? {
                 return Ok(Ok(row.try_get(0)?));
@@ -174,12 +177,19 @@ impl Remote {
         }
     }
 
-    /// Gives back one allowed request (refused by another limit after all,
-    /// or one that never reached fal).
-    pub async fn refund(&self, subject: &str, interval_ns: i64) -> Result<(), StoreError> {
+    /// Gives back `count` allowed requests (taken ahead and not used).
+    pub async fn refund(
+        &self,
+        subject: &str,
+        interval_ns: i64,
+        count: i64,
+    ) -> Result<(), StoreError> {
         let live = self.live().await?;
         self.within(&live, async {
-            let args = [Param::Text(subject), Param::Int(interval_ns)];
+            let args = [
+                Param::Text(subject),
+                Param::Int(interval_ns.saturating_mul(count)),
+            ];
             live.conn.client.execute(&live.refund, &bind(&args)).await?;
             Ok(())
         })

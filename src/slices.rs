@@ -1,0 +1,180 @@
+//! Slices of a shared rate limit: a node takes several of a key's (or an
+//! account's) admissions from the database in one round trip, while they
+//! fit its burst, and spends them one per request with no round trip.
+//! Near the limit it takes one at a time, so that the nodes together still
+//! admit exactly what the plan allows. A slice taken is counted in the
+//! database at once, as if its requests had all come then: spending it
+//! later never admits more than the plan, and what a node leaves unused
+//! for a second goes back.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+
+use crate::store::limits::Remote;
+use crate::store::now_ms;
+use crate::store::sql::StoreError;
+
+/// Most admissions one round trip takes.
+const MOST: i64 = 16;
+/// Unused admissions held this long go back to the database.
+const IDLE_MS: i64 = 1_000;
+/// After the database refused a slice, one at a time for this long.
+const NARROW_MS: i64 = 1_000;
+
+/// One subject's admissions taken ahead, on this node.
+pub struct Slice {
+    left: AtomicI64,
+    /// The interval they were taken at, for giving them back.
+    interval_ns: AtomicI64,
+    /// The lead the database last reported, for the response headers.
+    lead_ns: AtomicI64,
+    used_at_ms: AtomicI64,
+    narrow_until_ms: AtomicI64,
+    /// One round trip per subject at a time: the requests behind it spend
+    /// what it brings.
+    taking: tokio::sync::Mutex<()>,
+}
+
+impl Slice {
+    fn new() -> Self {
+        Self {
+            left: AtomicI64::new(0),
+            interval_ns: AtomicI64::new(0),
+            lead_ns: AtomicI64::new(0),
+            used_at_ms: AtomicI64::new(0),
+            narrow_until_ms: AtomicI64::new(0),
+            taking: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Spends one admission taken ahead; the lead last reported.
+    fn spend(&self) -> Option<i64> {
+        let spent = self
+            .left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| {
+                (l > 0).then_some(l - 1)
+            })
+            .is_ok();
+        spent.then(|| {
+            self.used_at_ms.store(now_ms(), Ordering::Release);
+            self.lead_ns.load(Ordering::Acquire)
+        })
+    }
+
+    /// An admission allowed here that did not reach fal after all.
+    pub fn give_back(&self) {
+        self.left.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+#[derive(Default)]
+pub struct Slices {
+    by_subject: DashMap<String, Arc<Slice>>,
+}
+
+impl Slices {
+    pub fn get(&self, subject: String) -> Arc<Slice> {
+        if let Some(slice) = self.by_subject.get(&subject) {
+            return Arc::clone(&slice);
+        }
+        Arc::clone(
+            &self
+                .by_subject
+                .entry(subject)
+                .or_insert_with(|| Arc::new(Slice::new())),
+        )
+    }
+
+    /// One admission of `subject` (a limit of `interval_ns`, `tolerance_ns`
+    /// shared by `nodes`): from its slice, or from the database, taking a
+    /// slice while one fits. `Ok(lead)` allowed, `Err(lead)` refused. Once
+    /// `alone` is set (the database did not answer the request ahead), the
+    /// requests queued behind it do not each try again.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn take(
+        &self,
+        remote: &Remote,
+        slice: &Slice,
+        subject: &str,
+        interval_ns: i64,
+        tolerance_ns: i64,
+        nodes: u64,
+        alone: &AtomicBool,
+    ) -> Result<Result<i64, i64>, StoreError> {
+        if let Some(lead) = slice.spend() {
+            return Ok(Ok(lead));
+        }
+        let _taking = slice.taking.lock().await;
+        if let Some(lead) = slice.spend() {
+            return Ok(Ok(lead));
+        }
+        if alone.load(Ordering::Acquire) {
+            return Err(StoreError::Unanswered(
+                "the database did not answer the request ahead".into(),
+            ));
+        }
+        // At most half the burst per node, so that slices left on some
+        // nodes never starve the others of the plan's burst.
+        let burst = tolerance_ns / interval_ns.max(1) + 1;
+        let nodes = i64::try_from(nodes.max(1)).unwrap_or(i64::MAX);
+        let wide = (burst / (2 * nodes)).clamp(1, MOST);
+        let narrow = now_ms() < slice.narrow_until_ms.load(Ordering::Acquire);
+        let mut count = if narrow { 1 } else { wide };
+        loop {
+            match remote
+                .take(subject, interval_ns, tolerance_ns, count)
+                .await?
+            {
+                Ok(lead) => {
+                    slice.interval_ns.store(interval_ns, Ordering::Release);
+                    slice.lead_ns.store(lead, Ordering::Release);
+                    slice.used_at_ms.store(now_ms(), Ordering::Release);
+                    slice.left.fetch_add(count - 1, Ordering::AcqRel);
+                    return Ok(Ok(lead));
+                }
+                Err(lead) if count > 1 => {
+                    slice
+                        .narrow_until_ms
+                        .store(now_ms() + NARROW_MS, Ordering::Release);
+                    slice.lead_ns.store(lead, Ordering::Release);
+                    count = 1;
+                }
+                Err(lead) => return Ok(Err(lead)),
+            }
+        }
+    }
+
+    /// Every second, gives back to the database what slices have held
+    /// unused for a second, and forgets subjects long idle.
+    pub fn spawn_sweeper(self: &Arc<Self>, remote: Arc<Remote>) {
+        let this = Arc::downgrade(self);
+        remote.runtime().clone().spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(IDLE_MS as u64)).await;
+                let Some(slices) = this.upgrade() else { return };
+                let now = now_ms();
+                let idle: Vec<(String, Arc<Slice>)> = slices
+                    .by_subject
+                    .iter()
+                    .filter(|e| now - e.used_at_ms.load(Ordering::Acquire) >= IDLE_MS)
+                    .map(|e| (e.key().clone(), Arc::clone(e.value())))
+                    .collect();
+                for (subject, slice) in idle {
+                    let unused = slice.left.swap(0, Ordering::AcqRel);
+                    if unused > 0 {
+                        let interval = slice.interval_ns.load(Ordering::Acquire);
+                        // Lost, it only holds the key back for `unused` intervals.
+                        if let Err(e) = remote.refund(&subject, interval, unused).await {
+                            tracing::warn!(error = %e, "cannot give unused rate-limit admissions back");
+                        }
+                    } else if now - slice.used_at_ms.load(Ordering::Acquire) >= 60 * IDLE_MS {
+                        slices.by_subject.remove(&subject);
+                    }
+                }
+            }
+        });
+    }
+}
