@@ -188,6 +188,10 @@ impl StoreWriter {
         if past(down, tolerance) || past(committing, tolerance.max(STUCK)) {
             return Err(ApiError::LedgerUnavailable);
         }
+        // A full queue waits for room only while the store takes writes.
+        if self.tx.capacity() == 0 && down != 0 {
+            return Err(ApiError::LedgerUnavailable);
+        }
         match tokio::time::timeout(ROOM_WAIT, self.tx.reserve()).await {
             Ok(Ok(permit)) => Ok(permit),
             _ => Err(ApiError::LedgerUnavailable),
