@@ -91,10 +91,18 @@ async fn spread(cluster: &Cluster, requests: usize) -> Vec<u16> {
 
 /// `requests` at once, round the nodes and round `keys`.
 async fn spread_keys(cluster: &Cluster, keys: &[String], requests: usize) -> Vec<u16> {
-    let calls: Vec<_> = (0..requests)
-        .map(|i| {
-            let url = cluster.nodes[i % cluster.nodes.len()].url("/mock/canned");
-            let key = keys[i % keys.len()].clone();
+    let nodes = &cluster.nodes;
+    concurrently((0..requests).map(|i| {
+        let url = nodes[i % nodes.len()].url("/mock/canned");
+        (url, keys[i % keys.len()].clone())
+    }))
+    .await
+}
+
+/// A call to each `(url, key)`, all at once: their statuses, in order.
+async fn concurrently(calls: impl Iterator<Item = (String, String)>) -> Vec<u16> {
+    let calls: Vec<_> = calls
+        .map(|(url, key)| {
             tokio::spawn(async move {
                 client()
                     .request(post(&url, Some(&key), "application/json", "{}"))
@@ -104,7 +112,7 @@ async fn spread_keys(cluster: &Cluster, keys: &[String], requests: usize) -> Vec
             })
         })
         .collect();
-    let mut statuses = Vec::with_capacity(requests);
+    let mut statuses = Vec::with_capacity(calls.len());
     for call in calls {
         statuses.push(call.await.unwrap());
     }
@@ -492,23 +500,7 @@ async fn a_revocation_reaches_every_node_at_once() {
 /// `requests` at once to `node` with `key`: their statuses.
 async fn burst_to(node: &Server, key: &str, requests: usize) -> Vec<u16> {
     let url = node.url("/mock/canned");
-    let calls: Vec<_> = (0..requests)
-        .map(|_| {
-            let (url, key) = (url.clone(), key.to_owned());
-            tokio::spawn(async move {
-                client()
-                    .request(post(&url, Some(&key), "application/json", "{}"))
-                    .await
-                    .map(|r| r.status().as_u16())
-                    .unwrap_or(0)
-            })
-        })
-        .collect();
-    let mut statuses = Vec::with_capacity(requests);
-    for call in calls {
-        statuses.push(call.await.unwrap());
-    }
-    statuses
+    concurrently((0..requests).map(|_| (url.clone(), key.to_owned()))).await
 }
 
 /// The database goes away under two nodes (`link` says how): each goes on

@@ -304,37 +304,48 @@ impl Pg {
         }
     }
 
-    pub fn exec(&mut self, sql: &str, args: &[Param<'_>]) -> Result<u64, StoreError> {
+    /// The statement for `sql` on the live connection (prepared once).
+    fn statement(&mut self, sql: &str) -> Result<tokio_postgres::Statement, StoreError> {
         let Parts {
             runtime,
             deadline,
             client,
             prepared,
         } = self.parts()?;
-        let done = block(runtime, deadline, async {
-            let stmt = statement(prepared, client, sql).await?;
-            Ok(client.execute(&stmt, &bind(args)).await?)
-        });
+        let done = block(runtime, deadline, statement(prepared, client, sql));
         self.answered(done)
     }
 
-    pub fn rows(&mut self, sql: &str, args: &[Param<'_>]) -> Result<Vec<Row>, StoreError> {
+    /// Runs `work` on the live connection, within the deadline.
+    fn call<T>(
+        &mut self,
+        work: impl AsyncFnOnce(&tokio_postgres::Client) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let Parts {
             runtime,
             deadline,
             client,
-            prepared,
+            ..
         } = self.parts()?;
-        let done = block(runtime, deadline, async {
-            let stmt = statement(prepared, client, sql).await?;
+        let done = block(runtime, deadline, work(client));
+        self.answered(done)
+    }
+
+    pub fn exec(&mut self, sql: &str, args: &[Param<'_>]) -> Result<u64, StoreError> {
+        let stmt = self.statement(sql)?;
+        self.call(async |client| Ok(client.execute(&stmt, &bind(args)).await?))
+    }
+
+    pub fn rows(&mut self, sql: &str, args: &[Param<'_>]) -> Result<Vec<Row>, StoreError> {
+        let stmt = self.statement(sql)?;
+        self.call(async |client| {
             client
                 .query(&stmt, &bind(args))
                 .await?
                 .iter()
                 .map(row)
                 .collect()
-        });
-        self.answered(done)
+        })
     }
 
     /// Waits up to `timeout` for a notification on `channel`, listening from
@@ -361,16 +372,7 @@ impl Pg {
 
     /// Runs statements as they are, without arguments (the schema's migrations).
     pub fn batch(&mut self, sql: &str) -> Result<(), StoreError> {
-        let Parts {
-            runtime,
-            deadline,
-            client,
-            ..
-        } = self.parts()?;
-        let done = block(runtime, deadline, async {
-            Ok(client.batch_execute(sql).await?)
-        });
-        self.answered(done)
+        self.call(async |client| Ok(client.batch_execute(sql).await?))
     }
 }
 
@@ -473,9 +475,14 @@ pub struct PgTx<'c> {
 }
 
 impl PgTx<'_> {
-    /// A call that went unanswered marks the connection to be made again
-    /// (the transaction holds it until dropped).
-    fn answered<T>(&mut self, done: Result<T, StoreError>) -> Result<T, StoreError> {
+    /// Runs `work` in the transaction, within the deadline. A call that
+    /// went unanswered marks the connection to be made again (the
+    /// transaction holds it until dropped).
+    fn call<T>(
+        &mut self,
+        work: impl AsyncFnOnce(&tokio_postgres::Transaction<'_>, &mut Prepared) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let done = block(self.runtime, self.deadline, work(&self.tx, self.prepared));
         if matches!(done, Err(StoreError::Unanswered(_))) {
             *self.hung = true;
         }
@@ -492,33 +499,25 @@ impl PgTx<'_> {
     }
 
     pub fn exec(&mut self, sql: &str, args: &[Param<'_>]) -> Result<u64, StoreError> {
-        let (tx, prepared) = (&self.tx, &mut *self.prepared);
-        let done = block(self.runtime, self.deadline, async {
+        self.call(async |tx, prepared| {
             let stmt = statement(prepared, tx, sql).await?;
             Ok(tx.execute(&stmt, &bind(args)).await?)
-        });
-        self.answered(done)
+        })
     }
 
     pub fn rows(&mut self, sql: &str, args: &[Param<'_>]) -> Result<Vec<Row>, StoreError> {
-        let (tx, prepared) = (&self.tx, &mut *self.prepared);
-        let done = block(self.runtime, self.deadline, async {
+        self.call(async |tx, prepared| {
             let stmt = statement(prepared, tx, sql).await?;
             tx.query(&stmt, &bind(args))
                 .await?
                 .iter()
                 .map(row)
                 .collect()
-        });
-        self.answered(done)
+        })
     }
 
     pub fn batch(&mut self, sql: &str) -> Result<(), StoreError> {
-        let tx = &self.tx;
-        let done = block(self.runtime, self.deadline, async {
-            Ok(tx.batch_execute(sql).await?)
-        });
-        self.answered(done)
+        self.call(async |tx, _| Ok(tx.batch_execute(sql).await?))
     }
 }
 
