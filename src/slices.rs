@@ -2,14 +2,15 @@
 //! account's) admissions from the database in one round trip, while they
 //! fit its burst, and spends them one per request with no round trip.
 //! Near the limit it takes one at a time, so that the nodes together still
-//! admit exactly what the plan allows. A slice taken is counted in the
-//! database at once, as if its requests had all come then: spending it
-//! later never admits more than the plan, and what a node leaves unused
-//! for a second goes back.
+//! admit exactly what the plan allows. A slice's admissions are the last
+//! places before the key's new theoretical arrival time (its horizon): one
+//! is spent only while its place is not yet past, so spending never admits
+//! more than the plan, and what a node leaves unused for a second goes
+//! back (what is past is dropped, not given back).
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 
@@ -24,13 +25,24 @@ const IDLE_MS: i64 = 1_000;
 /// After the database refused a slice, one at a time for this long.
 const NARROW_MS: i64 = 1_000;
 
+/// This process's monotonic clock, in nanoseconds.
+fn mono_ns() -> i64 {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    let origin = ORIGIN.get_or_init(Instant::now);
+    i64::try_from(origin.elapsed().as_nanos()).unwrap_or(i64::MAX)
+}
+
 /// One subject's admissions taken ahead, on this node.
 pub struct Slice {
     left: AtomicI64,
-    /// The interval they were taken at, for giving them back.
+    /// The interval they were taken at.
     interval_ns: AtomicI64,
-    /// The lead the database last reported, for the response headers.
-    lead_ns: AtomicI64,
+    /// The subject's theoretical arrival time after them, on [`mono_ns`]'s
+    /// clock (from when the round trip was sent, so never later than the
+    /// database's): the `n` left are the `n` places before it.
+    horizon_ns: AtomicI64,
+    /// Until then (the database's retry-after) a request is refused here.
+    refused_until_ns: AtomicI64,
     used_at_ms: AtomicI64,
     narrow_until_ms: AtomicI64,
     /// One round trip per subject at a time: the requests behind it spend
@@ -43,24 +55,33 @@ impl Slice {
         Self {
             left: AtomicI64::new(0),
             interval_ns: AtomicI64::new(0),
-            lead_ns: AtomicI64::new(0),
-            used_at_ms: AtomicI64::new(0),
+            horizon_ns: AtomicI64::new(0),
+            refused_until_ns: AtomicI64::new(0),
+            used_at_ms: AtomicI64::new(now_ms()),
             narrow_until_ms: AtomicI64::new(0),
             taking: tokio::sync::Mutex::new(()),
         }
     }
 
-    /// Spends one admission taken ahead; the lead last reported.
+    /// Admissions left whose places are not yet past.
+    fn usable(&self, left: i64) -> i64 {
+        let interval = self.interval_ns.load(Ordering::Acquire).max(1);
+        let ahead = self.horizon_ns.load(Ordering::Acquire) - mono_ns();
+        left.min(ahead.max(0) / interval)
+    }
+
+    /// Spends one admission taken ahead; the subject's lead over now.
     fn spend(&self) -> Option<i64> {
         let spent = self
             .left
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| {
-                (l > 0).then_some(l - 1)
+                let usable = self.usable(l);
+                (usable > 0).then_some(usable - 1)
             })
             .is_ok();
         spent.then(|| {
             self.used_at_ms.store(now_ms(), Ordering::Release);
-            self.lead_ns.load(Ordering::Acquire)
+            (self.horizon_ns.load(Ordering::Acquire) - mono_ns()).max(0)
         })
     }
 
@@ -104,8 +125,18 @@ impl Slices {
         nodes: u64,
         alone: &AtomicBool,
     ) -> Result<Result<i64, i64>, StoreError> {
+        if slice.interval_ns.load(Ordering::Acquire) != interval_ns {
+            // Taken under another plan: not this one's places.
+            slice.left.store(0, Ordering::Release);
+        }
         if let Some(lead) = slice.spend() {
             return Ok(Ok(lead));
+        }
+        // Refused until the database's retry-after: no round trip, and no
+        // queue of them behind one key.
+        let refused = slice.refused_until_ns.load(Ordering::Acquire) - mono_ns();
+        if refused > 0 {
+            return Ok(Err(refused + tolerance_ns));
         }
         let _taking = slice.taking.lock().await;
         if let Some(lead) = slice.spend() {
@@ -124,25 +155,31 @@ impl Slices {
         let narrow = now_ms() < slice.narrow_until_ms.load(Ordering::Acquire);
         let mut count = if narrow { 1 } else { wide };
         loop {
+            let sent = mono_ns();
             match remote
                 .take(subject, interval_ns, tolerance_ns, count)
                 .await?
             {
                 Ok(lead) => {
                     slice.interval_ns.store(interval_ns, Ordering::Release);
-                    slice.lead_ns.store(lead, Ordering::Release);
+                    slice.horizon_ns.store(sent + lead, Ordering::Release);
                     slice.used_at_ms.store(now_ms(), Ordering::Release);
                     slice.left.fetch_add(count - 1, Ordering::AcqRel);
                     return Ok(Ok(lead));
                 }
-                Err(lead) if count > 1 => {
+                Err(_) if count > 1 => {
                     slice
                         .narrow_until_ms
                         .store(now_ms() + NARROW_MS, Ordering::Release);
-                    slice.lead_ns.store(lead, Ordering::Release);
                     count = 1;
                 }
-                Err(lead) => return Ok(Err(lead)),
+                Err(lead) => {
+                    let retry = (lead - tolerance_ns).max(0);
+                    slice
+                        .refused_until_ns
+                        .store(sent + retry, Ordering::Release);
+                    return Ok(Err(lead));
+                }
             }
         }
     }
@@ -163,18 +200,54 @@ impl Slices {
                     .map(|e| (e.key().clone(), Arc::clone(e.value())))
                     .collect();
                 for (subject, slice) in idle {
-                    let unused = slice.left.swap(0, Ordering::AcqRel);
+                    let left = slice.left.swap(0, Ordering::AcqRel);
+                    // Past places are the database's history: not given back.
+                    let unused = slice.usable(left);
                     if unused > 0 {
                         let interval = slice.interval_ns.load(Ordering::Acquire);
                         // Lost, it only holds the key back for `unused` intervals.
                         if let Err(e) = remote.refund(&subject, interval, unused).await {
                             tracing::warn!(error = %e, "cannot give unused rate-limit admissions back");
                         }
-                    } else if now - slice.used_at_ms.load(Ordering::Acquire) >= 60 * IDLE_MS {
-                        slices.by_subject.remove(&subject);
+                    } else {
+                        // Not one a request is using, or just made.
+                        slices.by_subject.remove_if(&subject, |_, s| {
+                            now - s.used_at_ms.load(Ordering::Acquire) >= 60 * IDLE_MS
+                                && s.left.load(Ordering::Acquire) == 0
+                                && s.taking.try_lock().is_ok()
+                        });
                     }
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEC: i64 = 1_000_000_000;
+
+    /// Five admissions left, but only the places of two are not yet past
+    /// (the horizon 2.5 intervals ahead): two are spent, the rest dropped.
+    /// One given back is spent while its place is ahead, not once past.
+    #[test]
+    fn only_places_not_yet_past_are_spent() {
+        let slice = Slice::new();
+        slice.interval_ns.store(SEC, Ordering::Release);
+        slice
+            .horizon_ns
+            .store(mono_ns() + 5 * SEC / 2, Ordering::Release);
+        slice.left.store(5, Ordering::Release);
+        assert!(slice.spend().is_some());
+        assert!(slice.spend().is_some());
+        assert_eq!(slice.spend(), None);
+        assert_eq!(slice.left.load(Ordering::Acquire), 0);
+        slice.give_back();
+        assert!(slice.spend().is_some());
+        slice.horizon_ns.store(mono_ns(), Ordering::Release);
+        slice.give_back();
+        assert_eq!(slice.spend(), None);
     }
 }

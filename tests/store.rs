@@ -349,3 +349,28 @@ async fn a_queued_job_outlives_a_restart_and_is_charged_once(backend: Backend) {
     assert_eq!(stranger_gets().await, 404);
     assert!(books_close(&server, &[("acme", 28)]).await);
 }
+
+/// A transaction dropped unfinished (an edit refused halfway) lets its
+/// locks go at once: the next session does not wait on them.
+#[test]
+fn on_postgres_a_transaction_dropped_unfinished_lets_go_at_once() {
+    use abhiapi::store::sql::{Mode, Sql};
+    let dir = tempfile::tempdir().unwrap();
+    let config = abhiapi::config::StoreConfig {
+        url: Some(pg::database()),
+        ..abhiapi::config::StoreConfig::at(dir.path().join("abhiapi.db"))
+    };
+    let mut first = abhiapi::store::open(&config).unwrap();
+    let mut second = abhiapi::store::connect(&config).unwrap();
+    {
+        let mut tx = first.transaction(Mode::Plain).unwrap();
+        tx.exec("LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE", &[])
+            .unwrap();
+    }
+    second.exec("SET lock_timeout = 200", &[]).unwrap();
+    let read = second.rows("SELECT COUNT(*) FROM accounts", &[]);
+    assert!(
+        read.is_ok(),
+        "the dropped transaction still held its lock: {read:?}"
+    );
+}

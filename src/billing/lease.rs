@@ -28,6 +28,8 @@ use crate::store::{leases, nodes, now_ms};
 const SWEEP: Duration = Duration::from_millis(200);
 /// How often this node says it is alive, and looks for silent peers.
 const BEAT: Duration = Duration::from_secs(1);
+/// The longest the heartbeat's connection may take to be made.
+const CONNECT: Duration = Duration::from_secs(10);
 
 pub struct Leaser {
     pool: Arc<Pool>,
@@ -193,14 +195,16 @@ impl Leaser {
         let sent = self.elapsed_ms();
         let ttl_ms = self.ttl_ms();
         let answered = self.runtime.block_on(async {
-            let work = async {
-                if link.as_ref().is_none_or(|c| c.client.is_closed()) {
-                    *link = Some(target.connect_async(&self.runtime).await?);
-                }
-                let client = &link.as_ref().expect("connected above").client;
-                nodes::heartbeat(client, &self.node, ttl_ms).await
-            };
-            tokio::time::timeout(BEAT * 2, work)
+            if link.as_ref().is_none_or(|c| c.client.is_closed()) {
+                // Connecting has its own budget: several round trips, and
+                // the URL's connect timeout per host.
+                let connected = tokio::time::timeout(CONNECT, target.connect_async(&self.runtime));
+                *link = Some(connected.await.unwrap_or_else(|_| {
+                    Err(StoreError::Unanswered("connecting took too long".into()))
+                })?);
+            }
+            let client = &link.as_ref().expect("connected above").client;
+            tokio::time::timeout(BEAT * 2, nodes::heartbeat(client, &self.node, ttl_ms))
                 .await
                 .unwrap_or_else(|_| Err(StoreError::Unanswered("no heartbeat answer".into())))
         });
@@ -222,11 +226,11 @@ impl Leaser {
             }
             tracing::error!("a peer took this node over while it was silent: its leases are gone");
         }
-        self.count_live(live, sent);
         let gap = sent - self.heard_ms.swap(sent, Ordering::AcqRel);
         if gap >= self.streak_break_ms() {
             self.heard_since_ms.store(sent, Ordering::Release);
         }
+        self.count_live(live, sent);
     }
 
     fn ttl_ms(&self) -> i64 {
@@ -246,7 +250,12 @@ impl Leaser {
     /// give it too large a share of a rate limit.
     fn count_live(&self, live: i64, at_ms: i64) {
         let kept_at = self.live_at_ms.load(Ordering::Acquire);
-        if live >= self.live.load(Ordering::Acquire) || at_ms - kept_at >= self.ttl_ms() {
+        // Lower only once heard for a whole TTL: just back from an outage,
+        // the peers' last signs of life are as stale as this node's.
+        let settled = at_ms - self.heard_since_ms.load(Ordering::Acquire) >= self.ttl_ms();
+        if live >= self.live.load(Ordering::Acquire)
+            || (settled && at_ms - kept_at >= self.ttl_ms())
+        {
             self.live.store(live, Ordering::Release);
             self.live_at_ms.store(at_ms, Ordering::Release);
         }

@@ -15,6 +15,10 @@ use crate::store::{self, snapshot};
 /// Longest wait for a notification before the thread looks at its stop flag.
 const NOTIFY_SLICE: Duration = Duration::from_millis(500);
 
+/// The longest one read of the change feed may take: past it the
+/// connection is made again, and the next poll reads on.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub struct Refresher {
     stop: Arc<AtomicBool>,
     /// The newest change applied to the registry.
@@ -31,6 +35,7 @@ impl Refresher {
         interval: Duration,
     ) -> Result<Self, Error> {
         let mut conn = store::open(db)?;
+        conn.statement_timeout(READ_TIMEOUT)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = Arc::clone(&stop);
         let applied = Arc::new(AtomicI64::new(seq));

@@ -3,12 +3,16 @@
 //! hot path never touches it.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use super::sql::Conn;
+use super::sql::{Conn, StoreError};
 use crate::config::StoreConfig;
 use crate::error::Error;
+
+/// The longest one statement runs, and one call waits for the connection.
+const WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
 pub struct Db {
@@ -17,8 +21,10 @@ pub struct Db {
 
 impl Db {
     pub fn open(config: &StoreConfig) -> Result<Self, Error> {
+        let mut conn = super::open(config)?;
+        conn.statement_timeout(WAIT)?;
         Ok(Self {
-            conn: Arc::new(Mutex::new(super::open(config)?)),
+            conn: Arc::new(Mutex::new(conn)),
         })
     }
 
@@ -29,8 +35,13 @@ impl Db {
         F: FnOnce(&mut Conn) -> Result<T, Error> + Send + 'static,
     {
         let conn = Arc::clone(&self.conn);
-        tokio::task::spawn_blocking(move || f(&mut conn.lock()))
-            .await
-            .map_err(|e| Error::Usage(format!("database task failed: {e}")))?
+        tokio::task::spawn_blocking(move || {
+            let mut conn = conn.try_lock_for(WAIT).ok_or_else(|| {
+                StoreError::Unanswered("the database connection stayed busy".into())
+            })?;
+            f(&mut conn)
+        })
+        .await
+        .map_err(|e| Error::Usage(format!("database task failed: {e}")))?
     }
 }

@@ -141,13 +141,25 @@ impl<'t, 'c> Writes<'t, 'c> {
                 c.settled_at_ms
             ],
         )?;
+        if corrected == 0 {
+            return Ok(());
+        }
         let delta = Param::int(c.credits)? - recovered;
-        if corrected == 1 && delta != 0 {
+        if delta != 0 {
             self.tx.exec(
                 "UPDATE accounts SET balance = balance - ?1 WHERE id = ?2",
                 args![delta, c.account_id],
             )?;
         }
+        // A job the takeover ended with its hold reports what happened.
+        self.tx.exec(
+            "UPDATE jobs SET
+                 state = CASE ?2 WHEN 'released' THEN 'released' ELSE 'charged' END,
+                 credits_used = ?3,
+                 balance_remaining = (SELECT balance FROM accounts WHERE id = jobs.account_id)
+             WHERE hold_id = ?1",
+            args![c.id, c.outcome.as_str(), c.credits],
+        )?;
         Ok(())
     }
 

@@ -5,12 +5,12 @@
 //! connections under load.
 //!
 //! A database that hangs (it, or something between, takes the bytes and
-//! never answers) is met by no TCP timeout and no server-side one: a
-//! caller waits at most `WAIT` for a connection and `CALL` for its answer,
-//! so that a request gets its 503 while the call itself runs on, to its
-//! end, on its blocking thread. At most `SIZE` such threads hang.
+//! never answers) is met by no TCP timeout and no server-side one: each
+//! statement has a deadline of its own (see `postgres::Pg`), and a caller
+//! waits at most `WAIT` for a connection and `CALL` for its answer, so
+//! that a request gets its 503 while the call itself runs on, to its end,
+//! on its blocking thread. At most `SIZE` such threads wait.
 
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -89,69 +89,32 @@ impl Pool {
         F: FnOnce(&mut Conn) -> Result<T, Error> + Send + 'static,
     {
         let this = Arc::clone(self);
-        let state = Arc::new(AtomicU8::new(RUNNING));
-        let lent_state = Arc::clone(&state);
-        let call = tokio::task::spawn_blocking(move || f(this.lend(Some(lent_state))?.conn()));
-        match tokio::time::timeout(CALL, call).await {
-            Ok(done) => done.map_err(|e| Error::Usage(format!("store task failed: {e}")))?,
-            Err(_) => {
-                // The call runs on, to its end; its slot is freed now, and
-                // its connection is closed when it ends, not lent again.
-                let abandoned =
-                    state.compare_exchange(RUNNING, ABANDONED, Ordering::AcqRel, Ordering::Acquire);
-                if abandoned.is_ok() {
-                    self.slots.lock().open -= 1;
-                    self.freed.notify_one();
-                }
-                Err(StoreError::Unanswered("the database did not answer in time".into()).into())
-            }
-        }
+        let call = tokio::task::spawn_blocking(move || this.blocking(f));
+        tokio::time::timeout(CALL, call)
+            .await
+            .map_err(|_| StoreError::Unanswered("the database did not answer in time".into()))?
+            .map_err(|e| Error::Usage(format!("store task failed: {e}")))?
     }
 
     /// Runs `f` here, on a thread that may block. The connection comes
     /// back to the pool however `f` ends, a panic included.
     pub fn blocking<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T, Error>) -> Result<T, Error> {
-        f(self.lend(None)?.conn())
-    }
-}
-
-impl Pool {
-    fn lend(&self, state: Option<Arc<AtomicU8>>) -> Result<Lent<'_>, Error> {
-        Ok(Lent {
+        let mut lent = Lent {
             pool: self,
             conn: Some(self.take()?),
-            state,
-        })
+        };
+        f(lent.conn.as_mut().expect("lent until dropped"))
     }
 }
 
-impl Lent<'_> {
-    fn conn(&mut self) -> &mut Conn {
-        self.conn.as_mut().expect("lent until dropped")
-    }
-}
-
-/// A connection out of the pool, given back when dropped, unless its
-/// caller abandoned it (then its slot was freed already).
+/// A connection out of the pool, given back when dropped.
 struct Lent<'a> {
     pool: &'a Pool,
     conn: Option<Conn>,
-    state: Option<Arc<AtomicU8>>,
 }
-
-const RUNNING: u8 = 0;
-const ENDED: u8 = 1;
-const ABANDONED: u8 = 2;
 
 impl Drop for Lent<'_> {
     fn drop(&mut self) {
-        let ended = self.state.as_ref().is_none_or(|s| {
-            s.compare_exchange(RUNNING, ENDED, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        });
-        if !ended {
-            return;
-        }
         if let Some(conn) = self.conn.take() {
             self.pool.slots.lock().idle.push(conn);
             self.pool.freed.notify_one();

@@ -122,6 +122,9 @@ pub struct Pg {
     /// A call in a transaction went unanswered: the transaction held the
     /// connection, so it is dropped before the next call instead.
     hung: bool,
+    /// The connection was made again since the last wait for notifications:
+    /// those sent meanwhile are lost, so the wait says one came.
+    fresh: bool,
 }
 
 /// Without a statement timeout: a call that takes this long is hanging.
@@ -174,6 +177,7 @@ impl Pg {
             settings: Vec::new(),
             deadline: DEADLINE,
             hung: false,
+            fresh: false,
         };
         pg.live()?;
         Ok(pg)
@@ -186,9 +190,8 @@ impl Pg {
     /// The longest one statement may run, on the server; the caller waits
     /// for its answer a little longer, then drops the connection.
     pub fn statement_timeout(&mut self, limit: Duration) -> Result<(), StoreError> {
-        self.keep_setting(&format!("SET statement_timeout = {}", limit.as_millis()))?;
         self.deadline = limit + ANSWER_SLACK;
-        Ok(())
+        self.keep_setting(&format!("SET statement_timeout = {}", limit.as_millis()))
     }
 
     /// Runs `set` now and again on every reconnection.
@@ -206,7 +209,13 @@ impl Pg {
             self.hung = false;
             self.prepared.clear();
             let (config, tls) = (&self.target.config, self.target.tls.clone());
-            let (client, mut connection) = block(&self.runtime, self.deadline, async {
+            // Connecting has its own deadline: the statement timeout is not
+            // set on the session yet.
+            let connect = config
+                .get_connect_timeout()
+                .copied()
+                .unwrap_or(CONNECT_TIMEOUT);
+            let (client, mut connection) = block(&self.runtime, connect + ANSWER_SLACK, async {
                 Ok(config.connect(tls).await?)
             })?;
             let (tx, notices) = tokio::sync::mpsc::unbounded_channel();
@@ -237,6 +246,7 @@ impl Pg {
                 })?;
             }
             self.link = Some(link);
+            self.fresh = true;
         }
         Ok(&self.link.as_ref().expect("connected above").client)
     }
@@ -291,7 +301,7 @@ impl Pg {
         });
         match begun {
             Ok(tx) => Ok(PgTx {
-                tx,
+                tx: Some(tx),
                 runtime,
                 prepared,
                 deadline: *deadline,
@@ -356,6 +366,9 @@ impl Pg {
             self.keep_setting(&listen)?;
         }
         self.live()?;
+        if std::mem::take(&mut self.fresh) {
+            return Ok(true);
+        }
         let link = self.link.as_mut().expect("live");
         let came = self
             .runtime
@@ -467,7 +480,8 @@ fn lock(pg: &mut Pg, call: &str, args: &[Param<'_>]) -> Result<bool, StoreError>
 }
 
 pub struct PgTx<'c> {
-    tx: tokio_postgres::Transaction<'c>,
+    /// Taken by a commit; one dropped still here is rolled back at once.
+    tx: Option<tokio_postgres::Transaction<'c>>,
     runtime: &'c tokio::runtime::Runtime,
     prepared: &'c mut Prepared,
     deadline: Duration,
@@ -482,20 +496,24 @@ impl PgTx<'_> {
         &mut self,
         work: impl AsyncFnOnce(&tokio_postgres::Transaction<'_>, &mut Prepared) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let done = block(self.runtime, self.deadline, work(&self.tx, self.prepared));
+        let tx = self.tx.as_ref().expect("open until committed");
+        let done = block(self.runtime, self.deadline, work(tx, self.prepared));
+        self.answered(done)
+    }
+
+    fn answered<T>(&mut self, done: Result<T, StoreError>) -> Result<T, StoreError> {
         if matches!(done, Err(StoreError::Unanswered(_))) {
             *self.hung = true;
         }
         done
     }
 
-    pub fn commit(self) -> Result<(), StoreError> {
-        let (runtime, deadline, hung) = (self.runtime, self.deadline, self.hung);
-        let done = block(runtime, deadline, async { Ok(self.tx.commit().await?) });
-        if matches!(done, Err(StoreError::Unanswered(_))) {
-            *hung = true;
-        }
-        done
+    pub fn commit(mut self) -> Result<(), StoreError> {
+        let tx = self.tx.take().expect("open until committed");
+        let done = block(self.runtime, self.deadline, async {
+            Ok(tx.commit().await?)
+        });
+        self.answered(done)
     }
 
     pub fn exec(&mut self, sql: &str, args: &[Param<'_>]) -> Result<u64, StoreError> {
@@ -518,6 +536,22 @@ impl PgTx<'_> {
 
     pub fn batch(&mut self, sql: &str) -> Result<(), StoreError> {
         self.call(async |tx, _| Ok(tx.batch_execute(sql).await?))
+    }
+}
+
+impl Drop for PgTx<'_> {
+    /// The connection's runtime runs only while a call waits on it: a
+    /// rollback merely queued would keep the transaction's locks until the
+    /// connection's next use. (Transactions live on blocking threads.)
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            let done = block(self.runtime, self.deadline, async {
+                Ok(tx.rollback().await?)
+            });
+            if done.is_err() {
+                *self.hung = true;
+            }
+        }
     }
 }
 

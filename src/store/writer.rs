@@ -143,8 +143,9 @@ pub struct StoreWriter {
 /// Longest a billable request waits for room in a full queue before it is
 /// refused: a writer that far behind is as good as down.
 const ROOM_WAIT: Duration = Duration::from_secs(5);
-/// Longest one commit may run before the store counts as down.
-const STUCK: Duration = Duration::from_secs(5);
+/// Longest one commit may run before the store counts as down (a commit
+/// of a full batch is thousands of statements; each has its own deadline).
+const STUCK: Duration = Duration::from_secs(30);
 
 impl StoreWriter {
     /// Starts the thread; it stops after [`StoreWriter::close`] (or once every
