@@ -48,6 +48,12 @@ impl SharedLimits {
     pub fn new(remote: Remote, leaser: Arc<Leaser>) -> Arc<Self> {
         let (remote, slices) = (Arc::new(remote), Arc::new(Slices::default()));
         slices.spawn_sweeper(Arc::clone(&remote));
+        let connecting = Arc::clone(&remote);
+        remote.runtime().spawn(async move {
+            if let Err(e) = connecting.ping().await {
+                tracing::warn!(error = %e, "rate limits: cannot reach the database yet");
+            }
+        });
         Arc::new(Self {
             remote,
             slices,

@@ -2,11 +2,13 @@
 //! account's) admissions from the database in one round trip, while they
 //! fit its burst, and spends them one per request with no round trip.
 //! Near the limit it takes one at a time, so that the nodes together still
-//! admit exactly what the plan allows. A slice's admissions are the last
-//! places before the key's new theoretical arrival time (its horizon): one
-//! is spent only while its place is not yet past, so spending never admits
-//! more than the plan, and what a node leaves unused for a second goes
-//! back (what is past is dropped, not given back).
+//! admit what the plan allows. A slice's admissions are the last places
+//! before the key's new theoretical arrival time (its horizon): one is
+//! spent only until its place is a little past (at most a second, and at
+//! most half the burst's span), so the nodes together exceed the plan by
+//! at most what their slices held of that last moment, a few admissions.
+//! What a node leaves unused for a second goes back; what is past is
+//! dropped, not given back.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -24,6 +26,8 @@ const MOST: i64 = 16;
 const IDLE_MS: i64 = 1_000;
 /// After the database refused a slice, one at a time for this long.
 const NARROW_MS: i64 = 1_000;
+/// Longest an admission is spent after its place.
+const GRACE_NS: i64 = 1_000_000_000;
 
 /// This process's monotonic clock, in nanoseconds.
 fn mono_ns() -> i64 {
@@ -41,6 +45,8 @@ pub struct Slice {
     /// clock (from when the round trip was sent, so never later than the
     /// database's): the `n` left are the `n` places before it.
     horizon_ns: AtomicI64,
+    /// How long past its place an admission may still be spent.
+    grace_ns: AtomicI64,
     /// Until then (the database's retry-after) a request is refused here.
     refused_until_ns: AtomicI64,
     used_at_ms: AtomicI64,
@@ -56,6 +62,7 @@ impl Slice {
             left: AtomicI64::new(0),
             interval_ns: AtomicI64::new(0),
             horizon_ns: AtomicI64::new(0),
+            grace_ns: AtomicI64::new(0),
             refused_until_ns: AtomicI64::new(0),
             used_at_ms: AtomicI64::new(now_ms()),
             narrow_until_ms: AtomicI64::new(0),
@@ -63,10 +70,11 @@ impl Slice {
         }
     }
 
-    /// Admissions left whose places are not yet past.
+    /// Admissions left whose places are not past by more than the grace.
     fn usable(&self, left: i64) -> i64 {
         let interval = self.interval_ns.load(Ordering::Acquire).max(1);
-        let ahead = self.horizon_ns.load(Ordering::Acquire) - mono_ns();
+        let horizon = self.horizon_ns.load(Ordering::Acquire);
+        let ahead = horizon + self.grace_ns.load(Ordering::Acquire) - mono_ns();
         left.min(ahead.max(0) / interval)
     }
 
@@ -163,6 +171,9 @@ impl Slices {
                 Ok(lead) => {
                     slice.interval_ns.store(interval_ns, Ordering::Release);
                     slice.horizon_ns.store(sent + lead, Ordering::Release);
+                    slice
+                        .grace_ns
+                        .store((tolerance_ns / 2).min(GRACE_NS), Ordering::Release);
                     slice.used_at_ms.store(now_ms(), Ordering::Release);
                     slice.left.fetch_add(count - 1, Ordering::AcqRel);
                     return Ok(Ok(lead));
@@ -248,6 +259,15 @@ mod tests {
         assert!(slice.spend().is_some());
         slice.horizon_ns.store(mono_ns(), Ordering::Release);
         slice.give_back();
+        assert_eq!(slice.spend(), None);
+        // With a grace of a second, places up to a second past count: two
+        // at 0.4 s apart.
+        slice.grace_ns.store(SEC, Ordering::Release);
+        slice.interval_ns.store(2 * SEC / 5, Ordering::Release);
+        slice.horizon_ns.store(mono_ns(), Ordering::Release);
+        slice.left.store(3, Ordering::Release);
+        assert!(slice.spend().is_some());
+        assert!(slice.spend().is_some());
         assert_eq!(slice.spend(), None);
     }
 }

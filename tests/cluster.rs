@@ -237,7 +237,11 @@ async fn rate_limits_hold_across_nodes() {
         }
     }
     let statuses = spread_keys(&cluster, &keys, 100).await;
-    assert_eq!((count(&statuses, 200), count(&statuses, 429)), (30, 70));
+    assert_eq!(
+        (count(&statuses, 200), count(&statuses, 429)),
+        (30, 70),
+        "{statuses:?}"
+    );
     assert!(books_close(&cluster.nodes[0], &[("acme", 60), ("capped", 60)]).await);
 }
 
