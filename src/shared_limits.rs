@@ -90,12 +90,12 @@ impl SharedLimits {
         let this = Arc::clone(self);
         self.remote.runtime().spawn(async move {
             loop {
-                tokio::time::sleep(PROBE).await;
                 if this.remote.ping().await.is_ok() {
                     this.alone.store(false, Ordering::Release);
                     tracing::warn!("rate limits are decided in the database again");
                     return;
                 }
+                tokio::time::sleep(PROBE).await;
             }
         });
     }

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 
 use crate::store::limits::Remote;
-use crate::store::now_ms;
 use crate::store::sql::StoreError;
 
 /// Most admissions one round trip takes.
@@ -28,12 +27,18 @@ const IDLE_MS: i64 = 1_000;
 const NARROW_MS: i64 = 1_000;
 /// Longest an admission is spent after its place.
 const GRACE_NS: i64 = 1_000_000_000;
+/// Longest a request waits behind another's round trip for the same key.
+const QUEUE_WAIT: Duration = Duration::from_secs(1);
 
 /// This process's monotonic clock, in nanoseconds.
 fn mono_ns() -> i64 {
     static ORIGIN: OnceLock<Instant> = OnceLock::new();
     let origin = ORIGIN.get_or_init(Instant::now);
     i64::try_from(origin.elapsed().as_nanos()).unwrap_or(i64::MAX)
+}
+
+fn mono_ms() -> i64 {
+    mono_ns() / 1_000_000
 }
 
 /// One subject's admissions taken ahead, on this node.
@@ -64,7 +69,7 @@ impl Slice {
             horizon_ns: AtomicI64::new(0),
             grace_ns: AtomicI64::new(0),
             refused_until_ns: AtomicI64::new(0),
-            used_at_ms: AtomicI64::new(now_ms()),
+            used_at_ms: AtomicI64::new(mono_ms()),
             narrow_until_ms: AtomicI64::new(0),
             taking: tokio::sync::Mutex::new(()),
         }
@@ -72,9 +77,18 @@ impl Slice {
 
     /// Admissions left whose places are not past by more than the grace.
     fn usable(&self, left: i64) -> i64 {
+        self.within(left, self.grace_ns.load(Ordering::Acquire))
+    }
+
+    /// Admissions left whose places are not yet past: the only ones the
+    /// database can take back (it has forgotten the others already).
+    fn returnable(&self, left: i64) -> i64 {
+        self.within(left, 0)
+    }
+
+    fn within(&self, left: i64, grace: i64) -> i64 {
         let interval = self.interval_ns.load(Ordering::Acquire).max(1);
-        let horizon = self.horizon_ns.load(Ordering::Acquire);
-        let ahead = horizon + self.grace_ns.load(Ordering::Acquire) - mono_ns();
+        let ahead = self.horizon_ns.load(Ordering::Acquire) + grace - mono_ns();
         left.min(ahead.max(0) / interval)
     }
 
@@ -88,7 +102,7 @@ impl Slice {
             })
             .is_ok();
         spent.then(|| {
-            self.used_at_ms.store(now_ms(), Ordering::Release);
+            self.used_at_ms.store(mono_ms(), Ordering::Release);
             (self.horizon_ns.load(Ordering::Acquire) - mono_ns()).max(0)
         })
     }
@@ -134,21 +148,36 @@ impl Slices {
         alone: &AtomicBool,
     ) -> Result<Result<i64, i64>, StoreError> {
         if slice.interval_ns.load(Ordering::Acquire) != interval_ns {
-            // Taken under another plan: not this one's places.
+            // Taken under another plan: not this one's places, nor its
+            // refusals.
             slice.left.store(0, Ordering::Release);
+            slice.refused_until_ns.store(0, Ordering::Release);
+            slice.narrow_until_ms.store(0, Ordering::Release);
         }
         if let Some(lead) = slice.spend() {
             return Ok(Ok(lead));
         }
         // Refused until the database's retry-after: no round trip, and no
-        // queue of them behind one key.
-        let refused = slice.refused_until_ns.load(Ordering::Acquire) - mono_ns();
-        if refused > 0 {
-            return Ok(Err(refused + tolerance_ns));
+        // queue of them behind one key, nor a wait without end in one.
+        let refused = || {
+            let refused = slice.refused_until_ns.load(Ordering::Acquire) - mono_ns();
+            (refused > 0).then_some(refused + tolerance_ns)
+        };
+        if let Some(lead) = refused() {
+            return Ok(Err(lead));
         }
-        let _taking = slice.taking.lock().await;
+        // The round trip ahead took as long as a decision may: the
+        // database is as good as unreachable.
+        let Ok(_taking) = tokio::time::timeout(QUEUE_WAIT, slice.taking.lock()).await else {
+            return Err(StoreError::Unanswered(
+                "the decision ahead for this key took too long".into(),
+            ));
+        };
         if let Some(lead) = slice.spend() {
             return Ok(Ok(lead));
+        }
+        if let Some(lead) = refused() {
+            return Ok(Err(lead));
         }
         if alone.load(Ordering::Acquire) {
             return Err(StoreError::Unanswered(
@@ -160,7 +189,7 @@ impl Slices {
         let burst = tolerance_ns / interval_ns.max(1) + 1;
         let nodes = i64::try_from(nodes.max(1)).unwrap_or(i64::MAX);
         let wide = (burst / (2 * nodes)).clamp(1, MOST);
-        let narrow = now_ms() < slice.narrow_until_ms.load(Ordering::Acquire);
+        let narrow = mono_ms() < slice.narrow_until_ms.load(Ordering::Acquire);
         let mut count = if narrow { 1 } else { wide };
         loop {
             let sent = mono_ns();
@@ -174,14 +203,14 @@ impl Slices {
                     slice
                         .grace_ns
                         .store((tolerance_ns / 2).min(GRACE_NS), Ordering::Release);
-                    slice.used_at_ms.store(now_ms(), Ordering::Release);
+                    slice.used_at_ms.store(mono_ms(), Ordering::Release);
                     slice.left.fetch_add(count - 1, Ordering::AcqRel);
                     return Ok(Ok(lead));
                 }
                 Err(_) if count > 1 => {
                     slice
                         .narrow_until_ms
-                        .store(now_ms() + NARROW_MS, Ordering::Release);
+                        .store(mono_ms() + NARROW_MS, Ordering::Release);
                     count = 1;
                 }
                 Err(lead) => {
@@ -203,7 +232,7 @@ impl Slices {
             loop {
                 tokio::time::sleep(Duration::from_millis(IDLE_MS as u64)).await;
                 let Some(slices) = this.upgrade() else { return };
-                let now = now_ms();
+                let now = mono_ms();
                 let idle: Vec<(String, Arc<Slice>)> = slices
                     .by_subject
                     .iter()
@@ -213,7 +242,7 @@ impl Slices {
                 for (subject, slice) in idle {
                     let left = slice.left.swap(0, Ordering::AcqRel);
                     // Past places are the database's history: not given back.
-                    let unused = slice.usable(left);
+                    let unused = slice.returnable(left);
                     if unused > 0 {
                         let interval = slice.interval_ns.load(Ordering::Acquire);
                         // Lost, it only holds the key back for `unused` intervals.
@@ -266,6 +295,8 @@ mod tests {
         slice.interval_ns.store(2 * SEC / 5, Ordering::Release);
         slice.horizon_ns.store(mono_ns(), Ordering::Release);
         slice.left.store(3, Ordering::Release);
+        // None can go back: the database has forgotten past places.
+        assert_eq!(slice.returnable(3), 0);
         assert!(slice.spend().is_some());
         assert!(slice.spend().is_some());
         assert_eq!(slice.spend(), None);

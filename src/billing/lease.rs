@@ -206,13 +206,13 @@ impl Leaser {
                 })?);
             }
             let client = &link.as_ref().expect("connected above").client;
-            // An answer later than this would find the node fenced anyway.
-            tokio::time::timeout(
-                self.tolerance(),
-                nodes::heartbeat(client, &self.node, ttl_ms),
-            )
-            .await
-            .unwrap_or_else(|_| Err(StoreError::Unanswered("no heartbeat answer".into())))
+            // Late enough to ride out a slow database, early enough that a
+            // dead connection is made again before the node is fenced.
+            let answer =
+                (self.tolerance().saturating_sub(self.beat_every() * 2)).max(self.beat_every());
+            tokio::time::timeout(answer, nodes::heartbeat(client, &self.node, ttl_ms))
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Unanswered("no heartbeat answer".into())))
         });
         let nodes::Beat { epoch, live } = match answered {
             Ok(beat) => beat,

@@ -176,10 +176,8 @@ impl Remote {
         match tokio::time::timeout(DEADLINE, work).await {
             Ok(done) => done,
             Err(_) => {
-                let current = self.live.load();
-                if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, live)) {
-                    self.live.store(None);
-                }
+                // Only this connection: not one made meanwhile.
+                self.live.compare_and_swap(&Some(Arc::clone(live)), None);
                 Err(StoreError::Unanswered(
                     "the database took too long to decide".into(),
                 ))

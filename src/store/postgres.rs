@@ -544,6 +544,11 @@ impl Drop for PgTx<'_> {
     /// rollback merely queued would keep the transaction's locks until the
     /// connection's next use. (Transactions live on blocking threads.)
     fn drop(&mut self) {
+        // A connection that went unanswered is dropped before its next use,
+        // and the server ends the transaction with it.
+        if *self.hung {
+            return;
+        }
         if let Some(tx) = self.tx.take() {
             let done = block(self.runtime, self.deadline, async {
                 Ok(tx.rollback().await?)
