@@ -2,10 +2,10 @@
 //! `ratelimit`) on a row per key or account instead of an atomic, by the
 //! database's clock, so that every node decides against the same state.
 //!
-//! Every billable request makes this round trip, so it is async, from the
-//! request threads themselves, on one connection that pipelines them (its
-//! connection task runs on the background runtime): no blocking thread
-//! and no pool slot per request.
+//! Billable requests make this round trip (one per slice of admissions,
+//! see `slices`), so it is async, from the request threads themselves, on
+//! one connection that pipelines them (its connection task runs on the
+//! background runtime): no blocking thread and no pool slot per request.
 
 use std::sync::Arc;
 use std::time::Duration;
