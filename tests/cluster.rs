@@ -594,13 +594,7 @@ async fn ride_out(link: cut::Link, back: cut::Link) {
     relay.set(back);
     for node in &cluster.nodes {
         assert!(
-            eventually(Duration::from_secs(30), || async {
-                call(node, &cluster.key, "/mock/canned", "{}")
-                    .await
-                    .status()
-                    == 200
-            })
-            .await,
+            serves_again(node, &cluster.key).await,
             "a node did not come back with its database"
         );
         paid[0] += 1;
@@ -703,13 +697,7 @@ async fn a_node_cut_off_alone_settles_what_its_peer_took_over() {
     // fal's failure reaches the client as a bad gateway, and is not charged.
     assert_eq!(failing.await.unwrap(), 502);
     assert!(
-        eventually(Duration::from_secs(30), || async {
-            call(first, &cluster.key, "/mock/canned", "{}")
-                .await
-                .status()
-                == 200
-        })
-        .await,
+        serves_again(first, &cluster.key).await,
         "the node did not come back"
     );
     paid += 1;
@@ -734,6 +722,15 @@ async fn all_written(server: &Server, answered: usize) -> bool {
             server,
             "SELECT COUNT(*) FROM charges WHERE outcome = 'charged'",
         ) == answered as i64
+    })
+    .await
+}
+
+/// Once `node` answers a priced call with 200 again (each try is a call fal
+/// serves, so a 200 is one more to charge).
+async fn serves_again(node: &Server, key: &str) -> bool {
+    eventually(Duration::from_secs(30), || async {
+        call(node, key, "/mock/canned", "{}").await.status() == 200
     })
     .await
 }
