@@ -49,7 +49,7 @@ fn bench_splice(c: &mut Criterion) {
 
 fn bench_estimate(c: &mut Criterion) {
     let config = Config::parse(abhiapi::config::EMBEDDED_DEFAULT).unwrap();
-    let prices = PriceTable::new(&config.billing, &config.pricing).unwrap();
+    let prices = PriceTable::new(&config.billing, &config.pricing, &[]).unwrap();
     let request = br#"{"prompt":"a red fox in the snow, golden hour, 35mm","image_size":{"width":1536,"height":1024},"num_images":2,"guidance_scale":3.5,"num_inference_steps":28,"enable_safety_checker":true}"#;
     let mut group = c.benchmark_group("estimate");
     group.bench_function("reference_parse_only", |b| {

@@ -22,6 +22,7 @@ use abhiapi::billing::journal::HoldRecord;
 use abhiapi::billing::journal::Journal;
 use abhiapi::billing::ledger::Ledger;
 use abhiapi::billing::pricing::Quote;
+use abhiapi::billing::receipt::FalReceipt;
 use abhiapi::keys::{secret, Registry};
 use abhiapi::metrics::Metrics;
 use abhiapi::store::ledger::{ChargeRecord, Outcome};
@@ -183,6 +184,7 @@ fn ledger_commit(c: &mut Criterion) {
                             created_at_ms: 1_700_000_000_000,
                             model: "fal-ai/flux/dev".into(),
                         };
+                        let fal_id = format!("0b7c1d2e-3f40-4a5b-{}", &id[4..]);
                         let charge = ChargeRecord {
                             id,
                             account_id: 1,
@@ -196,6 +198,11 @@ fn ledger_commit(c: &mut Criterion) {
                             outcome: Outcome::Charged,
                             started_at_ms: 1_700_000_000_000,
                             settled_at_ms: 1_700_000_000_001,
+                            // As fal's answers give them: a UUID and the units billed.
+                            fal: FalReceipt {
+                                request_id: Some(fal_id),
+                                units_milli: Some(1000),
+                            },
                         };
                         [
                             WriteOp::Hold { hold, segment: 1 },

@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
 use crate::billing::pricing::PriceTable;
+use crate::books::platform::Platform;
+use crate::books::reconcile::{self, Period};
 use crate::config::{BillingConfig, PriceRuleConfig, DEFAULT_PLAN};
 use crate::error::{ApiError, Error};
 use crate::jobs::Jobs;
@@ -21,11 +23,13 @@ use crate::keys::Registry;
 use crate::metrics::{Gauges, Metrics};
 use crate::proxy::body::Body;
 use crate::proxy::json;
+use crate::proxy::path::percent_decoded;
 use crate::proxy::small_body;
 use crate::proxy::Conn;
 use crate::reload::Reloader;
 use crate::server::Handler;
 use crate::store::admin::{self, KeyListing};
+use crate::store::books;
 use crate::store::db::Db;
 use crate::store::leases::{self, Standing};
 use crate::store::payments;
@@ -55,6 +59,8 @@ pub struct AdminWiring {
     pub writer: StoreWriter,
     /// For the jobs held in memory.
     pub jobs: Arc<Jobs>,
+    /// fal's Platform API, for reconciliation.
+    pub platform: Arc<Platform>,
 }
 
 #[derive(Serialize)]
@@ -120,11 +126,13 @@ fn invalid(e: Error) -> ApiError {
     }
 }
 
-fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
+/// A query parameter's value, percent-decoded.
+fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
     req.uri()
         .query()?
         .split('&')
         .find_map(|p| p.strip_prefix(name)?.strip_prefix('='))
+        .map(percent_decoded)
 }
 
 /// The longest an admin request's body may take to arrive.
@@ -168,7 +176,7 @@ impl Admin {
         }
         let path = req.uri().path().to_owned();
         if path == "/metrics" && req.method() == Method::GET {
-            return Ok(self.metrics());
+            return Ok(self.metrics().await);
         }
         let segments: Vec<&str> = path
             .strip_prefix("/admin/")
@@ -196,6 +204,7 @@ impl Admin {
             (Method::POST, ["reload"]) => {
                 self.reloader
                     .reload()
+                    .await
                     .map_err(|e| ApiError::Invalid(e.to_string()))?;
                 json(StatusCode::OK, &Reloaded { reloaded: true })
             }
@@ -236,12 +245,32 @@ impl Admin {
                     .await?;
                 json(StatusCode::OK, &rows)
             }
+            (Method::GET, ["reconcile"]) => {
+                let period = Period::parse(
+                    query_param(&req, "since").as_deref(),
+                    query_param(&req, "until").as_deref(),
+                    query_param(&req, "tolerance_usd").as_deref(),
+                )
+                .map_err(|e| ApiError::Invalid(e.to_string()))?;
+                let config = self.reloader.config();
+                let terms = PriceTable::new(&config.billing, &config.pricing, &[])?.terms();
+                let report = reconcile::run(
+                    &self.w.platform,
+                    &self.w.db,
+                    terms,
+                    period.since,
+                    period.until,
+                )
+                .await
+                .map_err(|e| ApiError::PlatformFailed(e.to_string()))?;
+                json(StatusCode::OK, &period.judged(report))
+            }
             (Method::GET, ["accounts", name, "usage"]) => {
-                let since = query_param(&req, "since").map(str::to_owned);
+                let since = query_param(&req, "since");
                 self.usage(name, since).await
             }
             (Method::GET, ["keys"]) => {
-                let account = query_param(&req, "account").map(str::to_owned);
+                let account = query_param(&req, "account");
                 let keys: Vec<KeyListing> = self
                     .w
                     .db
@@ -258,11 +287,14 @@ impl Admin {
         }
     }
 
-    fn metrics(&self) -> Response<Body> {
+    async fn metrics(&self) -> Response<Body> {
+        // A scrape still answers when the database does not.
+        let unbilled = self.w.db.run(|c| Ok(books::last_unbilled(c)?)).await;
         let gauges = Gauges {
             credits_held: self.w.registry.credits_held(),
             ledger_queue_depth: self.w.writer.queue_depth(),
             jobs_in_memory: self.w.jobs.in_memory(),
+            reconcile_unbilled_nano_usd: unbilled.ok().flatten(),
         };
         let mut resp = Response::new(Body::full(self.w.metrics.render(gauges)));
         resp.headers_mut().insert(
@@ -363,7 +395,7 @@ impl Admin {
     async fn usage(&self, name: &str, since: Option<String>) -> Result<Response<Body>, ApiError> {
         self.find(name).await?;
         let config = self.reloader.config();
-        let prices = PriceTable::new(&config.billing, &config.pricing)?;
+        let prices = PriceTable::new(&config.billing, &config.pricing, &[])?;
         let name = name.to_owned();
         let report = self
             .w

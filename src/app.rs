@@ -14,6 +14,7 @@ use crate::admin::{Admin, AdminWiring};
 use crate::billing::journal::Journal;
 use crate::billing::lease::{Leaser, Sweeper};
 use crate::billing::ledger::Ledger;
+use crate::books::{self, platform::Platform};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::Error;
@@ -33,6 +34,7 @@ use crate::store::writer::{self, StoreWriter};
 use crate::store::{self, db::Db, ledger, snapshot};
 use crate::tls;
 use crate::upstream::Upstream;
+use tokio::sync::Notify;
 
 /// How long the ledger writer waits on a lock before it reports the ledger unwritable.
 const WRITER_BUSY_WAIT: Duration = Duration::from_secs(2);
@@ -57,6 +59,8 @@ pub struct Core {
     pub writer: StoreWriter,
     /// The low-rate reads and edits' connection, shared with the admin API.
     pub db: Db,
+    /// Notified when the change feed says fal's synced prices moved.
+    pub prices_moved: Arc<Notify>,
     refresher: Refresher,
     /// On a shared database: gives back leased credit this node leaves unused.
     sweeper: Option<Sweeper>,
@@ -93,11 +97,14 @@ impl Core {
             keys = snapshot.keys.len(),
             "hydrated"
         );
+        let synced_prices = store::synced_prices::load(&mut conn)?;
+        let prices_moved = Arc::new(Notify::new());
         let refresher = Refresher::spawn(
             &config.store,
             Arc::clone(&registry),
             snapshot.seq,
             Duration::from_millis(config.store.refresh_interval_ms),
+            Arc::clone(&prices_moved),
         )?;
         let metrics = Arc::new(Metrics::default());
         // Other writers (the CLI, the admin API) hold the lock for
@@ -162,6 +169,7 @@ impl Core {
             config,
             Wiring {
                 registry: Arc::clone(&registry),
+                synced_prices,
                 upstream,
                 writer: writer.clone(),
                 ledger: Arc::clone(&ledger),
@@ -182,6 +190,7 @@ impl Core {
             metrics,
             writer,
             db,
+            prices_moved,
             refresher,
             sweeper,
             journal,
@@ -290,7 +299,16 @@ pub async fn serve(
         config.clone(),
         Arc::clone(&proxy),
         tls_slot,
+        core.db.clone(),
     ));
+    let repricing = spawn_repricing(Arc::clone(&core.prices_moved), Arc::clone(&reloader));
+    let platform = Arc::new(Platform::new(&config.upstream, fal_key)?);
+    let price_sync = spawn_price_sync(
+        &config,
+        Arc::clone(&platform),
+        core.db.clone(),
+        Arc::clone(&reloader),
+    );
     let sighup = spawn_sighup(Arc::clone(&reloader))?;
     let trimmer = memory::spawn_trimmer();
 
@@ -307,6 +325,7 @@ pub async fn serve(
                     metrics: Arc::clone(&core.metrics),
                     writer: core.writer.clone(),
                     jobs: Arc::clone(&core.jobs),
+                    platform: Arc::clone(&platform),
                 },
             );
             let admin = Arc::new(admin);
@@ -347,6 +366,10 @@ pub async fn serve(
     // Stopped with the listeners, at the signal: its pass is cancelled there.
     let _ = background.await;
     sighup.abort();
+    repricing.abort();
+    if let Some(task) = price_sync {
+        task.abort();
+    }
     trimmer.abort();
 
     // Connections that outlived the grace period are cut when the runtime
@@ -371,13 +394,53 @@ pub async fn serve(
     Ok(())
 }
 
+/// Puts fal's synced prices in force whenever the change feed says they moved.
+fn spawn_repricing(moved: Arc<Notify>, reloader: Arc<Reloader>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            moved.notified().await;
+            if let Err(e) = reloader.reprice().await {
+                tracing::warn!(error = %e, "synced prices not put in force: the old ones stay");
+            }
+        }
+    })
+}
+
+/// `[billing] price_sync_interval_secs`: fal's prices synced and applied
+/// that often, as `prices sync --apply` does; every node of a cluster then
+/// reprices from the change feed.
+fn spawn_price_sync(
+    config: &Config,
+    platform: Arc<Platform>,
+    db: Db,
+    reloader: Arc<Reloader>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let every = match config.billing.price_sync_interval_secs {
+        0 => return None,
+        secs => Duration::from_secs(secs),
+    };
+    Some(tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let config = reloader.config();
+            match books::sync::run(&platform, &db, &config, false, true).await {
+                Ok(lines) => {
+                    let applied = books::sync::to_apply(&lines).len();
+                    tracing::info!(endpoints = lines.len(), applied, "prices synced from fal");
+                }
+                Err(e) => tracing::warn!(error = %e, "price sync failed: the prices in force stay"),
+            }
+        }
+    }))
+}
+
 /// Reloads the config on every SIGHUP.
 fn spawn_sighup(reloader: Arc<Reloader>) -> Result<tokio::task::JoinHandle<()>, Error> {
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     Ok(tokio::spawn(async move {
         while hup.recv().await.is_some() {
             // A refusal is logged by the reloader; the old settings stay.
-            let _ = reloader.reload();
+            let _ = reloader.reload().await;
         }
     }))
 }

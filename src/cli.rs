@@ -47,6 +47,13 @@ pub enum Command {
     /// The database itself.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// fal's prices against the table in force.
+    #[command(subcommand)]
+    Prices(PricesCommand),
+    /// Match our charges to fal's billing records for a period: what fal
+    /// billed, what we charged, and every call fal billed that we did not
+    /// (exit status 2 when those cost more than --tolerance-usd).
+    Reconcile(ReconcileCommand),
     /// An account's charges and totals per model.
     Usage {
         name: String,
@@ -57,6 +64,40 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+pub enum PricesCommand {
+    /// Ask fal's pricing API for the price of every endpoint the table
+    /// names, and show what differs from the table in force.
+    Sync {
+        /// Store the changed and new prices; running servers put them in
+        /// force for the requests they admit from then on.
+        #[arg(long)]
+        apply: bool,
+        /// Every endpoint fal's model listing gives, not only those the table names.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+pub struct ReconcileCommand {
+    /// The period's start: a UTC date (YYYY-MM-DD) or time (YYYY-MM-DDTHH:MM:SSZ).
+    #[arg(long)]
+    pub since: String,
+    /// The period's end, exclusive (default now).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// Unbilled fal cost, in dollars, tolerated before the exit status is 2.
+    #[arg(long)]
+    pub tolerance_usd: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -140,7 +181,7 @@ pub fn run_admin(config: &Config, command: Command) -> Result<String, Error> {
     }
     let mut conn = store::open(&config.store)?;
     let out = match command {
-        Command::Serve { .. } | Command::Store(_) => {
+        Command::Serve { .. } | Command::Store(_) | Command::Prices(_) | Command::Reconcile(_) => {
             unreachable!("not a command on the configured store")
         }
         Command::Keys(KeysCommand::Create {
@@ -257,7 +298,7 @@ fn usage(
     since: Option<String>,
     json: bool,
 ) -> Result<String, Error> {
-    let prices = PriceTable::new(&config.billing, &config.pricing)?;
+    let prices = PriceTable::new(&config.billing, &config.pricing, &[])?;
     let report = usage::report(conn, &prices, name, since)?;
     if json {
         return simd_json::to_string_pretty(&report).map_err(|e| Error::Usage(e.to_string()));

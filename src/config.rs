@@ -296,6 +296,9 @@ pub struct UpstreamConfig {
     pub queue: String,
     /// fal's storage host (file uploads made by the SDKs), never billed.
     pub storage: String,
+    /// fal's Platform API: its prices and its billing records, read by
+    /// `prices sync` and `reconcile`, never by a client's request.
+    pub api: String,
     /// Name of the environment variable that holds the operator's fal key.
     pub fal_key_env: String,
     /// Longest wait for fal's response headers; the body then streams unbounded.
@@ -308,12 +311,26 @@ pub struct UpstreamConfig {
     pub ca_file: Option<PathBuf>,
 }
 
+impl UpstreamConfig {
+    /// The operator's fal key, from the environment variable `fal_key_env` names.
+    pub fn fal_key(&self) -> Result<String, Error> {
+        let var = &self.fal_key_env;
+        match std::env::var(var) {
+            Ok(k) if !k.trim().is_empty() => Ok(k.trim().to_owned()),
+            _ => Err(Error::Config(format!(
+                "the operator's fal key is missing: set {var} (or run `abhiapi serve --demo`)"
+            ))),
+        }
+    }
+}
+
 impl Default for UpstreamConfig {
     fn default() -> Self {
         Self {
             run: "https://fal.run".into(),
             queue: "https://queue.fal.run".into(),
             storage: "https://rest.fal.ai".into(),
+            api: "https://api.fal.ai".into(),
             fal_key_env: "FAL_KEY".into(),
             timeout_secs: 300,
             connect_timeout_secs: 10,
@@ -462,6 +479,8 @@ pub struct BillingConfig {
     /// JSON answers up to this size are buffered to splice `_billing` in;
     /// larger ones stream through with the figures in headers only.
     pub max_json_response_bytes: usize,
+    /// Sync prices from fal's pricing API this often (0: only by `prices sync --apply`).
+    pub price_sync_interval_secs: u64,
 }
 
 impl Default for BillingConfig {
@@ -472,6 +491,7 @@ impl Default for BillingConfig {
             megapixel_pixels: 1024 * 1024,
             round_each_image: true,
             max_json_response_bytes: 8 * 1024 * 1024,
+            price_sync_interval_secs: 0,
         }
     }
 }
@@ -502,6 +522,21 @@ impl Unit {
             .into_iter()
             .find(|u| u.name() == name)
     }
+
+    /// Ours for a unit name fal's pricing API gives, if we can meter it:
+    /// fal's names are free text, singular or plural. Compute (GPU)
+    /// seconds, tokens and characters are not in an answer or a request.
+    pub fn from_fal(name: &str) -> Option<Self> {
+        let name = name.trim().to_ascii_lowercase();
+        let name = name.strip_suffix('s').unwrap_or(&name);
+        Some(match name {
+            "megapixel" | "mp" => Unit::Megapixel,
+            "image" => Unit::Image,
+            "second" | "video second" | "video_second" => Unit::Second,
+            "request" | "video" | "call" => Unit::Request,
+            _ => return None,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -514,6 +549,10 @@ pub struct PriceRuleConfig {
     pub usd: f64,
     /// For `second`: the duration assumed when a request gives none (default 5).
     pub default_seconds: Option<f64>,
+    /// Price sync reports fal's price for the endpoints this rule prices,
+    /// and never changes it.
+    #[serde(default)]
+    pub pinned: bool,
 }
 
 impl Config {
@@ -595,7 +634,7 @@ impl Config {
             crate::upstream::Target::parse(url)
                 .map_err(|e| Error::Config(format!("[upstream] {name}: {e}")))?;
         }
-        crate::billing::pricing::PriceTable::new(&self.billing, &self.pricing)?;
+        crate::billing::pricing::PriceTable::new(&self.billing, &self.pricing, &[])?;
         if !self.plans.contains_key(DEFAULT_PLAN) {
             return Err(Error::Config(format!(
                 "[plans.{DEFAULT_PLAN}] is required: it is the default plan"

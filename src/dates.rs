@@ -36,6 +36,25 @@ pub fn parse_date(text: &str) -> Option<i64> {
     (civil_from_days(days) == (y, m, d)).then_some(days * 86_400)
 }
 
+/// Unix seconds of a `YYYY-MM-DD` date (its midnight, UTC) or an RFC 3339
+/// instant in UTC (`YYYY-MM-DDTHH:MM:SS`, fractions dropped, then `Z` or `+00:00`).
+pub fn parse_instant(text: &str) -> Option<i64> {
+    let text = text.trim();
+    let Some((date, time)) = text.split_once(['T', ' ']) else {
+        return parse_date(text);
+    };
+    let time = time
+        .strip_suffix('Z')
+        .or_else(|| time.strip_suffix("+00:00"))?;
+    let time = time.split_once('.').map_or(time, |(whole, _)| whole);
+    let mut hms = time.splitn(3, ':').map(|p| p.parse::<i64>().ok());
+    let (h, m, s) = (hms.next()??, hms.next()??, hms.next()??);
+    if !(0..24).contains(&h) || !(0..60).contains(&m) || !(0..61).contains(&s) {
+        return None;
+    }
+    Some(parse_date(date)? + h * 3600 + m * 60 + s)
+}
+
 fn civil_from_days(days: i64) -> (i64, i64, i64) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);

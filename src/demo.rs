@@ -32,6 +32,7 @@ pub async fn prepare(config: &mut Config) -> Result<Demo, Error> {
     config.upstream.run = mock.url(false);
     config.upstream.queue = mock.queue_url(false);
     config.upstream.storage = mock.storage_url(false);
+    config.upstream.api = mock.api_url(false);
     let dir = std::env::temp_dir().join(format!("abhiapi-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     // The demo's own throwaway SQLite, never the configured store.

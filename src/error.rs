@@ -125,6 +125,8 @@ pub enum ApiError {
     PaymentsOff,
     /// Stripe could not be reached, or refused to make a Checkout Session.
     PaymentProvider,
+    /// fal's Platform API gave no answer reconciliation could use.
+    PlatformFailed(String),
     /// A signed Stripe event that cannot be applied as it stands (an
     /// unknown account, another currency, amounts that disagree).
     WebhookEvent(String),
@@ -170,6 +172,7 @@ impl ApiError {
             | UpstreamFailed { .. }
             | UpstreamAuth
             | PaymentProvider
+            | PlatformFailed(_)
             | MailFailed => StatusCode::BAD_GATEWAY,
             UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -220,6 +223,7 @@ impl ApiError {
             MailFailed => "mail_failed",
             PaymentsOff => "payments_not_enabled",
             PaymentProvider => "payment_provider_error",
+            PlatformFailed(_) => "fal_platform_failed",
             WebhookSignature(_) => "invalid_signature",
             WebhookEvent(_) => "invalid_event",
         }
@@ -279,6 +283,7 @@ impl ApiError {
             MailFailed => "The sign-in link could not be mailed; try again later.".into(),
             PaymentsOff => "Card payments are not enabled on this gateway.".into(),
             PaymentProvider => "The payment provider could not start the checkout; nothing was charged.".into(),
+            PlatformFailed(why) => format!("fal's Platform API: {why}"),
             WebhookSignature(why) => format!("Stripe-Signature: {why}; nothing was changed."),
             WebhookEvent(why) => format!("{why}; nothing was changed."),
         }

@@ -439,7 +439,7 @@ pub fn check_config(data: &[u8]) {
     };
     let _ = config.limits.buffered_body_bytes_per_account();
     let _ = config.upstream_timeout();
-    let _ = Tunables::new(&config);
+    let _ = Tunables::new(&config, &[]);
     for url in [
         &config.upstream.run,
         &config.upstream.queue,

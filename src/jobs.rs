@@ -13,6 +13,7 @@ use parking_lot::Mutex;
 use crate::billing::facts::RequestFacts;
 use crate::billing::ledger::{Hold, Ledger, Settled};
 use crate::billing::pricing::{Quote, Tariff};
+use crate::billing::receipt::FalReceipt;
 use crate::config::QueueConfig;
 use crate::error::{ApiError, Error};
 use crate::keys::Registry;
@@ -155,7 +156,9 @@ impl Jobs {
                         units_milli: r.estimate_units,
                         credits: r.hold.credits,
                     };
-                    JobState::Pending(ledger.restore(account, r.hold.clone(), estimate))
+                    let mut hold = ledger.restore(account, r.hold.clone(), estimate);
+                    hold.fal = FalReceipt::job(&r.request_id);
+                    JobState::Pending(hold)
                 }
             };
             by_id.insert(r.request_id.clone(), Arc::new(job(stored, state)));
@@ -194,8 +197,12 @@ impl Jobs {
         app: &str,
         request: RequestFacts,
         tariff: Tariff,
-        hold: Hold,
+        mut hold: Hold,
     ) -> Arc<Job> {
+        // The queue's id for the job is fal's id for the call.
+        let mut fal = FalReceipt::job(request_id);
+        fal.merge(std::mem::take(&mut hold.fal));
+        hold.fal = fal;
         let record = JobRecord {
             request_id: request_id.to_owned(),
             app: app.to_owned(),
@@ -274,8 +281,15 @@ impl Jobs {
     /// Charges `actual` (the hold, when it cannot be priced) if the job is
     /// still pending; either way returns the job's figures, so a result
     /// fetched again shows the same `_billing`.
-    pub fn charge(&self, job: &Job, actual: Option<Quote>, fal_status: u16) -> Settled {
-        self.end(job, JobEnd::Charged, actual, Some(fal_status))
+    /// `fal_units`: what fal's result said it billed, where it did.
+    pub fn charge(
+        &self,
+        job: &Job,
+        actual: Option<Quote>,
+        fal_status: u16,
+        fal_units: Option<u64>,
+    ) -> Settled {
+        self.end(job, JobEnd::Charged, actual, Some(fal_status), fal_units)
     }
 
     /// fal reported the job COMPLETED: remembered, across restarts too.
@@ -287,7 +301,7 @@ impl Jobs {
 
     /// Releases the job's hold if it is still pending (it failed or was cancelled).
     pub fn release(&self, job: &Job, fal_status: Option<u16>) -> Settled {
-        self.end(job, JobEnd::Released, None, fal_status)
+        self.end(job, JobEnd::Released, None, fal_status, None)
     }
 
     fn end(
@@ -296,9 +310,10 @@ impl Jobs {
         end: JobEnd,
         quote: Option<Quote>,
         fal_status: Option<u16>,
+        fal_units: Option<u64>,
     ) -> Settled {
         let mut state = job.state.lock();
-        let hold = match std::mem::take(&mut *state) {
+        let mut hold = match std::mem::take(&mut *state) {
             JobState::Pending(hold) => hold,
             JobState::Ended { settled, at_ms } => {
                 *state = JobState::Ended { settled, at_ms };
@@ -310,6 +325,7 @@ impl Jobs {
                 return Settled::default();
             }
         };
+        hold.fal.units_milli = fal_units.or(hold.fal.units_milli);
         let settled = match end {
             JobEnd::Charged => {
                 let quote = quote.unwrap_or(hold.estimate);

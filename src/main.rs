@@ -18,7 +18,7 @@ fn main() -> ExitCode {
         run(cli)
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("abhiapi: {e}");
             ExitCode::FAILURE
@@ -47,13 +47,28 @@ fn init_logging() -> Option<Flush> {
     }
 }
 
-fn run(cli: Cli) -> Result<(), Error> {
+/// Exit status of `reconcile` when fal billed more than the tolerance that we did not charge.
+const UNBILLED: u8 = 2;
+
+fn run(cli: Cli) -> Result<ExitCode, Error> {
     let config = Config::load(cli.config.as_deref())?;
     match cli.command {
-        Command::Serve { demo } => serve(config, cli.config, demo),
+        Command::Serve { demo } => serve(config, cli.config, demo).map(|()| ExitCode::SUCCESS),
+        Command::Prices(command) => {
+            println!("{}", abhiapi::books::command::prices(&config, command)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Reconcile(command) => {
+            let (text, within) = abhiapi::books::command::reconcile(&config, command)?;
+            println!("{text}");
+            Ok(match within {
+                true => ExitCode::SUCCESS,
+                false => ExitCode::from(UNBILLED),
+            })
+        }
         admin => {
             println!("{}", abhiapi::cli::run_admin(&config, admin)?);
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
@@ -73,7 +88,7 @@ fn serve(mut config: Config, path: Option<PathBuf>, demo: bool) -> Result<(), Er
         };
         let fal_key = match &demo {
             Some(_) => demo::FAL_KEY.to_owned(),
-            None => fal_key(&config)?,
+            None => config.upstream.fal_key()?,
         };
         let result = app::serve(
             config,
@@ -93,16 +108,6 @@ fn serve(mut config: Config, path: Option<PathBuf>, demo: bool) -> Result<(), Er
     // call on a locked SQLite) must not hold the exit.
     runtime.shutdown_background();
     result
-}
-
-fn fal_key(config: &Config) -> Result<String, Error> {
-    let var = &config.upstream.fal_key_env;
-    match std::env::var(var) {
-        Ok(k) if !k.trim().is_empty() => Ok(k.trim().to_owned()),
-        _ => Err(Error::Config(format!(
-            "the operator's fal key is missing: set {var} (or run `abhiapi serve --demo`)"
-        ))),
-    }
 }
 
 /// The listening lines are a contract: tests and scripts read the addresses from them.

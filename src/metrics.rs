@@ -90,6 +90,9 @@ pub struct Gauges {
     pub ledger_queue_depth: usize,
     /// Queue jobs in memory: (pending, ended).
     pub jobs_in_memory: (usize, usize),
+    /// fal's cost we did not charge, in nano-dollars, as the latest
+    /// reconciliation found it (by the CLI or the admin API); `None` before the first.
+    pub reconcile_unbilled_nano_usd: Option<u64>,
 }
 
 fn escape(label: &str) -> String {
@@ -213,6 +216,13 @@ impl Metrics {
             out,
             "# HELP abhiapi_jobs_in_memory Queue jobs held in memory, by state (ended ones beyond [queue] max_ended_jobs_in_memory are read from the store).\n# TYPE abhiapi_jobs_in_memory gauge\nabhiapi_jobs_in_memory{{state=\"pending\"}} {pending}\nabhiapi_jobs_in_memory{{state=\"ended\"}} {ended}"
         );
+        if let Some(nano) = gauges.reconcile_unbilled_nano_usd {
+            let _ = writeln!(
+                out,
+                "# HELP abhiapi_reconcile_unbilled_usd fal's cost of calls we did not charge, as the latest reconciliation found it.\n# TYPE abhiapi_reconcile_unbilled_usd gauge\nabhiapi_reconcile_unbilled_usd {}",
+                crate::billing::decimal::format_scaled(u128::from(nano), 9)
+            );
+        }
         out.push_str("# HELP abhiapi_rate_limit_denials_total Requests refused with 429, by limit.\n# TYPE abhiapi_rate_limit_denials_total counter\n");
         for (scope, n) in ["key", "account", "poll", "key_creation"]
             .iter()
@@ -245,6 +255,7 @@ mod tests {
             credits_held: 7,
             ledger_queue_depth: 0,
             jobs_in_memory: (2, 3),
+            reconcile_unbilled_nano_usd: Some(45_000_000),
         });
         assert!(
             text.contains(
@@ -256,6 +267,7 @@ mod tests {
         assert!(text.contains(r#"abhiapi_added_latency_seconds_bucket{le="0.05"} 2"#));
         assert!(text.contains("abhiapi_added_latency_seconds_count 2"));
         assert!(text.contains("abhiapi_credits_held 7"));
+        assert!(text.contains("abhiapi_reconcile_unbilled_usd 0.045"));
         assert!(text.contains(r#"abhiapi_rate_limit_denials_total{scope="poll"} 1"#));
     }
 }

@@ -9,14 +9,21 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::billing::pricing::SyncedPrice;
 use crate::config::Config;
 use crate::error::Error;
 use crate::proxy::{Proxy, Tunables};
+use crate::store::{db::Db, synced_prices};
 use crate::tls;
 
 pub struct Reloader {
     /// The file to read again (`None`: ./config.toml or the embedded default, as at start).
     path: Option<PathBuf>,
+    /// Where fal's synced prices are read from.
+    db: Db,
+    /// One rebuild at a time: a reprice must not put back prices built
+    /// from the config a reload is replacing.
+    turn: tokio::sync::Mutex<()>,
     proxy: Arc<Proxy>,
     /// The TLS listener's settings, if there is one.
     tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
@@ -30,9 +37,12 @@ impl Reloader {
         config: Config,
         proxy: Arc<Proxy>,
         tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
+        db: Db,
     ) -> Self {
         Self {
             path,
+            db,
+            turn: tokio::sync::Mutex::new(()),
             proxy,
             tls,
             config: ArcSwap::from_pointee(config),
@@ -43,8 +53,8 @@ impl Reloader {
         self.config.load_full()
     }
 
-    pub fn reload(&self) -> Result<(), Error> {
-        let result = self.try_reload();
+    pub async fn reload(&self) -> Result<(), Error> {
+        let result = self.try_reload().await;
         match &result {
             Ok(()) => tracing::info!("config reloaded"),
             Err(e) => tracing::warn!(error = %e, "reload refused: the old settings stay in force"),
@@ -52,9 +62,25 @@ impl Reloader {
         result
     }
 
-    fn try_reload(&self) -> Result<(), Error> {
+    /// fal's synced prices moved: the table is built again from the config
+    /// in force and the store's prices. Requests admitted before keep theirs.
+    pub async fn reprice(&self) -> Result<(), Error> {
+        let _turn = self.turn.lock().await;
+        let synced = self.synced().await?;
+        let tunables = Tunables::new(&self.config.load(), &synced)?;
+        self.proxy.retune(tunables);
+        tracing::info!(synced = synced.len(), "synced prices in force");
+        Ok(())
+    }
+
+    async fn synced(&self) -> Result<Vec<SyncedPrice>, Error> {
+        self.db.run(|conn| Ok(synced_prices::load(conn)?)).await
+    }
+
+    async fn try_reload(&self) -> Result<(), Error> {
+        let _turn = self.turn.lock().await;
         let mut new = Config::load(self.path.as_deref())?;
-        let tunables = Tunables::new(&new)?;
+        let tunables = Tunables::new(&new, &self.synced().await?)?;
         let cert = match &self.tls {
             Some(_) => Some(tls::server_config(
                 new.server.tls_cert.as_deref(),

@@ -91,6 +91,8 @@ pub struct Upstream {
     pub run: Target,
     pub queue: Target,
     pub storage: Target,
+    /// fal's Platform API: prices and billing records.
+    pub api: Target,
     /// `[upstream] queue` as configured, without a trailing slash: the start
     /// of the queue URLs fal hands out.
     queue_base: String,
@@ -126,6 +128,7 @@ impl Upstream {
             queue: Target::parse(&cfg.queue).map_err(Error::Config)?,
             queue_base: cfg.queue.trim_end_matches('/').to_owned(),
             storage: Target::parse(&cfg.storage).map_err(Error::Config)?,
+            api: Target::parse(&cfg.api).map_err(Error::Config)?,
         })
     }
 

@@ -32,6 +32,25 @@ pub fn to_scaled(value: f64, scale: u32) -> Result<u64, String> {
         .ok_or_else(|| format!("{value} is too large"))
 }
 
+/// Parses decimal text (`12`, `0.025`) into `10^-scale` units: digits only,
+/// at most `scale` places, no sign or exponent; `None` otherwise or if too large.
+pub fn parse_scaled(text: &str, scale: u32) -> Option<u64> {
+    let (whole, frac) = text.split_once('.').unwrap_or((text, ""));
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty() || !digits(whole) || !digits(frac) || frac.len() > scale as usize {
+        return None;
+    }
+    let frac_units: u64 = match frac {
+        "" => 0,
+        f => f.parse::<u64>().ok()? * 10u64.pow(scale - f.len() as u32),
+    };
+    whole
+        .parse::<u64>()
+        .ok()?
+        .checked_mul(10u64.pow(scale))?
+        .checked_add(frac_units)
+}
+
 /// Formats `units` of `10^-scale` as a plain decimal (`12_000_000`, 9 → `0.012`).
 /// Runs on every billed answer: one allocation, trailing zeros dropped by arithmetic.
 pub fn format_scaled(units: u128, scale: u32) -> String {

@@ -30,6 +30,7 @@ use super::flusher::Flusher;
 
 use crate::billing::facts::RequestFacts;
 use crate::billing::pricing::Tariff;
+use crate::billing::receipt::FalReceipt;
 use crate::store::jobs::JobRecord;
 use crate::store::ledger::{ChargeRecord, Outcome};
 
@@ -85,8 +86,9 @@ pub enum Entry {
     Completed(String),
 }
 
-/// Settlement lines start with this, which no request id does.
+/// Settlement lines start with one of these, which no request id does.
 const SETTLE_MARK: &str = "=";
+const RECEIPT_SETTLE_MARK: &str = "$";
 /// So do job lines, and completion lines.
 const JOB_MARK: &str = "J";
 const COMPLETED_MARK: &str = "C";
@@ -149,11 +151,13 @@ fn parse_job(line: &str) -> Option<JobRecord> {
 }
 
 fn settle_line(c: &ChargeRecord) -> String {
-    let mut line = String::with_capacity(c.id.len() + c.model.len() + 160);
+    let mut line = String::with_capacity(c.id.len() + c.model.len() + 220);
     let status = c.fal_status.map_or(String::new(), |s| s.to_string());
+    let fal_id = c.fal.request_id.as_deref().unwrap_or("");
+    let fal_units = c.fal.units_milli.map_or(String::new(), |u| u.to_string());
     let _ = writeln!(
         line,
-        "{SETTLE_MARK}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{status}\t{}\t{}\t{}\t{}",
+        "{RECEIPT_SETTLE_MARK}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{status}\t{}\t{}\t{}\t{fal_id}\t{fal_units}\t{}",
         c.id,
         c.account_id,
         c.key_id,
@@ -169,10 +173,14 @@ fn settle_line(c: &ChargeRecord) -> String {
     line
 }
 
+/// A settlement line: with fal's receipt (`$`, since fal's request ids were
+/// kept) or without (`=`, journals an older build left).
 fn parse_settle(line: &str) -> Option<ChargeRecord> {
-    let mut f = line.splitn(13, '\t');
-    (f.next()? == SETTLE_MARK).then_some(())?;
-    Some(ChargeRecord {
+    let with_receipt = line.starts_with(RECEIPT_SETTLE_MARK);
+    let mut f = line.splitn(if with_receipt { 15 } else { 13 }, '\t');
+    let mark = f.next()?;
+    (mark == SETTLE_MARK || mark == RECEIPT_SETTLE_MARK).then_some(())?;
+    let mut c = ChargeRecord {
         id: f.next()?.to_owned(),
         account_id: f.next()?.parse().ok()?,
         key_id: f.next()?.parse().ok()?,
@@ -187,13 +195,26 @@ fn parse_settle(line: &str) -> Option<ChargeRecord> {
         outcome: Outcome::parse(f.next()?)?,
         started_at_ms: f.next()?.parse().ok()?,
         settled_at_ms: f.next()?.parse().ok()?,
-        model: f.next()?.to_owned(),
-    })
+        model: String::new(),
+        fal: FalReceipt::default(),
+    };
+    if with_receipt {
+        c.fal.request_id = match f.next()? {
+            "" => None,
+            id => Some(id.to_owned()),
+        };
+        c.fal.units_milli = match f.next()? {
+            "" => None,
+            u => Some(u.parse().ok()?),
+        };
+    }
+    c.model = f.next()?.to_owned();
+    Some(c)
 }
 
 impl Entry {
     fn parse(line: &str) -> Option<Self> {
-        if line.starts_with(SETTLE_MARK) {
+        if line.starts_with(SETTLE_MARK) || line.starts_with(RECEIPT_SETTLE_MARK) {
             parse_settle(line).map(Entry::Settle)
         } else if line.starts_with(JOB_MARK) {
             parse_job(line).map(Entry::Job)
@@ -562,11 +583,16 @@ mod tests {
             outcome: Outcome::Charged,
             started_at_ms: 1,
             settled_at_ms: 2,
+            fal: FalReceipt {
+                request_id: Some("fal-req-1".into()),
+                units_milli: Some(2000),
+            },
         };
         let released = ChargeRecord {
             fal_status: None,
             credits: 0,
             outcome: Outcome::Released,
+            fal: FalReceipt::default(),
             ..charge.clone()
         };
         let job = JobRecord {
@@ -594,6 +620,20 @@ mod tests {
                 Entry::Settle(charge),
                 Entry::Settle(released)
             ]
+        );
+    }
+
+    /// A journal an older build left, its settlements without fal's receipt,
+    /// is read back by this one.
+    #[test]
+    fn settlements_an_older_build_journalled_are_read() {
+        let old = "=\treq_a\t1\t2\t2000\t12\t30\t0\t200\tcharged\t1\t2\tfal-ai/flux/dev";
+        let Some(Entry::Settle(c)) = Entry::parse(old) else {
+            panic!("not read: {old}");
+        };
+        assert_eq!(
+            (c.id.as_str(), c.credits, c.model.as_str(), c.fal),
+            ("req_a", 12, "fal-ai/flux/dev", FalReceipt::default())
         );
     }
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use super::journal::{HoldRecord, Journal};
 use super::lease::Leaser;
 use super::pricing::Quote;
+use super::receipt::FalReceipt;
 use crate::error::ApiError;
 use crate::keys::{Account, ApiKey};
 use crate::metrics::Metrics;
@@ -51,6 +52,8 @@ pub struct Hold {
     /// has taken the node over since, the lease it came from is gone, and
     /// what it did not cost goes back to no lease.
     epoch: i64,
+    /// What fal said of the call, recorded with its charge.
+    pub fal: FalReceipt,
 }
 
 const NOTHING: Quote = Quote {
@@ -132,6 +135,7 @@ impl Ledger {
                 record,
                 estimate,
                 epoch,
+                fal: FalReceipt::default(),
             }),
             answered: false,
         };
@@ -223,6 +227,7 @@ impl Ledger {
             record,
             estimate,
             epoch: self.epoch(),
+            fal: FalReceipt::default(),
         }
     }
 
@@ -289,6 +294,7 @@ impl Ledger {
             outcome,
             started_at_ms: created_at_ms,
             settled_at_ms: now_ms(),
+            fal: hold.fal,
         };
         let segment = self
             .journal
@@ -317,6 +323,13 @@ pub struct Reservation {
 }
 
 impl Reservation {
+    /// fal answered: what its headers say of the call goes with the charge.
+    pub fn heard(&mut self, headers: &http::HeaderMap) {
+        if let Some(hold) = &mut self.hold {
+            hold.fal = FalReceipt::from_headers(headers);
+        }
+    }
+
     /// fal answered with success; a drop from now on charges the hold.
     pub fn answered(&mut self) {
         self.answered = true;

@@ -12,7 +12,7 @@
 //! with it, so that a reload (or, for a queued job, a restart) before it is
 //! settled does not change its price.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::decimal::{format_scaled, to_scaled};
@@ -31,7 +31,8 @@ pub struct PriceRule {
     /// The `model` as configured: a path, or a prefix ending in `*`.
     pub pattern: Arc<str>,
     pub unit: Unit,
-    nano_per_unit: u64,
+    /// fal's price per unit, in nano-dollars.
+    pub nano_per_unit: u64,
     /// For `second` rules: the duration assumed when a request gives none.
     default_seconds_milli: u64,
 }
@@ -65,10 +66,38 @@ pub struct PriceTable {
     /// Longest prefix first, so the first match is the longest.
     prefixes: Vec<(String, PriceRule)>,
     terms: Terms,
+    /// Patterns of the rules marked `pinned`: no synced price overrides them.
+    pinned: HashSet<Arc<str>>,
+    /// Endpoints whose price came from fal's pricing API.
+    synced: HashSet<String>,
+}
+
+/// fal's price for one endpoint, as `prices sync` stored it: it prices
+/// that endpoint in place of the table's rule, unless the rule is pinned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncedPrice {
+    pub endpoint: String,
+    pub unit: Unit,
+    pub nano_usd: u64,
+}
+
+/// Where the price of an endpoint comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source<'a> {
+    pub rule: &'a PriceRule,
+    pub pinned: bool,
+    /// From fal's pricing API rather than `config.toml`.
+    pub synced: bool,
 }
 
 impl PriceTable {
-    pub fn new(billing: &BillingConfig, rules: &[PriceRuleConfig]) -> Result<Self, Error> {
+    /// The table `config.toml` gives, with fal's synced prices in place of
+    /// the rules they fall under, except pinned ones.
+    pub fn new(
+        billing: &BillingConfig,
+        rules: &[PriceRuleConfig],
+        synced: &[SyncedPrice],
+    ) -> Result<Self, Error> {
         let bad = |what: &str, e: String| Error::Config(format!("{what}: {e}"));
         let credit_nano = to_scaled(billing.usd_per_credit, NANO)
             .map_err(|e| bad("[billing] usd_per_credit", e))?;
@@ -91,6 +120,8 @@ impl PriceTable {
                 megapixel_pixels: billing.megapixel_pixels,
                 round_each_image: billing.round_each_image,
             },
+            pinned: HashSet::new(),
+            synced: HashSet::new(),
         };
         for r in rules {
             let what = format!("[[pricing]] {:?}", r.model);
@@ -107,6 +138,9 @@ impl PriceTable {
                 default_seconds_milli: to_scaled(r.default_seconds.unwrap_or(5.0), 3)
                     .map_err(|e| bad(&what, e))?,
             };
+            if r.pinned {
+                table.pinned.insert(Arc::clone(&rule.pattern));
+            }
             let duplicate = match r.model.strip_suffix('*') {
                 Some(prefix) => {
                     let dup = table.prefixes.iter().any(|(p, _)| p == prefix);
@@ -122,7 +156,40 @@ impl PriceTable {
         table
             .prefixes
             .sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+        for price in synced {
+            let under = table.rule(&price.endpoint);
+            if under.is_some_and(|r| table.pinned.contains(&r.pattern))
+                || price.endpoint.chars().any(char::is_control)
+            {
+                continue;
+            }
+            let rule = PriceRule {
+                pattern: Arc::from(price.endpoint.as_str()),
+                unit: price.unit,
+                nano_per_unit: price.nano_usd,
+                // A video's length when the request gives none is ours to
+                // say, not fal's: the rule's it fell under.
+                default_seconds_milli: under.map_or(5 * MILLI, |r| r.default_seconds_milli),
+            };
+            table.exact.insert(price.endpoint.clone(), rule);
+            table.synced.insert(price.endpoint.clone());
+        }
         Ok(table)
+    }
+
+    /// The rule that prices `model`, and where it comes from.
+    pub fn source(&self, model: &str) -> Option<Source<'_>> {
+        let rule = self.rule(model)?;
+        Some(Source {
+            rule,
+            pinned: self.pinned.contains(&rule.pattern),
+            synced: self.synced.contains(rule.pattern.as_ref()),
+        })
+    }
+
+    /// The endpoints the table names one by one (its exact rules).
+    pub fn endpoints(&self) -> impl Iterator<Item = &str> {
+        self.exact.keys().map(String::as_str)
     }
 
     /// The rule for `model`: an exact rule, else the longest matching prefix.
@@ -268,7 +335,17 @@ impl Terms {
 
     /// `credits × usd_per_credit`, as exact decimal text.
     pub fn cost_usd(&self, credits: u64) -> String {
-        format_scaled(credits as u128 * self.credit_nano as u128, NANO)
+        format_scaled(u128::from(self.credits_nano_usd(credits)), NANO)
+    }
+
+    /// `credits × usd_per_credit` in nano-dollars (saturating).
+    pub fn credits_nano_usd(&self, credits: u64) -> u64 {
+        credits.saturating_mul(self.credit_nano)
+    }
+
+    /// The markup over fal's price, in parts per million.
+    pub fn margin_ppm(&self) -> u64 {
+        self.margin_ppm
     }
 }
 
@@ -287,6 +364,7 @@ mod tests {
             unit,
             usd,
             default_seconds: None,
+            pinned: false,
         };
         PriceTable::new(
             &billing,
@@ -297,6 +375,7 @@ mod tests {
                 rule("fal-ai/kling-video/v2/*", Unit::Second, 0.07),
                 rule("fal-ai/flat", Unit::Image, 0.04),
             ],
+            &[],
         )
         .unwrap()
     }
@@ -477,18 +556,19 @@ mod tests {
             unit: Unit::Request,
             usd: 0.1,
             default_seconds: None,
+            pinned: false,
         };
         let billing = BillingConfig::default();
-        assert!(PriceTable::new(&billing, &[rule.clone(), rule.clone()]).is_err());
+        assert!(PriceTable::new(&billing, &[rule.clone(), rule.clone()], &[]).is_err());
         let zero = BillingConfig {
             usd_per_credit: 0.0,
             ..BillingConfig::default()
         };
-        assert!(PriceTable::new(&zero, std::slice::from_ref(&rule)).is_err());
+        assert!(PriceTable::new(&zero, std::slice::from_ref(&rule), &[]).is_err());
         let tab = PriceRuleConfig {
             model: "fal-ai/x\t/*".into(),
             ..rule
         };
-        assert!(PriceTable::new(&billing, &[tab]).is_err());
+        assert!(PriceTable::new(&billing, &[tab], &[]).is_err());
     }
 }

@@ -1,10 +1,13 @@
 //! Carries CLI edits into a running server: a thread polls the change feed
-//! and applies what it finds to the registry.
+//! and applies what it finds to the registry (and says when fal's synced
+//! prices moved).
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 use super::Registry;
 use crate::config::StoreConfig;
@@ -27,12 +30,14 @@ pub struct Refresher {
 }
 
 impl Refresher {
-    /// Starts polling after change `seq` (the snapshot's) every `interval`.
+    /// Starts polling after change `seq` (the snapshot's) every `interval`;
+    /// `prices_moved` is notified when a change says fal's synced prices moved.
     pub fn spawn(
         db: &StoreConfig,
         registry: Arc<Registry>,
         seq: i64,
         interval: Duration,
+        prices_moved: Arc<Notify>,
     ) -> Result<Self, Error> {
         let mut conn = store::open(db)?;
         conn.statement_timeout(READ_TIMEOUT)?;
@@ -54,6 +59,9 @@ impl Refresher {
                         match snapshot::changes_since(&mut conn, seq) {
                             Ok((next, changes)) => {
                                 registry.apply(&changes);
+                                if changes.iter().any(|c| c.prices) {
+                                    prices_moved.notify_one();
+                                }
                                 seq = next;
                                 applying.store(seq, Ordering::Release);
                             }

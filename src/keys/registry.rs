@@ -336,6 +336,7 @@ impl Registry {
             }),
             key: None,
             balance_delta: 0,
+            prices: false,
         }]);
     }
 

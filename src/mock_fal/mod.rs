@@ -1,7 +1,8 @@
 //! A stand-in for fal on loopback: `serve --demo` runs against it, and so do
 //! the integration tests and benches. Model paths answer the way fal's models
-//! do; paths under `/_queue/` are fal's queue host (see [`queue`]) and
-//! `/_rest/` its storage host; paths under `/mock/` give the tests the
+//! do, each with fal's request id, and are billed in fal's books; paths
+//! under `/_queue/` are fal's queue host (see [`queue`]), `/_rest/` its
+//! storage host and `/_api/` its Platform API ([`platform`]); paths under `/mock/` give the tests the
 //! upstream failures they need. The latest requests it received are
 //! recorded, so a test can see exactly what reached "fal".
 //!
@@ -15,6 +16,7 @@
 //! ([`MockFal::close_idle_after`]); it counts the connections it accepts.
 
 mod input;
+pub mod platform;
 mod queue;
 
 use std::collections::VecDeque;
@@ -66,6 +68,8 @@ struct State {
     /// Holds `/mock/gated` (and a gated status stream) until a test opens it.
     gate: Notify,
     queue: queue::Queue,
+    /// fal's prices and its billing records of the calls served.
+    books: platform::Books,
     /// Milliseconds an HTTP/1.1 connection may wait for its next request; 0 for ever.
     keep_alive_ms: AtomicU64,
     accepted: AtomicUsize,
@@ -89,6 +93,7 @@ impl MockFal {
             seen: Mutex::default(),
             gate: Notify::new(),
             queue: queue::Queue::default(),
+            books: platform::Books::default(),
             keep_alive_ms: AtomicU64::new(0),
             accepted: AtomicUsize::new(0),
             open: AtomicUsize::new(0),
@@ -141,6 +146,16 @@ impl MockFal {
     /// The base of the mock's queue host, for `[upstream] queue`.
     pub fn queue_url(&self, tls: bool) -> String {
         format!("{}/{}", self.url(tls), queue::PREFIX)
+    }
+
+    /// The base of the mock's Platform API, for `[upstream] api`.
+    pub fn api_url(&self, tls: bool) -> String {
+        format!("{}/_api", self.url(tls))
+    }
+
+    /// fal's prices and billing records.
+    pub fn books(&self) -> &platform::Books {
+        &self.state.books
     }
 
     pub fn seen(&self) -> Vec<Seen> {
@@ -261,7 +276,14 @@ async fn answer(state: Arc<State>, req: Request<Incoming>) -> Response<MockBody>
         Some("_rest") if path.starts_with("/_rest/storage/upload/initiate") => {
             initiate_upload(&state, &body)
         }
-        _ => model_output(&path, &body),
+        Some("_api") => {
+            let query = parts.uri.query().unwrap_or("");
+            let rest: Vec<&str> = segments.collect();
+            state
+                .books
+                .answer(&parts.method, &rest, query, &parts.headers)
+        }
+        _ => served(&state, &path, &body),
     }
 }
 
@@ -375,6 +397,36 @@ fn initiate_upload(state: &State, request: &[u8]) -> Response<MockBody> {
         state.base
     );
     json_response(StatusCode::OK, Bytes::from(body))
+}
+
+/// A sync call, answered by fal's app: with its request id, and, when it
+/// succeeds, billed and with the units billed.
+fn served(state: &State, path: &str, body: &[u8]) -> Response<MockBody> {
+    let id = state.books.request_id();
+    let mut resp = model_output(path, body);
+    if resp.status().is_success() {
+        if let Ok(input) = Input::read(body) {
+            let units = state.books.bill(&id, path, &input, body);
+            receipt(&mut resp, &id, Some(units));
+            return resp;
+        }
+    }
+    receipt(&mut resp, &id, None);
+    resp
+}
+
+/// fal's request id, and the units it billed, on an answer of fal's app.
+fn receipt(resp: &mut Response<MockBody>, id: &str, units_milli: Option<u64>) {
+    use crate::billing::receipt::{BILLABLE_UNITS, REQUEST_ID};
+    if let Ok(id) = HeaderValue::from_str(id) {
+        resp.headers_mut().insert(REQUEST_ID, id);
+    }
+    if let Some(units) = units_milli {
+        let text = crate::billing::decimal::format_scaled(u128::from(units), 3);
+        if let Ok(units) = HeaderValue::from_str(&text) {
+            resp.headers_mut().insert(BILLABLE_UNITS, units);
+        }
+    }
 }
 
 /// What a fal model returns, shaped by the request as fal's would be; 422

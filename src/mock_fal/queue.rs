@@ -15,7 +15,10 @@
 //! lagging its status), `"mock_result_status_once": 429` answers it with
 //! that status instead (fal's concurrency limit, say), and
 //! `"mock_submit_status": 502` queues the job but answers the submission
-//! with that status, from fal's app (with its `x-fal-request-id`).
+//! with that status, from fal's app (with its `x-fal-request-id`). Every
+//! answer about a job carries the job's id as `x-fal-request-id`, and a job
+//! that completes is billed in fal's books then, its result carrying the
+//! units billed.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,7 +31,9 @@ use parking_lot::Mutex;
 use simd_json::prelude::*;
 use tokio::sync::mpsc;
 
-use super::{json_response, model_output, status_json, stream_from, Input, MockBody, State};
+use super::{
+    json_response, model_output, receipt, status_json, stream_from, Input, MockBody, State,
+};
 
 /// The path prefix that stands for `queue.fal.run` on the mock.
 pub const PREFIX: &str = "_queue";
@@ -49,6 +54,8 @@ struct Job {
     result_404_once: bool,
     /// The next result fetch after COMPLETED answers this status.
     result_status_once: Option<StatusCode>,
+    /// Units fal billed when the job completed.
+    billed_units: Option<u64>,
 }
 
 impl Job {
@@ -146,6 +153,7 @@ fn submit(state: &State, path: &[&str], body: Bytes) -> Response<MockBody> {
             cancelled: false,
             result_404_once,
             result_status_once,
+            billed_units: None,
         },
     );
     if let Some(code) = submit_status {
@@ -156,7 +164,20 @@ fn submit(state: &State, path: &[&str], body: Bytes) -> Response<MockBody> {
         }
         return resp;
     }
-    json_response(StatusCode::OK, Bytes::from(body))
+    let mut resp = json_response(StatusCode::OK, Bytes::from(body));
+    receipt(&mut resp, &id, None);
+    resp
+}
+
+/// One step on. A job that completes is billed then, once: fal bills the
+/// work it did, whether or not anyone fetches the result.
+fn advance(state: &State, id: &str, job: &mut Job) {
+    job.step = job.step.saturating_add(1).min(2);
+    if job.status() == "COMPLETED" && job.billed_units.is_none() {
+        if let Ok(input) = Input::read(&job.input) {
+            job.billed_units = Some(state.books.bill(id, &job.model, &input, &job.input));
+        }
+    }
 }
 
 /// The job named by `app` and `id`; a job under another app is as unknown as a missing one.
@@ -193,7 +214,7 @@ fn status(state: &State, app: &str, id: &str) -> Response<MockBody> {
         match jobs.get_mut(id).filter(|j| j.app == app) {
             Some(j) => {
                 let seen = j.clone();
-                j.step = j.step.saturating_add(1).min(2);
+                advance(state, id, j);
                 seen
             }
             None => return not_found(),
@@ -204,7 +225,9 @@ fn status(state: &State, app: &str, id: &str) -> Response<MockBody> {
     } else {
         StatusCode::ACCEPTED
     };
-    json_response(code, Bytes::from(status_body(state, &job, id)))
+    let mut resp = json_response(code, Bytes::from(status_body(state, &job, id)));
+    receipt(&mut resp, id, None);
+    resp
 }
 
 /// Server-sent events, one per step until the job is done. With
@@ -231,7 +254,7 @@ fn stream(state: &Arc<State>, app: &str, id: &str, query: &str) -> Response<Mock
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             if let Some(j) = state.queue.jobs.lock().get_mut(&id) {
-                j.step = j.step.saturating_add(1).min(2);
+                advance(&state, &id, j);
             }
         }
     });
@@ -255,7 +278,11 @@ fn result(state: &State, app: &str, id: &str) -> Response<MockBody> {
         return status_json(code, "not now");
     }
     match job.status() {
-        "COMPLETED" => model_output(&job.model, &job.input),
+        "COMPLETED" => {
+            let mut resp = model_output(&job.model, &job.input);
+            receipt(&mut resp, id, job.billed_units);
+            resp
+        }
         "FAILED" => status_json(StatusCode::UNPROCESSABLE_ENTITY, "mock job failed"),
         "CANCELLED" => status_json(StatusCode::BAD_REQUEST, "Request was cancelled"),
         _ => status_json(StatusCode::BAD_REQUEST, "Request is still in progress"),

@@ -13,8 +13,6 @@ pub const X_BILLING_CREDITS_USED: HeaderName = HeaderName::from_static("x-billin
 pub const X_BILLING_BALANCE_REMAINING: HeaderName =
     HeaderName::from_static("x-billing-balance-remaining");
 pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
-/// fal's id for a request its app received.
-pub const X_FAL_REQUEST_ID: HeaderName = HeaderName::from_static("x-fal-request-id");
 
 /// RFC 9110 §7.6.1 connection-specific fields, plus the legacy ones proxies still see.
 const HOP_BY_HOP: [HeaderName; 8] = [

@@ -16,7 +16,7 @@ pub mod pace;
 pub(crate) mod path;
 mod queue;
 mod request_id;
-mod respond;
+pub(crate) mod respond;
 pub mod small_body;
 mod stripe;
 
@@ -32,7 +32,8 @@ use self::request_id::RequestIds;
 use self::respond::Billed;
 use crate::billing::facts::RequestFacts;
 use crate::billing::ledger::{Ledger, Reservation};
-use crate::billing::pricing::{PriceTable, Tariff};
+use crate::billing::pricing::{PriceTable, SyncedPrice, Tariff};
+use crate::billing::receipt;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::{ApiError, Error};
@@ -125,9 +126,10 @@ pub struct Tunables {
 }
 
 impl Tunables {
-    pub fn new(config: &Config) -> Result<Self, Error> {
+    /// `synced`: fal's prices as last synced, over the table's rules.
+    pub fn new(config: &Config, synced: &[SyncedPrice]) -> Result<Self, Error> {
         Ok(Self {
-            prices: PriceTable::new(&config.billing, &config.pricing)?,
+            prices: PriceTable::new(&config.billing, &config.pricing, synced)?,
             limits: RateLimits::new(config),
             max_json_body_bytes: config.limits.max_json_body_bytes,
             max_buffered_body_bytes_per_account: config.limits.buffered_body_bytes_per_account(),
@@ -140,6 +142,8 @@ impl Tunables {
 /// The server's shared state that the proxy works with, built by `app`.
 pub struct Wiring {
     pub registry: Arc<Registry>,
+    /// fal's prices as last synced, read from the store at start-up.
+    pub synced_prices: Vec<SyncedPrice>,
     pub upstream: Upstream,
     pub writer: StoreWriter,
     pub ledger: Arc<Ledger>,
@@ -162,7 +166,7 @@ impl Proxy {
             upstream: Arc::new(w.upstream),
             writer: w.writer,
             ledger: w.ledger,
-            tunables: ArcSwap::from_pointee(Tunables::new(config)?),
+            tunables: ArcSwap::from_pointee(Tunables::new(config, &w.synced_prices)?),
             clock: w.clock,
             ids,
             jobs: w.jobs,
@@ -398,6 +402,7 @@ impl Proxy {
             let took = started.elapsed();
             let answer = match sent {
                 Ok(resp) => {
+                    reservation.heard(resp.headers());
                     if resp.status().is_success() {
                         reservation.answered();
                     }
@@ -538,7 +543,7 @@ async fn send(
     if status.is_server_error() {
         // Only fal's app gives a request id: a 5xx without one is its
         // ingress, which never handed the request on.
-        let reached = resp.headers().contains_key(headers::X_FAL_REQUEST_ID);
+        let reached = resp.headers().contains_key(receipt::REQUEST_ID);
         return Err((
             ApiError::UpstreamFailed { status, reached },
             Some(status.as_u16()),

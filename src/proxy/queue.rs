@@ -25,6 +25,7 @@ use super::{meter, Conn, Proxy, Trace, Unanswered};
 use crate::billing::json;
 use crate::billing::ledger::Reservation;
 use crate::billing::pricing::Tariff;
+use crate::billing::receipt::FalReceipt;
 use crate::error::ApiError;
 use crate::jobs::Job;
 use crate::keys::ApiKey;
@@ -347,6 +348,7 @@ impl Proxy {
         let tunables = self.tunables.load_full();
         let limit = tunables.max_json_response_bytes;
         let idle = self.upstream.timeout();
+        let units = FalReceipt::from_headers(&parts.headers).units_milli;
         let bytes = match read_answer(&parts.headers, incoming, limit, idle).await {
             Ok(Answer::Read(bytes)) => bytes,
             Ok(Answer::TooLarge(prefix, rest)) => {
@@ -357,19 +359,19 @@ impl Proxy {
                     let quote = tariff
                         .zip(facts)
                         .and_then(|(tariff, facts)| tariff.actual(&job.request, &facts));
-                    jobs.charge(&job, quote, status.as_u16());
+                    jobs.charge(&job, quote, status.as_u16(), units);
                 });
                 return Ok(Response::from_parts(parts, body));
             }
             Ok(Answer::Unread(body)) => {
-                let settled = self.charge_job(job, None, status);
+                let settled = self.charge_job(job, None, status, units);
                 return Ok(billed_stream(parts, settled, body));
             }
             // Broke off: not a result the client has; a later fetch (or the reconciler) charges it.
             Err(_) => return Err(ApiError::UpstreamUnreachable),
         };
         let answer = read_object(&bytes);
-        let settled = self.charge_job(job, answer.as_ref(), status);
+        let settled = self.charge_job(job, answer.as_ref(), status, units);
         let terms = self
             .tariff_of(job)
             .map_or_else(|| tunables.prices.terms(), |t| t.terms);
@@ -384,12 +386,13 @@ impl Proxy {
         job: &Job,
         answer: Option<&crate::billing::facts::ResponseFacts>,
         status: StatusCode,
+        fal_units: Option<u64>,
     ) -> crate::billing::ledger::Settled {
         let quote = self
             .tariff_of(job)
             .zip(answer)
             .and_then(|(tariff, facts)| tariff.actual(&job.request, facts));
-        self.jobs.charge(job, quote, status.as_u16())
+        self.jobs.charge(job, quote, status.as_u16(), fal_units)
     }
 
     /// What prices the job: the tariff it was admitted under; for a job
@@ -453,7 +456,7 @@ impl Proxy {
     fn give_up(&self, job: &Job) {
         if job.was_completed() {
             tracing::warn!(request_id = %job.request_id, "fal no longer knows this completed job: charged its hold");
-            self.jobs.charge(job, None, 200);
+            self.jobs.charge(job, None, 200, None);
         } else {
             tracing::warn!(request_id = %job.request_id, "fal no longer knows this job: released");
             self.jobs.release(job, Some(404));
@@ -497,6 +500,7 @@ impl Proxy {
         let (parts, incoming) = resp.into_parts();
         let limit = self.tunables.load().max_json_response_bytes;
         let idle = self.upstream.timeout();
+        let units = FalReceipt::from_headers(&parts.headers).units_milli;
         let answer = match read_answer(&parts.headers, incoming, limit, idle).await {
             Ok(Answer::Read(bytes)) => read_object(&bytes),
             Ok(Answer::TooLarge(prefix, rest)) => meter::read_through(prefix, rest, idle).await,
@@ -504,7 +508,7 @@ impl Proxy {
             Ok(Answer::Unread(_)) => None,
             Err(_) => return Err(ApiError::UpstreamUnreachable),
         };
-        self.charge_job(job, answer.as_ref(), code);
+        self.charge_job(job, answer.as_ref(), code, units);
         Ok(())
     }
 }

@@ -36,7 +36,7 @@ pub struct Billed<'a> {
 }
 
 /// A body read up to a bound.
-pub(super) enum Collected {
+pub(crate) enum Collected {
     Whole(Bytes),
     /// Past the bound: what was read, and the rest still to stream.
     Overflow(Bytes, FalBody),
@@ -44,7 +44,7 @@ pub(super) enum Collected {
 
 /// Why fal's answer was not read to its end.
 #[derive(Debug)]
-pub(super) enum BrokeOff {
+pub(crate) enum BrokeOff {
     Failed(hyper::Error),
     /// fal went silent mid-answer: without a deadline the call (and its
     /// hold, and the reconciler's pass) would wait on it for ever.
@@ -61,7 +61,7 @@ impl std::fmt::Display for BrokeOff {
 }
 
 /// Reads `body` up to `limit` bytes, waiting at most `idle` for each part of it.
-pub(super) async fn collect_bounded(
+pub(crate) async fn collect_bounded(
     mut body: FalBody,
     limit: usize,
     idle: Duration,

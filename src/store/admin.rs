@@ -79,6 +79,11 @@ pub(super) fn record_change(
         "INSERT INTO changes (account_id, key_id, balance_delta, at) VALUES (?1, ?2, ?3, ?4)",
         args![account_id, key_id, delta, now_secs()],
     )?;
+    notify_nodes(tx)
+}
+
+/// Every node reads the change feed when `tx` commits, not at its next poll.
+pub(super) fn notify_nodes(tx: &mut dyn Sql) -> Result<(), Error> {
     if tx.dialect() == Dialect::Postgres {
         // Delivered when the transaction commits, once however many rows it added.
         tx.exec("SELECT pg_notify(?1, '')", args![super::snapshot::CHANGES])?;

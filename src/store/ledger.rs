@@ -6,6 +6,7 @@ use serde::Serialize;
 use super::sql::{Conn, Dialect, Mode, Param, Row, Sql, StoreError};
 use crate::args;
 use crate::billing::journal::{Entry, HoldRecord};
+use crate::billing::receipt::FalReceipt;
 
 /// How a hold ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +61,8 @@ pub struct ChargeRecord {
     pub outcome: Outcome,
     pub started_at_ms: i64,
     pub settled_at_ms: i64,
+    /// fal's request id and billed units, where fal gave them.
+    pub fal: FalReceipt,
 }
 
 /// The ledger's row writes, within the writer's transaction, for `node`:
@@ -129,7 +132,8 @@ impl<'t, 'c> Writes<'t, 'c> {
         let recovered: i64 = row.get(0)?;
         let corrected = self.tx.exec(
             "UPDATE charges SET units_milli = ?2, credits = ?3, shortfall = ?4,
-                 fal_status = ?5, outcome = ?6, settled_at_ms = ?7
+                 fal_status = ?5, outcome = ?6, settled_at_ms = ?7,
+                 fal_request_id = ?8, fal_units_milli = ?9
              WHERE id = ?1 AND outcome = 'recovered'",
             args![
                 c.id,
@@ -138,7 +142,9 @@ impl<'t, 'c> Writes<'t, 'c> {
                 c.shortfall,
                 c.fal_status,
                 c.outcome.as_str(),
-                c.settled_at_ms
+                c.settled_at_ms,
+                c.fal.request_id,
+                c.fal.units_milli
             ],
         )?;
         if corrected == 0 {
@@ -168,8 +174,9 @@ impl<'t, 'c> Writes<'t, 'c> {
     pub fn charge(&mut self, c: &ChargeRecord) -> Result<bool, StoreError> {
         let inserted = self.tx.exec(
             "INSERT INTO charges (id, account_id, key_id, model, units_milli, credits,
-                held, shortfall, fal_status, outcome, started_at_ms, settled_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                held, shortfall, fal_status, outcome, started_at_ms, settled_at_ms,
+                fal_request_id, fal_units_milli)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
              ON CONFLICT DO NOTHING",
             args![
                 c.id,
@@ -183,7 +190,9 @@ impl<'t, 'c> Writes<'t, 'c> {
                 c.fal_status,
                 c.outcome.as_str(),
                 c.started_at_ms,
-                c.settled_at_ms
+                c.settled_at_ms,
+                c.fal.request_id,
+                c.fal.units_milli
             ],
         )?;
         Ok(inserted == 1)
@@ -307,6 +316,7 @@ pub fn recover_in(
             outcome: Outcome::Recovered,
             started_at_ms: h.created_at_ms,
             settled_at_ms: now_ms,
+            fal: FalReceipt::default(),
         };
         if Writes::new(tx, node).settle(&charge)? {
             done.holds += 1;

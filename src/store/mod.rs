@@ -3,6 +3,7 @@
 //! side), or PostgreSQL shared by several.
 
 pub mod admin;
+pub mod books;
 pub mod copy;
 pub mod db;
 pub mod jobs;
@@ -18,6 +19,7 @@ mod schema;
 pub mod sessions;
 pub mod snapshot;
 pub mod sql;
+pub mod synced_prices;
 pub mod writer;
 
 use std::os::unix::fs::OpenOptionsExt;

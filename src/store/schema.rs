@@ -175,6 +175,29 @@ const MIGRATIONS: &[&str] = &[
         seen_at_ms INTEGER NOT NULL,
         epoch INTEGER NOT NULL DEFAULT 0
     );",
+    // 16: fal's books. A charge keeps fal's own request id and the units
+    // fal reported, where it gave them, so that fal's billing records can
+    // be matched to ours; prices synced from fal's pricing API override the
+    // table's, one endpoint each, and a change in the feed says they moved;
+    // each reconciliation's unbilled total is kept for the metric.
+    "ALTER TABLE charges ADD COLUMN fal_request_id TEXT;
+    ALTER TABLE charges ADD COLUMN fal_units_milli INTEGER;
+    CREATE INDEX charges_fal_request ON charges(fal_request_id);
+    CREATE INDEX charges_settled ON charges(settled_at_ms);
+    ALTER TABLE changes ADD COLUMN prices INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE synced_prices (
+        endpoint TEXT PRIMARY KEY,
+        unit TEXT NOT NULL,
+        nano_usd INTEGER NOT NULL,
+        synced_at_ms INTEGER NOT NULL
+    );
+    CREATE TABLE reconcile_runs (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        at_ms INTEGER NOT NULL,
+        since_ms INTEGER NOT NULL,
+        until_ms INTEGER NOT NULL,
+        unbilled_nano_usd INTEGER NOT NULL
+    );",
 ];
 
 /// Brings the schema up to date, in one transaction; nodes starting together
@@ -257,6 +280,8 @@ pub const TABLES: &[&str] = &[
     "leases",
     "rate_limits",
     "nodes",
+    "synced_prices",
+    "reconcile_runs",
 ];
 
 #[cfg(test)]
@@ -287,7 +312,7 @@ mod tests {
         migrate(&mut conn).unwrap();
 
         let config = Config::parse(crate::config::EMBEDDED_DEFAULT).unwrap();
-        let tariff = PriceTable::new(&config.billing, &config.pricing)
+        let tariff = PriceTable::new(&config.billing, &config.pricing, &[])
             .unwrap()
             .tariff("fal-ai/flux/dev");
         let mut record = jobs::load(&mut conn, 0, usize::MAX, None)

@@ -31,6 +31,8 @@ pub struct Change {
     pub account: Option<AccountRow>,
     pub key: Option<KeyRow>,
     pub balance_delta: i64,
+    /// The synced prices changed (`prices sync --apply`).
+    pub prices: bool,
 }
 
 /// The PostgreSQL channel an edit notifies, so that every node reads the
@@ -109,7 +111,7 @@ pub fn latest_change(conn: &mut dyn Sql) -> Result<i64, StoreError> {
 pub fn changes_since(conn: &mut Conn, seq: i64) -> Result<(i64, Vec<Change>), StoreError> {
     let mut tx = conn.transaction(Mode::Snapshot)?;
     let rows = tx.rows(
-        "SELECT seq, account_id, key_id, balance_delta FROM changes WHERE seq > ?1 ORDER BY seq",
+        "SELECT seq, account_id, key_id, balance_delta, prices FROM changes WHERE seq > ?1 ORDER BY seq",
         args![seq],
     )?;
     let mut last = seq;
@@ -128,6 +130,7 @@ pub fn changes_since(conn: &mut Conn, seq: i64) -> Result<(i64, Vec<Change>), St
             account,
             key,
             balance_delta: row.get(3)?,
+            prices: row.get::<i64>(4)? != 0,
         });
     }
     tx.commit()?;

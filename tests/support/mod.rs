@@ -200,6 +200,7 @@ shutdown_grace_secs = 10
 run = "{up}"
 queue = "{queue}"
 storage = "{up}/_rest"
+api = "{up}/_api"
 fal_key_env = "ABHIAPI_TEST_FAL_KEY"
 timeout_secs = {timeout}
 connect_timeout_secs = 2
@@ -499,6 +500,7 @@ fn launch(
 
 pub fn cli(config: &Path, args: &[&str]) -> Output {
     Command::new(BIN)
+        .env("ABHIAPI_TEST_FAL_KEY", FAL_KEY)
         .arg("--config")
         .arg(config)
         .args(args)
