@@ -17,7 +17,7 @@ pub const EMBEDDED_DEFAULT: &str = include_str!("../config.toml");
 /// Where `--config` points when it is not given.
 pub const DEFAULT_PATH: &str = "config.toml";
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -50,7 +50,7 @@ pub struct Config {
     pub plans: BTreeMap<String, PlanConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// The operator's listener (admin API, metrics, reload); keep it private.
@@ -69,7 +69,7 @@ impl Default for AdminConfig {
 }
 
 /// How sign-in links are mailed.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EmailConfig {
     /// The mail server, as the lettre crate reads it: `smtp://host:port`
@@ -91,7 +91,7 @@ impl Default for EmailConfig {
 }
 
 /// People sign in by a link sent to their email; no passwords.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SignupConfig {
     /// Credits a new account starts with.
@@ -116,7 +116,7 @@ impl Default for SignupConfig {
 
 /// Card payments through Stripe: credits arrive only from its signed webhook.
 /// Each secret is read from the environment variable named here.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PaymentsConfig {
     /// Stripe's API (a stand-in's in tests and the demo).
@@ -173,7 +173,7 @@ impl Default for PaymentsConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueConfig {
     /// How often the reconciler asks fal about jobs nobody has fetched.
@@ -202,7 +202,7 @@ impl Default for QueueConfig {
 /// The plan an account gets unless told otherwise, and must exist.
 pub const DEFAULT_PLAN: &str = "free";
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PlanConfig {
     /// Generation requests (sync runs, queue submissions) a key may send per minute.
@@ -224,7 +224,7 @@ fn default_plans() -> BTreeMap<String, PlanConfig> {
     BTreeMap::from([("free".into(), plan(30)), ("pro".into(), plan(600))])
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// TLS listener; `None` turns it off.
@@ -289,7 +289,7 @@ impl Default for ServerConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
     pub run: String,
@@ -342,7 +342,7 @@ impl Default for UpstreamConfig {
 
 /// Several nodes on one PostgreSQL (`[store] url`): each spends credit it
 /// has leased from the database, never more than the account has.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
     /// This node's name, unique among the nodes and the same across its
@@ -380,7 +380,7 @@ impl ClusterConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// SQLite's database file; with `url`, only where the node's own files
@@ -427,7 +427,7 @@ impl Default for StoreConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     pub max_json_body_bytes: usize,

@@ -24,7 +24,14 @@ pub struct Demo {
     pub key: String,
     /// Removed when the demo ends.
     pub dir: PathBuf,
+    /// The demo's settings as a file, for the operator's commands
+    /// (`prices sync`, `reconcile`, `usage`) against it.
+    pub config: PathBuf,
 }
+
+/// The environment variable the demo's config file names for the fal key
+/// (the mock takes any).
+pub const FAL_KEY_ENV: &str = "ABHIAPI_DEMO_FAL_KEY";
 
 /// Starts the mock and points `config` at it and at a fresh database.
 pub async fn prepare(config: &mut Config) -> Result<Demo, Error> {
@@ -52,11 +59,18 @@ pub async fn prepare(config: &mut Config) -> Result<Demo, Error> {
         "free",
         admin::KeyOrigin::operator(config),
     )?;
+    let mut settings = config.clone();
+    settings.upstream.fal_key_env = FAL_KEY_ENV.into();
+    let path = dir.join("config.toml");
+    let text = toml::to_string(&settings)
+        .map_err(|e| Error::Usage(format!("the demo's settings: {e}")))?;
+    std::fs::write(&path, text)?;
     Ok(Demo {
         mock,
         stripe,
         key: created.secret,
         dir,
+        config: path,
     })
 }
 

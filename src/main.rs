@@ -138,6 +138,16 @@ fn announce(bound: &Bound, demo: Option<&Demo>) {
             (None, None) => unreachable!("config requires a listener"),
         };
         println!("demo: mock fal at {}", d.mock.url(false));
+        println!(
+            "demo: the operator's commands against it: {}={} abhiapi --config {} reconcile --since {}",
+            demo::FAL_KEY_ENV,
+            demo::FAL_KEY,
+            d.config.display(),
+            abhiapi::dates::format_utc(abhiapi::store::now_secs())
+                .split(' ')
+                .next()
+                .unwrap_or_default()
+        );
         println!("demo key: {}", d.key);
         println!(
             "try: curl -s {base}/fal-ai/flux/dev -H 'x-api-key: {}' -H 'content-type: application/json' -d '{{\"prompt\":\"a red fox\",\"image_size\":\"square_hd\"}}'",

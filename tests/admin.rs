@@ -123,7 +123,7 @@ async fn every_documented_operation_answers_as_documented() {
         }
     }
     operations.sort_by_key(|o| o.0);
-    assert_eq!(operations.len(), 16);
+    assert_eq!(operations.len(), 17);
     for (_, method, path, op) in &operations {
         let example = op.get("x-example").unwrap();
         let target = example.get_str("path").unwrap_or(path);

@@ -162,7 +162,7 @@ fn dollars(nano: u64) -> String {
 /// The report as a table for a terminal.
 pub fn render(lines: &[Line], margin_ppm: u64) -> String {
     let mut out = format!(
-        "fal's prices against the table in force (margin {}%)\n{:<44} {:<28} {:>18} {:>24} {:>8}  {}\n",
+        "fal's prices against the table in force (margin {}%)\n{:<44} {:<40} {:>18} {:>20} {:>8}  {}\n",
         format_scaled(u128::from(margin_ppm), 4),
         "ENDPOINT",
         "RULE",
@@ -177,7 +177,7 @@ pub fn render(lines: &[Line], margin_ppm: u64) -> String {
             _ => "-".into(),
         };
         out.push_str(&format!(
-            "{:<44} {:<28} {:>18} {:>24} {:>8}  {}{}\n",
+            "{:<44} {:<40} {:>18} {:>20} {:>8}  {}{}\n",
             l.endpoint,
             l.rule.as_deref().unwrap_or("-"),
             ours,

@@ -85,6 +85,18 @@ const PRICES: &[(&str, &str, u64)] = &[
     ("fal-ai/any-llm", "compute seconds", 500_000),
 ];
 
+/// The video's length, in thousandths of a second, when a request gives
+/// none: each model's own default, as fal's model pages state it.
+fn default_seconds_milli(endpoint: &str) -> u64 {
+    if endpoint.starts_with("fal-ai/veo3") {
+        8000
+    } else if endpoint.starts_with("fal-ai/sora-2") {
+        4000
+    } else {
+        5000
+    }
+}
+
 /// What fal bills an endpoint it lists no price for: a tenth of a cent a call.
 const UNLISTED: (&str, u64) = ("requests", 1_000_000);
 
@@ -144,7 +156,7 @@ impl Books {
             Some(p) => (p.unit.clone(), p.nano_usd),
             None => (UNLISTED.0.to_owned(), UNLISTED.1),
         };
-        let units_milli = billed_override(body).unwrap_or_else(|| metered(&unit, input));
+        let units_milli = billed_override(body).unwrap_or_else(|| metered(&unit, endpoint, input));
         let cost = u128::from(unit_nano_usd) * u128::from(units_milli) / 1000;
         self.events.lock().push(BillingEvent {
             request_id: request_id.to_owned(),
@@ -289,14 +301,16 @@ impl Books {
 
 /// Units a call of this unit bills, as fal's apps count them: whole
 /// megapixels per image (rounded up), images, seconds of video asked for
-/// (5 by default), one call otherwise.
-fn metered(unit: &str, input: &Input) -> u64 {
+/// (else the model's default), one call otherwise.
+fn metered(unit: &str, endpoint: &str, input: &Input) -> u64 {
     let images = input.num_images;
     let (w, h) = input.image_size;
     match unit {
         "megapixels" => images * (w * h).div_ceil(1024 * 1024) * 1000,
         "images" => images * 1000,
-        "seconds" => input.duration_milli.unwrap_or(5000),
+        "seconds" => input
+            .duration_milli
+            .unwrap_or_else(|| default_seconds_milli(endpoint)),
         _ => 1000,
     }
 }
