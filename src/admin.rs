@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
+use crate::billing::decimal::format_scaled;
 use crate::billing::pricing::PriceTable;
 use crate::books::platform::Platform;
 use crate::books::reconcile::{self, Period};
@@ -29,12 +30,12 @@ use crate::proxy::Conn;
 use crate::reload::Reloader;
 use crate::server::Handler;
 use crate::store::admin::{self, KeyListing};
-use crate::store::books;
 use crate::store::db::Db;
 use crate::store::leases::{self, Standing};
 use crate::store::payments;
 use crate::store::snapshot::{self, AccountRow};
 use crate::store::writer::StoreWriter;
+use crate::store::{books, synced_prices};
 use crate::usage;
 
 /// The API's description, served at `/admin/openapi.json` and checked against the server by a test.
@@ -80,10 +81,19 @@ struct CreatedKey {
     prefix: String,
 }
 
+/// A price synced from fal, which prices its endpoint in place of the rule.
+#[derive(Serialize)]
+struct SyncedView {
+    endpoint: String,
+    unit: &'static str,
+    usd: String,
+}
+
 #[derive(Serialize)]
 struct PriceTableView<'a> {
     billing: &'a BillingConfig,
     pricing: &'a [PriceRuleConfig],
+    synced: Vec<SyncedView>,
 }
 
 #[derive(Serialize)]
@@ -195,9 +205,22 @@ impl Admin {
             }
             (Method::GET, ["prices"]) => {
                 let config = self.reloader.config();
+                let synced = self
+                    .w
+                    .db
+                    .run(|c| Ok(synced_prices::load(c)?))
+                    .await?
+                    .into_iter()
+                    .map(|p| SyncedView {
+                        endpoint: p.endpoint,
+                        unit: p.unit.name(),
+                        usd: format_scaled(u128::from(p.nano_usd), 9),
+                    })
+                    .collect();
                 let view = PriceTableView {
                     billing: &config.billing,
                     pricing: &config.pricing,
+                    synced,
                 };
                 json(StatusCode::OK, &view)
             }
@@ -253,16 +276,19 @@ impl Admin {
                 )
                 .map_err(|e| ApiError::Invalid(e.to_string()))?;
                 let config = self.reloader.config();
-                let terms = PriceTable::new(&config.billing, &config.pricing, &[])?.terms();
                 let report = reconcile::run(
                     &self.w.platform,
                     &self.w.db,
-                    terms,
+                    &config,
                     period.since,
                     period.until,
                 )
                 .await
-                .map_err(|e| ApiError::PlatformFailed(e.to_string()))?;
+                .map_err(|e| match e {
+                    // fal's Platform API; the store's errors are ours.
+                    Error::Usage(why) => ApiError::PlatformFailed(why),
+                    other => other.into(),
+                })?;
                 json(StatusCode::OK, &period.judged(report))
             }
             (Method::GET, ["accounts", name, "usage"]) => {
@@ -288,13 +314,21 @@ impl Admin {
     }
 
     async fn metrics(&self) -> Response<Body> {
-        // A scrape still answers when the database does not.
-        let unbilled = self.w.db.run(|c| Ok(books::last_unbilled(c)?)).await;
+        // A scrape answers within a second whatever the database does
+        // (the gauge is then left out).
+        let unbilled = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            self.w.db.run(|c| Ok(books::last_unbilled(c)?)),
+        )
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .flatten();
         let gauges = Gauges {
             credits_held: self.w.registry.credits_held(),
             ledger_queue_depth: self.w.writer.queue_depth(),
             jobs_in_memory: self.w.jobs.in_memory(),
-            reconcile_unbilled_nano_usd: unbilled.ok().flatten(),
+            reconcile_unbilled_nano_usd: unbilled,
         };
         let mut resp = Response::new(Body::full(self.w.metrics.render(gauges)));
         resp.headers_mut().insert(

@@ -394,13 +394,16 @@ pub async fn serve(
     Ok(())
 }
 
-/// Puts fal's synced prices in force whenever the change feed says they moved.
+/// Puts fal's synced prices in force whenever the change feed says they
+/// moved; a failure (the database busy or down) is tried again every second
+/// until it succeeds, so that no node keeps old prices for long.
 fn spawn_repricing(moved: Arc<Notify>, reloader: Arc<Reloader>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             moved.notified().await;
-            if let Err(e) = reloader.reprice().await {
-                tracing::warn!(error = %e, "synced prices not put in force: the old ones stay");
+            while let Err(e) = reloader.reprice().await {
+                tracing::warn!(error = %e, "synced prices not put in force yet: trying again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
     })

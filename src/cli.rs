@@ -82,6 +82,9 @@ pub enum PricesCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Drop synced prices, so that the table's rules price those endpoints
+    /// again (every synced price if no endpoint is named).
+    Forget { endpoints: Vec<String> },
 }
 
 #[derive(Args)]

@@ -630,6 +630,7 @@ impl Config {
             ("run", &u.run),
             ("queue", &u.queue),
             ("storage", &u.storage),
+            ("api", &u.api),
         ] {
             crate::upstream::Target::parse(url)
                 .map_err(|e| Error::Config(format!("[upstream] {name}: {e}")))?;

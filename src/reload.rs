@@ -77,10 +77,22 @@ impl Reloader {
         self.db.run(|conn| Ok(synced_prices::load(conn)?)).await
     }
 
+    /// The synced prices from the store, else (it cannot be read) those in
+    /// force: a reload (a certificate's, say) never waits on the database.
+    async fn synced_or_in_force(&self) -> Vec<SyncedPrice> {
+        match self.synced().await {
+            Ok(synced) => synced,
+            Err(e) => {
+                tracing::warn!(error = %e, "synced prices unread: those in force are kept");
+                self.proxy.tunables().prices.synced_prices()
+            }
+        }
+    }
+
     async fn try_reload(&self) -> Result<(), Error> {
         let _turn = self.turn.lock().await;
         let mut new = Config::load(self.path.as_deref())?;
-        let tunables = Tunables::new(&new, &self.synced().await?)?;
+        let tunables = Tunables::new(&new, &self.synced_or_in_force().await)?;
         let cert = match &self.tls {
             Some(_) => Some(tls::server_config(
                 new.server.tls_cert.as_deref(),

@@ -103,7 +103,7 @@ async fn price_sync_reports_applies_and_never_reprices_a_request_in_flight() {
     books.set_price("fal-ai/flux/dev", "megapixels", 30_000_000);
     books.set_price("fal-ai/veo3", "seconds", 500_000_000);
     // A slow endpoint fal lists, priced by our catch-all at 2 credits a call.
-    books.set_price("mock/slow/2500", "requests", 10_000_000);
+    books.set_price("mock/slow/4000", "requests", 10_000_000);
     let (server, key) = Server::start_with_key(options(&mock), "acme", 100_000);
     // What the answers said they cost, to close the books on.
     let spent = std::sync::atomic::AtomicI64::new(0);
@@ -148,7 +148,7 @@ async fn price_sync_reports_applies_and_never_reprices_a_request_in_flight() {
 
     // A call admitted at the old price, still at fal when the new one applies.
     let slow = {
-        let (url, key) = (server.url("/mock/slow/2500"), key.clone());
+        let (url, key) = (server.url("/mock/slow/4000"), key.clone());
         tokio::spawn(async move {
             let resp = client()
                 .request(post(&url, Some(&key), "application/json", "{}"))
@@ -161,10 +161,19 @@ async fn price_sync_reports_applies_and_never_reprices_a_request_in_flight() {
     };
     assert!(
         eventually(Duration::from_secs(5), || async {
-            mock.seen().iter().any(|s| s.target == "/mock/slow/2500")
+            mock.seen().iter().any(|s| s.target == "/mock/slow/4000")
         })
         .await
     );
+    // A synced price for a pinned rule's endpoint (stored before the rule
+    // was pinned, say) never prices it.
+    server
+        .db()
+        .execute_batch(
+            "INSERT INTO synced_prices (endpoint, unit, nano_usd, synced_at_ms)
+             VALUES ('fal-ai/veo3', 'second', 500000000, 0)",
+        )
+        .unwrap();
     let applied = server.cli(&["prices", "sync", "--all", "--apply"]);
     assert!(applied.status.success(), "{}", out(&applied));
     let text = out(&applied);
@@ -173,7 +182,7 @@ async fn price_sync_reports_applies_and_never_reprices_a_request_in_flight() {
         line(&text, "fal-ai/flux/schnell").ends_with("new"),
         "{text}"
     );
-    assert!(line(&text, "mock/slow/2500").ends_with("new"), "{text}");
+    assert!(line(&text, "mock/slow/4000").ends_with("new"), "{text}");
     assert!(text.contains("applied"), "{text}");
     let stored = synced(&server);
     assert!(
@@ -181,14 +190,16 @@ async fn price_sync_reports_applies_and_never_reprices_a_request_in_flight() {
         "{stored:?}"
     );
     assert!(
-        stored.contains(&("mock/slow/2500".into(), 10_000_000)),
+        stored.contains(&("mock/slow/4000".into(), 10_000_000)),
         "{stored:?}"
     );
-    // Pinned and unmeterable prices are never stored.
+    // Sync stores no unmeterable price, and leaves the pinned endpoint's row as it was.
     assert!(
-        !stored
-            .iter()
-            .any(|(e, _)| e == "fal-ai/veo3" || e == "fal-ai/any-llm"),
+        !stored.iter().any(|(e, _)| e == "fal-ai/any-llm"),
+        "{stored:?}"
+    );
+    assert!(
+        stored.contains(&("fal-ai/veo3".into(), 500_000_000)),
         "{stored:?}"
     );
 
@@ -199,9 +210,14 @@ async fn price_sync_reports_applies_and_never_reprices_a_request_in_flight() {
         })
         .await
     );
-    // The call in flight keeps the price it was admitted at; the next pays the new one.
+    // The call in flight, still at fal when the server repriced, keeps the
+    // price it was admitted at; the next pays the new one.
+    assert!(
+        !slow.is_finished(),
+        "the call ended before the reprice: nothing shown"
+    );
     assert_eq!(slow.await.unwrap(), 2);
-    assert_eq!(used("/mock/slow/2500", "{}").await, 11);
+    assert_eq!(used("/mock/slow/4000", "{}").await, 11);
     // The pinned rule still prices veo3 at $0.40 a second: 8 s × 1.1 = 3.52.
     assert_eq!(used("/fal-ai/veo3", "{}").await, 3520);
 
@@ -217,6 +233,31 @@ async fn price_sync_reports_applies_and_never_reprices_a_request_in_flight() {
         "{again}"
     );
     assert!(again.contains("nothing to apply"), "{again}");
+    // The admin API shows the table in force, synced prices included.
+    let admin = server.admin.unwrap();
+    let req = Request::get(format!("http://{admin}/admin/prices"))
+        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .body(Full::default())
+        .unwrap();
+    let prices = json(&body(client().request(req).await.unwrap()).await);
+    let synced = prices.get_array("synced").unwrap();
+    assert!(
+        synced
+            .iter()
+            .any(|p| p.get_str("endpoint") == Some("fal-ai/flux/dev")
+                && p.get_str("usd") == Some("0.03")),
+        "{prices}"
+    );
+
+    // Forgotten, an endpoint's price is its rule's again, from the next request.
+    let forgot = server.cli(&["prices", "forget", "fal-ai/flux/dev"]);
+    assert!(out(&forgot).contains("dropped 1"), "{}", out(&forgot));
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            used("/fal-ai/flux/dev", FLUX).await == 28
+        })
+        .await
+    );
 
     let charged = spent.load(std::sync::atomic::Ordering::Relaxed) + 2;
     assert!(books_close(&server, &[("acme", charged)]).await);
@@ -303,6 +344,8 @@ async fn reconciliation_matches_fals_billing_events_to_our_charges() {
         );
     }
     assert!(books_close(&server, &[("acme", 28 * 4 + 110 + 770 + 55)]).await);
+    // fal billed each call once, the queued job when it completed.
+    assert_eq!(mock.books().events().len(), 7);
     // Every charge keeps fal's request id; the billed units came with each sync answer.
     let ids = server.query(
         "SELECT fal_request_id, fal_units_milli, units_milli FROM charges ORDER BY settled_at_ms",

@@ -150,14 +150,26 @@ fn parse_job(line: &str) -> Option<JobRecord> {
     })
 }
 
+/// A settlement's line: with fal's receipt when there is one (`$`), else
+/// as the builds before receipts wrote it (`=`), which they can still read.
 fn settle_line(c: &ChargeRecord) -> String {
     let mut line = String::with_capacity(c.id.len() + c.model.len() + 220);
     let status = c.fal_status.map_or(String::new(), |s| s.to_string());
-    let fal_id = c.fal.request_id.as_deref().unwrap_or("");
-    let fal_units = c.fal.units_milli.map_or(String::new(), |u| u.to_string());
+    let receipt = match (&c.fal.request_id, c.fal.units_milli) {
+        (None, None) => None,
+        (id, units) => Some(format!(
+            "{}\t{}\t",
+            id.as_deref().unwrap_or(""),
+            units.map_or(String::new(), |u| u.to_string())
+        )),
+    };
+    let mark = match receipt {
+        Some(_) => RECEIPT_SETTLE_MARK,
+        None => SETTLE_MARK,
+    };
     let _ = writeln!(
         line,
-        "{RECEIPT_SETTLE_MARK}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{status}\t{}\t{}\t{}\t{fal_id}\t{fal_units}\t{}",
+        "{mark}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{status}\t{}\t{}\t{}\t{}{}",
         c.id,
         c.account_id,
         c.key_id,
@@ -168,6 +180,7 @@ fn settle_line(c: &ChargeRecord) -> String {
         c.outcome.as_str(),
         c.started_at_ms,
         c.settled_at_ms,
+        receipt.unwrap_or_default(),
         c.model
     );
     line

@@ -325,8 +325,12 @@ pub struct Reservation {
 impl Reservation {
     /// fal answered: what its headers say of the call goes with the charge.
     pub fn heard(&mut self, headers: &http::HeaderMap) {
+        self.heard_of(FalReceipt::from_headers(headers));
+    }
+
+    pub fn heard_of(&mut self, fal: FalReceipt) {
         if let Some(hold) = &mut self.hold {
-            hold.fal = FalReceipt::from_headers(headers);
+            hold.fal = fal;
         }
     }
 

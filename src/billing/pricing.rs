@@ -187,6 +187,21 @@ impl PriceTable {
         })
     }
 
+    /// The synced prices in the table (those its pinned rules left out are not).
+    pub fn synced_prices(&self) -> Vec<SyncedPrice> {
+        self.synced
+            .iter()
+            .filter_map(|e| {
+                let r = self.exact.get(e)?;
+                Some(SyncedPrice {
+                    endpoint: e.clone(),
+                    unit: r.unit,
+                    nano_usd: r.nano_per_unit,
+                })
+            })
+            .collect()
+    }
+
     /// The endpoints the table names one by one (its exact rules).
     pub fn endpoints(&self) -> impl Iterator<Item = &str> {
         self.exact.keys().map(String::as_str)

@@ -12,7 +12,17 @@ use crate::store::db::Db;
 
 /// What `prices sync` prints.
 pub fn prices(config: &Config, command: PricesCommand) -> Result<String, Error> {
-    let PricesCommand::Sync { apply, all, json } = command;
+    let (apply, all, json) = match command {
+        PricesCommand::Sync { apply, all, json } => (apply, all, json),
+        PricesCommand::Forget { endpoints } => {
+            let mut conn = crate::store::open(&config.store)?;
+            let at = crate::store::now_ms();
+            let dropped = crate::store::synced_prices::forget(&mut conn, &endpoints, at)?;
+            return Ok(format!(
+                "dropped {dropped} synced prices: the table's rules price those endpoints from the next request"
+            ));
+        }
+    };
     let lines = with_fal(config, |platform, db| async move {
         sync::run(&platform, &db, config, all, apply).await
     })?;
@@ -41,9 +51,8 @@ pub fn reconcile(config: &Config, command: ReconcileCommand) -> Result<(String, 
         command.until.as_deref(),
         command.tolerance_usd.as_deref(),
     )?;
-    let terms = PriceTable::new(&config.billing, &config.pricing, &[])?.terms();
     let report = with_fal(config, |platform, db| async move {
-        reconcile::run(&platform, &db, terms, period.since, period.until).await
+        reconcile::run(&platform, &db, config, period.since, period.until).await
     })?;
     let judged = period.judged(report);
     let within = !judged.over_tolerance;

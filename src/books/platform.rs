@@ -4,6 +4,7 @@
 //! host is contacted, every answer has the upstream's deadline, and a page
 //! is read up to [`MAX_PAGE_BYTES`].
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use http::StatusCode;
@@ -24,8 +25,9 @@ const IDS_PER_CALL: usize = 50;
 const MAX_RANGE_SECS: i64 = 90 * 86_400;
 /// Events asked for per page.
 const EVENTS_PER_PAGE: u32 = 1000;
-/// A listing longer than this many pages is taken for a server going round in circles.
-const MAX_PAGES: usize = 100_000;
+/// A listing longer than this is taken for a server going round in circles:
+/// refused rather than held in memory.
+const MAX_ROWS: usize = 5_000_000;
 
 /// fal's price for an endpoint, as its pricing API gives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +46,8 @@ pub struct FalEvent {
     pub endpoint: String,
     pub timestamp: String,
     pub units_milli: Option<u64>,
+    /// fal's unit for them, where the event names it.
+    pub unit: Option<String>,
     pub cost_nano_usd: u64,
 }
 
@@ -51,6 +55,7 @@ pub struct FalEvent {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FalUsage {
     pub endpoint: String,
+    pub unit: String,
     pub units_milli: u64,
     pub cost_nano_usd: u64,
 }
@@ -169,6 +174,7 @@ impl Platform {
                         .get_str("endpoint_id")
                         .ok_or_else(|| malformed("a usage row without endpoint_id"))?
                         .to_owned(),
+                    unit: row.get_str("unit").unwrap_or_default().to_owned(),
                     units_milli: row.get("quantity").and_then(milli).unwrap_or(0),
                     cost_nano_usd: row
                         .get("cost_total")
@@ -181,6 +187,8 @@ impl Platform {
     }
 
     /// Every page of a listing: `field`'s rows, following `next_cursor`.
+    /// A listing that says it has more but gives no cursor, or gives one
+    /// it gave before, is refused: what it gave is not all there is.
     async fn pages(
         &self,
         path: &str,
@@ -189,7 +197,8 @@ impl Platform {
     ) -> Result<Vec<OwnedValue>, PlatformError> {
         let mut rows = Vec::new();
         let mut cursor: Option<String> = None;
-        for _ in 0..MAX_PAGES {
+        let mut seen = HashSet::new();
+        loop {
             let target = match &cursor {
                 Some(c) => format!("{path}?{query}&cursor={}", encode(c)),
                 None => format!("{path}?{query}"),
@@ -199,14 +208,21 @@ impl Platform {
                 return Err(malformed(&format!("an answer without {field:?}")));
             };
             rows.extend(found.iter().cloned());
+            if rows.len() > MAX_ROWS {
+                return Err(malformed(&format!("more than {MAX_ROWS} rows")));
+            }
             let next = page.get_str("next_cursor").map(str::to_owned);
-            let more = page.get_bool("has_more").unwrap_or(next.is_some());
+            if !page.get_bool("has_more").unwrap_or(next.is_some()) {
+                return Ok(rows);
+            }
             match next {
-                Some(next) if more && cursor.as_ref() != Some(&next) => cursor = Some(next),
-                _ => return Ok(rows),
+                None => return Err(malformed("more pages but no cursor to them")),
+                Some(next) if !seen.insert(next.clone()) => {
+                    return Err(malformed("a cursor it gave before"))
+                }
+                Some(next) => cursor = Some(next),
             }
         }
-        Err(malformed("more pages than any listing has"))
     }
 
     async fn get(&self, path_and_query: &str) -> Result<OwnedValue, PlatformError> {
@@ -273,6 +289,7 @@ fn event(row: &OwnedValue) -> Result<FalEvent, PlatformError> {
             .get("quantity")
             .and_then(milli)
             .or_else(|| row.get("output_units").and_then(milli)),
+        unit: text("unit"),
         cost_nano_usd,
     })
 }

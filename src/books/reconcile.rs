@@ -11,18 +11,22 @@ use serde::Serialize;
 
 use super::platform::{FalEvent, FalUsage, Platform, PlatformError};
 use crate::billing::decimal::{format_scaled, parse_scaled};
-use crate::billing::pricing::Terms;
+use crate::billing::pricing::PriceTable;
+use crate::config::{Config, Unit};
 use crate::dates;
 use crate::error::Error;
 use crate::store::books::{self, OurCharge};
 use crate::store::db::Db;
+use crate::store::synced_prices;
 
 /// Our charges are read this far either side of the period: a call fal
 /// billed just inside it may have settled with us just outside.
 const SLACK_SECS: i64 = 86_400;
-/// Calls fal billed whose charge is not near the period are looked up one
-/// by one, up to this many; past it they are reported as unbilled.
+/// Calls fal billed whose charge is not near the period are looked up by
+/// id, up to this many; past it they are reported as unbilled.
 const LOOKUPS: usize = 10_000;
+/// The longest period one report covers.
+const MAX_PERIOD_SECS: i64 = 366 * 86_400;
 
 /// fal's side of the books for the period.
 pub enum FalSide {
@@ -67,6 +71,9 @@ pub struct Total {
     pub unbilled_requests: u64,
     pub not_billed_by_fal: u64,
     pub unit_mismatches: u64,
+    /// Calls matched to a charge without fal's id by model and time (charges
+    /// from before ids were kept, holds recovered after a crash).
+    pub matched_by_time: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -138,13 +145,20 @@ impl Period {
             "since",
             since.ok_or_else(|| Error::Usage("since is required".into()))?,
         )?;
+        // The end is exclusive: the current second is in the period, and
+        // nothing later is.
+        let now = crate::store::now_secs() + 1;
         let until = match until {
-            Some(text) => date("until", text)?,
-            // The end is exclusive: the current second is in the period.
-            None => crate::store::now_secs() + 1,
+            Some(text) => date("until", text)?.min(now),
+            None => now,
         };
         if until <= since {
             return Err(Error::Usage("the period ends before it starts".into()));
+        }
+        if until - since > MAX_PERIOD_SECS {
+            return Err(Error::Usage(
+                "a period is at most 366 days: reconcile a year in parts".into(),
+            ));
         }
         let tolerance_nano_usd = match tolerance_usd {
             Some(text) => parse_scaled(text.trim(), 9).ok_or_else(|| {
@@ -169,16 +183,19 @@ impl Period {
 }
 
 /// Reads both sides of the period `since`..`until` (unix seconds, `until`
-/// exclusive), builds the report, and records its unbilled total.
+/// exclusive), builds the report, and records its unbilled total. Prices
+/// and units are the table in force: `config.toml`'s with the synced prices.
 pub async fn run(
     platform: &Platform,
     db: &Db,
-    terms: Terms,
+    config: &Config,
     since: i64,
     until: i64,
 ) -> Result<Report, Error> {
-    let mut fal = match platform.billing_events(since, until, &[]).await {
-        Ok(events) => FalSide::Events(events),
+    let synced = db.run(|c| Ok(synced_prices::load(c)?)).await?;
+    let table = PriceTable::new(&config.billing, &config.pricing, &synced)?;
+    let fal = match platform.billing_events(since, until, &[]).await {
+        Ok(events) => FalSide::Events(merged(events)),
         Err(PlatformError::Refused { .. }) => FalSide::Usage(platform.usage(since, until).await?),
         Err(e) => return Err(e.into()),
     };
@@ -186,31 +203,23 @@ pub async fn run(
     let mut ours = db
         .run(move |c| Ok(books::charges_between(c, from_ms, to_ms)?))
         .await?;
-    if let FalSide::Events(events) = &mut fal {
-        let known: HashSet<String> = ours
+    let mut elsewhere = HashSet::new();
+    if let FalSide::Events(events) = &fal {
+        let known: HashSet<&str> = ours
             .iter()
-            .filter_map(|c| c.fal_request_id.clone())
+            .filter_map(|c| c.fal_request_id.as_deref())
             .collect();
         let missing: Vec<String> = events
             .iter()
             .map(|e| e.request_id.clone())
-            .filter(|id| !known.contains(id))
+            .filter(|id| !known.contains(id.as_str()))
             .take(LOOKUPS)
             .collect();
         if !missing.is_empty() {
-            let found = db
-                .run(move |c| {
-                    let mut found = Vec::new();
-                    for id in &missing {
-                        found.extend(books::charge_of(c, id)?);
-                    }
-                    Ok(found)
-                })
-                .await?;
-            ours.extend(found);
+            ours.extend(db.run(move |c| Ok(books::charges_of(c, &missing)?)).await?);
         }
         // Charges of the period fal has no event for in it: fal may have
-        // billed them just outside it.
+        // billed them just outside it, where they are counted.
         let billed: HashSet<&str> = events.iter().map(|e| e.request_id.as_str()).collect();
         let late: Vec<String> = ours
             .iter()
@@ -223,10 +232,10 @@ pub async fn run(
             let around = platform
                 .billing_events(since - SLACK_SECS, (until + SLACK_SECS).min(now), &late)
                 .await?;
-            events.extend(around);
+            elsewhere.extend(around.into_iter().map(|e| e.request_id));
         }
     }
-    let report = build(since, until, fal, &ours, terms);
+    let report = build(since, until, fal, &ours, &elsewhere, &table);
     let unbilled = report.unbilled_nano_usd;
     let at = crate::store::now_ms();
     db.run(move |c| {
@@ -242,6 +251,30 @@ pub async fn run(
     Ok(report)
 }
 
+/// One record per call: fal may bill a call in several events (line
+/// items); their costs add up, and their units where the unit is the same.
+fn merged(events: Vec<FalEvent>) -> Vec<FalEvent> {
+    let mut out: Vec<FalEvent> = Vec::with_capacity(events.len());
+    let mut at: HashMap<String, usize> = HashMap::new();
+    for e in events {
+        match at.get(&e.request_id) {
+            Some(&i) => {
+                let first = &mut out[i];
+                first.cost_nano_usd = first.cost_nano_usd.saturating_add(e.cost_nano_usd);
+                first.units_milli = match (first.units_milli, e.units_milli) {
+                    (Some(a), Some(b)) if first.unit == e.unit => Some(a.saturating_add(b)),
+                    _ => None,
+                };
+            }
+            None => {
+                at.insert(e.request_id.clone(), out.len());
+                out.push(e);
+            }
+        }
+    }
+    out
+}
+
 fn in_period(c: &OurCharge, since: i64, until: i64) -> bool {
     (since * 1000..until * 1000).contains(&c.settled_at_ms)
 }
@@ -254,18 +287,43 @@ struct Sums {
     charged_nano: u64,
 }
 
-/// The report from both sides' records.
-pub fn build(since: i64, until: i64, fal: FalSide, ours: &[OurCharge], terms: Terms) -> Report {
+/// fal's units and ours can be compared: the same unit, or fal's is not named.
+fn same_unit(fal_unit: Option<&str>, ours: Option<Unit>) -> bool {
+    match fal_unit {
+        None => true,
+        Some(name) => ours.is_some() && Unit::from_fal(name) == ours,
+    }
+}
+
+/// How far apart fal's time for a call and our settlement of it may be,
+/// for a charge without fal's id (from before ids were kept, or a hold
+/// recovered after a crash) to be taken for the call.
+const BY_TIME_MS: i64 = 15 * 60 * 1000;
+
+/// The report from both sides' records. A call belongs to the period fal
+/// billed it in; `elsewhere` are calls of ours fal billed outside it.
+pub fn build(
+    since: i64,
+    until: i64,
+    fal: FalSide,
+    ours: &[OurCharge],
+    elsewhere: &HashSet<String>,
+    table: &PriceTable,
+) -> Report {
+    let terms = table.terms();
+    let unit_of = |model: &str| table.rule(model).map(|r| r.unit);
     let mut models: BTreeMap<String, Sums> = BTreeMap::new();
     let mut unbilled = Vec::new();
     let mut not_billed_by_fal = Vec::new();
     let mut unit_mismatches = Vec::new();
     let mut unbilled_nano = 0u64;
+    let mut matched_by_time = 0u64;
     let charged_nano = |c: &OurCharge| terms.credits_nano_usd(c.credits);
     let source = match &fal {
         FalSide::Events(_) => "billing_events",
         FalSide::Usage(_) => "usage",
     };
+    let mut matched: HashSet<&str> = HashSet::new();
     match fal {
         FalSide::Events(events) => {
             // A charge with credits wins over a released one for the same call.
@@ -278,21 +336,43 @@ pub fn build(since: i64, until: i64, fal: FalSide, ours: &[OurCharge], terms: Te
                     }
                 }
             }
-            let mut seen_events: HashSet<&str> = HashSet::new();
-            let mut matched: HashSet<&str> = HashSet::new();
+            // Charges without fal's id, oldest first, taken by time.
+            let mut idless: Vec<&OurCharge> = ours
+                .iter()
+                .filter(|c| c.fal_request_id.is_none() && c.credits > 0)
+                .collect();
+            idless.sort_by_key(|c| c.settled_at_ms);
+            let mut idless_taken = vec![false; idless.len()];
             for e in &events {
-                if !seen_events.insert(&e.request_id) {
-                    continue;
-                }
                 let sums = models.entry(e.endpoint.clone()).or_default();
                 sums.fal_requests += 1;
                 sums.fal_nano = sums.fal_nano.saturating_add(e.cost_nano_usd);
-                match by_fal.get(e.request_id.as_str()) {
+                let found = by_fal.get(e.request_id.as_str()).copied().or_else(|| {
+                    let at_ms = dates::parse_instant(&e.timestamp)? * 1000;
+                    let (i, c) = idless
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, c)| {
+                            !idless_taken[*i]
+                                && c.model == e.endpoint
+                                && (c.settled_at_ms - at_ms).abs() <= BY_TIME_MS
+                        })
+                        .min_by_key(|(_, c)| (c.settled_at_ms - at_ms).abs())?;
+                    idless_taken[i] = true;
+                    matched_by_time += 1;
+                    Some(*c)
+                });
+                if let Some(c) = found {
+                    matched.insert(&c.id);
+                }
+                match found {
                     Some(c) if c.credits > 0 => {
-                        matched.insert(&c.id);
                         sums.charged_requests += 1;
                         sums.charged_nano = sums.charged_nano.saturating_add(charged_nano(c));
-                        if let Some(units) = e.units_milli.filter(|u| *u != c.units_milli) {
+                        let comparable = same_unit(e.unit.as_deref(), unit_of(&c.model));
+                        if let Some(units) =
+                            e.units_milli.filter(|u| comparable && *u != c.units_milli)
+                        {
                             unit_mismatches.push(Mismatch {
                                 request_id: e.request_id.clone(),
                                 model: e.endpoint.clone(),
@@ -305,9 +385,6 @@ pub fn build(since: i64, until: i64, fal: FalSide, ours: &[OurCharge], terms: Te
                         }
                     }
                     found if e.cost_nano_usd > 0 => {
-                        if let Some(c) = found {
-                            matched.insert(&c.id);
-                        }
                         unbilled_nano = unbilled_nano.saturating_add(e.cost_nano_usd);
                         unbilled.push(Unbilled {
                             request_id: e.request_id.clone(),
@@ -321,7 +398,15 @@ pub fn build(since: i64, until: i64, fal: FalSide, ours: &[OurCharge], terms: Te
                 }
             }
             for c in ours {
-                if in_period(c, since, until) && c.credits > 0 && !matched.contains(c.id.as_str()) {
+                let billed_elsewhere = c
+                    .fal_request_id
+                    .as_ref()
+                    .is_some_and(|id| elsewhere.contains(id));
+                if in_period(c, since, until)
+                    && c.credits > 0
+                    && !billed_elsewhere
+                    && !matched.contains(c.id.as_str())
+                {
                     let sums = models.entry(c.model.clone()).or_default();
                     sums.charged_requests += 1;
                     sums.charged_nano = sums.charged_nano.saturating_add(charged_nano(c));
@@ -345,14 +430,24 @@ pub fn build(since: i64, until: i64, fal: FalSide, ours: &[OurCharge], terms: Te
                 sums.charged_nano = sums.charged_nano.saturating_add(charged_nano(c));
                 *our_units.entry(&c.model).or_default() += c.units_milli;
             }
+            // fal's rows per endpoint (one per price it billed at), added up.
+            let mut fal_totals: BTreeMap<&str, (HashSet<&str>, u64, u64)> = BTreeMap::new();
             for r in &rows {
-                let sums = models.entry(r.endpoint.clone()).or_default();
-                sums.fal_nano = sums.fal_nano.saturating_add(r.cost_nano_usd);
-                // Units fal billed beyond those we charged, at fal's average price.
-                let ours = our_units.get(r.endpoint.as_str()).copied().unwrap_or(0);
-                if r.units_milli > ours && r.units_milli > 0 {
-                    let extra = u128::from(r.units_milli - ours) * u128::from(r.cost_nano_usd)
-                        / u128::from(r.units_milli);
+                let t = fal_totals.entry(&r.endpoint).or_default();
+                t.0.insert(&r.unit);
+                t.1 = t.1.saturating_add(r.units_milli);
+                t.2 = t.2.saturating_add(r.cost_nano_usd);
+            }
+            for (endpoint, (units, fal_units, cost)) in fal_totals {
+                models.entry(endpoint.to_owned()).or_default().fal_nano = cost;
+                // Units fal billed beyond ours, at fal's average price, where
+                // both count the same unit.
+                let comparable =
+                    units.len() == 1 && units.iter().all(|u| same_unit(Some(u), unit_of(endpoint)));
+                let ours = our_units.get(endpoint).copied().unwrap_or(0);
+                if comparable && fal_units > ours {
+                    let extra =
+                        u128::from(fal_units - ours) * u128::from(cost) / u128::from(fal_units);
                     unbilled_nano =
                         unbilled_nano.saturating_add(u64::try_from(extra).unwrap_or(u64::MAX));
                 }
@@ -388,6 +483,7 @@ pub fn build(since: i64, until: i64, fal: FalSide, ours: &[OurCharge], terms: Te
             unbilled_requests: unbilled.len() as u64,
             not_billed_by_fal: not_billed_by_fal.len() as u64,
             unit_mismatches: unit_mismatches.len() as u64,
+            matched_by_time,
         },
         unbilled,
         not_billed_by_fal,
@@ -502,4 +598,228 @@ pub fn render(r: &Report) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BillingConfig, PriceRuleConfig};
+
+    const DAY: i64 = 86_400;
+    /// 2026-01-01T00:00:00Z.
+    const JAN: i64 = 1_767_225_600;
+
+    fn table() -> PriceTable {
+        let rule = |model: &str, unit, usd| PriceRuleConfig {
+            model: model.into(),
+            unit,
+            usd,
+            default_seconds: None,
+            pinned: false,
+        };
+        PriceTable::new(
+            &BillingConfig::default(),
+            &[
+                rule("fal-ai/flux/dev", Unit::Megapixel, 0.025),
+                rule("*", Unit::Request, 0.001),
+            ],
+            &[],
+        )
+        .unwrap()
+    }
+
+    fn event(
+        id: &str,
+        endpoint: &str,
+        at: i64,
+        units_milli: u64,
+        unit: &str,
+        cost: u64,
+    ) -> FalEvent {
+        FalEvent {
+            request_id: id.into(),
+            endpoint: endpoint.into(),
+            timestamp: format!("{}Z", dates::format_rfc3339(at)),
+            units_milli: Some(units_milli),
+            unit: Some(unit.into()),
+            cost_nano_usd: cost,
+        }
+    }
+
+    fn charge(id: &str, fal: Option<&str>, model: &str, at: i64, credits: u64) -> OurCharge {
+        OurCharge {
+            id: id.into(),
+            model: model.into(),
+            units_milli: 1000,
+            credits,
+            outcome: if credits > 0 { "charged" } else { "released" }.into(),
+            fal_request_id: fal.map(str::to_owned),
+            fal_units_milli: None,
+            settled_at_ms: at * 1000,
+        }
+    }
+
+    /// A call settled with us on the 31st and billed by fal on the 1st
+    /// counts in the month fal billed it, once: January's report, which
+    /// finds fal's event only by looking it up, leaves it to February.
+    #[test]
+    fn a_call_across_the_month_end_counts_once() {
+        let feb = JAN + 31 * DAY;
+        let ours = [charge("r1", Some("f1"), "fal-ai/flux/dev", feb - 10, 28)];
+        let fal_feb = vec![event(
+            "f1",
+            "fal-ai/flux/dev",
+            feb + 5,
+            1000,
+            "megapixels",
+            25_000_000,
+        )];
+        let january = build(
+            JAN,
+            feb,
+            FalSide::Events(vec![]),
+            &ours,
+            &["f1".to_owned()].into(),
+            &table(),
+        );
+        assert_eq!(
+            (
+                january.total.charged_usd.as_str(),
+                january.total.not_billed_by_fal
+            ),
+            ("0", 0)
+        );
+        let february = build(
+            feb,
+            feb + 28 * DAY,
+            FalSide::Events(fal_feb),
+            &ours,
+            &HashSet::new(),
+            &table(),
+        );
+        assert_eq!(
+            (
+                february.total.fal_usd.as_str(),
+                february.total.charged_usd.as_str()
+            ),
+            ("0.025", "0.028")
+        );
+        assert_eq!(february.total.unbilled_requests, 0);
+    }
+
+    #[test]
+    fn charges_without_fals_id_are_matched_by_model_and_time() {
+        let ours = [
+            charge("old", None, "fal-ai/flux/dev", JAN + 100, 28),
+            charge("released", Some("f2"), "fal-ai/flux/dev", JAN + 200, 0),
+        ];
+        let events = vec![
+            event(
+                "f1",
+                "fal-ai/flux/dev",
+                JAN + 95,
+                1000,
+                "megapixels",
+                25_000_000,
+            ),
+            event(
+                "f2",
+                "fal-ai/flux/dev",
+                JAN + 199,
+                1000,
+                "megapixels",
+                25_000_000,
+            ),
+            // Too far from any charge without an id to be taken for one.
+            event(
+                "f3",
+                "fal-ai/flux/dev",
+                JAN + 2 * DAY,
+                1000,
+                "megapixels",
+                25_000_000,
+            ),
+        ];
+        let r = build(
+            JAN,
+            JAN + 5 * DAY,
+            FalSide::Events(events),
+            &ours,
+            &HashSet::new(),
+            &table(),
+        );
+        assert_eq!(r.total.matched_by_time, 1);
+        let unbilled: Vec<(&str, Option<&str>)> = r
+            .unbilled
+            .iter()
+            .map(|u| (u.request_id.as_str(), u.our_outcome.as_deref()))
+            .collect();
+        assert_eq!(unbilled, [("f2", Some("released")), ("f3", None)]);
+        assert_eq!(r.total.unbilled_usd, "0.05");
+        assert_eq!(r.total.not_billed_by_fal, 0);
+    }
+
+    #[test]
+    fn line_items_add_up_and_units_compare_only_alike() {
+        let events = merged(vec![
+            event("f1", "fal-ai/flux/dev", JAN, 1000, "megapixels", 25_000_000),
+            event("f1", "fal-ai/flux/dev", JAN, 1000, "megapixels", 25_000_000),
+            // fal bills megapixels; our catch-all counts requests: not a mismatch.
+            event("f2", "fal-ai/other", JAN, 4000, "megapixels", 100_000_000),
+        ]);
+        assert_eq!(events.len(), 2);
+        assert_eq!(
+            (events[0].cost_nano_usd, events[0].units_milli),
+            (50_000_000, Some(2000))
+        );
+        let ours = [
+            charge("r1", Some("f1"), "fal-ai/flux/dev", JAN, 55),
+            charge("r2", Some("f2"), "fal-ai/other", JAN, 2),
+        ];
+        let r = build(
+            JAN,
+            JAN + DAY,
+            FalSide::Events(events),
+            &ours,
+            &HashSet::new(),
+            &table(),
+        );
+        let mismatched: Vec<&str> = r
+            .unit_mismatches
+            .iter()
+            .map(|m| m.request_id.as_str())
+            .collect();
+        assert_eq!(mismatched, ["f1"]);
+        assert_eq!(r.unit_mismatches[0].fal_units, "2");
+    }
+
+    #[test]
+    fn usage_totals_add_up_per_endpoint_before_comparing() {
+        let usage = |units_milli, cost| FalUsage {
+            endpoint: "fal-ai/flux/dev".into(),
+            unit: "megapixels".into(),
+            units_milli,
+            cost_nano_usd: cost,
+        };
+        // fal billed 3 MP at two prices; we charged 2 MP: one is unbilled,
+        // at fal's average price ($0.09 / 3).
+        let rows = vec![usage(1000, 30_000_000), usage(2000, 60_000_000)];
+        let ours = [
+            charge("r1", Some("f1"), "fal-ai/flux/dev", JAN + 1, 28),
+            charge("r2", Some("f2"), "fal-ai/flux/dev", JAN + 2, 28),
+        ];
+        let r = build(
+            JAN,
+            JAN + DAY,
+            FalSide::Usage(rows),
+            &ours,
+            &HashSet::new(),
+            &table(),
+        );
+        assert_eq!(r.source, "usage");
+        assert_eq!(
+            (r.total.fal_usd.as_str(), r.total.unbilled_usd.as_str()),
+            ("0.09", "0.03")
+        );
+    }
 }

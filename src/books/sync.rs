@@ -54,8 +54,12 @@ pub enum Verdict {
     New,
     /// Its rule is `pinned`: reported, never changed.
     Pinned,
-    /// fal's unit (or currency) is not one we can meter: left as it is.
+    /// fal's unit (or currency) is not one we can meter, or its price is 0:
+    /// left as it is.
     Unmeterable,
+    /// No rule prices the endpoint: the table is what the gateway offers,
+    /// and only the operator adds to it.
+    NotOffered,
 }
 
 /// One endpoint's line of the report.
@@ -116,7 +120,15 @@ fn line(table: &PriceTable, p: &FalPrice) -> Line {
                 p.unit
             )),
         ),
+        (Some(_), None) => (
+            Verdict::NotOffered,
+            Some("no rule prices it: add one to offer it".into()),
+        ),
         (Some(_), Some(s)) if s.pinned => (Verdict::Pinned, None),
+        _ if p.nano_usd == 0 => (
+            Verdict::Unmeterable,
+            Some("fal gives a price of 0: not applied, check it with fal".into()),
+        ),
         (Some(u), Some(_)) if ours == Some((u, p.nano_usd)) => (Verdict::Same, None),
         (Some(_), Some(s)) if s.rule.pattern.as_ref() == p.endpoint => (Verdict::Changed, None),
         (Some(_), _) => (Verdict::New, None),
@@ -200,6 +212,7 @@ fn verdict_name(v: Verdict) -> &'static str {
         Verdict::New => "new",
         Verdict::Pinned => "pinned, kept",
         Verdict::Unmeterable => "left",
+        Verdict::NotOffered => "not offered",
     }
 }
 
@@ -247,6 +260,8 @@ mod tests {
                 fal("fal-ai/flux/krea", "megapixels", 25_000_000),
                 fal("fal-ai/veo3", "seconds", 500_000_000),
                 fal("fal-ai/any-llm", "compute seconds", 500_000),
+                fal("someone/else", "images", 1_000_000),
+                fal("fal-ai/flux/free", "megapixels", 0),
             ],
         );
         let verdicts: Vec<(&str, Verdict)> = lines
@@ -258,14 +273,16 @@ mod tests {
             [
                 ("fal-ai/any-llm", Verdict::Unmeterable),
                 ("fal-ai/flux/dev", Verdict::Changed),
+                ("fal-ai/flux/free", Verdict::Unmeterable),
                 ("fal-ai/flux/krea", Verdict::Same),
                 ("fal-ai/flux/schnell", Verdict::New),
                 ("fal-ai/veo3", Verdict::Pinned),
+                ("someone/else", Verdict::NotOffered),
             ]
         );
         // $0.025 × 1.1 against fal's $0.03: 8.3% under cost.
         assert_eq!(lines[1].margin_pct.as_deref(), Some("-8.3"));
-        assert_eq!(lines[2].margin_pct.as_deref(), Some("10.0"));
+        assert_eq!(lines[3].margin_pct.as_deref(), Some("10.0"));
         let applied: Vec<String> = to_apply(&lines).into_iter().map(|p| p.endpoint).collect();
         assert_eq!(applied, ["fal-ai/flux/dev", "fal-ai/flux/schnell"]);
 

@@ -98,10 +98,7 @@ impl Proxy {
         self.check_poll(key, trace)?;
         let uri = self.upstream.storage.uri(pq)?;
         let (parts, incoming) = req.into_parts();
-        let resp = self
-            .send(parts, Body::Stream(incoming), uri, trace)
-            .await
-            .map_err(|(e, _)| e)?;
+        let resp = self.send(parts, Body::Stream(incoming), uri, trace).await?;
         let (mut parts, incoming) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(parts, Body::Answer(incoming)))

@@ -33,7 +33,7 @@ use self::respond::Billed;
 use crate::billing::facts::RequestFacts;
 use crate::billing::ledger::{Ledger, Reservation};
 use crate::billing::pricing::{PriceTable, SyncedPrice, Tariff};
-use crate::billing::receipt;
+use crate::billing::receipt::{self, FalReceipt};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::{ApiError, Error};
@@ -186,6 +186,11 @@ impl Proxy {
     /// Puts new prices, plans and limits in force for the requests that start from now on.
     pub fn retune(&self, tunables: Tunables) {
         self.tunables.store(Arc::new(tunables));
+    }
+
+    /// The settings new requests are admitted under.
+    pub fn tunables(&self) -> Arc<Tunables> {
+        self.tunables.load_full()
     }
 
     /// Answers one request; never fails (an `Err` would drop the connection).
@@ -416,13 +421,16 @@ impl Proxy {
                     };
                     finish(sent).await
                 }
-                Err((e, status)) => {
-                    if unanswered == Unanswered::ChargeHold && e.may_have_been_served() {
+                Err(Failed { error, status, fal }) => {
+                    // A fal request id on a failure goes with the charge too:
+                    // fal may still run (and bill) a job it queued.
+                    reservation.heard_of(fal);
+                    if unanswered == Unanswered::ChargeHold && error.may_have_been_served() {
                         reservation.charge(None, status.unwrap_or(504));
                     } else {
                         reservation.release(status);
                     }
-                    Err(e)
+                    Err(error)
                 }
             };
             // Settled (or, for a queued job, journalled as the job's): on
@@ -508,22 +516,31 @@ impl Proxy {
         body: Body,
         uri: http::Uri,
         trace: &mut Trace,
-    ) -> Result<Response<FalBody>, (ApiError, Option<u16>)> {
+    ) -> Result<Response<FalBody>, ApiError> {
         let started = Instant::now();
         let result = send(&self.upstream, parts, body, uri).await;
         trace.upstream = Some(started.elapsed());
-        result
+        result.map_err(|unanswered| unanswered.error)
     }
 }
 
+/// A call fal did not answer with a response we pass on.
+struct Failed {
+    error: ApiError,
+    /// fal's status, if it answered.
+    status: Option<u16>,
+    /// What fal's answer said of the call, if it answered.
+    fal: FalReceipt,
+}
+
 /// Forwards to fal with the operator's key. fal refusing that key, and
-/// fal's 5xx, become our errors (with fal's status, if it answered).
+/// fal's 5xx, become our errors.
 async fn send(
     upstream: &Upstream,
     mut parts: http::request::Parts,
     body: Body,
     uri: http::Uri,
-) -> Result<Response<FalBody>, (ApiError, Option<u16>)> {
+) -> Result<Response<FalBody>, Failed> {
     headers::to_upstream(&mut parts.headers);
     // `_billing` is spliced into fal's bytes: they must not arrive compressed.
     parts.headers.insert(
@@ -534,20 +551,26 @@ async fn send(
     let resp = upstream
         .send(Request::from_parts(parts, body))
         .await
-        .map_err(|e| (e, None))?;
+        .map_err(|error| Failed {
+            error,
+            status: None,
+            fal: FalReceipt::default(),
+        })?;
     let status = resp.status();
+    let failed = |error| Failed {
+        error,
+        status: Some(status.as_u16()),
+        fal: FalReceipt::from_headers(resp.headers()),
+    };
     if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
         tracing::error!(status = status.as_u16(), "fal refused the operator's key");
-        return Err((ApiError::UpstreamAuth, Some(status.as_u16())));
+        return Err(failed(ApiError::UpstreamAuth));
     }
     if status.is_server_error() {
         // Only fal's app gives a request id: a 5xx without one is its
         // ingress, which never handed the request on.
         let reached = resp.headers().contains_key(receipt::REQUEST_ID);
-        return Err((
-            ApiError::UpstreamFailed { status, reached },
-            Some(status.as_u16()),
-        ));
+        return Err(failed(ApiError::UpstreamFailed { status, reached }));
     }
     Ok(resp)
 }

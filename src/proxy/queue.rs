@@ -290,10 +290,7 @@ impl Proxy {
         if action == Action::Status {
             parts.method = Method::GET;
         }
-        let resp = self
-            .send(parts, Body::Stream(incoming), uri, trace)
-            .await
-            .map_err(|(e, _)| e)?;
+        let resp = self.send(parts, Body::Stream(incoming), uri, trace).await?;
         let status = resp.status();
         let (mut parts, incoming) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);

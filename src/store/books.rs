@@ -2,7 +2,7 @@
 //! and the unbilled total of the last reconciliation (for the metric,
 //! whichever process ran it).
 
-use super::sql::{Row, Sql, StoreError};
+use super::sql::{Param, Row, Sql, StoreError, ToParam};
 use crate::args;
 
 /// One charge, as reconciliation reads it.
@@ -52,19 +52,28 @@ pub fn charges_between(
     .collect()
 }
 
-/// The charge with fal's request id `id`, settled whenever.
-pub fn charge_of(
+/// The charges with these fal request ids, settled whenever: a few
+/// hundred ids a statement.
+pub fn charges_of(
     conn: &mut dyn Sql,
-    fal_request_id: &str,
-) -> Result<Option<OurCharge>, StoreError> {
-    conn.row(
-        &format!(
-            "SELECT {COLUMNS} FROM charges WHERE fal_request_id = ?1 ORDER BY settled_at_ms DESC"
-        ),
-        args![fal_request_id],
-    )?
-    .map(|r| our_charge(&r))
-    .transpose()
+    fal_request_ids: &[String],
+) -> Result<Vec<OurCharge>, StoreError> {
+    let mut found = Vec::new();
+    for ids in fal_request_ids.chunks(500) {
+        let marks: Vec<String> = (1..=ids.len()).map(|i| format!("?{i}")).collect();
+        let params: Vec<Param<'_>> = ids.iter().map(|id| id.param()).collect();
+        let rows = conn.rows(
+            &format!(
+                "SELECT {COLUMNS} FROM charges WHERE fal_request_id IN ({})",
+                marks.join(", ")
+            ),
+            &params,
+        )?;
+        for r in &rows {
+            found.push(our_charge(r)?);
+        }
+    }
+    Ok(found)
 }
 
 pub fn record_run(

@@ -15,6 +15,7 @@ const IDENTITIES: &[(&str, &str)] = &[
     ("api_keys", "id"),
     ("changes", "seq"),
     ("ledger_rejects", "seq"),
+    ("reconcile_runs", "seq"),
 ];
 
 /// Copies `from` (SQLite) into `to` (PostgreSQL); the rows copied per table.
