@@ -22,6 +22,10 @@ pub struct Input {
     pub image_size: (u64, u64),
     /// Seconds of video in thousandths, where the request gives a duration.
     pub duration_milli: Option<u64>,
+    /// `"mock_billed_units": N`: fal bills N units (in thousandths) for the
+    /// call, whatever it would count, so that tests can make fal's books
+    /// and ours disagree.
+    pub billed_units_milli: Option<u64>,
 }
 
 impl Default for Input {
@@ -31,6 +35,7 @@ impl Default for Input {
             num_images: 1,
             image_size: (1024, 768),
             duration_milli: None,
+            billed_units_milli: None,
         }
     }
 }
@@ -67,6 +72,10 @@ impl Input {
                 ),
             };
         }
+        input.billed_units_milli = given("mock_billed_units")
+            .and_then(|n| n.cast_f64())
+            .filter(|n| n.is_finite() && *n >= 0.0)
+            .map(|n| (n * 1000.0).round() as u64);
         if let Some(d) = given("duration") {
             let milli = lax::seconds_milli(d).filter(|&m| m > 0);
             input.duration_milli = Some(milli.ok_or("duration: not a positive number of seconds")?);

@@ -403,15 +403,14 @@ fn initiate_upload(state: &State, request: &[u8]) -> Response<MockBody> {
 /// succeeds, billed and with the units billed.
 fn served(state: &State, path: &str, body: &[u8]) -> Response<MockBody> {
     let id = state.books.request_id();
-    let mut resp = model_output(path, body);
-    if resp.status().is_success() {
-        if let Ok(input) = Input::read(body) {
-            let units = state.books.bill(&id, path, &input, body);
-            receipt(&mut resp, &id, Some(units));
-            return resp;
+    let (mut resp, units) = match Input::read(body) {
+        Ok(input) => {
+            let units = state.books.bill(&id, path, &input);
+            (output(path, &input, body), Some(units))
         }
-    }
-    receipt(&mut resp, &id, None);
+        Err(why) => (status_json(StatusCode::UNPROCESSABLE_ENTITY, &why), None),
+    };
+    receipt(&mut resp, &id, units);
     resp
 }
 
@@ -436,13 +435,17 @@ fn receipt(resp: &mut Response<MockBody>, id: &str, units_milli: Option<u64>) {
 /// in chunks without a `content-length`, as a large answer streams. Sync
 /// calls and queue results alike.
 fn model_output(path: &str, request: &[u8]) -> Response<MockBody> {
-    let input = match Input::read(request) {
-        Ok(input) => input,
-        Err(why) => return status_json(StatusCode::UNPROCESSABLE_ENTITY, &why),
-    };
+    match Input::read(request) {
+        Ok(input) => output(path, &input, request),
+        Err(why) => status_json(StatusCode::UNPROCESSABLE_ENTITY, &why),
+    }
+}
+
+/// The answer to a valid input.
+fn output(path: &str, input: &Input, request: &[u8]) -> Response<MockBody> {
     match result_bytes(request) {
-        None => json_response(StatusCode::OK, model_json(path, &input, 0)),
-        Some(size) => chunked_json(model_json(path, &input, size)),
+        None => json_response(StatusCode::OK, model_json(path, input, 0)),
+        Some(size) => chunked_json(model_json(path, input, size)),
     }
 }
 

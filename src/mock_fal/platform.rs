@@ -16,7 +16,7 @@
 //! call bill other units than it meters (`"mock_billed_units": N` in its
 //! input) to make fal's books and ours disagree on purpose.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
@@ -34,6 +34,8 @@ const PAGE: usize = 2;
 /// Billing events per page at most, whatever `limit` asks.
 const MAX_EVENTS_PAGE: usize = 4;
 const NINETY_DAYS_MS: i64 = 90 * 86_400_000;
+/// Billing events kept: the latest, a demo month's worth.
+const EVENTS_KEPT: usize = 100_000;
 
 /// fal's price for one endpoint.
 #[derive(Debug, Clone)]
@@ -57,7 +59,7 @@ pub struct BillingEvent {
 
 pub struct Books {
     prices: Mutex<BTreeMap<String, Price>>,
-    events: Mutex<Vec<BillingEvent>>,
+    events: Mutex<VecDeque<BillingEvent>>,
     next_id: AtomicU64,
     events_refused: AtomicBool,
 }
@@ -131,7 +133,7 @@ impl Books {
     }
 
     pub fn events(&self) -> Vec<BillingEvent> {
-        self.events.lock().clone()
+        self.events.lock().iter().cloned().collect()
     }
 
     /// From now on billing events answer 403, as to a key that is not an admin's.
@@ -150,15 +152,22 @@ impl Books {
 
     /// Bills a call fal served: once, at the endpoint's price. Returns the
     /// units billed, in thousandths, for the `x-fal-billable-units` header.
-    pub fn bill(&self, request_id: &str, endpoint: &str, input: &Input, body: &[u8]) -> u64 {
+    pub fn bill(&self, request_id: &str, endpoint: &str, input: &Input) -> u64 {
         let endpoint = endpoint.trim_start_matches('/');
         let (unit, unit_nano_usd) = match self.prices.lock().get(endpoint) {
             Some(p) => (p.unit.clone(), p.nano_usd),
             None => (UNLISTED.0.to_owned(), UNLISTED.1),
         };
-        let units_milli = billed_override(body).unwrap_or_else(|| metered(&unit, endpoint, input));
+        let units_milli = input
+            .billed_units_milli
+            .unwrap_or_else(|| metered(&unit, endpoint, input));
         let cost = u128::from(unit_nano_usd) * u128::from(units_milli) / 1000;
-        self.events.lock().push(BillingEvent {
+        let mut events = self.events.lock();
+        // The demo and the benches run for long: the latest are kept.
+        if events.len() == EVENTS_KEPT {
+            events.pop_front();
+        }
+        events.push_back(BillingEvent {
             request_id: request_id.to_owned(),
             endpoint_id: endpoint.to_owned(),
             at_ms: crate::store::now_ms(),
@@ -313,14 +322,6 @@ fn metered(unit: &str, endpoint: &str, input: &Input) -> u64 {
             .unwrap_or_else(|| default_seconds_milli(endpoint)),
         _ => 1000,
     }
-}
-
-/// `"mock_billed_units": N`: fal bills N units for this call, whatever it metered.
-fn billed_override(body: &[u8]) -> Option<u64> {
-    let mut copy = body.to_vec();
-    let v = simd_json::to_owned_value(&mut copy).ok()?;
-    let n = v.get("mock_billed_units")?.cast_f64()?;
-    Some((n * 1000.0).round() as u64)
 }
 
 fn event_json(e: &BillingEvent) -> String {

@@ -175,7 +175,7 @@ fn advance(state: &State, id: &str, job: &mut Job) {
     job.step = job.step.saturating_add(1).min(2);
     if job.status() == "COMPLETED" && job.billed_units.is_none() {
         if let Ok(input) = Input::read(&job.input) {
-            job.billed_units = Some(state.books.bill(id, &job.model, &input, &job.input));
+            job.billed_units = Some(state.books.bill(id, &job.model, &input));
         }
     }
 }
