@@ -30,12 +30,12 @@ use crate::proxy::Conn;
 use crate::reload::Reloader;
 use crate::server::Handler;
 use crate::store::admin::{self, KeyListing};
+use crate::store::books;
 use crate::store::db::Db;
 use crate::store::leases::{self, Standing};
 use crate::store::payments;
 use crate::store::snapshot::{self, AccountRow};
 use crate::store::writer::StoreWriter;
-use crate::store::{books, synced_prices};
 use crate::usage;
 
 /// The API's description, served at `/admin/openapi.json` and checked against the server by a test.
@@ -205,11 +205,13 @@ impl Admin {
             }
             (Method::GET, ["prices"]) => {
                 let config = self.reloader.config();
+                // Those in force: not a stored price a pinned rule masks,
+                // nor one whose rule is gone.
                 let synced = self
-                    .w
-                    .db
-                    .run(|c| Ok(synced_prices::load(c)?))
-                    .await?
+                    .reloader
+                    .tunables()
+                    .prices
+                    .synced_prices()
                     .into_iter()
                     .map(|p| SyncedView {
                         endpoint: p.endpoint,
@@ -285,8 +287,7 @@ impl Admin {
                 )
                 .await
                 .map_err(|e| match e {
-                    // fal's Platform API; the store's errors are ours.
-                    Error::Usage(why) => ApiError::PlatformFailed(why),
+                    Error::Platform(why) => ApiError::PlatformFailed(why),
                     other => other.into(),
                 })?;
                 json(StatusCode::OK, &period.judged(report))

@@ -1,6 +1,8 @@
 //! `serve --demo`: the whole flow without a fal or Stripe account. A mock
 //! fal and a Stripe stand-in on loopback, a throwaway database, and a ready key.
 
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::PathBuf;
 
 use crate::config::{Config, StripeSecrets};
@@ -41,7 +43,10 @@ pub async fn prepare(config: &mut Config) -> Result<Demo, Error> {
     config.upstream.storage = mock.storage_url(false);
     config.upstream.api = mock.api_url(false);
     let dir = std::env::temp_dir().join(format!("abhiapi-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)?;
     // The demo's own throwaway SQLite, never the configured store.
     config.store.path = dir.join("demo.db");
     config.store.url = None;
@@ -64,7 +69,14 @@ pub async fn prepare(config: &mut Config) -> Result<Demo, Error> {
     let path = dir.join("config.toml");
     let text = toml::to_string(&settings)
         .map_err(|e| Error::Usage(format!("the demo's settings: {e}")))?;
-    std::fs::write(&path, text)?;
+    // It may hold secrets of the operator's config (a mail password): the
+    // operator's alone.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?
+        .write_all(text.as_bytes())?;
     Ok(Demo {
         mock,
         stripe,

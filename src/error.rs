@@ -19,6 +19,9 @@ pub enum Error {
     Tls(String),
     #[error("{0}")]
     Usage(String),
+    /// fal's Platform API gave no answer we can use.
+    #[error("{0}")]
+    Platform(String),
     /// The account has as many live keys as `[limits] max_keys_per_account` allows.
     #[error("account {account:?} has {max} live keys, the most it may have: disable one first")]
     KeyLimit { account: String, max: u64 },

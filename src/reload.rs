@@ -53,6 +53,11 @@ impl Reloader {
         self.config.load_full()
     }
 
+    /// The settings (prices among them) new requests are admitted under.
+    pub fn tunables(&self) -> Arc<Tunables> {
+        self.proxy.tunables()
+    }
+
     pub async fn reload(&self) -> Result<(), Error> {
         let result = self.try_reload().await;
         match &result {

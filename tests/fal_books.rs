@@ -61,6 +61,8 @@ fn options(mock: &MockFal) -> Options {
     let mut opts = Options::new(mock.url(false));
     opts.pricing = PRICING.to_owned();
     opts.admin = true;
+    // Room for a call that stays at fal while the prices change under it.
+    opts.timeout_secs = 30;
     opts
 }
 
@@ -103,7 +105,7 @@ async fn price_sync_reports_applies_and_never_reprices_a_request_in_flight() {
     books.set_price("fal-ai/flux/dev", "megapixels", 30_000_000);
     books.set_price("fal-ai/veo3", "seconds", 500_000_000);
     // A slow endpoint fal lists, priced by our catch-all at 2 credits a call.
-    books.set_price("mock/slow/4000", "requests", 10_000_000);
+    books.set_price("mock/slow/10000", "requests", 10_000_000);
     let (server, key) = Server::start_with_key(options(&mock), "acme", 100_000);
     // What the answers said they cost, to close the books on.
     let spent = std::sync::atomic::AtomicI64::new(0);
@@ -148,7 +150,7 @@ async fn price_sync_reports_applies_and_never_reprices_a_request_in_flight() {
 
     // A call admitted at the old price, still at fal when the new one applies.
     let slow = {
-        let (url, key) = (server.url("/mock/slow/4000"), key.clone());
+        let (url, key) = (server.url("/mock/slow/10000"), key.clone());
         tokio::spawn(async move {
             let resp = client()
                 .request(post(&url, Some(&key), "application/json", "{}"))
@@ -161,7 +163,7 @@ async fn price_sync_reports_applies_and_never_reprices_a_request_in_flight() {
     };
     assert!(
         eventually(Duration::from_secs(5), || async {
-            mock.seen().iter().any(|s| s.target == "/mock/slow/4000")
+            mock.seen().iter().any(|s| s.target == "/mock/slow/10000")
         })
         .await
     );
@@ -182,7 +184,7 @@ async fn price_sync_reports_applies_and_never_reprices_a_request_in_flight() {
         line(&text, "fal-ai/flux/schnell").ends_with("new"),
         "{text}"
     );
-    assert!(line(&text, "mock/slow/4000").ends_with("new"), "{text}");
+    assert!(line(&text, "mock/slow/10000").ends_with("new"), "{text}");
     assert!(text.contains("applied"), "{text}");
     let stored = synced(&server);
     assert!(
@@ -190,7 +192,7 @@ async fn price_sync_reports_applies_and_never_reprices_a_request_in_flight() {
         "{stored:?}"
     );
     assert!(
-        stored.contains(&("mock/slow/4000".into(), 10_000_000)),
+        stored.contains(&("mock/slow/10000".into(), 10_000_000)),
         "{stored:?}"
     );
     // Sync stores no unmeterable price, and leaves the pinned endpoint's row as it was.
@@ -217,7 +219,7 @@ async fn price_sync_reports_applies_and_never_reprices_a_request_in_flight() {
         "the call ended before the reprice: nothing shown"
     );
     assert_eq!(slow.await.unwrap(), 2);
-    assert_eq!(used("/mock/slow/4000", "{}").await, 11);
+    assert_eq!(used("/mock/slow/10000", "{}").await, 11);
     // The pinned rule still prices veo3 at $0.40 a second: 8 s × 1.1 = 3.52.
     assert_eq!(used("/fal-ai/veo3", "{}").await, 3520);
 

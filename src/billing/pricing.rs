@@ -92,7 +92,8 @@ pub struct Source<'a> {
 
 impl PriceTable {
     /// The table `config.toml` gives, with fal's synced prices in place of
-    /// the rules they fall under, except pinned ones.
+    /// the rules they fall under, except pinned ones (a synced price no
+    /// rule covers is not used).
     pub fn new(
         billing: &BillingConfig,
         rules: &[PriceRuleConfig],
@@ -157,9 +158,12 @@ impl PriceTable {
             .prefixes
             .sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
         for price in synced {
-            let under = table.rule(&price.endpoint);
-            if under.is_some_and(|r| table.pinned.contains(&r.pattern))
-                || price.endpoint.chars().any(char::is_control)
+            // Only what a rule offers is sold: a price synced for an
+            // endpoint whose rule is gone (or pinned since) is not used.
+            let Some(under) = table.rule(&price.endpoint) else {
+                continue;
+            };
+            if table.pinned.contains(&under.pattern) || price.endpoint.chars().any(char::is_control)
             {
                 continue;
             }
@@ -169,7 +173,7 @@ impl PriceTable {
                 nano_per_unit: price.nano_usd,
                 // A video's length when the request gives none is ours to
                 // say, not fal's: the rule's it fell under.
-                default_seconds_milli: under.map_or(5 * MILLI, |r| r.default_seconds_milli),
+                default_seconds_milli: under.default_seconds_milli,
             };
             table.exact.insert(price.endpoint.clone(), rule);
             table.synced.insert(price.endpoint.clone());

@@ -26,8 +26,9 @@ const MAX_RANGE_SECS: i64 = 90 * 86_400;
 /// Events asked for per page.
 const EVENTS_PER_PAGE: u32 = 1000;
 /// A listing longer than this is taken for a server going round in circles:
-/// refused rather than held in memory.
-const MAX_ROWS: usize = 5_000_000;
+/// refused rather than held in memory (a month of a busy gateway's calls
+/// is well under it).
+const MAX_ROWS: usize = 20_000_000;
 
 /// fal's price for an endpoint, as its pricing API gives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,7 +73,7 @@ pub enum PlatformError {
 
 impl From<PlatformError> for Error {
     fn from(e: PlatformError) -> Self {
-        Error::Usage(e.to_string())
+        Error::Platform(e.to_string())
     }
 }
 
@@ -92,33 +93,22 @@ impl Platform {
         let mut prices = Vec::new();
         for ids in endpoints.chunks(IDS_PER_CALL) {
             let query = format!("endpoint_id={}", list(ids));
-            for row in self.pages("/v1/models/pricing", &query, "prices").await? {
-                let text = |name| row.get_str(name).map(str::to_owned);
-                let (Some(endpoint), Some(unit)) = (text("endpoint_id"), text("unit")) else {
-                    return Err(malformed("a price without endpoint_id or unit"));
-                };
-                let nano_usd = row
-                    .get("unit_price")
-                    .and_then(nano)
-                    .ok_or_else(|| malformed("a price that is not a non-negative number"))?;
-                prices.push(FalPrice {
-                    endpoint,
-                    unit,
-                    nano_usd,
-                    currency: text("currency").unwrap_or_else(|| "USD".into()),
-                });
-            }
+            let found = self
+                .pages("/v1/models/pricing", &query, "prices", price)
+                .await?;
+            prices.extend(found);
         }
         Ok(prices)
     }
 
     /// Every endpoint fal's model listing gives.
     pub async fn endpoints(&self) -> Result<Vec<String>, PlatformError> {
-        let rows = self.pages("/v1/models", "limit=100", "models").await?;
-        Ok(rows
-            .iter()
-            .filter_map(|m| m.get_str("endpoint_id").map(str::to_owned))
-            .collect())
+        self.pages("/v1/models", "limit=100", "models", |m| {
+            m.get_str("endpoint_id")
+                .map(str::to_owned)
+                .ok_or_else(|| malformed("a model without endpoint_id"))
+        })
+        .await
     }
 
     /// The calls fal billed from `since` to `until` (unix seconds, `until`
@@ -147,12 +137,10 @@ impl Platform {
                 if !ids.is_empty() {
                     query.push_str(&format!("&request_id={}", list(ids)));
                 }
-                let rows = self
-                    .pages("/v1/models/billing-events", &query, "billing_events")
+                let found = self
+                    .pages("/v1/models/billing-events", &query, "billing_events", event)
                     .await?;
-                for row in rows {
-                    events.push(event(&row)?);
-                }
+                events.extend(found);
                 from = to;
             }
         }
@@ -166,35 +154,35 @@ impl Platform {
             instant(since),
             instant(until)
         );
-        let rows = self.pages("/v1/models/usage", &query, "summary").await?;
-        rows.iter()
-            .map(|row| {
-                Ok(FalUsage {
-                    endpoint: row
-                        .get_str("endpoint_id")
-                        .ok_or_else(|| malformed("a usage row without endpoint_id"))?
-                        .to_owned(),
-                    unit: row.get_str("unit").unwrap_or_default().to_owned(),
-                    units_milli: row.get("quantity").and_then(milli).unwrap_or(0),
-                    cost_nano_usd: row
-                        .get("cost_total")
-                        .or_else(|| row.get("cost"))
-                        .and_then(nano)
-                        .ok_or_else(|| malformed("a usage row without its cost"))?,
-                })
+        self.pages("/v1/models/usage", &query, "summary", |row| {
+            Ok(FalUsage {
+                endpoint: row
+                    .get_str("endpoint_id")
+                    .ok_or_else(|| malformed("a usage row without endpoint_id"))?
+                    .to_owned(),
+                unit: row.get_str("unit").unwrap_or_default().to_owned(),
+                units_milli: row.get("quantity").and_then(milli).unwrap_or(0),
+                cost_nano_usd: row
+                    .get("cost_total")
+                    .or_else(|| row.get("cost"))
+                    .and_then(nano)
+                    .ok_or_else(|| malformed("a usage row without its cost"))?,
             })
-            .collect()
+        })
+        .await
     }
 
-    /// Every page of a listing: `field`'s rows, following `next_cursor`.
-    /// A listing that says it has more but gives no cursor, or gives one
-    /// it gave before, is refused: what it gave is not all there is.
-    async fn pages(
+    /// Every page of a listing, each row read by `read` as its page
+    /// arrives, following `next_cursor`. A listing that says it has more
+    /// but gives no rows, no cursor, or a cursor it gave before is refused:
+    /// what it gave is not all there is.
+    async fn pages<T>(
         &self,
         path: &str,
         query: &str,
         field: &str,
-    ) -> Result<Vec<OwnedValue>, PlatformError> {
+        read: impl Fn(&OwnedValue) -> Result<T, PlatformError>,
+    ) -> Result<Vec<T>, PlatformError> {
         let mut rows = Vec::new();
         let mut cursor: Option<String> = None;
         let mut seen = HashSet::new();
@@ -207,7 +195,9 @@ impl Platform {
             let Some(found) = page.get_array(field) else {
                 return Err(malformed(&format!("an answer without {field:?}")));
             };
-            rows.extend(found.iter().cloned());
+            for row in found.iter() {
+                rows.push(read(row)?);
+            }
             if rows.len() > MAX_ROWS {
                 return Err(malformed(&format!("more than {MAX_ROWS} rows")));
             }
@@ -216,6 +206,9 @@ impl Platform {
                 return Ok(rows);
             }
             match next {
+                _ if found.is_empty() => {
+                    return Err(malformed("an empty page that says there is more"))
+                }
                 None => return Err(malformed("more pages but no cursor to them")),
                 Some(next) if !seen.insert(next.clone()) => {
                     return Err(malformed("a cursor it gave before"))
@@ -225,7 +218,16 @@ impl Platform {
         }
     }
 
+    /// One page, read whole within the upstream's deadline (not only its
+    /// headers: a page trickling in must not hold a report for ever).
     async fn get(&self, path_and_query: &str) -> Result<OwnedValue, PlatformError> {
+        let deadline = self.upstream.timeout();
+        tokio::time::timeout(deadline, self.get_within(path_and_query))
+            .await
+            .map_err(|_| PlatformError::Failed(format!("no whole answer within {deadline:?}")))?
+    }
+
+    async fn get_within(&self, path_and_query: &str) -> Result<OwnedValue, PlatformError> {
         let uri = self
             .upstream
             .api
@@ -267,6 +269,23 @@ impl Platform {
         }
         value.map_err(|_| malformed("an answer that is not JSON"))
     }
+}
+
+fn price(row: &OwnedValue) -> Result<FalPrice, PlatformError> {
+    let text = |name| row.get_str(name).map(str::to_owned);
+    let (Some(endpoint), Some(unit)) = (text("endpoint_id"), text("unit")) else {
+        return Err(malformed("a price without endpoint_id or unit"));
+    };
+    let nano_usd = row
+        .get("unit_price")
+        .and_then(nano)
+        .ok_or_else(|| malformed("a price that is not a non-negative number"))?;
+    Ok(FalPrice {
+        endpoint,
+        unit,
+        nano_usd,
+        currency: text("currency").unwrap_or_else(|| "USD".into()),
+    })
 }
 
 fn event(row: &OwnedValue) -> Result<FalEvent, PlatformError> {

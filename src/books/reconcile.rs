@@ -30,7 +30,14 @@ const MAX_PERIOD_SECS: i64 = 366 * 86_400;
 
 /// fal's side of the books for the period.
 pub enum FalSide {
-    Events(Vec<FalEvent>),
+    Events {
+        /// The calls fal billed in the period.
+        inside: Vec<FalEvent>,
+        /// Calls fal billed just either side of it, and those of our
+        /// charges of the period that it billed outside it: they match our
+        /// charges (which then count in their own period), never count here.
+        edges: Vec<FalEvent>,
+    },
     /// Billing events were refused to the key: usage totals only.
     Usage(Vec<FalUsage>),
 }
@@ -194,48 +201,83 @@ pub async fn run(
 ) -> Result<Report, Error> {
     let synced = db.run(|c| Ok(synced_prices::load(c)?)).await?;
     let table = PriceTable::new(&config.billing, &config.pricing, &synced)?;
-    let fal = match platform.billing_events(since, until, &[]).await {
-        Ok(events) => FalSide::Events(merged(events)),
-        Err(PlatformError::Refused { .. }) => FalSide::Usage(platform.usage(since, until).await?),
+    let (from_ms, to_ms) = ((since - SLACK_SECS) * 1000, (until + SLACK_SECS) * 1000);
+    let inside = match platform.billing_events(since, until, &[]).await {
+        Ok(events) => merged(events),
+        Err(PlatformError::Refused { .. }) => {
+            let usage = platform.usage(since, until).await?;
+            let ours = db
+                .run(move |c| Ok(books::charges_between(c, from_ms, to_ms)?))
+                .await?;
+            let report = build(since, until, FalSide::Usage(usage), &ours, &table);
+            return recorded(db, report, since, until).await;
+        }
         Err(e) => return Err(e.into()),
     };
-    let (from_ms, to_ms) = ((since - SLACK_SECS) * 1000, (until + SLACK_SECS) * 1000);
+    let now = crate::store::now_secs() + 1;
+    let mut edges = platform
+        .billing_events(since - BY_TIME_SECS, since, &[])
+        .await?;
+    if until < now {
+        let after = (until + BY_TIME_SECS).min(now);
+        edges.extend(platform.billing_events(until, after, &[]).await?);
+    }
     let mut ours = db
         .run(move |c| Ok(books::charges_between(c, from_ms, to_ms)?))
         .await?;
-    let mut elsewhere = HashSet::new();
-    if let FalSide::Events(events) = &fal {
-        let known: HashSet<&str> = ours
-            .iter()
-            .filter_map(|c| c.fal_request_id.as_deref())
-            .collect();
-        let missing: Vec<String> = events
-            .iter()
-            .map(|e| e.request_id.clone())
-            .filter(|id| !known.contains(id.as_str()))
-            .take(LOOKUPS)
-            .collect();
-        if !missing.is_empty() {
-            ours.extend(db.run(move |c| Ok(books::charges_of(c, &missing)?)).await?);
-        }
-        // Charges of the period fal has no event for in it: fal may have
-        // billed them just outside it, where they are counted.
-        let billed: HashSet<&str> = events.iter().map(|e| e.request_id.as_str()).collect();
-        let late: Vec<String> = ours
-            .iter()
-            .filter(|c| in_period(c, since, until) && c.credits > 0)
-            .filter_map(|c| c.fal_request_id.clone())
-            .filter(|id| !billed.contains(id.as_str()))
-            .collect();
-        if !late.is_empty() {
-            let now = crate::store::now_secs() + 1;
-            let around = platform
-                .billing_events(since - SLACK_SECS, (until + SLACK_SECS).min(now), &late)
-                .await?;
-            elsewhere.extend(around.into_iter().map(|e| e.request_id));
-        }
+    let known: HashSet<&str> = ours
+        .iter()
+        .filter_map(|c| c.fal_request_id.as_deref())
+        .collect();
+    let missing: Vec<String> = inside
+        .iter()
+        .map(|e| e.request_id.clone())
+        .filter(|id| !known.contains(id.as_str()))
+        .take(LOOKUPS)
+        .collect();
+    if !missing.is_empty() {
+        let found = db.run(move |c| Ok(books::charges_of(c, &missing)?)).await?;
+        ours.extend(found);
     }
-    let report = build(since, until, fal, &ours, &elsewhere, &table);
+    // Charges of the period fal has no event for near it: fal may have
+    // billed them well outside it (a queued job settled days after it ran).
+    let billed: HashSet<&str> = inside
+        .iter()
+        .chain(&edges)
+        .map(|e| e.request_id.as_str())
+        .collect();
+    let late: Vec<&OurCharge> = ours
+        .iter()
+        .filter(|c| in_period(c, since, until) && c.credits > 0)
+        .filter(|c| {
+            c.fal_request_id
+                .as_deref()
+                .is_some_and(|id| !billed.contains(id))
+        })
+        .collect();
+    if let Some(first_ms) = late.iter().map(|c| c.started_at_ms).min() {
+        let ids: Vec<String> = late
+            .iter()
+            .filter_map(|c| c.fal_request_id.clone())
+            .collect();
+        let from = (first_ms / 1000 - SLACK_SECS).max(until - MAX_PERIOD_SECS);
+        let to = (until + SLACK_SECS).min(now);
+        edges.extend(platform.billing_events(from, to, &ids).await?);
+    }
+    let report = tokio::task::spawn_blocking(move || {
+        let fal = FalSide::Events {
+            inside,
+            edges: merged(edges),
+        };
+        build(since, until, fal, &ours, &table)
+    })
+    .await
+    .map_err(|e| Error::Usage(format!("the report failed: {e}")))?;
+    recorded(db, report, since, until).await
+}
+
+/// Records the report's unbilled total, for the metric.
+async fn recorded(db: &Db, report: Report, since: i64, until: i64) -> Result<Report, Error> {
     let unbilled = report.unbilled_nano_usd;
     let at = crate::store::now_ms();
     db.run(move |c| {
@@ -298,16 +340,93 @@ fn same_unit(fal_unit: Option<&str>, ours: Option<Unit>) -> bool {
 /// How far apart fal's time for a call and our settlement of it may be,
 /// for a charge without fal's id (from before ids were kept, or a hold
 /// recovered after a crash) to be taken for the call.
-const BY_TIME_MS: i64 = 15 * 60 * 1000;
+const BY_TIME_SECS: i64 = 15 * 60;
+
+/// Which of our charges each call fal billed is: by fal's request id (a
+/// charge with credits before a released one), else, for a charge without
+/// fal's id, by model and the nearest time within [`BY_TIME_SECS`].
+struct Matches {
+    /// For each call inside the period, its charge's index in `ours`.
+    inside: Vec<Option<usize>>,
+    /// Each charge of `ours` taken by a call, inside the period or near it.
+    taken: Vec<bool>,
+    by_time: u64,
+}
+
+fn match_calls(inside: &[FalEvent], edges: &[FalEvent], ours: &[OurCharge]) -> Matches {
+    let mut by_fal: HashMap<&str, usize> = HashMap::new();
+    for (i, c) in ours.iter().enumerate() {
+        if let Some(id) = &c.fal_request_id {
+            let slot = by_fal.entry(id).or_insert(i);
+            if ours[*slot].credits == 0 && c.credits > 0 {
+                *slot = i;
+            }
+        }
+    }
+    // Charges without fal's id, per model, in the order they settled.
+    let mut idless: HashMap<&str, Vec<(i64, usize)>> = HashMap::new();
+    for (i, c) in ours.iter().enumerate() {
+        if c.fal_request_id.is_none() && c.credits > 0 {
+            idless
+                .entry(&c.model)
+                .or_default()
+                .push((c.settled_at_ms, i));
+        }
+    }
+    for list in idless.values_mut() {
+        list.sort_unstable();
+    }
+    let mut taken = vec![false; ours.len()];
+    let mut by_time = 0;
+    let all: Vec<&FalEvent> = inside.iter().chain(edges).collect();
+    let mut found: Vec<Option<usize>> = all
+        .iter()
+        .map(|e| by_fal.get(e.request_id.as_str()).copied())
+        .collect();
+    for i in found.iter().flatten() {
+        taken[*i] = true;
+    }
+    // The rest, oldest first, each to the nearest charge without an id
+    // not yet taken.
+    let mut rest: Vec<(i64, usize)> = found
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.is_none())
+        .filter_map(|(k, _)| Some((dates::parse_instant(&all[k].timestamp)? * 1000, k)))
+        .collect();
+    rest.sort_unstable();
+    let window = BY_TIME_SECS * 1000;
+    for (at_ms, k) in rest {
+        let Some(list) = idless.get(all[k].endpoint.as_str()) else {
+            continue;
+        };
+        let from = list.partition_point(|(t, _)| *t < at_ms - window);
+        let nearest = list[from..]
+            .iter()
+            .take_while(|(t, _)| *t <= at_ms + window)
+            .filter(|(_, i)| !taken[*i])
+            .min_by_key(|(t, _)| (t - at_ms).abs());
+        if let Some(&(_, i)) = nearest {
+            taken[i] = true;
+            found[k] = Some(i);
+            by_time += 1;
+        }
+    }
+    found.truncate(inside.len());
+    Matches {
+        inside: found,
+        taken,
+        by_time,
+    }
+}
 
 /// The report from both sides' records. A call belongs to the period fal
-/// billed it in; `elsewhere` are calls of ours fal billed outside it.
+/// billed it in.
 pub fn build(
     since: i64,
     until: i64,
     fal: FalSide,
     ours: &[OurCharge],
-    elsewhere: &HashSet<String>,
     table: &PriceTable,
 ) -> Report {
     let terms = table.terms();
@@ -320,52 +439,18 @@ pub fn build(
     let mut matched_by_time = 0u64;
     let charged_nano = |c: &OurCharge| terms.credits_nano_usd(c.credits);
     let source = match &fal {
-        FalSide::Events(_) => "billing_events",
+        FalSide::Events { .. } => "billing_events",
         FalSide::Usage(_) => "usage",
     };
-    let mut matched: HashSet<&str> = HashSet::new();
     match fal {
-        FalSide::Events(events) => {
-            // A charge with credits wins over a released one for the same call.
-            let mut by_fal: HashMap<&str, &OurCharge> = HashMap::new();
-            for c in ours {
-                if let Some(id) = &c.fal_request_id {
-                    let slot = by_fal.entry(id).or_insert(c);
-                    if slot.credits == 0 && c.credits > 0 {
-                        *slot = c;
-                    }
-                }
-            }
-            // Charges without fal's id, oldest first, taken by time.
-            let mut idless: Vec<&OurCharge> = ours
-                .iter()
-                .filter(|c| c.fal_request_id.is_none() && c.credits > 0)
-                .collect();
-            idless.sort_by_key(|c| c.settled_at_ms);
-            let mut idless_taken = vec![false; idless.len()];
-            for e in &events {
+        FalSide::Events { inside, edges } => {
+            let matches = match_calls(&inside, &edges, ours);
+            matched_by_time = matches.by_time;
+            for (e, found) in inside.iter().zip(&matches.inside) {
                 let sums = models.entry(e.endpoint.clone()).or_default();
                 sums.fal_requests += 1;
                 sums.fal_nano = sums.fal_nano.saturating_add(e.cost_nano_usd);
-                let found = by_fal.get(e.request_id.as_str()).copied().or_else(|| {
-                    let at_ms = dates::parse_instant(&e.timestamp)? * 1000;
-                    let (i, c) = idless
-                        .iter()
-                        .enumerate()
-                        .filter(|(i, c)| {
-                            !idless_taken[*i]
-                                && c.model == e.endpoint
-                                && (c.settled_at_ms - at_ms).abs() <= BY_TIME_MS
-                        })
-                        .min_by_key(|(_, c)| (c.settled_at_ms - at_ms).abs())?;
-                    idless_taken[i] = true;
-                    matched_by_time += 1;
-                    Some(*c)
-                });
-                if let Some(c) = found {
-                    matched.insert(&c.id);
-                }
-                match found {
+                match found.map(|i| &ours[i]) {
                     Some(c) if c.credits > 0 => {
                         sums.charged_requests += 1;
                         sums.charged_nano = sums.charged_nano.saturating_add(charged_nano(c));
@@ -397,16 +482,8 @@ pub fn build(
                     _ => {}
                 }
             }
-            for c in ours {
-                let billed_elsewhere = c
-                    .fal_request_id
-                    .as_ref()
-                    .is_some_and(|id| elsewhere.contains(id));
-                if in_period(c, since, until)
-                    && c.credits > 0
-                    && !billed_elsewhere
-                    && !matched.contains(c.id.as_str())
-                {
+            for (i, c) in ours.iter().enumerate() {
+                if in_period(c, since, until) && c.credits > 0 && !matches.taken[i] {
                     let sums = models.entry(c.model.clone()).or_default();
                     sums.charged_requests += 1;
                     sums.charged_nano = sums.charged_nano.saturating_add(charged_nano(c));
@@ -441,10 +518,13 @@ pub fn build(
             for (endpoint, (units, fal_units, cost)) in fal_totals {
                 models.entry(endpoint.to_owned()).or_default().fal_nano = cost;
                 // Units fal billed beyond ours, at fal's average price, where
-                // both count the same unit.
+                // both count the same unit; all of it where we charged nothing.
                 let comparable =
                     units.len() == 1 && units.iter().all(|u| same_unit(Some(u), unit_of(endpoint)));
-                let ours = our_units.get(endpoint).copied().unwrap_or(0);
+                let Some(&ours) = our_units.get(endpoint) else {
+                    unbilled_nano = unbilled_nano.saturating_add(cost);
+                    continue;
+                };
                 if comparable && fal_units > ours {
                     let extra =
                         u128::from(fal_units - ours) * u128::from(cost) / u128::from(fal_units);
@@ -655,56 +735,77 @@ mod tests {
             outcome: if credits > 0 { "charged" } else { "released" }.into(),
             fal_request_id: fal.map(str::to_owned),
             fal_units_milli: None,
+            started_at_ms: at * 1000 - 500,
             settled_at_ms: at * 1000,
         }
     }
 
+    fn events(inside: Vec<FalEvent>, edges: Vec<FalEvent>) -> FalSide {
+        FalSide::Events { inside, edges }
+    }
+
     /// A call settled with us on the 31st and billed by fal on the 1st
-    /// counts in the month fal billed it, once: January's report, which
-    /// finds fal's event only by looking it up, leaves it to February.
+    /// counts in the month fal billed it, once, with or without fal's id on
+    /// our charge: January sees fal's event only at its edge.
     #[test]
     fn a_call_across_the_month_end_counts_once() {
         let feb = JAN + 31 * DAY;
-        let ours = [charge("r1", Some("f1"), "fal-ai/flux/dev", feb - 10, 28)];
-        let fal_feb = vec![event(
+        for fal_id in [Some("f1"), None] {
+            let ours = [charge("r1", fal_id, "fal-ai/flux/dev", feb - 10, 28)];
+            let e = event(
+                "f1",
+                "fal-ai/flux/dev",
+                feb + 5,
+                1000,
+                "megapixels",
+                25_000_000,
+            );
+            let january = build(JAN, feb, events(vec![], vec![e.clone()]), &ours, &table());
+            assert_eq!(
+                (
+                    january.total.charged_usd.as_str(),
+                    january.total.not_billed_by_fal
+                ),
+                ("0", 0)
+            );
+            let february = build(
+                feb,
+                feb + 28 * DAY,
+                events(vec![e], vec![]),
+                &ours,
+                &table(),
+            );
+            assert_eq!(
+                (
+                    february.total.fal_usd.as_str(),
+                    february.total.charged_usd.as_str()
+                ),
+                ("0.025", "0.028")
+            );
+            assert_eq!(february.total.unbilled_requests, 0);
+        }
+    }
+
+    #[test]
+    fn a_charge_beats_a_release_of_the_same_call() {
+        let ours = [
+            charge("r0", Some("f1"), "fal-ai/flux/dev", JAN + 1, 0),
+            charge("r1", Some("f1"), "fal-ai/flux/dev", JAN + 2, 28),
+        ];
+        let e = event(
             "f1",
             "fal-ai/flux/dev",
-            feb + 5,
+            JAN + 1,
             1000,
             "megapixels",
             25_000_000,
-        )];
-        let january = build(
-            JAN,
-            feb,
-            FalSide::Events(vec![]),
-            &ours,
-            &["f1".to_owned()].into(),
-            &table(),
         );
+        let r = build(JAN, JAN + DAY, events(vec![e], vec![]), &ours, &table());
         assert_eq!(
-            (
-                january.total.charged_usd.as_str(),
-                january.total.not_billed_by_fal
-            ),
-            ("0", 0)
+            (r.total.unbilled_requests, r.total.not_billed_by_fal),
+            (0, 0)
         );
-        let february = build(
-            feb,
-            feb + 28 * DAY,
-            FalSide::Events(fal_feb),
-            &ours,
-            &HashSet::new(),
-            &table(),
-        );
-        assert_eq!(
-            (
-                february.total.fal_usd.as_str(),
-                february.total.charged_usd.as_str()
-            ),
-            ("0.025", "0.028")
-        );
-        assert_eq!(february.total.unbilled_requests, 0);
+        assert_eq!(r.total.charged_usd, "0.028");
     }
 
     #[test]
@@ -713,7 +814,7 @@ mod tests {
             charge("old", None, "fal-ai/flux/dev", JAN + 100, 28),
             charge("released", Some("f2"), "fal-ai/flux/dev", JAN + 200, 0),
         ];
-        let events = vec![
+        let inside = vec![
             event(
                 "f1",
                 "fal-ai/flux/dev",
@@ -740,14 +841,7 @@ mod tests {
                 25_000_000,
             ),
         ];
-        let r = build(
-            JAN,
-            JAN + 5 * DAY,
-            FalSide::Events(events),
-            &ours,
-            &HashSet::new(),
-            &table(),
-        );
+        let r = build(JAN, JAN + 5 * DAY, events(inside, vec![]), &ours, &table());
         assert_eq!(r.total.matched_by_time, 1);
         let unbilled: Vec<(&str, Option<&str>)> = r
             .unbilled
@@ -761,29 +855,22 @@ mod tests {
 
     #[test]
     fn line_items_add_up_and_units_compare_only_alike() {
-        let events = merged(vec![
+        let calls = merged(vec![
             event("f1", "fal-ai/flux/dev", JAN, 1000, "megapixels", 25_000_000),
             event("f1", "fal-ai/flux/dev", JAN, 1000, "megapixels", 25_000_000),
             // fal bills megapixels; our catch-all counts requests: not a mismatch.
             event("f2", "fal-ai/other", JAN, 4000, "megapixels", 100_000_000),
         ]);
-        assert_eq!(events.len(), 2);
+        assert_eq!(calls.len(), 2);
         assert_eq!(
-            (events[0].cost_nano_usd, events[0].units_milli),
+            (calls[0].cost_nano_usd, calls[0].units_milli),
             (50_000_000, Some(2000))
         );
         let ours = [
             charge("r1", Some("f1"), "fal-ai/flux/dev", JAN, 55),
             charge("r2", Some("f2"), "fal-ai/other", JAN, 2),
         ];
-        let r = build(
-            JAN,
-            JAN + DAY,
-            FalSide::Events(events),
-            &ours,
-            &HashSet::new(),
-            &table(),
-        );
+        let r = build(JAN, JAN + DAY, self::events(calls, vec![]), &ours, &table());
         let mismatched: Vec<&str> = r
             .unit_mismatches
             .iter()
@@ -803,23 +890,23 @@ mod tests {
         };
         // fal billed 3 MP at two prices; we charged 2 MP: one is unbilled,
         // at fal's average price ($0.09 / 3).
-        let rows = vec![usage(1000, 30_000_000), usage(2000, 60_000_000)];
+        let mut rows = vec![usage(1000, 30_000_000), usage(2000, 60_000_000)];
+        // An endpoint we charged nothing for: all of fal's cost, whatever its unit.
+        rows.push(FalUsage {
+            endpoint: "fal-ai/any-llm".into(),
+            unit: "compute seconds".into(),
+            units_milli: 7000,
+            cost_nano_usd: 3_500_000,
+        });
         let ours = [
             charge("r1", Some("f1"), "fal-ai/flux/dev", JAN + 1, 28),
             charge("r2", Some("f2"), "fal-ai/flux/dev", JAN + 2, 28),
         ];
-        let r = build(
-            JAN,
-            JAN + DAY,
-            FalSide::Usage(rows),
-            &ours,
-            &HashSet::new(),
-            &table(),
-        );
+        let r = build(JAN, JAN + DAY, FalSide::Usage(rows), &ours, &table());
         assert_eq!(r.source, "usage");
         assert_eq!(
             (r.total.fal_usd.as_str(), r.total.unbilled_usd.as_str()),
-            ("0.09", "0.03")
+            ("0.0935", "0.0335")
         );
     }
 }

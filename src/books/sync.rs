@@ -289,11 +289,19 @@ mod tests {
         // Applied, the table charges fal's prices, but never a pinned rule's.
         let synced = [
             to_apply(&lines),
-            vec![SyncedPrice {
-                endpoint: "fal-ai/veo3".into(),
-                unit: Unit::Second,
-                nano_usd: 500_000_000,
-            }],
+            vec![
+                SyncedPrice {
+                    endpoint: "fal-ai/veo3".into(),
+                    unit: Unit::Second,
+                    nano_usd: 500_000_000,
+                },
+                // Stored while a rule sold it; the rule is gone since.
+                SyncedPrice {
+                    endpoint: "someone/else".into(),
+                    unit: Unit::Image,
+                    nano_usd: 1_000_000,
+                },
+            ],
         ]
         .concat();
         let after = PriceTable::new(

@@ -15,11 +15,12 @@ pub struct OurCharge {
     pub outcome: String,
     pub fal_request_id: Option<String>,
     pub fal_units_milli: Option<u64>,
+    pub started_at_ms: i64,
     pub settled_at_ms: i64,
 }
 
-const COLUMNS: &str =
-    "id, model, units_milli, credits, outcome, fal_request_id, fal_units_milli, settled_at_ms";
+const COLUMNS: &str = "id, model, units_milli, credits, outcome, fal_request_id, fal_units_milli,
+    started_at_ms, settled_at_ms";
 
 fn our_charge(r: &Row) -> Result<OurCharge, StoreError> {
     Ok(OurCharge {
@@ -30,7 +31,8 @@ fn our_charge(r: &Row) -> Result<OurCharge, StoreError> {
         outcome: r.get(4)?,
         fal_request_id: r.get(5)?,
         fal_units_milli: r.get(6)?,
-        settled_at_ms: r.get(7)?,
+        started_at_ms: r.get(7)?,
+        settled_at_ms: r.get(8)?,
     })
 }
 
