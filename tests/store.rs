@@ -36,6 +36,7 @@ on_both!(
     edits_reach_the_server_and_charges_the_store,
     a_killed_server_settles_every_hold_on_restart,
     a_queued_job_outlives_a_restart_and_is_charged_once,
+    fals_books_are_kept_in_the_store,
 );
 
 /// `store migrate` copies a single node's database into PostgreSQL row for
@@ -281,6 +282,51 @@ async fn edits_reach_the_server_and_charges_the_store(backend: Backend) {
     let usage = ok(server.cli(&["usage", "acme", "--json"]));
     let report = json(usage.as_bytes());
     assert_eq!(report.get_i64("total_credits"), Some(charged + 28));
+}
+
+/// Synced prices reach the server through the store's change feed, and
+/// reconciliation reads the store's charges and records its run there.
+async fn fals_books_are_kept_in_the_store(backend: Backend) {
+    let (mock, server, key) = start(backend, "acme", 10_000).await;
+    mock.books()
+        .set_price("fal-ai/flux/dev", "megapixels", 30_000_000);
+    assert_eq!(image(&server, &key).await, (200, Some(10_000 - 28)));
+    ok(server.cli(&["prices", "sync", "--apply"]));
+    // What the next image costs, from the balance it leaves.
+    let charged = std::cell::Cell::new(28);
+    let next = || async {
+        let (_, balance) = image(&server, &key).await;
+        let cost = 10_000 - charged.get() - balance.unwrap();
+        charged.set(charged.get() + cost);
+        cost
+    };
+    assert!(eventually(Duration::from_secs(10), || async { next().await == 33 }).await);
+    ok(server.cli(&["prices", "forget"]));
+    assert!(eventually(Duration::from_secs(10), || async { next().await == 28 }).await);
+    assert!(books_close(&server, &[("acme", charged.get())]).await);
+    let calls = server.query("SELECT COUNT(*) FROM charges")[0]
+        .get::<i64>(0)
+        .unwrap();
+
+    let since = format!(
+        "{}Z",
+        abhiapi::dates::format_rfc3339(abhiapi::store::now_secs() - 3600)
+    );
+    let report = json(ok(server.cli(&["reconcile", "--since", &since, "--json"])).as_bytes());
+    let total = report.get("total").unwrap();
+    assert_eq!(total.get_str("unbilled_usd"), Some("0"), "{report}");
+    assert_eq!(total.get_u64("not_billed_by_fal"), Some(0), "{report}");
+    let flux = &report.get_array("models").unwrap()[0];
+    assert_eq!(flux.get_i64("fal_requests"), Some(calls), "{report}");
+    // A charge gone from the store: fal's call is looked up by its id, and is unbilled.
+    server.query("DELETE FROM charges WHERE id = (SELECT MIN(id) FROM charges)");
+    let out = server.cli(&["reconcile", "--since", &since, "--json"]);
+    assert_eq!(out.status.code(), Some(2));
+    let report = json(&out.stdout);
+    assert_eq!(report.get_array("unbilled").unwrap().len(), 1, "{report}");
+    assert!(metrics(&server)
+        .await
+        .contains("abhiapi_reconcile_unbilled_usd 0.03"));
 }
 
 async fn a_killed_server_settles_every_hold_on_restart(backend: Backend) {

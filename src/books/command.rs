@@ -79,12 +79,13 @@ where
     Fut: std::future::Future<Output = Result<T, Error>>,
 {
     let fal_key = config.upstream.fal_key()?;
+    // Opened outside the runtime: PostgreSQL's connection runs on one of its own.
+    let db = Db::open(&config.store)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
         let platform = Platform::new(&config.upstream, &fal_key)?;
-        let db = Db::open(&config.store)?;
         work(platform, db).await
     })
 }
