@@ -555,6 +555,20 @@ pub struct PriceRuleConfig {
     pub pinned: bool,
 }
 
+#[cfg(test)]
+impl PriceRuleConfig {
+    /// A rule as the tests' tables write it: not pinned, the default length.
+    pub fn test(model: &str, unit: Unit, usd: f64) -> Self {
+        Self {
+            model: model.into(),
+            unit,
+            usd,
+            default_seconds: None,
+            pinned: false,
+        }
+    }
+}
+
 impl Config {
     /// Reads `path`; when `path` is the default and no such file exists, the
     /// embedded default is used so that a bare binary still starts.

@@ -15,19 +15,10 @@ use support::*;
 
 const FLUX: &str = r#"{"prompt":"a fox","image_size":"square_hd"}"#;
 
-/// The table these tests run under: an exact rule that fal's price moves
-/// away from, a pinned one, one fal bills in compute seconds, one that
-/// agrees, and catch-alls.
-const PRICING: &str = r#"
-[billing]
-usd_per_credit = 0.001
-margin = 0.10
-
-[[pricing]]
-model = "fal-ai/flux/dev"
-unit = "megapixel"
-usd = 0.025
-
+/// The tests' table (an exact flux rule that fal's price moves away from,
+/// an upscaler rule that agrees, a kling rule for many, a catch-all) and,
+/// beside it, a pinned rule and one fal bills in compute seconds.
+const MORE_PRICING: &str = r#"
 [[pricing]]
 model = "fal-ai/veo3"
 unit = "second"
@@ -39,27 +30,11 @@ pinned = true
 model = "fal-ai/any-llm"
 unit = "request"
 usd = 0.01
-
-[[pricing]]
-model = "fal-ai/creative-upscaler"
-unit = "request"
-usd = 0.05
-
-[[pricing]]
-model = "fal-ai/kling-video/v2/*"
-unit = "second"
-usd = 0.07
-default_seconds = 5
-
-[[pricing]]
-model = "*"
-unit = "request"
-usd = 0.001
 "#;
 
 fn options(mock: &MockFal) -> Options {
     let mut opts = Options::new(mock.url(false));
-    opts.pricing = PRICING.to_owned();
+    opts.pricing = format!("{TEST_PRICING}{MORE_PRICING}");
     opts.admin = true;
     // Room for a call that stays at fal while the prices change under it.
     opts.timeout_secs = 30;

@@ -378,13 +378,7 @@ mod tests {
             round_each_image,
             ..BillingConfig::default()
         };
-        let rule = |model: &str, unit, usd| PriceRuleConfig {
-            model: model.into(),
-            unit,
-            usd,
-            default_seconds: None,
-            pinned: false,
-        };
+        let rule = PriceRuleConfig::test;
         PriceTable::new(
             &billing,
             &[
@@ -570,13 +564,7 @@ mod tests {
 
     #[test]
     fn refuses_bad_tables() {
-        let rule = PriceRuleConfig {
-            model: "a".into(),
-            unit: Unit::Request,
-            usd: 0.1,
-            default_seconds: None,
-            pinned: false,
-        };
+        let rule = PriceRuleConfig::test("a", Unit::Request, 0.1);
         let billing = BillingConfig::default();
         assert!(PriceTable::new(&billing, &[rule.clone(), rule.clone()], &[]).is_err());
         let zero = BillingConfig {

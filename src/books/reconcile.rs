@@ -690,13 +690,7 @@ mod tests {
     const JAN: i64 = 1_767_225_600;
 
     fn table() -> PriceTable {
-        let rule = |model: &str, unit, usd| PriceRuleConfig {
-            model: model.into(),
-            unit,
-            usd,
-            default_seconds: None,
-            pinned: false,
-        };
+        let rule = PriceRuleConfig::test;
         PriceTable::new(
             &BillingConfig::default(),
             &[

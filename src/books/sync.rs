@@ -223,11 +223,8 @@ mod tests {
 
     fn rule(model: &str, unit: Unit, usd: f64, pinned: bool) -> PriceRuleConfig {
         PriceRuleConfig {
-            model: model.into(),
-            unit,
-            usd,
-            default_seconds: None,
             pinned,
+            ..PriceRuleConfig::test(model, unit, usd)
         }
     }
 
