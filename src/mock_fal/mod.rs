@@ -326,7 +326,13 @@ async fn test_route(
         }
         ["sink"] => json_response(StatusCode::OK, body),
         // A fixed flux answer, no parsing: the load benchmark's upstream.
-        ["canned"] => json_response(StatusCode::OK, Bytes::from_static(CANNED)),
+        // With a receipt, as fal's answers have, so that the proxy's
+        // reading of it is measured (one fixed id: not for reconciling).
+        ["canned"] => {
+            let mut resp = json_response(StatusCode::OK, Bytes::from_static(CANNED));
+            receipt(&mut resp, CANNED_ID, Some(1000));
+            resp
+        }
         // Where `initiate_upload` sends the SDK's file bytes (recorded like any request).
         ["upload", _name] => Response::new(full(Bytes::new())),
         ["status", code] => {
@@ -377,6 +383,8 @@ fn failing(code: &str) -> StatusCode {
         .and_then(|c| StatusCode::from_u16(c).ok())
         .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
+
+const CANNED_ID: &str = "0b7c1d2e-3f40-4a5b-8c6d-7e8f9a0b1c2d";
 
 /// What `fal-ai/flux/dev` answers for one 1024×1024 image.
 const CANNED: &[u8] = br#"{"images":[{"url":"https://v3.fal.media/files/mock/0.jpg","width":1024,"height":1024,"content_type":"image/jpeg"}],"timings":{"inference":0.42},"seed":42,"has_nsfw_concepts":[false],"prompt":"a red fox"}"#;
