@@ -350,6 +350,7 @@ struct Matches {
     inside: Vec<Option<usize>>,
     /// Each charge of `ours` taken by a call, inside the period or near it.
     taken: Vec<bool>,
+    /// Calls inside the period matched by time.
     by_time: u64,
 }
 
@@ -409,7 +410,7 @@ fn match_calls(inside: &[FalEvent], edges: &[FalEvent], ours: &[OurCharge]) -> M
         if let Some(&(_, i)) = nearest {
             taken[i] = true;
             found[k] = Some(i);
-            by_time += 1;
+            by_time += u64::from(k < inside.len());
         }
     }
     found.truncate(inside.len());
