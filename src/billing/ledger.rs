@@ -328,6 +328,7 @@ impl Reservation {
         self.heard_of(FalReceipt::from_headers(headers));
     }
 
+    /// What fal said of the call, however it answered (a 5xx's receipt too).
     pub fn heard_of(&mut self, fal: FalReceipt) {
         if let Some(hold) = &mut self.hold {
             hold.fal = fal;
